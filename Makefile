@@ -1,0 +1,36 @@
+# l3ptp developer entry points. Both main targets work on a fresh Debian
+# machine as root: they install what they need themselves.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Debian packages the test suite and the demo use.
+DEBS := iproute2 iputils-ping iperf3 procps
+
+.PHONY: test demo deps venv clean
+
+deps:
+	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "warning: not root, cannot install$$missing (privileged tests will skip)"; fi; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade 'pip>=23' 'setuptools>=68' wheel
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+## make test: the whole suite (privileged tests run when root; mandatory in CI)
+test: deps venv
+	$(PY) -m pytest
+
+## make demo: a dual-stack tunnel between two network namespaces (becomes real with the end-to-end issue)
+demo: deps venv
+	$(PY) -m l3ptp.controller.demo
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

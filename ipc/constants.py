@@ -1,0 +1,135 @@
+"""Every limit and magic number of l3ptp, in one place.
+
+Two groups, in the manner of wireguard-go's constants: *protocol* values are
+part of the wire contract with the peer and must not change without a new
+protocol version; *implementation* values are local limits that may be tuned.
+A literal 1280 (or any other of these numbers) anywhere else is a bug.
+"""
+
+from __future__ import annotations
+
+# --------------------------------------------------------------------------
+# Protocol: L3PTP over QUIC
+# --------------------------------------------------------------------------
+
+PROTOCOL_VERSION = 1
+#: ALPN token offered and required on every QUIC connection.
+ALPN = "l3ptp/1"
+
+#: L3PTP DATAGRAM header (seed roadmap, "Data Plane").
+HEADER_TYPE_IP = 0x03
+HEADER_VERSION = 0x01
+HEADER_LEN = 16
+
+#: Tunnel MTU policy (seed roadmap, "MTU Policy").
+MTU_DEFAULT = 1280
+MTU_MIN = 576
+MTU_MAX = 9000
+
+#: IP versions carried.
+IP_VERSION_4 = 4
+IP_VERSION_6 = 6
+IPV4_MIN_HEADER = 20
+IPV6_HEADER = 40
+
+#: aioquic's `max_datagram_size` default (1200) cannot carry a 1280-byte inner
+#: packet plus our 16-byte header. 1350 can (see docs/protocol.md, "Sizing").
+MAX_DATAGRAM_SIZE_DEFAULT = 1350
+MAX_DATAGRAM_SIZE_MIN = 1200
+MAX_DATAGRAM_SIZE_MAX = 9216
+#: Worst-case per-packet QUIC overhead for one DATAGRAM frame in a 1-RTT
+#: packet: 1 flags byte + 20-byte DCID (the maximum) + 4-byte packet number +
+#: 16-byte AEAD tag + 1 frame type + 2-byte length varint. Config validation
+#: uses this bound; the worker computes the exact figure per connection.
+QUIC_DATAGRAM_OVERHEAD_MAX = 1 + 20 + 4 + 16 + 1 + 2
+#: Advertised max_datagram_frame_size (RFC 9221 recommends 65535).
+MAX_DATAGRAM_FRAME_SIZE = 65536
+
+#: Control stream framing: 4-byte big-endian length + msgpack body.
+CONTROL_FRAME_PREFIX = 4
+CONTROL_FRAME_MAX = 64 * 1024
+#: Auth challenge nonce length (bytes).
+AUTH_NONCE_LEN = 32
+#: Domain separation label signed in the connector's proof.
+AUTH_LABEL = b"l3ptp auth v1"
+
+#: Defaults for liveness (seconds).
+KEEPALIVE_INTERVAL_DEFAULT = 10.0
+KEEPALIVE_INTERVAL_MIN = 0.2
+KEEPALIVE_INTERVAL_MAX = 60.0
+#: A peer silent for this many keepalive intervals is dead.
+DEAD_PEER_INTERVALS = 3
+RECONNECT_BACKOFF_MIN = 0.5
+RECONNECT_BACKOFF_MAX = 30.0
+
+# --------------------------------------------------------------------------
+# Implementation limits
+# --------------------------------------------------------------------------
+
+#: Linux IFNAMSIZ is 16 including the NUL byte.
+IFNAME_MAX = 15
+IFNAME_ALLOWED = "abcdefghijklmnopqrstuvwxyz0123456789-"
+IFNAME_PREFIX_DEFAULT = "l3p-"
+
+#: Networks, queues, routes, addresses.
+NETWORK_NAME_MAX = 32
+MAX_QUEUES = 64
+MAX_NETWORKS = 64
+MAX_ROUTES_PER_NETWORK = 256
+MAX_ADDRESSES_PER_NETWORK = 16
+MAX_PREFIXES_PER_LIST = 256
+NODE_ID_MAX = 64
+REASON_MAX = 512
+FEATURES_MAX = 32
+
+#: Message size caps per channel (bytes), checked before decoding.
+HELPER_MESSAGE_MAX = 16 * 1024
+WORKER_CONFIG_MAX = 64 * 1024
+BUS_MESSAGE_MAX = 256 * 1024
+CLI_MESSAGE_MAX = 1024 * 1024
+
+#: Route protocol number put on every route the helper installs
+#: (`ip route` shows "proto l3ptp" with packaging's rt_protos.d file).
+#: Chosen outside the kernel's and the well-known allocations
+#: (0-4, 8-18, 42, 84, 99, 186-192).
+RTPROT_L3PTP = 157
+#: Routing table the helper uses by default (the main table).
+ROUTE_TABLE_DEFAULT = 254
+ROUTE_METRIC_DEFAULT = 100
+#: fwmark set on the workers' UDP sockets and the priority of the policy rule
+#: that sends marked packets to the main table ahead of any tunnel route.
+SOCKET_MARK_DEFAULT = 0x4C33
+RULE_PRIORITY_DEFAULT = 5157
+
+#: Single-use fd tickets.
+TICKET_BYTES = 24
+TICKET_TTL = 30.0
+
+#: Worker data path.
+TUN_READ_BATCH = 64
+UDP_RECV_BATCH = 64
+DATAGRAM_QUEUE_MAX = 256
+STATUS_INTERVAL = 1.0
+#: Controller treats a worker silent for this long as dead.
+WORKER_STATUS_TIMEOUT = 10.0
+#: Worker exits when the controller has been silent this long.
+CONTROLLER_SILENCE_TIMEOUT = 15.0
+
+#: Supervision.
+RESTART_BACKOFF_MIN = 0.5
+RESTART_BACKOFF_MAX = 30.0
+RESTART_WINDOW = 60.0
+RESTART_MAX_IN_WINDOW = 5
+
+#: Defaults for paths.
+RUNTIME_DIR_DEFAULT = "/run/l3ptp"
+HELPER_SOCKET_DEFAULT = "/run/l3ptp/helper.sock"
+HELPER_POLICY_DEFAULT = "/etc/l3ptp/helper-policy.toml"
+CONFIG_DEFAULT = "/etc/l3ptp/l3ptp.toml"
+METRICS_ADDRESS_DEFAULT = "127.0.0.1"
+METRICS_PORT_DEFAULT = 9586
+
+
+def datagram_budget(max_datagram_size: int, overhead: int = QUIC_DATAGRAM_OVERHEAD_MAX) -> int:
+    """Largest inner IP packet that fits one DATAGRAM for this QUIC packet size."""
+    return max_datagram_size - overhead - HEADER_LEN

@@ -1,0 +1,288 @@
+"""Messages between controller, workers and the operator CLI.
+
+Channels
+--------
+* `WORKER_CONFIG`: the controller writes one `WorkerConfig` to a new worker's
+  stdin (an inherited pipe, so no other process can claim a worker's ticket
+  or key) and closes it.
+* `BUS_UP` (worker -> controller) and `BUS_DOWN` (controller -> worker): ZeroMQ
+  DEALER (worker) / ROUTER (controller) over an ipc:// endpoint in the
+  controller's runtime directory.
+* `CLI_REQUESTS` / `CLI_REPLIES`: the `l3ptp` command and the controller, over
+  a ZeroMQ ipc:// socket whose file permissions decide who may connect.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated
+
+from .constants import (
+    BUS_MESSAGE_MAX,
+    CLI_MESSAGE_MAX,
+    MAX_DATAGRAM_SIZE_MAX,
+    MAX_DATAGRAM_SIZE_MIN,
+    MAX_QUEUES,
+    MTU_MAX,
+    MTU_MIN,
+    WORKER_CONFIG_MAX,
+)
+from .codec import Channel
+from .errors import ErrorCode
+from .schema import U16, U32, U64, AddressStr, Blob, Items, Message, Range, Record, Text, message, record
+from .types import (
+    Counts,
+    Fingerprint,
+    IfName,
+    Interfaces,
+    NetworkName,
+    NodeId,
+    Path,
+    PeerRole,
+    Prefixes,
+    Reason,
+    Ticket,
+)
+
+QueueIndex = Annotated[int, Range(0, MAX_QUEUES - 1)]
+Seconds = Annotated[float, Range(0.0, 86400.0 * 366)]
+Rtt = Annotated[float, Range(0.0, 3600_000.0)]
+Endpoint = Annotated[str, Text(4096, r"ipc://[^\x00]+")]
+Name = Annotated[str, Text(64, r"[a-z_][a-z0-9_-]{0,63}\$?|")]
+
+
+class SessionState(enum.StrEnum):
+    """What a worker reports about its peer session."""
+
+    STARTING = "starting"
+    CONNECTING = "connecting"
+    HANDSHAKING = "handshaking"
+    AUTHENTICATING = "authenticating"
+    ESTABLISHED = "established"
+    CLOSING = "closing"
+    BACKOFF = "backoff"
+    STOPPED = "stopped"
+
+
+class Engine(enum.StrEnum):
+    """QUIC engine a worker uses: aioquic (default) or qh3 (optional extra)."""
+
+    AUTO = "auto"
+    AIOQUIC = "aioquic"
+    QH3 = "qh3"
+
+
+class NetworkState(enum.StrEnum):
+    """What the controller reports about a network."""
+
+    STARTING = "starting"
+    UP = "up"  # every queue's session is established
+    DEGRADED = "degraded"  # some queues established, or workers restarting
+    CONNECTING = "connecting"  # no queue established yet
+    FAILED = "failed"  # gave up after repeated crashes; see last_error
+    STOPPING = "stopping"
+    DOWN = "down"  # configured but administratively down
+
+
+# ---- controller -> worker (stdin) -----------------------------------------
+
+
+@message("worker.config")
+class WorkerConfig(Message):
+    """Everything a worker needs; the worker reads no configuration file."""
+
+    network: NetworkName
+    queue: QueueIndex
+    queues: Annotated[int, Range(1, MAX_QUEUES)]
+    ticket: Ticket
+    helper_socket: Path
+    bus_endpoint: Endpoint
+    role: PeerRole
+    node_id: NodeId
+    #: listen: bind address; connect: optional source address.
+    local_address: AddressStr | None
+    #: connect: the peer's underlay address; listen: optional filter.
+    peer_address: AddressStr | None
+    #: UDP port of this queue (base port + queue index).
+    port: Annotated[int, Range(1, 65535)]
+    mtu: Annotated[int, Range(MTU_MIN, MTU_MAX)]
+    max_datagram_size: Annotated[int, Range(MAX_DATAGRAM_SIZE_MIN, MAX_DATAGRAM_SIZE_MAX)]
+    keepalive_interval: Annotated[float, Range(0.05, 3600.0)]
+    status_interval: Annotated[float, Range(0.05, 60.0)]
+    #: Raw 32-byte Ed25519 private key (seed) of this node.
+    private_key: Annotated[bytes, Blob(32, 32)]
+    peer_key: Fingerprint
+    tunnel_addresses: Interfaces
+    advertised_routes: Prefixes
+    #: Sources allowed on packets read from TUN (local addresses + advertised).
+    local_sources: Prefixes
+    #: Sources allowed on packets from the peer (peer addresses + accepted + allowed).
+    peer_sources: Prefixes
+    engine: Engine
+    #: User to switch to when started as root ("" = stay).
+    user: Name
+    log_level: Annotated[str, Text(16, r"debug|info|warning|error")]
+
+
+# ---- worker -> controller (bus) -------------------------------------------
+
+
+@message("bus.worker_hello")
+class WorkerHello(Message):
+    network: NetworkName
+    queue: QueueIndex
+    pid: U32
+
+
+@message("bus.worker_status")
+class WorkerStatus(Message):
+    """Sent every status interval; a worker silent too long is dead."""
+
+    network: NetworkName
+    queue: QueueIndex
+    pid: U32
+    state: SessionState
+    #: Underlay address:port of the peer, "" when none.
+    peer: Annotated[str, Text(64)]
+    rtt_ms: Rtt
+    #: Negotiated (accepted) MTU; 0 before the first READY.
+    mtu: Annotated[int, Range(0, MTU_MAX)]
+    counters: Counts
+    drops: Counts
+    queue_depth: U32
+    seq_lost: U64
+    #: Sessions established since the worker started.
+    sessions: U32
+    last_error: Reason
+
+
+@message("bus.peer_routes")
+class PeerRoutes(Message):
+    """The peer's full advertised state for one session.
+
+    Sent on READY and on every accepted ROUTE_UPDATE. The controller keeps the
+    newest (session, epoch) per queue and ignores older ones.
+    """
+
+    network: NetworkName
+    queue: QueueIndex
+    session: U32
+    epoch: U64
+    routes: Prefixes
+    tunnel_addresses: Interfaces
+
+
+@message("bus.worker_exiting")
+class WorkerExiting(Message):
+    """Last words of a worker that stops on purpose or on a fatal error.
+
+    `fatal` means a restart cannot help (bad ticket, bad key, config refused).
+    """
+
+    network: NetworkName
+    queue: QueueIndex
+    reason: Reason
+    fatal: bool
+
+
+# ---- controller -> worker (bus) -------------------------------------------
+
+
+@message("bus.heartbeat")
+class Heartbeat(Message):
+    """Sent periodically; a worker exits when the controller goes silent."""
+
+
+@message("bus.shutdown")
+class Shutdown(Message):
+    """Close the peer session with CLOSE(code, reason) and exit."""
+
+    reason: Reason
+
+
+# ---- CLI <-> controller ----------------------------------------------------
+
+
+@message("cli.status")
+class StatusRequest(Message):
+    verbose: bool
+
+
+@message("cli.up")
+class UpRequest(Message):
+    name: NetworkName
+
+
+@message("cli.down")
+class DownRequest(Message):
+    name: NetworkName
+
+
+@message("cli.reload")
+class ReloadRequest(Message):
+    pass
+
+
+@record
+class QueueStatus(Record):
+    queue: QueueIndex
+    pid: U32
+    state: SessionState
+    peer: Annotated[str, Text(64)]
+    rtt_ms: Rtt
+    mtu: Annotated[int, Range(0, MTU_MAX)]
+    counters: Counts
+    drops: Counts
+    queue_depth: U32
+    seq_lost: U64
+    restarts: U32
+    last_error: Reason
+
+
+@record
+class NetworkStatus(Record):
+    name: NetworkName
+    state: NetworkState
+    interface: IfName
+    role: PeerRole
+    #: Underlay peer address and base port, as configured.
+    peer: Annotated[str, Text(64)]
+    port: U16
+    addresses: Interfaces
+    peer_addresses: Interfaces
+    mtu: Annotated[int, Range(0, MTU_MAX)]
+    rtt_ms: Rtt
+    counters: Counts
+    drops: Counts
+    restarts: U32
+    routes: Prefixes
+    last_error: Reason
+    queues: Annotated[tuple[QueueStatus, ...], Items(MAX_QUEUES)]
+
+
+@message("cli.status_reply")
+class StatusReply(Message):
+    controller_pid: U32
+    uptime: Seconds
+    node_id: NodeId
+    networks: Annotated[tuple[NetworkStatus, ...], Items(256)]
+
+
+@message("cli.result")
+class CommandResult(Message):
+    ok: bool
+    message: Reason
+    errors: Annotated[tuple[Reason, ...], Items(1024)]
+
+
+@message("cli.failed")
+class CommandFailed(Message):
+    code: ErrorCode
+    reason: Reason
+
+
+WORKER_CONFIG = Channel("worker-config", WORKER_CONFIG_MAX, (WorkerConfig,))
+BUS_UP = Channel("bus-up", BUS_MESSAGE_MAX, (WorkerHello, WorkerStatus, PeerRoutes, WorkerExiting))
+BUS_DOWN = Channel("bus-down", BUS_MESSAGE_MAX, (Heartbeat, Shutdown))
+CLI_REQUESTS = Channel("cli-request", CLI_MESSAGE_MAX, (StatusRequest, UpRequest, DownRequest, ReloadRequest))
+CLI_REPLIES = Channel("cli-reply", CLI_MESSAGE_MAX, (StatusReply, CommandResult, CommandFailed))

@@ -1,0 +1,179 @@
+"""Messages between the helper and its clients (controller, workers).
+
+Transport: one AF_UNIX SOCK_SEQPACKET connection per client; one message per
+packet; a file descriptor travels as SCM_RIGHTS ancillary data with the reply
+`QueueGranted` and with the request `ProtectSocket`. See docs/helper.md for the
+request table (who may send what, once-only rules, order).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated
+
+from .constants import HELPER_MESSAGE_MAX, MAX_QUEUES, MAX_ROUTES_PER_NETWORK, MTU_MAX, MTU_MIN
+from .codec import Channel
+from .errors import ErrorCode
+from .schema import U16, U32, Items, Message, PrefixStr, Range, Record, message, record
+from .types import IfName, Interfaces, NetworkName, Reason, Ticket
+
+HELPER_PROTOCOL = 1
+
+Mtu = Annotated[int, Range(MTU_MIN, MTU_MAX)]
+QueueCount = Annotated[int, Range(1, MAX_QUEUES)]
+QueueIndex = Annotated[int, Range(0, MAX_QUEUES - 1)]
+Routes = Annotated[tuple[PrefixStr, ...], Items(MAX_ROUTES_PER_NETWORK)]
+
+
+class Role(enum.StrEnum):
+    CONTROLLER = "controller"
+    WORKER = "worker"
+
+
+# ---- requests -------------------------------------------------------------
+
+
+@message("helper.hello")
+class Hello(Message):
+    """First request on every connection: the role the client claims."""
+
+    role: Role
+    protocol: U16
+
+
+@message("helper.create_network")
+class CreateNetwork(Message):
+    """Create a multi-queue TUN with addresses and MTU, link up.
+
+    With `adopt`, an existing network of the same name and identical spec
+    (a controller restarted) is kept and gets fresh tickets instead of an
+    EXISTS error.
+    """
+
+    name: NetworkName
+    ifname: IfName
+    mtu: Mtu
+    addresses: Interfaces
+    queues: QueueCount
+    worker_uid: U32
+    adopt: bool
+
+
+@message("helper.claim_queue")
+class ClaimQueue(Message):
+    ticket: Ticket
+
+
+@message("helper.add_routes")
+class AddRoutes(Message):
+    name: NetworkName
+    routes: Routes
+    metric: U32
+    allow_default: bool
+
+
+@message("helper.remove_routes")
+class RemoveRoutes(Message):
+    name: NetworkName
+    routes: Routes
+
+
+@message("helper.protect_socket")
+class ProtectSocket(Message):
+    """The UDP socket to protect travels as SCM_RIGHTS with this request."""
+
+
+@message("helper.destroy_network")
+class DestroyNetwork(Message):
+    name: NetworkName
+
+
+@message("helper.list_networks")
+class ListNetworks(Message):
+    pass
+
+
+# ---- replies ----------------------------------------------------------------
+
+
+@message("helper.welcome")
+class Welcome(Message):
+    role: Role
+    protocol: U16
+    uid: U32
+
+
+@message("helper.network_created")
+class NetworkCreated(Message):
+    name: NetworkName
+    ifname: IfName
+    ifindex: U32
+    tickets: Annotated[tuple[Ticket, ...], Items(MAX_QUEUES)]
+    ticket_ttl: float
+    adopted: bool
+
+
+@message("helper.queue_granted")
+class QueueGranted(Message):
+    """The queue fd follows as SCM_RIGHTS on this reply."""
+
+    name: NetworkName
+    ifname: IfName
+    queue: QueueIndex
+    mtu: Mtu
+
+
+@message("helper.routes_changed")
+class RoutesChanged(Message):
+    """Routes the helper holds for the network after the change."""
+
+    name: NetworkName
+    routes: Routes
+
+
+@message("helper.socket_protected")
+class SocketProtected(Message):
+    mark: U32
+
+
+@message("helper.network_destroyed")
+class NetworkDestroyed(Message):
+    name: NetworkName
+    routes_removed: Routes
+
+
+@record
+class NetworkInfo(Record):
+    name: NetworkName
+    ifname: IfName
+    ifindex: U32
+    mtu: Mtu
+    queues: QueueCount
+    addresses: Interfaces
+    routes: Routes
+    worker_uid: U32
+
+
+@message("helper.network_list")
+class NetworkList(Message):
+    networks: Annotated[tuple[NetworkInfo, ...], Items(256)]
+
+
+@message("helper.failed")
+class Failed(Message):
+    """An ordinary error reply: the request was valid but could not be done."""
+
+    code: ErrorCode
+    reason: Reason
+
+
+HELPER_REQUESTS = Channel(
+    "helper-request",
+    HELPER_MESSAGE_MAX,
+    (Hello, CreateNetwork, ClaimQueue, AddRoutes, RemoveRoutes, ProtectSocket, DestroyNetwork, ListNetworks),
+)
+HELPER_REPLIES = Channel(
+    "helper-reply",
+    HELPER_MESSAGE_MAX,
+    (Welcome, NetworkCreated, QueueGranted, RoutesChanged, SocketProtected, NetworkDestroyed, NetworkList, Failed),
+)

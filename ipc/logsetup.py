@@ -1,0 +1,63 @@
+"""The one structlog configuration used by every l3ptp process.
+
+JSON lines (one object per event, ISO-8601 UTC timestamps) when the output
+stream is not a terminal, which is the case under systemd and in tests;
+readable console output when it is. Each process binds its role (and, for
+workers, network and queue) once, so every line says who wrote it.
+Events are canonical names (``event="worker_ready"``) with fields, not prose.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, TextIO
+
+import structlog
+
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def configure(
+    role: str,
+    *,
+    level: str = "info",
+    stream: TextIO | None = None,
+    json: bool | None = None,
+    **bind: Any,
+) -> structlog.typing.FilteringBoundLogger:
+    """Configure structlog for this process and return the bound root logger.
+
+    `json=None` picks JSON unless `stream` is a terminal. `L3PTP_LOG_FORMAT`
+    (`json` or `console`) overrides the choice; `L3PTP_LOG_LEVEL` overrides
+    `level`.
+    """
+    out = stream if stream is not None else sys.stdout
+    env_format = os.environ.get("L3PTP_LOG_FORMAT")
+    if env_format in ("json", "console"):
+        json = env_format == "json"
+    if json is None:
+        json = not (hasattr(out, "isatty") and out.isatty())
+    level = os.environ.get("L3PTP_LOG_LEVEL", level)
+    renderer: Any = (
+        structlog.processors.JSONRenderer(sort_keys=False)
+        if json
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.INFO)),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
+        cache_logger_on_first_use=True,
+    )
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(role=role, pid=os.getpid(), **bind)
+    return structlog.get_logger()

@@ -1,0 +1,1 @@
+"""l3ptp worker package."""
