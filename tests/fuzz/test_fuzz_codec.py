@@ -13,7 +13,7 @@ from l3ptp.ipc.errors import DecodeError
 from l3ptp.ipc.peer_messages import PEER_CONTROL
 from tests.support.strategies import valid_messages
 
-FUZZ = settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 IDS = [c.name for c in ALL_CHANNELS]
 
 
