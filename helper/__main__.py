@@ -1,0 +1,85 @@
+"""`l3ptp-helper`: argv, policy, capability check, reconcile, serve. Nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import sys
+import time
+
+from l3ptp.ipc.constants import HELPER_POLICY_DEFAULT
+from l3ptp.ipc.logsetup import configure
+
+from .audit import audit
+from .dispatch import Dispatcher
+from .netops import Host
+from .policy import PolicyError, load_policy
+from .server import Server, open_listener, systemd_listener
+from .state import State
+
+CAP_NET_ADMIN = 12
+
+
+def missing_capabilities(status_path: str = "/proc/self/status") -> str | None:
+    """None if this process can do its job, else a message naming what is missing."""
+    try:
+        with open(status_path) as f:
+            capeff = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+    except (OSError, StopIteration, ValueError):
+        return f"cannot read CapEff from {status_path}"
+    if not capeff & (1 << CAP_NET_ADMIN):
+        return "missing capability CAP_NET_ADMIN (run as root or with AmbientCapabilities=CAP_NET_ADMIN)"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="l3ptp-helper", description="l3ptp privileged helper")
+    parser.add_argument("--policy", default=HELPER_POLICY_DEFAULT, help="root-owned policy file (TOML)")
+    parser.add_argument("--socket", help="listen here instead of the policy's socket_path")
+    parser.add_argument("--reconcile-only", action="store_true", help="remove leftovers and exit")
+    args = parser.parse_args(argv)
+    log = configure("helper")
+    try:
+        policy = load_policy(args.policy)
+    except PolicyError as exc:
+        log.error("policy_invalid", reason=str(exc))
+        print(f"l3ptp-helper: {exc}", file=sys.stderr)
+        return 2
+    missing = missing_capabilities()
+    if missing:
+        log.error("capability_missing", reason=missing)
+        print(f"l3ptp-helper: {missing}", file=sys.stderr)
+        return 1
+    host = Host(policy)
+    audit("reconcile", result="ok", when="start", **host.reconcile({}))
+    if args.reconcile_only:
+        host.close()
+        return 0
+    listener = systemd_listener() or open_listener(args.socket or policy.socket_path, policy.socket_group)
+    dispatcher = Dispatcher(policy, State(), host, audit, time.monotonic)
+    server = Server(dispatcher, listener)
+    stop = []
+    wake_r, wake_w = socket.socketpair()
+    wake_w.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno())
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.append(True))
+    server.sel.register(wake_r, 1)
+    log.info("helper_ready", socket=listener.getsockname())
+    try:
+        server.serve(lambda: not stop)
+    finally:
+        server.sel.unregister(wake_r)
+        server.close()
+        for net in list(dispatcher.state.networks.values()):
+            audit("DestroyNetwork", result="ok", when="stop", network=net.name, ifname=net.ifname,
+                  routes_removed=dispatcher.destroy(net))
+        audit("reconcile", result="ok", when="stop", **host.reconcile({}))
+        host.close()
+        log.info("helper_stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

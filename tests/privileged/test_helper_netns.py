@@ -1,0 +1,318 @@
+"""The real helper in a fresh network namespace per test, with real multi-queue TUN devices."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import select
+import socket
+import struct
+import tempfile
+import time
+from typing import Any
+
+import pytest
+import pytun
+
+from l3ptp.ipc.errors import ErrorCode
+from l3ptp.ipc.helper_messages import (
+    HELPER_PROTOCOL,
+    AddRoutes,
+    ClaimQueue,
+    CreateNetwork,
+    DestroyNetwork,
+    Failed,
+    Hello,
+    ListNetworks,
+    NetworkCreated,
+    NetworkDestroyed,
+    NetworkList,
+    ProtectSocket,
+    QueueGranted,
+    RemoveRoutes,
+    Role,
+    RoutesChanged,
+    SocketProtected,
+)
+from tests.support.helper_fixtures import Client, HelperProcess
+from tests.support.netns import NetnsRegistry, ip, ip_json, run_as
+from tests.support.packets import ipv4_udp
+
+pytestmark = pytest.mark.privileged
+
+NOBODY = 65534
+PROTO = 157
+TUNSETIFF = 0x400454CA
+
+
+@pytest.fixture
+def netns():
+    reg = NetnsRegistry()
+    yield reg.create()
+    reg.cleanup()
+
+
+@pytest.fixture
+def helper(netns):
+    workdir = tempfile.mkdtemp(prefix="l3ptp-helper-")
+    h = HelperProcess(netns, workdir, controller_uids=[0, NOBODY], worker_uids=[0, NOBODY])
+    h.start()
+    yield h
+    h.stop()
+    for name in os.listdir(workdir):
+        os.unlink(os.path.join(workdir, name))
+    os.rmdir(workdir)
+
+
+def _create(ifname: str = "l3p-t", queues: int = 2, worker_uid: int = NOBODY, name: str = "t") -> CreateNetwork:
+    return CreateNetwork(name=name, ifname=ifname, mtu=1280, addresses=("198.19.1.1/24", "fd00:1::1/64"),
+                         queues=queues, worker_uid=worker_uid, adopt=False)
+
+
+def _controller(h: HelperProcess) -> Client:
+    c = Client.connect(h.socket_path)
+    assert c.hello(Role.CONTROLLER) is not None
+    return c
+
+
+def _claim(h: HelperProcess, ticket: str) -> tuple[Any, list[int]]:
+    w = Client.connect(h.socket_path)
+    try:
+        w.hello(Role.WORKER)
+        return w.request(ClaimQueue(ticket=ticket))
+    finally:
+        w.close()
+
+
+def _read_ipv4_reply(fds: list[int], timeout: float = 5.0) -> bytes:
+    """The UDP payload of the next IPv4 packet to 198.19.1.2 on any queue (IPv6 chatter such as
+    router solicitations from the fd00:: address is skipped)."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select(fds, [], [], left)
+        for fd in ready:
+            packet = os.read(fd, 2000)
+            if packet[0] >> 4 == 4 and socket.inet_ntoa(packet[16:20]) == "198.19.1.2":
+                return packet[28:]
+    raise AssertionError("no IPv4 reply came out of any queue")
+
+
+def _other_link(netns: str) -> None:
+    """A link that is not ours (veth pair d0/d1), with a route of another protocol."""
+    ip("link", "add", "d0", "type", "veth", "peer", "name", "d1", netns=netns)
+    ip("link", "set", "d0", "up", netns=netns)
+    ip("link", "set", "d1", "up", netns=netns)
+
+
+def _routes(netns: str, family: str = "-4") -> list[dict[str, Any]]:
+    return ip_json(family, "route", "show", "table", "main", netns=netns)
+
+
+def test_non_root_client_gets_queues_and_traffic_flows_both_ways(helper, netns) -> None:
+    def client(tun_fds: tuple[int, int]) -> dict[str, Any]:
+        tun_fd, open_fd = tun_fds
+        assert os.getuid() == NOBODY
+        c = Client.connect(helper.socket_path)
+        c.hello(Role.CONTROLLER)
+        created, _ = c.request(_create())
+        assert isinstance(created, NetworkCreated), created
+        fds = []
+        for q, ticket in enumerate(created.tickets):
+            reply, got = _claim(helper, ticket)
+            assert isinstance(reply, QueueGranted) and reply.queue == q and len(got) == 1, reply
+            fds.append(got[0])
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(("198.19.1.1", 5000))
+        udp.settimeout(5)
+        replies = []
+        for q, fd in enumerate(fds):
+            os.write(fd, ipv4_udp("198.19.1.2", "198.19.1.1", b"hello %d" % q, sport=4000 + q, dport=5000))
+            data, addr = udp.recvfrom(100)
+            assert (data, addr) == (b"hello %d" % q, ("198.19.1.2", 4000 + q))
+            udp.sendto(b"reply %d" % q, addr)
+            replies.append(_read_ipv4_reply(fds).decode())
+        # another uid (no CAP_NET_ADMIN) cannot attach a queue to our device, even holding
+        # an open /dev/net/tun
+        ifr = struct.pack("16sH", b"l3p-t", pytun.IFF_TUN | pytun.IFF_NO_PI | pytun.IFF_MULTI_QUEUE)
+        try:
+            fcntl.ioctl(tun_fd, TUNSETIFF, ifr)
+            attach = "attached"
+        except OSError as exc:
+            attach = errno.errorcode[exc.errno]
+        # control: the same attach onto an ownerless multi-queue device succeeds
+        fcntl.ioctl(open_fd, TUNSETIFF, struct.pack("16sH", b"x-open", struct.unpack("16sH", ifr)[1]))
+        return {"replies": replies, "attach": attach}
+
+    ip("tuntap", "add", "dev", "x-open", "mode", "tun", "multi_queue", netns=netns)
+    # /dev/net/tun is mode 0600 here, and an open tun file belongs to the netns it was opened
+    # in: open two inside the namespace, as root, before the uid drop.
+    result = run_as(client, netns=netns, uid=NOBODY,
+                    prepare=lambda: (os.open("/dev/net/tun", os.O_RDWR), os.open("/dev/net/tun", os.O_RDWR)))
+    assert result == {"replies": ["reply 0", "reply 1"], "attach": "EPERM"}
+    claims = [a for a in helper.audits() if a["action"] == "ClaimQueue"]
+    assert [(a["peer_uid"], a["result"], a["queue"]) for a in claims] == [(NOBODY, "ok", 0), (NOBODY, "ok", 1)]
+    # the network survived the client going away (fail-closed): link still there
+    assert ip_json("link", "show", "l3p-t", netns=netns)[0]["ifname"] == "l3p-t"
+
+
+def test_wrong_uid_is_refused_and_audited(helper, netns) -> None:
+    def client() -> Any:
+        c = Client.connect(helper.socket_path)
+        reply, _ = c.request(Hello(role=Role.CONTROLLER, protocol=HELPER_PROTOCOL))
+        return reply is None
+
+    h2 = helper
+    h2.stop()
+    # restart with a policy that does not list nobody as controller
+    h3 = HelperProcess(netns, h2.workdir, controller_uids=[0], worker_uids=[NOBODY])
+    h3.start()
+    try:
+        assert run_as(client, uid=NOBODY) is True
+        v = [a for a in h3.audits() if a["result"] == "violation"]
+        assert v and v[-1]["peer_uid"] == NOBODY and v[-1]["action"] == "Hello"
+        assert ip_json("link", "show", netns=netns) and not [
+            link for link in ip_json("link", "show", netns=netns) if link["ifname"].startswith("l3p-")
+        ]
+    finally:
+        h3.stop()
+
+
+def test_tickets_single_use_expired_and_bound_to_uid(helper, netns) -> None:
+    c = _controller(helper)
+    created, _ = c.request(_create(worker_uid=0))
+    reply, fds = _claim(helper, created.tickets[0])
+    assert isinstance(reply, QueueGranted) and len(fds) == 1
+    os.close(fds[0])
+    reply, fds = _claim(helper, created.tickets[0])
+    assert isinstance(reply, Failed) and reply.code is ErrorCode.NOT_FOUND and fds == []
+    # ticket for uid 0 presented by nobody
+    assert run_as(lambda: _claim(helper, created.tickets[1])[0].code.name, uid=NOBODY) == "NOT_PERMITTED"
+    results = [(a["action"], a["result"], a.get("code")) for a in helper.audits() if a["action"] == "ClaimQueue"]
+    assert results == [("ClaimQueue", "ok", None), ("ClaimQueue", "refused", "NOT_FOUND"),
+                       ("ClaimQueue", "refused", "NOT_PERMITTED")]
+    c.close()
+
+
+def test_existing_interface_is_not_adopted(helper, netns) -> None:
+    ip("tuntap", "add", "dev", "l3p-busy", "mode", "tun", "multi_queue", netns=netns)
+    c = _controller(helper)
+    reply, _ = c.request(_create(ifname="l3p-busy"))
+    assert isinstance(reply, Failed) and reply.code is ErrorCode.BUSY
+    link = ip_json("addr", "show", "l3p-busy", netns=netns)[0]
+    assert link["addr_info"] == [] and link["mtu"] == 1500 and "UP" not in link["flags"]
+    assert [a["result"] for a in helper.audits() if a["action"] == "CreateNetwork"] == ["refused"]
+    assert isinstance(c.request(ListNetworks())[0], NetworkList)
+    c.close()
+
+
+def test_routes_policy_and_ownership(helper, netns) -> None:
+    _other_link(netns)
+    ip("route", "add", "198.19.20.0/24", "dev", "d0", "proto", "static", netns=netns)
+    c = _controller(helper)
+    c.request(_create())
+    ok, _ = c.request(AddRoutes(name="t", routes=("198.19.10.0/24", "fd00:10::/64"), metric=50, allow_default=False))
+    assert isinstance(ok, RoutesChanged)
+    ours = [r for r in _routes(netns) if r["dst"] == "198.19.10.0/24"]
+    assert ours and ours[0]["protocol"] in ("157", PROTO) and ours[0]["dev"] == "l3p-t"
+    assert any(r["dst"] == "fd00:10::/64" for r in _routes(netns, "-6"))
+    before = _routes(netns)
+    for routes, allow in [(("10.0.0.0/8",), False), (("0.0.0.0/0",), True), (("198.18.0.0/24",), False)]:
+        reply, _ = c.request(AddRoutes(name="t", routes=routes, metric=50, allow_default=allow))
+        assert isinstance(reply, Failed) and reply.code is ErrorCode.OUT_OF_POLICY
+    reply, _ = c.request(RemoveRoutes(name="t", routes=("198.19.20.0/24",)))
+    assert isinstance(reply, Failed) and reply.code is ErrorCode.NOT_FOUND
+    assert _routes(netns) == before
+    refusals = [a for a in helper.audits() if a["result"] == "refused"]
+    assert len(refusals) == 4
+    destroyed, _ = c.request(DestroyNetwork(name="t"))
+    assert isinstance(destroyed, NetworkDestroyed) and set(destroyed.routes_removed) == {"198.19.10.0/24", "fd00:10::/64"}
+    assert not [r for r in _routes(netns) if r.get("dev") == "l3p-t"]
+    assert [r["dst"] for r in _routes(netns) if r.get("dev") == "d0"] == ["198.19.20.0/24"]
+    assert ip("link", "show", "l3p-t", netns=netns, check=False) == ""
+    c.close()
+
+
+def test_default_route_needs_policy_permission(netns) -> None:
+    workdir = tempfile.mkdtemp(prefix="l3ptp-helper-")
+    h = HelperProcess(netns, workdir, controller_uids=[0], worker_uids=[0], allow_default_route=True)
+    h.start()
+    try:
+        c = _controller(h)
+        c.request(_create(worker_uid=0))
+        reply, _ = c.request(AddRoutes(name="t", routes=("0.0.0.0/0",), metric=50, allow_default=False))
+        assert isinstance(reply, Failed) and reply.code is ErrorCode.OUT_OF_POLICY
+        reply, _ = c.request(AddRoutes(name="t", routes=("0.0.0.0/0",), metric=50, allow_default=True))
+        assert isinstance(reply, RoutesChanged)
+        assert [r["dev"] for r in _routes(netns) if r["dst"] == "default"] == ["l3p-t"]
+        c.close()
+    finally:
+        h.stop()
+        for name in os.listdir(workdir):
+            os.unlink(os.path.join(workdir, name))
+        os.rmdir(workdir)
+    # orderly stop removed the network and its default route
+    assert not [r for r in _routes(netns) if r["dst"] == "default"]
+    assert "l3p-t" not in ip("link", "show", netns=netns)
+
+
+def test_protect_socket_marks_and_installs_rules(helper, netns) -> None:
+    w = Client.connect(helper.socket_path)
+    w.hello(Role.WORKER)
+    udp = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        reply, _ = w.request(ProtectSocket(), [udp.fileno()])
+        assert isinstance(reply, SocketProtected)
+        assert udp.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == reply.mark
+        reply, _ = w.request(ProtectSocket(), [tcp.fileno()])
+        assert isinstance(reply, Failed) and reply.code is ErrorCode.BAD_REQUEST
+        assert tcp.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == 0
+        for family in ("-4", "-6"):
+            rules = [r for r in ip_json(family, "rule", "show", netns=netns) if r.get("priority") == 5157]
+            assert len(rules) == 1 and rules[0]["table"] == "main" and rules[0]["fwmark"] == hex(reply and 0x4C33)
+    finally:
+        udp.close()
+        tcp.close()
+        w.close()
+
+
+def test_kill_9_then_reconcile_removes_exactly_the_stale_objects(helper, netns) -> None:
+    _other_link(netns)
+    ip("route", "add", "198.19.20.0/24", "dev", "d0", "proto", "static", netns=netns)
+    c = _controller(helper)
+    created, _ = c.request(_create(worker_uid=0))
+    c.request(AddRoutes(name="t", routes=("198.19.10.0/24", "fd00:10::/64"), metric=50, allow_default=False))
+    _, fds = _claim(helper, created.tickets[0])  # a "worker" keeps the device alive
+    c.close()
+    helper.stop(9)
+    assert "l3p-t" in ip("link", "show", netns=netns)
+    assert any(r["dst"] == "198.19.10.0/24" for r in _routes(netns))
+    helper.start()
+    start = [a for a in helper.audits() if a["action"] == "reconcile"][0]
+    assert start["links"] == ["l3p-t"]
+    assert sorted(start["routes"]) == ["198.19.10.0/24", "fd00:10::/64"]
+    assert "l3p-t" not in ip("link", "show", netns=netns)
+    assert [r["dst"] for r in _routes(netns) if r.get("dev") == "d0"] == ["198.19.20.0/24"]
+    os.close(fds[0])
+
+
+def test_fd_count_returns_to_baseline_after_50_cycles(helper, netns) -> None:
+    c = _controller(helper)
+    c.request(ListNetworks())
+    baseline = helper.fd_count()
+    for i in range(50):
+        created, _ = c.request(_create(worker_uid=0, queues=2))
+        assert isinstance(created, NetworkCreated), created
+        for ticket in created.tickets:
+            _, fds = _claim(helper, ticket)
+            for fd in fds:
+                os.close(fd)
+        destroyed, _ = c.request(DestroyNetwork(name="t"))
+        assert isinstance(destroyed, NetworkDestroyed)
+    c.request(ListNetworks())  # the helper has processed every earlier disconnect by now
+    deadline = time.monotonic() + 5
+    while helper.fd_count() != baseline and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert helper.fd_count() == baseline
+    c.close()

@@ -1,0 +1,243 @@
+"""Shared pieces for helper tests: a policy builder, a fake kernel, a client.
+
+`FakeKernel` satisfies `l3ptp.helper.dispatch.Kernel` with real fds (a
+SOCK_SEQPACKET socketpair per queue stands in for a TUN queue) so fd
+bookkeeping is exercised without root. `Client` speaks the helper protocol
+over any connected SOCK_SEQPACKET socket.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import os
+import socket
+from typing import Any
+
+from l3ptp.helper.policy import Policy, parse_policy
+from l3ptp.ipc.constants import HELPER_MESSAGE_MAX
+from l3ptp.ipc.helper_messages import HELPER_PROTOCOL, HELPER_REPLIES, HELPER_REQUESTS, Hello, Role
+from l3ptp.ipc.schema import Message
+
+CONTROLLER_UID = 1000
+WORKER_UID = 1001
+
+
+def make_policy(**overrides: Any) -> Policy:
+    data: dict[str, Any] = {
+        "controller_uids": [CONTROLLER_UID],
+        "worker_uids": [WORKER_UID],
+        "interface_prefix": "l3p-",
+        "max_networks": 4,
+        "max_queues": 4,
+        "max_routes": 8,
+        "allowed_prefixes": ["198.19.0.0/16", "fd00::/8"],
+        "allow_default_route": True,
+    }
+    data.update(overrides)
+    return parse_policy(data)
+
+
+class FakeKernel:
+    """Records calls; each queue fd is one end of a socketpair (peer kept here)."""
+
+    def __init__(self) -> None:
+        self.links: dict[str, int] = {}
+        self.routes: set[tuple[int, str]] = set()
+        self.protected: list[int] = []
+        self.calls: list[tuple[Any, ...]] = []
+        self.fail_next: int | None = None  # errno to raise on the next mutating call
+        self._peers: dict[int, socket.socket] = {}
+        self._next_index = 10
+
+    def _maybe_fail(self) -> None:
+        if self.fail_next is not None:
+            code, self.fail_next = self.fail_next, None
+            raise OSError(code, os.strerror(code))
+
+    def create_network(self, ifname: str, mtu: int, addresses: tuple[str, ...], queues: int) -> tuple[int, list[int]]:
+        self.calls.append(("create", ifname, mtu, addresses, queues))
+        self._maybe_fail()
+        if ifname in self.links:
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        self._next_index += 1
+        self.links[ifname] = self._next_index
+        fds = []
+        for _ in range(queues):
+            a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            fds.append(a.detach())
+            self._peers[fds[-1]] = b
+        return self._next_index, fds
+
+    def destroy_network(self, ifname: str, ifindex: int, fds: list[int], routes: list[str]) -> None:
+        self.calls.append(("destroy", ifname, tuple(routes)))
+        for r in routes:
+            self.routes.discard((ifindex, r))
+        for fd in fds:
+            os.close(fd)
+            self._peers.pop(fd).close()
+        fds.clear()
+        del self.links[ifname]
+
+    def add_route(self, ifindex: int, prefix: str, metric: int) -> None:
+        self.calls.append(("add_route", ifindex, prefix, metric))
+        self._maybe_fail()
+        self.routes.add((ifindex, prefix))
+
+    def remove_route(self, ifindex: int, prefix: str) -> None:
+        self.calls.append(("remove_route", ifindex, prefix))
+        self.routes.remove((ifindex, prefix))
+
+    def protect_socket(self, fd: int) -> None:
+        self.calls.append(("protect", fd))
+        self.protected.append(os.fstat(fd).st_ino)
+
+    def close(self) -> None:
+        """Close every queue fd still held (networks the test did not destroy)."""
+        for fd, peer in self._peers.items():
+            os.close(fd)
+            peer.close()
+        self._peers.clear()
+
+    def peer_of(self, fd: int) -> socket.socket:
+        return self._peers[fd]
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class Client:
+    """A blocking helper client on a connected SOCK_SEQPACKET socket."""
+
+    def __init__(self, sock: socket.socket, timeout: float = 5.0) -> None:
+        self.sock = sock
+        sock.settimeout(timeout)
+
+    @classmethod
+    def connect(cls, path: str) -> Client:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.connect(path)
+        return cls(sock)
+
+    def send(self, msg: Message, fds: list[int] | None = None) -> None:
+        if fds:
+            socket.send_fds(self.sock, [HELPER_REQUESTS.encode(msg)], fds)
+        else:
+            self.sock.send(HELPER_REQUESTS.encode(msg))
+
+    def receive(self) -> tuple[Message | None, list[int]]:
+        """The next reply and any fds; (None, []) when the helper closed the connection."""
+        data, anc, _flags, _ = self.sock.recvmsg(HELPER_MESSAGE_MAX, socket.CMSG_SPACE(16))
+        fds: list[int] = []
+        for level, kind, cdata in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.extend(array.array("i", cdata[: len(cdata) - len(cdata) % 4]))
+        if not data:
+            return None, fds
+        return HELPER_REPLIES.decode_untrusted(data), fds
+
+    def request(self, msg: Message, fds: list[int] | None = None) -> tuple[Message | None, list[int]]:
+        self.send(msg, fds)
+        return self.receive()
+
+    def hello(self, role: Role) -> Message | None:
+        return self.request(Hello(role=role, protocol=HELPER_PROTOCOL))[0]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+POLICY_TEMPLATE = """\
+controller_uids = {controller_uids}
+worker_uids = {worker_uids}
+socket_group = {socket_group}
+interface_prefix = "l3p-"
+max_networks = 4
+max_queues = 4
+max_routes = 16
+allowed_prefixes = ["198.19.0.0/16", "fd00::/8"]
+allow_default_route = {allow_default_route}
+route_protocol = 157
+route_table = 254
+"""
+
+
+class HelperProcess:
+    """`l3ptp-helper` as a subprocess inside a test netns (`ip netns exec`)."""
+
+    def __init__(self, netns: str, workdir: str, *, controller_uids: list[int], worker_uids: list[int],
+                 allow_default_route: bool = False, socket_group: int = 65534) -> None:
+        import sys
+
+        self.netns, self.workdir = netns, workdir
+        os.chmod(workdir, 0o755)
+        self.policy_path = os.path.join(workdir, "policy.toml")
+        with open(self.policy_path, "w") as f:
+            f.write(POLICY_TEMPLATE.format(controller_uids=controller_uids, worker_uids=worker_uids,
+                                           socket_group=socket_group,
+                                           allow_default_route=str(allow_default_route).lower()))
+        os.chmod(self.policy_path, 0o644)
+        self.socket_path = os.path.join(workdir, "helper.sock")
+        self.argv = ["ip", "netns", "exec", netns, sys.executable, "-m", "l3ptp.helper",
+                     "--policy", self.policy_path, "--socket", self.socket_path]
+        self.proc: Any = None
+        self.generation = 0
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.workdir, f"helper-{self.generation}.log")
+
+    def start(self, timeout: float = 15.0) -> None:
+        import subprocess
+        import time
+
+        self.generation += 1
+        if os.path.exists(self.socket_path):
+            os.unlink(self.socket_path)
+        env = {**os.environ, "L3PTP_LOG_FORMAT": "json"}
+        with open(self.log_path, "wb") as out:
+            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"helper did not start: {open(self.log_path).read()}")
+            time.sleep(0.05)
+
+    def ready(self) -> bool:
+        return any(r.get("event") == "helper_ready" for r in self.records())
+
+    def records(self) -> list[dict[str, Any]]:
+        import json
+
+        out = []
+        with open(self.log_path) as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    pass
+        return out
+
+    def audits(self) -> list[dict[str, Any]]:
+        return [r for r in self.records() if r.get("event") == "audit"]
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def stop(self, sig: int = 15) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        os.kill(self.proc.pid, sig)
+        try:
+            return self.proc.wait(timeout=15)
+        except Exception:
+            os.kill(self.proc.pid, 9)
+            return self.proc.wait(timeout=15)

@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from l3ptp.helper.state import Network, State
+from l3ptp.helper.validate import Refused
+from l3ptp.ipc.errors import ErrorCode
+
+
+def _state() -> State:
+    counter = itertools.count()
+    return State(ticket_ttl=30.0, token=lambda: f"t{next(counter)}")
+
+
+def _net(queues: int = 2, uid: int = 1001) -> Network:
+    return Network(name="n", ifname="l3p-n", ifindex=5, mtu=1280, addresses=(), queues=queues, worker_uid=uid,
+                   fds=[100 + q for q in range(queues)])
+
+
+def test_one_ticket_per_queue_single_use() -> None:
+    s = _state()
+    net = _net()
+    s.add(net)
+    tickets = s.issue(net, now=0.0)
+    assert tickets == ("t0", "t1")
+    assert s.claim("t1", 1001, now=1.0) == (net, 1)
+    with pytest.raises(Refused) as info:
+        s.claim("t1", 1001, now=1.0)
+    assert info.value.code is ErrorCode.NOT_FOUND
+    assert s.claim("t0", 1001, now=29.9) == (net, 0)
+
+
+def test_ticket_expires() -> None:
+    s = _state()
+    net = _net()
+    s.add(net)
+    s.issue(net, now=0.0)
+    with pytest.raises(Refused) as info:
+        s.claim("t0", 1001, now=30.0)
+    assert info.value.code is ErrorCode.EXPIRED
+    with pytest.raises(Refused) as info:
+        s.claim("t0", 1001, now=30.0)
+    assert info.value.code is ErrorCode.NOT_FOUND
+
+
+def test_ticket_bound_to_uid_and_not_consumed_by_wrong_uid() -> None:
+    s = _state()
+    net = _net()
+    s.add(net)
+    s.issue(net, now=0.0)
+    with pytest.raises(Refused) as info:
+        s.claim("t0", 65534, now=1.0)
+    assert info.value.code is ErrorCode.NOT_PERMITTED
+    assert s.claim("t0", 1001, now=1.0) == (net, 0)
+
+
+def test_reissue_revokes_and_forget_drops_tickets() -> None:
+    s = _state()
+    net = _net()
+    s.add(net)
+    s.issue(net, now=0.0)
+    assert s.issue(net, now=1.0) == ("t2", "t3")
+    assert set(s.tickets) == {"t2", "t3"}
+    assert s.by_ifname("l3p-n") is net
+    assert s.forget("n") is net
+    assert s.tickets == {} and s.networks == {}
+
+
+def test_spec_ignores_address_order() -> None:
+    a = _net()
+    b = _net()
+    a.addresses, b.addresses = ("198.19.0.1/24", "fd00::1/64"), ("fd00::1/64", "198.19.0.1/24")
+    assert a.spec() == b.spec()
