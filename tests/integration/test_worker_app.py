@@ -1,0 +1,89 @@
+"""run_worker with an in-memory controller bus; the peer is a real Tunnel."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from l3ptp.ipc.control_messages import (
+    BUS_DOWN,
+    BUS_UP,
+    Heartbeat,
+    PeerRoutes,
+    Shutdown,
+    WorkerExiting,
+    WorkerHello,
+    WorkerStatus,
+)
+from l3ptp.ipc.schema import Message
+from l3ptp.ipc.types import PeerRole
+from l3ptp.worker.app import run_worker
+from tests.support.packets import ipv4_udp
+from tests.support.worker_fixtures import make_config, make_node, new_keys, udp_socket, wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class FakeBus:
+    """Records what the worker sends (after a codec round trip); feeds it messages."""
+
+    def __init__(self) -> None:
+        self.sent: list[Message] = []
+        self.inbox: asyncio.Queue[Message] = asyncio.Queue()
+        self.closed = False
+
+    def send(self, msg: Message) -> None:
+        self.sent.append(BUS_UP.decode_untrusted(BUS_UP.encode(msg)))
+
+    async def recv(self) -> Message:
+        msg = await self.inbox.get()
+        return BUS_DOWN.decode_untrusted(BUS_DOWN.encode(msg))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def of(self, kind: type[Message]) -> list[Message]:
+        return [m for m in self.sent if isinstance(m, kind)]
+
+
+def test_worker_reports_status_routes_and_exits_on_shutdown() -> None:
+    async def main():
+        lk, ck = new_keys(), new_keys()
+        lsock = udp_socket()
+        port = lsock.getsockname()[1]
+        lcfg = make_config(PeerRole.LISTEN, own=lk, peer_fp=ck.fingerprint, port=port)
+        ccfg = make_config(PeerRole.CONNECT, own=ck, peer_fp=lk.fingerprint, port=port)
+        peer = make_node(ccfg, udp_socket())
+        peer.start()
+        own = make_node(lcfg, lsock)
+        bus = FakeBus()
+        worker = asyncio.create_task(run_worker(lcfg, own.tun.worker_fd, lsock, bus, tunnel=own.tunnel))
+        try:
+            assert await wait_for(lambda: own.tunnel.established and peer.tunnel.established, 10)
+            await bus.inbox.put(Heartbeat())
+            p = ipv4_udp("198.19.0.2", "198.19.0.1", b"via app")
+            peer.tun.inject(p)
+            assert await own.tun.async_wait_packets(1, 5) == [p]
+            assert await wait_for(lambda: any(s.state == "established" and s.counters["tun_tx_packets"] == 1
+                                              for s in bus.of(WorkerStatus)), 5)
+            await bus.inbox.put(Shutdown(reason="operator"))
+            reason = await asyncio.wait_for(worker, 5)
+            assert reason == "shutdown: operator"
+            # The peer received CLOSE(SHUTDOWN) and is backing off to reconnect.
+            assert await wait_for(lambda: "SHUTDOWN" in peer.tunnel.last_error, 5), peer.tunnel.last_error
+        finally:
+            worker.cancel()
+            await peer.stop()
+            own.tun.close()
+            lsock.close()
+        assert isinstance(bus.sent[0], WorkerHello)
+        routes = bus.of(PeerRoutes)
+        assert routes and routes[0].session == 1 and routes[0].tunnel_addresses == ("198.19.0.2/24", "fd00::2/64")
+        last = bus.sent[-1]
+        assert isinstance(last, WorkerExiting) and not last.fatal
+        status = bus.of(WorkerStatus)[-1]
+        assert status.network == "net0" and status.queue == 0 and status.mtu == 1280
+        assert set(status.drops) >= {"queue_full", "tun_oversize", "dgram_bad_header"}
+
+    asyncio.run(asyncio.wait_for(main(), 45))

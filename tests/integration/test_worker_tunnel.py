@@ -1,0 +1,380 @@
+"""Two real workers (Tunnel) over aioquic on loopback, each with a fake TUN."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from l3ptp.ipc.codec import StreamDecoder
+from l3ptp.ipc.counters import DropReason
+from l3ptp.ipc.errors import ErrorCode
+from l3ptp.ipc.peer_messages import PEER_CONTROL
+from l3ptp.ipc.types import PeerRole
+from l3ptp.worker.engine import load_engine
+from l3ptp.worker.header import encode_datagram
+from l3ptp.worker.tunnel import datagram_budget_of
+from tests.support.packets import ipv4_icmp_echo, ipv4_udp, ipv6_icmp_echo, ipv6_udp
+from tests.support.worker_fixtures import (
+    make_config,
+    make_node,
+    new_keys,
+    udp_socket,
+    wait_for,
+    worker_pair,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 45))
+
+
+async def _exchange(pair, index: int = 0) -> None:
+    l4, l6 = f"198.19.{index}.1", ("fd00::1" if index == 0 else f"fd00::{index:x}:1")
+    c4, c6 = f"198.19.{index}.2", ("fd00::2" if index == 0 else f"fd00::{index:x}:2")
+    to_listener = [ipv4_udp(c4, l4, b"v4 up"), ipv6_udp(c6, l6, b"v6 up" * 50), ipv4_icmp_echo(c4, l4, payload=b"p")]
+    to_connector = [ipv6_icmp_echo(l6, c6, payload=b"q" * 1000), ipv4_udp(l4, c4, b"v4 down" * 100)]
+    for p in to_listener:
+        pair.connector.tun.inject(p)
+    for p in to_connector:
+        pair.listener.tun.inject(p)
+    assert await pair.listener.tun.async_wait_packets(len(to_listener), 5) == to_listener
+    assert await pair.connector.tun.async_wait_packets(len(to_connector), 5) == to_connector
+
+
+def test_ipv4_ipv6_both_ways_byte_for_byte() -> None:
+    async def main():
+        async with worker_pair() as pair:
+            assert await pair.wait_established()
+            await _exchange(pair)
+            lt, ct = pair.listener.tunnel, pair.connector.tunnel
+            assert lt.datapath.mtu == ct.datapath.mtu == 1280
+            assert lt.counters.total_drops() == 0 and ct.counters.total_drops() == 0
+            assert ct.counters.tun_rx_packets == 3 and lt.counters.tun_tx_packets == 3
+            assert lt.status()["state"] == "established" and lt.sessions == 1
+
+    run(main())
+
+
+def _assert_rejected(pair) -> None:
+    for node in (pair.listener, pair.connector):
+        c = node.tunnel.counters
+        assert c.tun_tx_packets == 0 and c.dgram_tx_packets == 0
+        assert node.tun.read_all() == []
+        assert not node.tunnel.established
+
+
+def test_connector_with_unpinned_key_rejected() -> None:
+    async def main():
+        stranger = new_keys()
+        async with worker_pair(listener_pin=stranger.fingerprint) as pair:
+            ok = await wait_for(lambda: "AUTH_FAILED" in pair.listener.tunnel.last_error, 10)
+            assert ok, pair.listener.tunnel.last_error
+            pair.connector.tun.inject(ipv4_udp("198.19.0.2", "198.19.0.1", b"x"))
+            pair.listener.tun.inject(ipv4_udp("198.19.0.1", "198.19.0.2", b"x"))
+            await asyncio.sleep(0.3)
+            _assert_rejected(pair)
+            assert "AUTH_FAILED" in pair.connector.tunnel.last_error
+
+    run(main())
+
+
+def test_listener_with_unpinned_key_rejected() -> None:
+    async def main():
+        stranger = new_keys()
+        async with worker_pair(connector_pin=stranger.fingerprint) as pair:
+            ok = await wait_for(lambda: "AUTH_FAILED" in pair.connector.tunnel.last_error, 10)
+            assert ok, pair.connector.tunnel.last_error
+            await asyncio.sleep(0.3)
+            _assert_rejected(pair)
+
+    run(main())
+
+
+def test_malformed_datagrams_counted_worker_keeps_running() -> None:
+    async def main():
+        async with worker_pair() as pair:
+            assert await pair.wait_established()
+            lt, ct = pair.listener.tunnel, pair.connector.tunnel
+            conn = ct.active.conn
+            ctx = lt.datapath.rx_context_id
+            good = ipv4_udp("198.19.0.2", "198.19.0.1", b"ok")
+            bad = {
+                DropReason.DGRAM_BAD_HEADER: b"\x00garbage-datagram",
+                DropReason.DGRAM_UNKNOWN_CONTEXT: encode_datagram(ctx ^ 1, 0, good),
+                DropReason.DGRAM_SRC_NOT_ALLOWED: encode_datagram(ctx, 0, ipv4_udp("198.19.0.77", "198.19.0.1")),
+                DropReason.DGRAM_BAD_IP_VERSION: encode_datagram(ctx, 0, b"\x50" + good[1:]),
+                DropReason.DGRAM_BAD_IP: encode_datagram(ctx, 0, good[:-1]),
+                DropReason.DGRAM_OVERSIZE: encode_datagram(ctx, 0, ipv4_udp("198.19.0.2", "198.19.0.1", b"x" * 1269)),
+            }
+            for payload in bad.values():
+                conn.send_datagram_frame(payload)
+            ct._transmit(ct.active)
+            assert await wait_for(lambda: all(lt.counters.drops[r] == 1 for r in bad), 5), lt.counters.drops
+            await _exchange(pair)
+
+    run(main())
+
+
+def test_garbage_control_message_closes_session_and_recovers() -> None:
+    async def main():
+        async with worker_pair() as pair:
+            assert await pair.wait_established()
+            ct = pair.connector.tunnel
+            peer = ct.active
+            peer.conn.send_stream_data(peer.stream_id, b"\x00\x00\x00\x03\xc1\xc1\xc1")
+            ct._transmit(peer)
+            assert await wait_for(lambda: "PROTOCOL_VIOLATION" in pair.listener.tunnel.last_error, 5)
+            # The connector is told, backs off and reconnects; traffic resumes.
+            assert await wait_for(lambda: ct.sessions >= 2 and pair.listener.tunnel.established, 10)
+            assert await pair.wait_established()
+            await _exchange(pair)
+
+    run(main())
+
+
+def test_oversized_datagram_does_not_block_later_packets() -> None:
+    async def main():
+        # A small max_datagram_size on the connector makes its live budget
+        # smaller than the MTU the listener allows it to receive.
+        async with worker_pair(connector_kw={"max_datagram_size": 1200}) as pair:
+            assert await pair.wait_established()
+            ct = pair.connector.tunnel
+            budget = datagram_budget_of(ct.active.conn)
+            assert ct.datapath.packet_limit == min(ct.datapath.mtu, budget - 16)
+            big = ipv4_udp("198.19.0.2", "198.19.0.1", b"B" * (ct.datapath.packet_limit - 28 + 1))
+            small = [ipv4_udp("198.19.0.2", "198.19.0.1", bytes([i]) * 10) for i in range(5)]
+            pair.connector.tun.inject(big)
+            for p in small:
+                pair.connector.tun.inject(p)
+            assert await pair.listener.tun.async_wait_packets(5, 5) == small
+            assert ct.counters.drops[DropReason.TUN_OVERSIZE] == 1
+            assert len(ct.active.conn._datagrams_pending) == 0
+            fits = ipv4_udp("198.19.0.2", "198.19.0.1", b"F" * (ct.datapath.packet_limit - 28))
+            pair.connector.tun.inject(fits)
+            assert await pair.listener.tun.async_wait_packets(1, 5) == [fits]
+
+    run(main())
+
+
+def _recording_engine(log: list[tuple[int, int, bytes]]):
+    base = load_engine()
+
+    class RecordingConnection(base.QuicConnection):
+        def send_stream_data(self, stream_id, data, end_stream=False):
+            log.append((id(self), stream_id, bytes(data)))
+            return super().send_stream_data(stream_id, data, end_stream)
+
+    import dataclasses
+
+    return dataclasses.replace(base, QuicConnection=RecordingConnection)
+
+
+def test_ip_packets_never_sent_on_a_stream() -> None:
+    async def main():
+        log: list[tuple[int, int, bytes]] = []
+        engine = _recording_engine(log)
+        lk, ck = new_keys(), new_keys()
+        lsock = udp_socket()
+        port = lsock.getsockname()[1]
+        listener = make_node(make_config(PeerRole.LISTEN, own=lk, peer_fp=ck.fingerprint, port=port), lsock,
+                             engine=engine)
+        connector = make_node(make_config(PeerRole.CONNECT, own=ck, peer_fp=lk.fingerprint, port=port),
+                              udp_socket(), engine=engine)
+        listener.start()
+        connector.start()
+        try:
+            assert await wait_for(lambda: listener.tunnel.established and connector.tunnel.established, 10)
+            up = [ipv4_udp("198.19.0.2", "198.19.0.1", b"SECRET-PAYLOAD-%d" % i) for i in range(20)]
+            down = [ipv6_udp("fd00::1", "fd00::2", b"SECRET-PAYLOAD-%d" % i) for i in range(20)]
+            for p in up:
+                connector.tun.inject(p)
+            for p in down:
+                listener.tun.inject(p)
+            assert await listener.tun.async_wait_packets(20, 5) == up
+            assert await connector.tun.async_wait_packets(20, 5) == down
+            await asyncio.sleep(KEEPALIVE_WAIT)  # let keepalives flow too
+        finally:
+            await connector.stop()
+            await listener.stop()
+        assert log, "control messages must have been sent"
+        assert {sid for _, sid, _ in log} == {0}
+        by_conn: dict[int, bytes] = {}
+        for conn_id, _, data in log:
+            assert b"SECRET-PAYLOAD" not in data
+            by_conn[conn_id] = by_conn.get(conn_id, b"") + data
+        for data in by_conn.values():
+            # Everything on the stream decodes as control messages, nothing else.
+            assert StreamDecoder(PEER_CONTROL).feed(data)
+
+    run(main())
+
+
+KEEPALIVE_WAIT = 0.5
+
+
+def test_restart_listener_connector_reconnects_and_traffic_resumes() -> None:
+    async def main():
+        lk, ck = new_keys(), new_keys()
+        lsock = udp_socket()
+        port = lsock.getsockname()[1]
+        lcfg = make_config(PeerRole.LISTEN, own=lk, peer_fp=ck.fingerprint, port=port)
+        ccfg = make_config(PeerRole.CONNECT, own=ck, peer_fp=lk.fingerprint, port=port)
+        listener = make_node(lcfg, lsock)
+        connector = make_node(ccfg, udp_socket())
+        listener.start()
+        connector.start()
+        try:
+            assert await wait_for(lambda: listener.tunnel.established and connector.tunnel.established, 10)
+            p1 = ipv4_udp("198.19.0.2", "198.19.0.1", b"before")
+            connector.tun.inject(p1)
+            assert await listener.tun.async_wait_packets(1, 5) == [p1]
+            # Kill the listener without a CLOSE (crash), then start a new one on the same port.
+            listener.tunnel.active = None
+            listener.tunnel.candidates.clear()
+            await listener.stop()
+            listener = make_node(lcfg, udp_socket(port))
+            listener.start()
+            # Dead-peer detection (3 x KEEPALIVE) + backoff, bounded.
+            assert await wait_for(lambda: connector.tunnel.sessions >= 2 and connector.tunnel.established
+                                  and listener.tunnel.established, 15)
+            p2 = ipv4_udp("198.19.0.2", "198.19.0.1", b"after")
+            connector.tun.inject(p2)
+            assert await listener.tun.async_wait_packets(1, 5) == [p2]
+            # Counters survived the reconnect.
+            assert connector.tunnel.counters.tun_rx_packets == 2
+        finally:
+            await connector.stop()
+            await listener.stop()
+
+    run(main())
+
+
+def test_restart_connector_listener_accepts_new_session() -> None:
+    async def main():
+        lk, ck = new_keys(), new_keys()
+        lsock = udp_socket()
+        port = lsock.getsockname()[1]
+        ccfg = make_config(PeerRole.CONNECT, own=ck, peer_fp=lk.fingerprint, port=port)
+        listener = make_node(make_config(PeerRole.LISTEN, own=lk, peer_fp=ck.fingerprint, port=port), lsock)
+        connector = make_node(ccfg, udp_socket())
+        listener.start()
+        connector.start()
+        try:
+            assert await wait_for(lambda: listener.tunnel.established and connector.tunnel.established, 10)
+            connector.tunnel.active = None  # crash: no CLOSE
+            await connector.stop()
+            connector = make_node(ccfg, udp_socket())
+            connector.start()
+            assert await wait_for(lambda: listener.tunnel.sessions >= 2 and listener.tunnel.established
+                                  and connector.tunnel.established, 10)
+            p = ipv6_udp("fd00::1", "fd00::2", b"resumed")
+            listener.tun.inject(p)
+            assert await connector.tun.async_wait_packets(1, 5) == [p]
+        finally:
+            await connector.stop()
+            await listener.stop()
+
+    run(main())
+
+
+def test_two_queues_carry_traffic_independently() -> None:
+    async def main():
+        lk, ck = new_keys(), new_keys()
+        async with worker_pair(index=0, queue=0, lkeys=lk, ckeys=ck,
+                               listener_kw={"queues": 2}, connector_kw={"queues": 2}) as q0:
+            async with worker_pair(index=1, queue=1, lkeys=lk, ckeys=ck,
+                                   listener_kw={"queues": 2}, connector_kw={"queues": 2}) as q1:
+                assert await q0.wait_established() and await q1.wait_established()
+                await _exchange(q0, 0)
+                await _exchange(q1, 1)
+                # Each queue saw only its own packets.
+                assert q0.listener.tunnel.counters.tun_tx_packets == 3
+                assert q1.listener.tunnel.counters.tun_tx_packets == 3
+                # Stopping queue 1 does not disturb queue 0.
+                q1.connector.tunnel.stop(ErrorCode.SHUTDOWN, "test")
+                await asyncio.sleep(0.2)
+                await _exchange(q0, 0)
+
+    run(main())
+
+
+def test_stranger_cannot_disturb_an_established_session() -> None:
+    async def main():
+        async with worker_pair() as pair:
+            assert await pair.wait_established()
+            lt = pair.listener.tunnel
+            stranger_keys = new_keys()
+            cfg = make_config(PeerRole.CONNECT, own=stranger_keys, peer_fp=pair.lkeys.fingerprint,
+                              port=pair.listener.config.port)
+            stranger = make_node(cfg, udp_socket())
+            stranger.start()
+            try:
+                assert await wait_for(lambda: "AUTH_FAILED" in stranger.tunnel.last_error, 10)
+                assert lt.sessions == 1 and lt.established
+                await _exchange(pair)
+                assert stranger.tun.read_all() == [] and stranger.tunnel.counters.tun_tx_packets == 0
+            finally:
+                await stranger.stop()
+
+    run(main())
+
+
+def test_keepalives_carry_counters_to_the_peer() -> None:
+    async def main():
+        async with worker_pair() as pair:
+            assert await pair.wait_established()
+            await _exchange(pair)
+            lt = pair.listener.tunnel
+            assert await wait_for(lambda: lt.active.session.peer_counters is not None
+                                  and lt.active.session.peer_counters.tx_packets >= 3, 5)
+            assert lt.status()["rtt_ms"] > 0
+
+    run(main())
+
+
+def _eager_engine(payloads: list[bytes]):
+    """A connector engine that pushes DATAGRAMs the moment TLS completes (before AUTH)."""
+    import dataclasses
+
+    base = load_engine()
+
+    class EagerConnection(base.QuicConnection):
+        def next_event(self):
+            event = super().next_event()
+            if isinstance(event, base.events.HandshakeCompleted):
+                for p in payloads:
+                    self.send_datagram_frame(p)
+            return event
+
+    return dataclasses.replace(base, QuicConnection=EagerConnection)
+
+
+def test_no_datagram_accepted_from_an_unauthenticated_connector() -> None:
+    async def main():
+        lk, ck, stranger = new_keys(), new_keys(), new_keys()
+        lsock = udp_socket()
+        port = lsock.getsockname()[1]
+        listener = make_node(make_config(PeerRole.LISTEN, own=lk, peer_fp=ck.fingerprint, port=port), lsock)
+        packet = ipv4_udp("198.19.0.2", "198.19.0.1", b"smuggled")
+        # Any context id: the listener has not even chosen one for this peer.
+        payloads = [encode_datagram(ctx, 0, packet) for ctx in range(5)]
+        intruder = make_node(make_config(PeerRole.CONNECT, own=stranger, peer_fp=lk.fingerprint, port=port),
+                             udp_socket(), engine=_eager_engine(payloads))
+        listener.start()
+        intruder.start()
+        try:
+            lt = listener.tunnel
+            assert await wait_for(lambda: "AUTH_FAILED" in lt.last_error, 10), lt.last_error
+            assert await wait_for(lambda: lt.counters.drops[DropReason.DGRAM_NOT_READY] >= 1, 5)
+            await asyncio.sleep(0.2)
+            assert listener.tun.read_all() == []
+            assert lt.counters.tun_tx_packets == 0 and lt.sessions == 0
+            assert lt.counters.drops[DropReason.DGRAM_NOT_READY] == lt.counters.dgram_rx_packets
+        finally:
+            await intruder.stop()
+            await listener.stop()
+
+    run(main())

@@ -1,0 +1,232 @@
+"""The control session state machine, in memory (no sockets, no QUIC)."""
+
+from __future__ import annotations
+
+import pytest
+
+from l3ptp.ipc.counters import Counters
+from l3ptp.ipc.errors import ErrorCode
+from l3ptp.ipc.peer_messages import Auth, Close, Hello, Keepalive, Ready, RouteUpdate
+from l3ptp.ipc.types import PeerRole
+from l3ptp.worker import keys
+from l3ptp.worker.session import (
+    TRANSITIONS,
+    Closed,
+    Established,
+    RoutesChanged,
+    Send,
+    Session,
+    SessionParams,
+    State,
+    accepted_mtu,
+)
+
+KA = 1.0
+PAYLOAD = 1318  # DATAGRAM budget for max_datagram_size 1350 and 8-byte CIDs
+
+
+def _keys():
+    k = keys.generate_private_key()
+    return keys.private_key_raw(k), keys.fingerprint(k)
+
+
+def _params(role, own, peer_fp, *, mtu=1280, network="net0", endpoint=0, routes=()):
+    host = 1 if role is PeerRole.LISTEN else 2
+    return SessionParams(
+        role=role,
+        network_id=network,
+        endpoint_id=endpoint,
+        node_id=role.value,
+        private_key=own,
+        peer_key=peer_fp,
+        requested_mtu=mtu,
+        keepalive_interval=KA,
+        tunnel_addresses=(f"198.19.0.{host}/24",),
+        local_sources=(f"198.19.0.{host}/32",),
+        advertised_routes=routes,
+    )
+
+
+def _session(params, nonce=b"\x07" * 32, ctx=1000):
+    return Session(params, Counters(), now=0.0, nonce=nonce, rx_context_id=ctx)
+
+
+def _pair(**kw):
+    lraw, lfp = _keys()
+    craw, cfp = _keys()
+    listener = _session(_params(PeerRole.LISTEN, lraw, kw.pop("listener_pin", cfp), **kw), ctx=111)
+    connector = _session(_params(PeerRole.CONNECT, craw, kw.pop("connector_pin", lfp)), ctx=222)
+    return listener, connector, lfp, cfp
+
+
+def _sends(actions):
+    return [a.message for a in actions if isinstance(a, Send)]
+
+
+def _run(listener, connector, listener_cert_fp):
+    """Drive both sessions until quiet; return all actions per side."""
+    all_l, all_c = [], []
+    all_l += listener.handshake_completed(0.0, None, PAYLOAD)
+    out = connector.handshake_completed(0.0, listener_cert_fp, PAYLOAD)
+    all_c += out
+    to_l, to_c = _sends(out), []
+    while to_l or to_c:
+        nxt_l, nxt_c = [], []
+        for m in to_l:
+            acts = listener.receive(m, 0.1)
+            all_l += acts
+            nxt_c += _sends(acts)
+        for m in to_c:
+            acts = connector.receive(m, 0.1)
+            all_c += acts
+            nxt_l += _sends(acts)
+        to_l, to_c = nxt_l, nxt_c
+    return all_l, all_c
+
+
+def test_happy_path_message_order_and_context_ids() -> None:
+    listener, connector, lfp, _ = _pair()
+    all_l, all_c = _run(listener, connector, lfp)
+    assert [type(m).__name__ for m in _sends(all_c)] == ["Hello", "Auth", "Ready"]
+    assert [type(m).__name__ for m in _sends(all_l)] == ["Hello", "Ready"]
+    assert listener.state is State.ESTABLISHED and connector.state is State.ESTABLISHED
+    est_l = next(a for a in all_l if isinstance(a, Established))
+    est_c = next(a for a in all_c if isinstance(a, Established))
+    assert (est_l.tx_context_id, est_l.rx_context_id) == (222, 111)
+    assert (est_c.tx_context_id, est_c.rx_context_id) == (111, 222)
+    assert est_l.mtu == est_c.mtu == 1280
+    assert any(isinstance(a, RoutesChanged) for a in all_l)
+
+
+def test_mtu_is_min_of_requests_and_budgets() -> None:
+    assert accepted_mtu(1400, 1350, 1500, 1318) == 1302
+    assert accepted_mtu(1400, 1300, 1500, 1318) == 1300
+    assert accepted_mtu(1280, 1400, 2000, 2000) == 1280
+    listener, connector, lfp, _ = _pair(mtu=1000)
+    _run(listener, connector, lfp)
+    assert listener.mtu == connector.mtu == 1000
+
+
+def test_wrong_listener_key_rejected_by_connector() -> None:
+    other_raw, other_fp = _keys()
+    listener, connector, lfp, _ = _pair()
+    actions = connector.handshake_completed(0.0, other_fp, PAYLOAD)
+    assert actions[-1] == Closed(ErrorCode.AUTH_FAILED, actions[-1].reason, local=True)
+    assert connector.state is State.CLOSED
+    assert not any(isinstance(m, (Hello, Auth, Ready)) for m in _sends(actions))
+
+
+def test_wrong_connector_key_rejected_by_listener() -> None:
+    _, stranger_fp = _keys()
+    listener, connector, lfp, _ = _pair(listener_pin=stranger_fp)
+    all_l, all_c = _run(listener, connector, lfp)
+    assert listener.state is State.CLOSED and listener.close_code is ErrorCode.AUTH_FAILED
+    assert not any(isinstance(a, Established) for a in all_l + all_c)
+    assert connector.state is State.CLOSED and connector.close_code is ErrorCode.AUTH_FAILED
+
+
+def test_replayed_auth_from_another_session_rejected() -> None:
+    lraw, lfp = _keys()
+    craw, cfp = _keys()
+    # Session 1: record the connector's AUTH.
+    l1 = _session(_params(PeerRole.LISTEN, lraw, cfp), nonce=b"\x01" * 32)
+    c1 = _session(_params(PeerRole.CONNECT, craw, lfp))
+    _, all_c = _run(l1, c1, lfp)
+    recorded = next(m for m in _sends(all_c) if isinstance(m, Auth))
+    # Session 2: an attacker without the key replays HELLO + recorded AUTH.
+    l2 = _session(_params(PeerRole.LISTEN, lraw, cfp), nonce=b"\x02" * 32)
+    l2.handshake_completed(0.0, None, PAYLOAD)
+    hello = next(m for m in _sends(all_c) if isinstance(m, Hello))
+    l2.receive(hello, 0.1)
+    actions = l2.receive(recorded, 0.2)
+    assert l2.state is State.CLOSED and l2.close_code is ErrorCode.AUTH_FAILED
+    assert isinstance(_sends(actions)[0], Close)
+
+
+@pytest.mark.parametrize(
+    "role,state,msg_name",
+    [
+        (PeerRole.LISTEN, State.AWAIT_HELLO, "ready"),
+        (PeerRole.LISTEN, State.AWAIT_HELLO, "auth"),
+        (PeerRole.LISTEN, State.AWAIT_HELLO, "keepalive"),
+        (PeerRole.CONNECT, State.AWAIT_HELLO, "ready"),
+        (PeerRole.CONNECT, State.AWAIT_HELLO, "route_update"),
+        (PeerRole.CONNECT, State.AWAIT_HELLO, "auth"),
+    ],
+)
+def test_illegal_message_closes_with_protocol_violation(role, state, msg_name) -> None:
+    raw, _ = _keys()
+    _, peer_fp = _keys()
+    s = _session(_params(role, raw, peer_fp))
+    s.handshake_completed(0.0, peer_fp, PAYLOAD)
+    assert s.state is state
+    msg = {
+        "ready": Ready(accepted_mtu=1280, peer_tunnel_addresses=(), peer_allowed_sources=(),
+                       peer_advertised_routes=(), datagram_context_id=1, route_epoch=1),
+        "auth": Auth(public_key=b"\0" * 32, signature=b"\0" * 64),
+        "keepalive": Keepalive(monotonic_time=1.0, rx_packets=0, tx_packets=0, drop_counters={}),
+        "route_update": RouteUpdate(add_routes=(), remove_routes=(), route_epoch=2),
+    }[msg_name]
+    assert (role, state, type(msg)) not in TRANSITIONS
+    actions = s.receive(msg, 0.1)
+    assert s.state is State.CLOSED and s.close_code is ErrorCode.PROTOCOL_VIOLATION
+    close = _sends(actions)[0]
+    assert isinstance(close, Close) and close.code == ErrorCode.PROTOCOL_VIOLATION
+
+
+def test_hello_again_after_established_is_a_violation() -> None:
+    listener, connector, lfp, _ = _pair()
+    _, all_c = _run(listener, connector, lfp)
+    hello = next(m for m in _sends(all_c) if isinstance(m, Hello))
+    listener.receive(hello, 1.0)
+    assert listener.close_code is ErrorCode.PROTOCOL_VIOLATION
+
+
+def test_network_mismatch_and_version() -> None:
+    listener, connector, lfp, _ = _pair(network="other")
+    _run(listener, connector, lfp)
+    assert listener.close_code is ErrorCode.NETWORK_MISMATCH
+
+
+def test_route_epochs_stale_ignored() -> None:
+    listener, connector, lfp, _ = _pair()
+    _run(listener, connector, lfp)
+    a = connector.receive(RouteUpdate(add_routes=("198.19.10.0/24",), remove_routes=(), route_epoch=5), 1.0)
+    assert a == [RoutesChanged(5, ("198.19.10.0/24",), ("198.19.0.1/24",))]
+    assert connector.receive(RouteUpdate(add_routes=("198.19.11.0/24",), remove_routes=(), route_epoch=5), 1.1) == []
+    assert connector.receive(RouteUpdate(add_routes=(), remove_routes=("198.19.10.0/24",), route_epoch=3), 1.2) == []
+    assert connector.stale_route_updates == 2
+    b = connector.receive(RouteUpdate(add_routes=(), remove_routes=("198.19.10.0/24",), route_epoch=6), 1.3)
+    assert b == [RoutesChanged(6, (), ("198.19.0.1/24",))]
+    assert connector.state is State.ESTABLISHED
+
+
+def test_keepalive_and_dead_peer() -> None:
+    listener, connector, lfp, _ = _pair()
+    _run(listener, connector, lfp)
+    assert connector.tick(0.5) == []
+    ka = _sends(connector.tick(1.1))
+    assert len(ka) == 1 and isinstance(ka[0], Keepalive)
+    listener.receive(ka[0], 1.2)
+    assert listener.peer_counters == ka[0]
+    assert connector.next_deadline() <= 2.1 + 1e-9
+    actions = listener.tick(1.2 + KA * 3 + 0.01)
+    assert listener.close_code is ErrorCode.DEAD_PEER
+    assert isinstance(actions[-1], Closed)
+
+
+def test_handshake_bounded_by_dead_peer_timer() -> None:
+    raw, _ = _keys()
+    _, fp = _keys()
+    s = _session(_params(PeerRole.LISTEN, raw, fp))
+    assert s.tick(KA * 3 + 0.1)[-1] == Closed(ErrorCode.DEAD_PEER, "peer silent for too long", local=True)
+
+
+def test_peer_close_accepted_in_any_state() -> None:
+    raw, _ = _keys()
+    _, fp = _keys()
+    s = _session(_params(PeerRole.LISTEN, raw, fp))
+    s.handshake_completed(0.0, None, PAYLOAD)
+    actions = s.receive(Close(code=int(ErrorCode.SHUTDOWN), reason="bye"), 0.5)
+    assert actions == [Closed(ErrorCode.SHUTDOWN, "bye", local=False)]
+    assert s.receive(Close(code=99, reason="again"), 0.6) == []

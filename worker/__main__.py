@@ -1,0 +1,105 @@
+"""`l3ptp-worker`: one queue of one network.
+
+Order (docs/worker.md): read `WorkerConfig` from stdin -> drop privileges
+(switch user if root and configured; clear ambient caps, no_new_privs,
+capset to zero, verify) -> claim the queue fd from the helper -> create and
+bind the UDP socket -> ask the helper to protect it -> run the tunnel and the
+controller bus until Shutdown, controller silence or SIGTERM. A failure
+before the tunnel runs is reported as `WorkerExiting(fatal=True)` when the
+bus is reachable, and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import sys
+
+from l3ptp.ipc.control_messages import WORKER_CONFIG, WorkerConfig, WorkerExiting
+from l3ptp.ipc.constants import WORKER_CONFIG_MAX
+from l3ptp.ipc.errors import DecodeError
+from l3ptp.ipc.logsetup import configure
+from l3ptp.ipc.types import PeerRole
+
+from .app import ZmqBus, run_worker
+from .helper_client import HelperClient, HelperRefused
+from .privileges import PrivilegeError, drop_privileges
+
+EXIT_FATAL = 2
+
+
+def read_config(stream) -> WorkerConfig:  # type: ignore[no-untyped-def]
+    data = stream.read(WORKER_CONFIG_MAX + 1)
+    msg = WORKER_CONFIG.decode_untrusted(data)
+    assert isinstance(msg, WorkerConfig)
+    return msg
+
+
+def make_udp_socket(config: WorkerConfig) -> socket.socket:
+    """Listener: bind (local_address or any, port). Connector: bind any port of the peer's family."""
+    if config.role is PeerRole.LISTEN:
+        host = config.local_address or "::"
+        port = config.port
+    else:
+        host = config.local_address or ("::" if config.peer_address and ":" in config.peer_address else "0.0.0.0")
+        port = 0
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    if family == socket.AF_INET6 and host == "::":
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind((host, port))
+    sock.setblocking(False)
+    return sock
+
+
+def _fatal(config: WorkerConfig, reason: str, log) -> int:  # type: ignore[no-untyped-def]
+    log.error("worker_fatal", reason=reason)
+    with contextlib.suppress(Exception):
+        bus = ZmqBus(config.bus_endpoint)
+        bus.send(WorkerExiting(network=config.network, queue=config.queue, reason=reason[:512], fatal=True))
+        bus.close()
+    return EXIT_FATAL
+
+
+async def _serve(config: WorkerConfig, tun_fd: int, sock: socket.socket) -> str:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    bus = ZmqBus(config.bus_endpoint)
+    try:
+        return await run_worker(config, tun_fd, sock, bus, stop_event=stop)
+    finally:
+        bus.close()
+
+
+def main() -> int:
+    try:
+        config = read_config(sys.stdin.buffer)
+    except DecodeError as exc:
+        print(f"l3ptp-worker: bad config on stdin: {exc}", file=sys.stderr)
+        return EXIT_FATAL
+    log = configure("worker", level=config.log_level, network=config.network, queue=config.queue)
+    try:
+        status = drop_privileges(config.user)
+    except (PrivilegeError, OSError) as exc:
+        return _fatal(config, f"dropping privileges failed: {exc}", log)
+    log.info("privileges_dropped", cap_eff=status["CapEff"], no_new_privs=status["NoNewPrivs"])
+    try:
+        helper = HelperClient(config.helper_socket)
+        grant, tun_fd = helper.claim_queue(config.ticket)
+        sock = make_udp_socket(config)
+        mark = helper.protect_socket(sock)
+        helper.close()
+    except (HelperRefused, OSError) as exc:
+        return _fatal(config, f"helper: {exc}", log)
+    log.info("worker_starting", ifname=grant.ifname, tun_queue=grant.queue, mark=mark, port=sock.getsockname()[1])
+    reason = asyncio.run(_serve(config, tun_fd, sock))
+    log.info("worker_exiting", reason=reason)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

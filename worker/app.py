@@ -1,0 +1,181 @@
+"""Worker application: the tunnel plus the controller bus.
+
+`run_worker(config, tun_fd, udp_sock, bus=None)` is the whole worker once
+privileges are dropped and the fds are in hand (worker/__main__.py gets
+them from the helper; tests pass a fake TUN and a loopback socket). It runs
+until `Shutdown` from the controller, controller silence for
+CONTROLLER_SILENCE_TIMEOUT, or `stop_event` (SIGTERM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from typing import Protocol
+
+from l3ptp.ipc.constants import CONTROLLER_SILENCE_TIMEOUT
+from l3ptp.ipc.control_messages import (
+    BUS_DOWN,
+    BUS_UP,
+    Heartbeat,
+    PeerRoutes,
+    Shutdown,
+    WorkerConfig,
+    WorkerExiting,
+    WorkerHello,
+    WorkerStatus,
+)
+from l3ptp.ipc.errors import DecodeError, ErrorCode
+from l3ptp.ipc.schema import Message
+
+from .session import RoutesChanged
+from .tunnel import Tunnel
+
+__all__ = ["Bus", "ZmqBus", "run_worker", "status_message"]
+
+
+class Bus(Protocol):
+    """The worker's side of the controller bus."""
+
+    def send(self, msg: Message) -> None: ...
+
+    async def recv(self) -> Message: ...
+
+    def close(self) -> None: ...
+
+
+class ZmqBus:
+    """A zmq DEALER connected to the controller's ROUTER."""
+
+    def __init__(self, endpoint: str) -> None:
+        import zmq
+        import zmq.asyncio
+
+        self._zmq = zmq
+        self._ctx = zmq.asyncio.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 1000)
+        self._sock.setsockopt(zmq.SNDHWM, 100)
+        self._sock.connect(endpoint)
+
+    def send(self, msg: Message) -> None:
+        with contextlib.suppress(self._zmq.Again):
+            # Never block the loop: a full queue toward a stuck controller drops status.
+            self._sock.send(BUS_UP.encode(msg), flags=self._zmq.NOBLOCK)
+
+    async def recv(self) -> Message:
+        while True:
+            data = await self._sock.recv()
+            try:
+                return BUS_DOWN.decode_untrusted(data)
+            except DecodeError:
+                continue
+
+    def close(self) -> None:
+        self._sock.close()
+        self._ctx.term()
+
+
+def status_message(config: WorkerConfig, tunnel: Tunnel) -> WorkerStatus:
+    st = tunnel.status()
+    c = tunnel.counters
+    return WorkerStatus(
+        network=config.network,
+        queue=config.queue,
+        pid=os.getpid(),
+        state=st["state"],
+        peer=st["peer"][:64],
+        rtt_ms=min(st["rtt_ms"], 3600_000.0),
+        mtu=st["mtu"],
+        counters=c.snapshot(),
+        drops=c.drops_snapshot(),
+        queue_depth=st["queue_depth"],
+        seq_lost=c.seq_lost,
+        sessions=st["sessions"],
+        last_error=st["last_error"][:512],
+    )
+
+
+async def run_worker(
+    config: WorkerConfig,
+    tun_fd: int,
+    udp_sock: socket.socket,
+    bus: Bus | None = None,
+    *,
+    stop_event: asyncio.Event | None = None,
+    tunnel: Tunnel | None = None,
+) -> str:
+    """Run one worker queue; return why it stopped."""
+    stop_event = stop_event or asyncio.Event()
+    reason = "stopped"
+
+    def on_routes(session: int, change: RoutesChanged) -> None:
+        if bus is not None:
+            bus.send(
+                PeerRoutes(
+                    network=config.network,
+                    queue=config.queue,
+                    session=session,
+                    epoch=change.epoch,
+                    routes=change.routes,
+                    tunnel_addresses=change.tunnel_addresses,
+                )
+            )
+
+    if tunnel is None:
+        tunnel = Tunnel(config, tun_fd, udp_sock, on_routes=on_routes)
+    else:
+        tunnel.on_routes = on_routes
+    loop = asyncio.get_running_loop()
+    last_heard = loop.time()
+
+    async def status_loop() -> None:
+        assert bus is not None
+        while True:
+            bus.send(status_message(config, tunnel))
+            await asyncio.sleep(config.status_interval)
+
+    async def bus_loop() -> None:
+        nonlocal reason, last_heard
+        assert bus is not None
+        while True:
+            msg = await bus.recv()
+            last_heard = loop.time()
+            if isinstance(msg, Shutdown):
+                reason = f"shutdown: {msg.reason}"
+                stop_event.set()
+                return
+            assert isinstance(msg, Heartbeat)
+
+    async def silence_loop() -> None:
+        nonlocal reason
+        while True:
+            await asyncio.sleep(1.0)
+            if loop.time() - last_heard > CONTROLLER_SILENCE_TIMEOUT:
+                reason = "controller silent"
+                stop_event.set()
+                return
+
+    tasks = [asyncio.create_task(tunnel.run())]
+    if bus is not None:
+        bus.send(WorkerHello(network=config.network, queue=config.queue, pid=os.getpid()))
+        tasks += [
+            asyncio.create_task(status_loop()),
+            asyncio.create_task(bus_loop()),
+            asyncio.create_task(silence_loop()),
+        ]
+    waiter = asyncio.create_task(stop_event.wait())
+    try:
+        done, _ = await asyncio.wait([waiter, tasks[0]], return_when=asyncio.FIRST_COMPLETED)
+        if tasks[0] in done and tasks[0].exception() is not None:
+            reason = f"tunnel failed: {tasks[0].exception()!r}"
+    finally:
+        tunnel.stop(ErrorCode.SHUTDOWN, reason[:200])
+        for task in [waiter, *tasks]:
+            task.cancel()
+        await asyncio.gather(waiter, *tasks, return_exceptions=True)
+        if bus is not None:
+            bus.send(WorkerExiting(network=config.network, queue=config.queue, reason=reason[:512], fatal=False))
+    return reason

@@ -1,0 +1,176 @@
+"""The data path: IP packets <-> L3PTP DATAGRAM payloads. Pure.
+
+Pipeline (the shell in worker/tunnel.py moves the bytes)::
+
+    TUN readable
+      -> os.read until EAGAIN or TUN_READ_BATCH          [shell]
+      -> from_tun_batch(packets, queue_depth):           [here]
+           not established             -> tun_not_ready
+           check_ip_untrusted(FROM_TUN, mtu=min(MTU, live budget))
+                                       -> tun_bad_packet / tun_bad_ip_version /
+                                          tun_oversize / tun_src_not_allowed
+           queue_depth + queued >= DATAGRAM_QUEUE_MAX
+                                       -> queue_full
+           header + packet             -> returned payloads
+      -> send_datagram_frame each, ONE datagrams_to_send [shell]
+
+    DATAGRAM received
+      -> from_peer(payload):                             [here]
+           not established             -> dgram_not_ready
+           parse_header_untrusted      -> dgram_bad_header / dgram_bad_ip_version
+           context id != ours          -> dgram_unknown_context
+           check_ip_untrusted(FROM_PEER) -> dgram_bad_ip / dgram_oversize /
+                                          dgram_src_not_allowed
+           -> packet for TUN
+      -> os.write (non-blocking)        -> tun_write_eagain / tun_write_error [shell]
+
+Every packet that is not forwarded is counted under exactly one
+`DropReason`; there is no silent drop. An oversized packet is never queued,
+because aioquic never sends a DATAGRAM that does not fit a packet and
+stalls everything queued behind it. Counters live in one `Counters` object
+that outlives sessions, so they survive reconnects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from l3ptp.ipc.constants import DATAGRAM_QUEUE_MAX, HEADER_LEN
+from l3ptp.ipc.counters import Counters, DropReason
+
+from .header import BadPacket, encode_datagram, parse_header_untrusted
+from .ippacket import Direction, PrefixSet, check_ip_untrusted
+
+__all__ = ["Datapath"]
+
+_SEQ_MASK = 0xFFFFFFFF
+
+
+class Datapath:
+    """Validation, framing and counting for one worker queue."""
+
+    __slots__ = (
+        "counters",
+        "local_sources",
+        "peer_sources",
+        "mtu",
+        "max_payload",
+        "tx_context_id",
+        "rx_context_id",
+        "established",
+        "queue_max",
+        "_seq",
+    )
+
+    def __init__(
+        self,
+        *,
+        local_sources: Iterable[str],
+        peer_sources: Iterable[str],
+        counters: Counters | None = None,
+        queue_max: int = DATAGRAM_QUEUE_MAX,
+    ) -> None:
+        self.counters = counters if counters is not None else Counters()
+        self.local_sources = PrefixSet(local_sources)
+        self.peer_sources = PrefixSet(peer_sources)
+        self.mtu = 0
+        self.max_payload = 0
+        self.tx_context_id = 0
+        self.rx_context_id = 0
+        self.established = False
+        self.queue_max = queue_max
+        self._seq = 0
+
+    # ---- session lifecycle ------------------------------------------------
+
+    def start_session(self, *, mtu: int, max_payload: int, tx_context_id: int, rx_context_id: int) -> None:
+        """Open the data path for a freshly established session."""
+        self.mtu = mtu
+        self.max_payload = max_payload
+        self.tx_context_id = tx_context_id
+        self.rx_context_id = rx_context_id
+        self.established = True
+        self.counters.rx_sequence.reset()
+
+    def stop_session(self) -> None:
+        self.established = False
+
+    def set_budget(self, max_payload: int) -> None:
+        """Update the live DATAGRAM payload budget (the peer CID may change)."""
+        self.max_payload = max_payload
+
+    @property
+    def packet_limit(self) -> int:
+        """Largest inner packet that may be queued now."""
+        return min(self.mtu, self.max_payload - HEADER_LEN)
+
+    # ---- TUN -> peer ------------------------------------------------------
+
+    def from_tun_batch(self, packets: Iterable[bytes], queue_depth: int) -> list[bytes]:
+        """Validate and frame packets read from TUN; return DATAGRAM payloads.
+
+        `queue_depth` is how many DATAGRAMs already wait in the QUIC layer.
+        """
+        c = self.counters
+        drops = c.drops
+        out: list[bytes] = []
+        if not self.established:
+            for packet in packets:
+                c.tun_rx_packets += 1
+                c.tun_rx_bytes += len(packet)
+                drops[DropReason.TUN_NOT_READY] += 1
+            return out
+        limit = self.packet_limit
+        room = self.queue_max - queue_depth
+        allowed = self.local_sources
+        context = self.tx_context_id
+        seq = self._seq
+        for packet in packets:
+            c.tun_rx_packets += 1
+            c.tun_rx_bytes += len(packet)
+            reason = check_ip_untrusted(packet, mtu=limit, allowed_src=allowed, direction=Direction.FROM_TUN)
+            if reason is not None:
+                drops[reason] += 1
+            elif len(out) >= room:
+                drops[DropReason.QUEUE_FULL] += 1
+            else:
+                out.append(encode_datagram(context, seq, packet))
+                seq = (seq + 1) & _SEQ_MASK
+        self._seq = seq
+        return out
+
+    def sent(self, payloads: list[bytes]) -> None:
+        """Count payloads handed to the QUIC layer."""
+        c = self.counters
+        c.dgram_tx_packets += len(payloads)
+        c.dgram_tx_bytes += sum(map(len, payloads))
+
+    # ---- peer -> TUN ------------------------------------------------------
+
+    def from_peer(self, payload: bytes | memoryview) -> memoryview | None:
+        """Validate one DATAGRAM payload; return the IP packet to write, or None (counted)."""
+        c = self.counters
+        c.dgram_rx_packets += 1
+        c.dgram_rx_bytes += len(payload)
+        if not self.established:
+            c.drops[DropReason.DGRAM_NOT_READY] += 1
+            return None
+        try:
+            context_id, sequence, _flags, _version, packet = parse_header_untrusted(payload)
+        except BadPacket as exc:
+            c.drops[exc.reason] += 1
+            return None
+        if context_id != self.rx_context_id:
+            c.drops[DropReason.DGRAM_UNKNOWN_CONTEXT] += 1
+            return None
+        reason = check_ip_untrusted(packet, mtu=self.mtu, allowed_src=self.peer_sources, direction=Direction.FROM_PEER)
+        if reason is not None:
+            c.drops[reason] += 1
+            return None
+        c.rx_sequence.observe(sequence)
+        return packet
+
+    def written(self, packet: memoryview | bytes) -> None:
+        c = self.counters
+        c.tun_tx_packets += 1
+        c.tun_tx_bytes += len(packet)

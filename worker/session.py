@@ -1,0 +1,411 @@
+"""The peer control session: a pure state machine with a transition table.
+
+Theory of operation
+-------------------
+One `Session` lives for one QUIC connection. The shell feeds it three kinds
+of input and executes the actions it returns; the session never touches a
+socket, a clock or a random source of its own (`now` and `nonce` are passed
+in), so every path is testable without I/O.
+
+Inputs:
+
+* `handshake_completed(now, peer_cert_fingerprint, max_datagram_payload)`:
+  the QUIC/TLS handshake finished. The connector checks the listener's
+  certificate fingerprint against its pin here.
+* `receive(msg, now)`: one decoded control-stream message.
+* `tick(now)`: time passed; sends KEEPALIVEs and detects a dead peer.
+* `protocol_error(reason)`: the shell could not decode the stream.
+
+Outputs (a list of actions): `Send(message)`, `Established(...)`,
+`RoutesChanged(...)`, `Closed(code, reason, local)`.
+
+Message order (docs/protocol.md, "Session")::
+
+    connector                                listener
+      HELLO(auth_nonce="")         ->
+                                   <-        HELLO(auth_nonce=32 random bytes)
+      AUTH(public_key, signature)  ->
+      READY                        ->
+                                   <-        READY
+    ESTABLISHED                              ESTABLISHED
+
+The listener proved its key during TLS (pinned certificate); the connector
+proves its key with AUTH, a signature over the listener's fresh nonce, both
+fingerprints, the network and the endpoint, so a proof recorded from another
+session does not verify. Nothing is read from or written to TUN before
+ESTABLISHED. After ESTABLISHED, only ROUTE_UPDATE, KEEPALIVE and CLOSE are
+legal. Every (role, state, message) not in `TRANSITIONS` is a protocol
+violation: the session sends CLOSE(PROTOCOL_VIOLATION) and ends. CLOSE is
+accepted in every state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import ipaddress
+
+from l3ptp.ipc.constants import (
+    AUTH_NONCE_LEN,
+    DEAD_PEER_INTERVALS,
+    HEADER_LEN,
+    IP_VERSION_4,
+    IP_VERSION_6,
+    MTU_MIN,
+    PROTOCOL_VERSION,
+)
+from l3ptp.ipc.counters import Counters
+from l3ptp.ipc.errors import ErrorCode
+from l3ptp.ipc.peer_messages import Auth, Close, Hello, Keepalive, Ready, RouteUpdate
+from l3ptp.ipc.schema import Message
+from l3ptp.ipc.types import PeerRole
+
+from . import keys
+
+__all__ = [
+    "Closed",
+    "Established",
+    "RoutesChanged",
+    "Send",
+    "Session",
+    "SessionParams",
+    "State",
+    "TRANSITIONS",
+    "accepted_mtu",
+]
+
+
+class State(enum.Enum):
+    #: QUIC handshake in progress.
+    HANDSHAKING = enum.auto()
+    #: Waiting for the peer's HELLO (listener: first message; connector: the challenge).
+    AWAIT_HELLO = enum.auto()
+    #: Listener: HELLO with nonce sent, waiting for the connector's AUTH.
+    AWAIT_AUTH = enum.auto()
+    #: Waiting for the peer's READY.
+    AWAIT_READY = enum.auto()
+    ESTABLISHED = enum.auto()
+    CLOSED = enum.auto()
+
+
+# ---- actions ----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Send:
+    message: Message
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Established:
+    mtu: int
+    #: Context id we put on DATAGRAMs we send (the peer's choice).
+    tx_context_id: int
+    #: Context id we accept on DATAGRAMs we receive (our choice).
+    rx_context_id: int
+    peer_tunnel_addresses: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RoutesChanged:
+    epoch: int
+    routes: tuple[str, ...]
+    tunnel_addresses: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Closed:
+    code: ErrorCode
+    reason: str
+    #: True when we closed (and sent CLOSE); False when the peer did.
+    local: bool
+
+
+Action = Send | Established | RoutesChanged | Closed
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class SessionParams:
+    role: PeerRole
+    network_id: str
+    endpoint_id: int
+    node_id: str
+    private_key: bytes
+    #: Pinned fingerprint of the peer's key.
+    peer_key: str
+    requested_mtu: int
+    keepalive_interval: float
+    tunnel_addresses: tuple[str, ...]
+    local_sources: tuple[str, ...]
+    advertised_routes: tuple[str, ...]
+    route_epoch: int = 1
+
+
+def accepted_mtu(mtu_a: int, mtu_b: int, payload_a: int, payload_b: int) -> int:
+    """Accepted MTU: the smaller of both requests and both DATAGRAM budgets."""
+    return min(mtu_a, mtu_b, payload_a - HEADER_LEN, payload_b - HEADER_LEN)
+
+
+class SessionClosed(Exception):
+    """Internal: raised by handlers to end the session with a code."""
+
+    def __init__(self, code: ErrorCode, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+        super().__init__(reason)
+
+
+#: (role, state, message type) -> (handler, next state). Anything missing is a
+#: protocol violation. CLOSE is handled before the table, in every state.
+TRANSITIONS: dict[tuple[PeerRole, State, type[Message]], tuple[str, State]] = {
+    (PeerRole.LISTEN, State.AWAIT_HELLO, Hello): ("_on_connector_hello", State.AWAIT_AUTH),
+    (PeerRole.LISTEN, State.AWAIT_AUTH, Auth): ("_on_auth", State.AWAIT_READY),
+    (PeerRole.LISTEN, State.AWAIT_READY, Ready): ("_on_ready", State.ESTABLISHED),
+    (PeerRole.CONNECT, State.AWAIT_HELLO, Hello): ("_on_listener_hello", State.AWAIT_READY),
+    (PeerRole.CONNECT, State.AWAIT_READY, Ready): ("_on_ready", State.ESTABLISHED),
+    (PeerRole.LISTEN, State.ESTABLISHED, RouteUpdate): ("_on_route_update", State.ESTABLISHED),
+    (PeerRole.CONNECT, State.ESTABLISHED, RouteUpdate): ("_on_route_update", State.ESTABLISHED),
+    (PeerRole.LISTEN, State.ESTABLISHED, Keepalive): ("_on_keepalive", State.ESTABLISHED),
+    (PeerRole.CONNECT, State.ESTABLISHED, Keepalive): ("_on_keepalive", State.ESTABLISHED),
+}
+
+
+class Session:
+    """One control session. See the module docstring."""
+
+    def __init__(
+        self,
+        params: SessionParams,
+        counters: Counters,
+        *,
+        now: float,
+        nonce: bytes,
+        rx_context_id: int,
+    ) -> None:
+        if len(nonce) != AUTH_NONCE_LEN:
+            raise ValueError("nonce must be AUTH_NONCE_LEN bytes")
+        self.params = params
+        self.counters = counters
+        self.state = State.HANDSHAKING
+        self._key = keys.private_key_from_raw(params.private_key)
+        self.fingerprint = keys.fingerprint(self._key)
+        self._nonce = nonce
+        self.rx_context_id = rx_context_id
+        self.tx_context_id: int | None = None
+        self.mtu = 0
+        self._max_payload = 0
+        self._peer_hello: Hello | None = None
+        self.peer_routes: set[str] = set()
+        self.peer_tunnel_addresses: tuple[str, ...] = ()
+        self.route_epoch = -1
+        self.stale_route_updates = 0
+        self.peer_counters: Keepalive | None = None
+        self.started = now
+        self.last_heard = now
+        self.next_keepalive = now
+        self.close_code: ErrorCode | None = None
+        self.close_reason = ""
+
+    # ---- inputs ---------------------------------------------------------
+
+    @property
+    def established(self) -> bool:
+        return self.state is State.ESTABLISHED
+
+    def dead_after(self) -> float:
+        return self.params.keepalive_interval * DEAD_PEER_INTERVALS
+
+    def handshake_completed(
+        self, now: float, peer_cert_fingerprint: str | None, max_datagram_payload: int
+    ) -> list[Action]:
+        """QUIC handshake done. Connector: check the pinned listener key, send HELLO."""
+        if self.state is not State.HANDSHAKING:
+            return self._fail(ErrorCode.PROTOCOL_VIOLATION, "handshake completed twice")
+        self.last_heard = now
+        self._max_payload = max_datagram_payload
+        self.state = State.AWAIT_HELLO
+        if self.params.role is PeerRole.CONNECT:
+            if peer_cert_fingerprint != self.params.peer_key:
+                return self._fail(ErrorCode.AUTH_FAILED, "listener key does not match the pinned fingerprint")
+            return [Send(self._hello(b""))]
+        return []
+
+    def receive(self, msg: Message, now: float) -> list[Action]:
+        """Apply one message from the peer."""
+        if self.state is State.CLOSED:
+            return []
+        self.last_heard = now
+        if isinstance(msg, Close):
+            self.state = State.CLOSED
+            self.close_code = _error_code(msg.code)
+            self.close_reason = msg.reason
+            return [Closed(self.close_code, msg.reason, local=False)]
+        entry = TRANSITIONS.get((self.params.role, self.state, type(msg)))
+        if entry is None:
+            return self._fail(
+                ErrorCode.PROTOCOL_VIOLATION, f"{type(msg).TAG} not allowed in state {self.state.name}"
+            )
+        handler, next_state = entry
+        try:
+            actions: list[Action] = getattr(self, handler)(msg, now)
+        except SessionClosed as exc:
+            return self._fail(exc.code, exc.reason)
+        self.state = next_state
+        if next_state is State.ESTABLISHED and handler == "_on_ready":
+            self.next_keepalive = now + self.params.keepalive_interval
+            actions.append(
+                Established(
+                    mtu=self.mtu,
+                    tx_context_id=self.tx_context_id or 0,
+                    rx_context_id=self.rx_context_id,
+                    peer_tunnel_addresses=self.peer_tunnel_addresses,
+                )
+            )
+            actions.append(RoutesChanged(self.route_epoch, tuple(sorted(self.peer_routes)), self.peer_tunnel_addresses))
+        return actions
+
+    def protocol_error(self, reason: str) -> list[Action]:
+        """The control stream carried something undecodable or forbidden."""
+        if self.state is State.CLOSED:
+            return []
+        return self._fail(ErrorCode.PROTOCOL_VIOLATION, reason)
+
+    def close(self, code: ErrorCode, reason: str) -> list[Action]:
+        """Close on purpose (shutdown)."""
+        if self.state is State.CLOSED:
+            return []
+        return self._fail(code, reason)
+
+    def tick(self, now: float) -> list[Action]:
+        """Keepalive and dead-peer detection (also bounds the handshake and auth)."""
+        if self.state is State.CLOSED:
+            return []
+        if now - self.last_heard > self.dead_after():
+            return self._fail(ErrorCode.DEAD_PEER, "peer silent for too long")
+        if self.state is State.ESTABLISHED and now >= self.next_keepalive:
+            self.next_keepalive = now + self.params.keepalive_interval
+            c = self.counters
+            return [
+                Send(
+                    Keepalive(
+                        monotonic_time=max(0.0, now),
+                        rx_packets=c.dgram_rx_packets,
+                        tx_packets=c.dgram_tx_packets,
+                        drop_counters={k: v for k, v in c.drops_snapshot().items() if v},
+                    )
+                )
+            ]
+        return []
+
+    def next_deadline(self) -> float:
+        """When `tick` next has something to do."""
+        deadline = self.last_heard + self.dead_after()
+        if self.state is State.ESTABLISHED:
+            deadline = min(deadline, self.next_keepalive)
+        return deadline
+
+    # ---- handlers (called through TRANSITIONS) ---------------------------
+
+    def _check_hello(self, msg: Hello) -> None:
+        if msg.protocol_version != PROTOCOL_VERSION:
+            raise SessionClosed(ErrorCode.VERSION_MISMATCH, f"protocol version {msg.protocol_version}")
+        if msg.network_id != self.params.network_id or msg.endpoint_id != self.params.endpoint_id:
+            raise SessionClosed(ErrorCode.NETWORK_MISMATCH, "network or endpoint does not match")
+        mtu = accepted_mtu(self.params.requested_mtu, msg.requested_mtu, self._max_payload, msg.max_datagram_payload)
+        if mtu < MTU_MIN:
+            raise SessionClosed(ErrorCode.MTU_MISMATCH, f"accepted MTU {mtu} below {MTU_MIN}")
+        self.mtu = mtu
+        self._peer_hello = msg
+
+    def _on_connector_hello(self, msg: Hello, now: float) -> list[Action]:
+        if msg.auth_nonce:
+            raise SessionClosed(ErrorCode.PROTOCOL_VIOLATION, "connector HELLO must not carry a nonce")
+        self._check_hello(msg)
+        return [Send(self._hello(self._nonce))]
+
+    def _on_listener_hello(self, msg: Hello, now: float) -> list[Action]:
+        if len(msg.auth_nonce) != AUTH_NONCE_LEN:
+            raise SessionClosed(ErrorCode.PROTOCOL_VIOLATION, "listener HELLO must carry a nonce")
+        self._check_hello(msg)
+        transcript = keys.auth_transcript(
+            msg.auth_nonce, self.params.peer_key, self.fingerprint, self.params.network_id, self.params.endpoint_id
+        )
+        auth = Auth(public_key=keys.public_key_raw(self._key), signature=keys.sign_auth(self._key, transcript))
+        return [Send(auth), Send(self._ready())]
+
+    def _on_auth(self, msg: Auth, now: float) -> list[Action]:
+        if keys.fingerprint(msg.public_key) != self.params.peer_key:
+            raise SessionClosed(ErrorCode.AUTH_FAILED, "connector key does not match the pinned fingerprint")
+        transcript = keys.auth_transcript(
+            self._nonce, self.fingerprint, self.params.peer_key, self.params.network_id, self.params.endpoint_id
+        )
+        if not keys.verify_auth(msg.public_key, msg.signature, transcript):
+            raise SessionClosed(ErrorCode.AUTH_FAILED, "bad AUTH signature")
+        return []
+
+    def _on_ready(self, msg: Ready, now: float) -> list[Action]:
+        if msg.accepted_mtu != self.mtu:
+            raise SessionClosed(ErrorCode.MTU_MISMATCH, f"peer accepted MTU {msg.accepted_mtu}, we {self.mtu}")
+        self.tx_context_id = msg.datagram_context_id
+        self.peer_tunnel_addresses = tuple(msg.peer_tunnel_addresses)
+        self.peer_routes = set(msg.peer_advertised_routes)
+        self.route_epoch = msg.route_epoch
+        if self.params.role is PeerRole.LISTEN:
+            return [Send(self._ready())]
+        return []
+
+    def _on_route_update(self, msg: RouteUpdate, now: float) -> list[Action]:
+        if msg.route_epoch <= self.route_epoch:
+            self.stale_route_updates += 1
+            return []
+        self.route_epoch = msg.route_epoch
+        self.peer_routes.difference_update(msg.remove_routes)
+        self.peer_routes.update(msg.add_routes)
+        return [RoutesChanged(self.route_epoch, tuple(sorted(self.peer_routes)), self.peer_tunnel_addresses)]
+
+    def _on_keepalive(self, msg: Keepalive, now: float) -> list[Action]:
+        self.peer_counters = msg
+        return []
+
+    # ---- helpers ---------------------------------------------------------
+
+    def _hello(self, nonce: bytes) -> Hello:
+        families = sorted(
+            {IP_VERSION_4 if ipaddress.ip_network(p, strict=False).version == 4 else IP_VERSION_6
+             for p in self.params.local_sources + self.params.tunnel_addresses}
+            or {IP_VERSION_4, IP_VERSION_6}
+        )
+        return Hello(
+            protocol_version=PROTOCOL_VERSION,
+            network_id=self.params.network_id,
+            endpoint_id=self.params.endpoint_id,
+            node_id=self.params.node_id,
+            supported_features=(),
+            max_datagram_payload=self._max_payload,
+            requested_mtu=self.params.requested_mtu,
+            supported_address_families=tuple(families),
+            auth_nonce=nonce,
+        )
+
+    def _ready(self) -> Ready:
+        return Ready(
+            accepted_mtu=self.mtu,
+            peer_tunnel_addresses=self.params.tunnel_addresses,
+            peer_allowed_sources=self.params.local_sources,
+            peer_advertised_routes=self.params.advertised_routes,
+            datagram_context_id=self.rx_context_id,
+            route_epoch=self.params.route_epoch,
+        )
+
+    def _fail(self, code: ErrorCode, reason: str) -> list[Action]:
+        self.state = State.CLOSED
+        self.close_code = code
+        self.close_reason = reason
+        return [Send(Close(code=int(code), reason=reason)), Closed(code, reason, local=True)]
+
+
+def _error_code(value: int) -> ErrorCode:
+    try:
+        return ErrorCode(value)
+    except ValueError:
+        return ErrorCode.INTERNAL

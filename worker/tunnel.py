@@ -1,0 +1,556 @@
+"""The worker's I/O shell: one UDP socket, one TUN fd, QUIC connections.
+
+It moves bytes between the fds and the pure parts (`QuicConnection`,
+`Session`, `Datapath`) and arms one timer; protocol decisions live in the
+pure modules.
+
+* UDP readable: ``recvfrom`` until EAGAIN (at most UDP_RECV_BATCH), each into
+  ``receive_datagram``; then handle events; then ONE transmit.
+* TUN readable (only while ESTABLISHED): ``os.read`` until EAGAIN (at most
+  TUN_READ_BATCH); ``Datapath.from_tun_batch``; ``send_datagram_frame`` each;
+  ONE transmit.
+* Connector: one connection at a time; after it ends, reconnect after an
+  exponential backoff with jitter. Listener: every QUIC Initial from a new
+  address (or a new Initial from the current peer's address, i.e. a peer
+  restarted on the same port) starts a candidate connection; a candidate that
+  becomes ESTABLISHED replaces the active session. At most
+  MAX_CANDIDATES candidates exist at once.
+
+Counters live in one `Datapath` for the worker's lifetime, so they survive
+reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import os
+import random
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from l3ptp.ipc.codec import StreamDecoder, frame
+from l3ptp.ipc.constants import (
+    ALPN,
+    AUTH_NONCE_LEN,
+    DEAD_PEER_INTERVALS,
+    MAX_DATAGRAM_FRAME_SIZE,
+    RECONNECT_BACKOFF_MAX,
+    RECONNECT_BACKOFF_MIN,
+    TUN_READ_BATCH,
+    UDP_RECV_BATCH,
+)
+from l3ptp.ipc.control_messages import SessionState, WorkerConfig
+from l3ptp.ipc.counters import DropReason
+from l3ptp.ipc.errors import DecodeError, ErrorCode
+from l3ptp.ipc.peer_messages import PEER_CONTROL
+from l3ptp.ipc.types import PeerRole
+
+from . import keys
+from .datapath import Datapath
+from .engine import EngineClasses, load_engine
+from .session import Closed, Established, RoutesChanged, Send, Session, SessionParams, State
+
+__all__ = ["Tunnel", "datagram_budget_of"]
+
+MAX_CANDIDATES = 4
+#: QUIC packet overhead for a 1-RTT packet with one DATAGRAM frame, apart
+#: from the DCID: flags(1) + packet number(4, aioquic sends 2) + AEAD tag(16)
+#: + frame type(1) + length varint(2).
+_QUIC_OVERHEAD_NO_CID = 1 + 4 + 16 + 1 + 2
+_UDP_MAX = 65535
+_SERVER_NAME = "l3ptp"
+_MIN_INITIAL = 1200
+
+RoutesCallback = Callable[[int, RoutesChanged], None]
+
+
+def datagram_budget_of(conn: Any) -> int:
+    """Largest DATAGRAM payload this connection can send in one packet now."""
+    budget = conn._max_datagram_size - _QUIC_OVERHEAD_NO_CID - len(conn._peer_cid.cid)
+    remote = conn._remote_max_datagram_frame_size
+    if remote is not None:
+        budget = min(budget, remote - 3)
+    return max(0, budget)
+
+
+def _normalize_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address as the kernel reports it, with IPv4-mapped IPv6 unmapped."""
+    try:
+        ip = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+class _Peer:
+    """One QUIC connection with its control session."""
+
+    __slots__ = ("conn", "session", "addr", "decoder", "stream_id", "closing", "handshake_done", "established_at")
+
+    def __init__(self, conn: Any, session: Session, addr: tuple[Any, ...]) -> None:
+        self.conn = conn
+        self.session = session
+        self.addr = addr
+        self.decoder = StreamDecoder(PEER_CONTROL)
+        self.stream_id: int | None = None
+        self.closing = False
+        self.handshake_done = False
+        self.established_at = 0.0
+
+
+class Tunnel:
+    """Run the peer link of one worker queue until `stop`."""
+
+    def __init__(
+        self,
+        config: WorkerConfig,
+        tun_fd: int,
+        udp_sock: socket.socket,
+        *,
+        engine: EngineClasses | None = None,
+        on_routes: RoutesCallback | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.tun_fd = tun_fd
+        self.sock = udp_sock
+        self.engine = engine or load_engine(config.engine)
+        self.on_routes = on_routes
+        self._rng = rng or random.SystemRandom()
+        self.datapath = Datapath(local_sources=config.local_sources, peer_sources=config.peer_sources)
+        self.counters = self.datapath.counters
+        self._key = keys.private_key_from_raw(config.private_key)
+        self._cert = keys.self_signed_certificate(self._key) if config.role is PeerRole.LISTEN else None
+        self.params = SessionParams(
+            role=config.role,
+            network_id=config.network,
+            endpoint_id=config.queue,
+            node_id=config.node_id,
+            private_key=config.private_key,
+            peer_key=config.peer_key,
+            requested_mtu=config.mtu,
+            keepalive_interval=config.keepalive_interval,
+            tunnel_addresses=tuple(config.tunnel_addresses),
+            local_sources=tuple(config.local_sources),
+            advertised_routes=tuple(config.advertised_routes),
+        )
+        self.active: _Peer | None = None
+        self.candidates: dict[tuple[Any, ...], _Peer] = {}
+        self.sessions = 0
+        self.last_error = ""
+        self.udp_ignored = 0
+        self.udp_send_errors = 0
+        self.state = SessionState.STARTING
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._reading_tun = False
+        self._stopped: asyncio.Event | None = None
+        self._stop_requested = False
+        self._backoff = RECONNECT_BACKOFF_MIN
+        self._reconnect_at: float | None = None
+        self._peer_addr: tuple[Any, ...] | None = None
+        self._peer_ip = _normalize_ip(config.peer_address) if config.peer_address else None
+
+    # ---- lifecycle ---------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until `stop()`; the caller owns and closes the fds."""
+        self._loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        if self._stop_requested:
+            return
+        self.sock.setblocking(False)
+        os.set_blocking(self.tun_fd, False)
+        self._loop.add_reader(self.sock.fileno(), self._on_udp_readable)
+        try:
+            if self.config.role is PeerRole.CONNECT:
+                self._peer_addr = await self._resolve_peer()
+                self._connect()
+            else:
+                self.state = SessionState.CONNECTING
+            self._schedule()
+            await self._stopped.wait()
+        finally:
+            self._loop.remove_reader(self.sock.fileno())
+            self._stop_tun()
+            if self._timer is not None:
+                self._timer.cancel()
+
+    def stop(self, code: ErrorCode = ErrorCode.SHUTDOWN, reason: str = "shutdown") -> None:
+        """Send CLOSE to the peer (if any), close QUIC and end `run`."""
+        self.state = SessionState.STOPPED
+        self._stop_requested = True
+        self._reconnect_at = None
+        for peer in self._all_peers():
+            self._apply(peer, peer.session.close(code, reason))
+        if self._stopped is not None:
+            self._stopped.set()
+
+    async def _resolve_peer(self) -> tuple[Any, ...]:
+        assert self._loop is not None and self.config.peer_address is not None
+        infos = await self._loop.getaddrinfo(
+            self.config.peer_address, self.config.port, family=self.sock.family, type=socket.SOCK_DGRAM
+        )
+        return infos[0][4]
+
+    # ---- status ------------------------------------------------------------
+
+    @property
+    def established(self) -> bool:
+        return self.active is not None and self.active.session.established
+
+    def status(self) -> dict[str, Any]:
+        peer = self.active
+        rtt = 0.0
+        addr = ""
+        if peer is not None:
+            rtt = max(0.0, float(peer.conn._loss._rtt_smoothed or 0.0) * 1000.0)
+            addr = f"{peer.addr[0]}:{peer.addr[1]}"
+        return {
+            "state": self.state,
+            "peer": addr,
+            "rtt_ms": rtt,
+            "mtu": self.datapath.mtu,
+            "queue_depth": len(peer.conn._datagrams_pending) if peer is not None else 0,
+            "sessions": self.sessions,
+            "last_error": self.last_error,
+        }
+
+    # ---- connection setup --------------------------------------------------
+
+    def _configuration(self, is_client: bool) -> Any:
+        cfg = self.engine.QuicConfiguration(
+            is_client=is_client,
+            alpn_protocols=[ALPN],
+            max_datagram_frame_size=MAX_DATAGRAM_FRAME_SIZE,
+            max_datagram_size=self.config.max_datagram_size,
+            idle_timeout=self.config.keepalive_interval * (DEAD_PEER_INTERVALS + 2),
+        )
+        if is_client:
+            # The listener's certificate is checked against the pin after
+            # the handshake (aioquic still verifies CertificateVerify).
+            cfg.verify_mode = ssl.CERT_NONE
+            cfg.server_name = _SERVER_NAME
+        else:
+            cfg.certificate = self._cert
+            cfg.private_key = self._key
+        return cfg
+
+    def _new_session(self, now: float) -> Session:
+        return Session(
+            self.params,
+            self.counters,
+            now=now,
+            nonce=self._rng.randbytes(AUTH_NONCE_LEN),
+            rx_context_id=self._rng.getrandbits(32),
+        )
+
+    def _now(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
+
+    def _connect(self) -> None:
+        assert self._peer_addr is not None
+        now = self._now()
+        conn = self.engine.QuicConnection(configuration=self._configuration(True))
+        conn.connect(self._peer_addr, now=now)
+        self.active = _Peer(conn, self._new_session(now), self._peer_addr)
+        self._reconnect_at = None
+        self.state = SessionState.HANDSHAKING
+        self._transmit(self.active)
+
+    def _accept(self, data: bytes, addr: tuple[Any, ...], now: float) -> _Peer | None:
+        try:
+            header = self.engine.pull_quic_header(self.engine.Buffer(data=data), host_cid_length=8)
+        except ValueError:
+            return None
+        if header.packet_type != self.engine.QuicPacketType.INITIAL or len(data) < _MIN_INITIAL:
+            return None
+        if self._peer_ip is not None and _normalize_ip(addr[0]) != self._peer_ip:
+            return None
+        if len(self.candidates) >= MAX_CANDIDATES and addr not in self.candidates:
+            # Evict the oldest unauthenticated candidate, so that junk
+            # Initials cannot lock a legitimate peer out until they time out.
+            del self.candidates[next(iter(self.candidates))]
+        conn = self.engine.QuicConnection(
+            configuration=self._configuration(False),
+            original_destination_connection_id=header.destination_cid,
+        )
+        peer = _Peer(conn, self._new_session(now), addr)
+        self.candidates[addr] = peer
+        if self.active is None:
+            self.state = SessionState.HANDSHAKING
+        return peer
+
+    def _all_peers(self) -> list[_Peer]:
+        peers = list(self.candidates.values())
+        if self.active is not None:
+            peers.append(self.active)
+        return peers
+
+    # ---- UDP ---------------------------------------------------------------
+
+    def _route(self, data: bytes, addr: tuple[Any, ...], now: float) -> _Peer | None:
+        is_new_initial = self._looks_like_initial(data)
+        active = self.active
+        if active is not None and active.addr == addr and not (is_new_initial and active.handshake_done):
+            return active
+        cand = self.candidates.get(addr)
+        if cand is not None and not (is_new_initial and cand.handshake_done):
+            return cand
+        if self.config.role is PeerRole.LISTEN and is_new_initial:
+            return self._accept(data, addr, now)
+        return None
+
+    @staticmethod
+    def _looks_like_initial(data: bytes) -> bool:
+        # Long header (0x80) with the fixed bit (0x40) and type Initial (0b00).
+        return len(data) >= _MIN_INITIAL and (data[0] & 0xF0) == 0xC0
+
+    def _on_udp_readable(self) -> None:
+        now = self._now()
+        touched: dict[int, _Peer] = {}
+        recvfrom = self.sock.recvfrom
+        for _ in range(UDP_RECV_BATCH):
+            try:
+                data, addr = recvfrom(_UDP_MAX)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                # ICMP errors (ECONNREFUSED) surface here; the QUIC timers handle them.
+                break
+            peer = self._route(data, addr, now)
+            if peer is None:
+                self.udp_ignored += 1
+                continue
+            peer.conn.receive_datagram(data, addr, now=now)
+            touched[id(peer)] = peer
+        for peer in touched.values():
+            self._process_events(peer)
+        for peer in touched.values():
+            self._transmit(peer)
+        self._schedule()
+
+    def _transmit(self, peer: _Peer) -> None:
+        now = self._now()
+        sendto = self.sock.sendto
+        for data, addr in peer.conn.datagrams_to_send(now=now):
+            try:
+                sendto(data, addr)
+            except OSError:
+                self.udp_send_errors += 1
+
+    # ---- QUIC events -------------------------------------------------------
+
+    def _process_events(self, peer: _Peer) -> None:
+        ev = self.engine.events
+        datapath = self.datapath
+        while True:
+            event = peer.conn.next_event()
+            if event is None:
+                return
+            if isinstance(event, ev.DatagramFrameReceived):
+                if peer is not self.active or not peer.session.established:
+                    self.counters.dgram_rx_packets += 1
+                    self.counters.dgram_rx_bytes += len(event.data)
+                    self.counters.drop(DropReason.DGRAM_NOT_READY)
+                    continue
+                packet = datapath.from_peer(event.data)
+                if packet is not None:
+                    self._write_tun(packet)
+            elif isinstance(event, ev.StreamDataReceived):
+                self._on_stream(peer, event)
+            elif isinstance(event, ev.HandshakeCompleted):
+                self._on_handshake(peer)
+            elif isinstance(event, ev.ConnectionTerminated):
+                self._on_terminated(peer, f"connection terminated: {event.reason_phrase or event.error_code}")
+                return
+
+    def _on_handshake(self, peer: _Peer) -> None:
+        peer.handshake_done = True
+        if self.active is peer or self.active is None:
+            self.state = SessionState.AUTHENTICATING
+        fp = None
+        if self.config.role is PeerRole.CONNECT:
+            cert = getattr(peer.conn.tls, "_peer_certificate", None)
+            fp = keys.fingerprint_of_certificate(cert) if cert is not None else None
+            peer.stream_id = peer.conn.get_next_available_stream_id()
+        self._apply(peer, peer.session.handshake_completed(self._now(), fp, datagram_budget_of(peer.conn)))
+
+    def _on_stream(self, peer: _Peer, event: Any) -> None:
+        if peer.session.state is State.CLOSED:
+            return
+        if peer.stream_id is None and self.config.role is PeerRole.LISTEN and event.stream_id == 0:
+            peer.stream_id = 0
+        if event.stream_id != peer.stream_id:
+            self._apply(peer, peer.session.protocol_error(f"data on unexpected stream {event.stream_id}"))
+            return
+        try:
+            messages = peer.decoder.feed(event.data)
+        except DecodeError as exc:
+            self._apply(peer, peer.session.protocol_error(f"bad control message: {exc}"))
+            return
+        now = self._now()
+        for msg in messages:
+            self._apply(peer, peer.session.receive(msg, now))
+            if peer.session.state is State.CLOSED:
+                return
+        if event.end_stream and peer.session.state is not State.CLOSED:
+            self._apply(peer, peer.session.protocol_error("control stream ended"))
+
+    def _on_terminated(self, peer: _Peer, reason: str) -> None:
+        if peer.session.state is not State.CLOSED:
+            peer.session.state = State.CLOSED
+        self._drop_peer(peer, reason)
+
+    # ---- session actions ---------------------------------------------------
+
+    def _apply(self, peer: _Peer, actions: list[Any]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                if peer.stream_id is None:
+                    continue  # nothing to close over yet; QUIC close below carries the code
+                peer.conn.send_stream_data(peer.stream_id, frame(PEER_CONTROL, action.message))
+            elif isinstance(action, Established):
+                self._on_established(peer, action)
+            elif isinstance(action, RoutesChanged):
+                if self.on_routes is not None and peer is self.active:
+                    self.on_routes(self.sessions, action)
+            elif isinstance(action, Closed):
+                self._close_peer(peer, action)
+
+    def _on_established(self, peer: _Peer, est: Established) -> None:
+        old = self.active
+        if old is not None and old is not peer:
+            self._apply(old, old.session.close(ErrorCode.SHUTDOWN, "replaced by a new session"))
+        self.candidates.pop(peer.addr, None)
+        self.active = peer
+        self.sessions += 1
+        self._backoff = RECONNECT_BACKOFF_MIN
+        self.datapath.start_session(
+            mtu=est.mtu,
+            max_payload=datagram_budget_of(peer.conn),
+            tx_context_id=est.tx_context_id,
+            rx_context_id=est.rx_context_id,
+        )
+        self.state = SessionState.ESTABLISHED
+        self.last_error = ""
+        self._start_tun()
+
+    def _close_peer(self, peer: _Peer, closed: Closed) -> None:
+        if closed.local:
+            self._transmit(peer)  # flush CLOSE on the stream before CONNECTION_CLOSE
+        peer.conn.close(error_code=int(closed.code), reason_phrase=closed.reason[:200])
+        self._transmit(peer)
+        who = "local" if closed.local else "peer"
+        self._drop_peer(peer, f"{who} closed: {closed.code.name}: {closed.reason}")
+
+    def _drop_peer(self, peer: _Peer, reason: str) -> None:
+        if self.candidates.get(peer.addr) is peer:
+            del self.candidates[peer.addr]
+        if self.active is peer:
+            self.active = None
+            self.datapath.stop_session()
+            self._stop_tun()
+            self.last_error = reason
+            if self.state is not SessionState.STOPPED:
+                if self.config.role is PeerRole.CONNECT:
+                    self._schedule_reconnect()
+                else:
+                    self.state = SessionState.CONNECTING
+        elif self.active is None and self.state is not SessionState.STOPPED:
+            self.last_error = reason
+
+    def _schedule_reconnect(self) -> None:
+        delay = self._backoff * (0.5 + self._rng.random() / 2)
+        self._backoff = min(self._backoff * 2, RECONNECT_BACKOFF_MAX)
+        self._reconnect_at = self._now() + delay
+        self.state = SessionState.BACKOFF
+
+    # ---- TUN ---------------------------------------------------------------
+
+    def _start_tun(self) -> None:
+        if not self._reading_tun and self._loop is not None:
+            self._loop.add_reader(self.tun_fd, self._on_tun_readable)
+            self._reading_tun = True
+
+    def _stop_tun(self) -> None:
+        if self._reading_tun and self._loop is not None:
+            self._loop.remove_reader(self.tun_fd)
+            self._reading_tun = False
+
+    def _on_tun_readable(self) -> None:
+        peer = self.active
+        if peer is None or not peer.session.established:
+            self._stop_tun()
+            return
+        packets: list[bytes] = []
+        read = os.read
+        fd = self.tun_fd
+        for _ in range(TUN_READ_BATCH):
+            try:
+                packets.append(read(fd, _UDP_MAX))
+            except (BlockingIOError, InterruptedError):
+                break
+        if not packets:
+            return
+        conn = peer.conn
+        self.datapath.set_budget(datagram_budget_of(conn))
+        payloads = self.datapath.from_tun_batch(packets, len(conn._datagrams_pending))
+        send = conn.send_datagram_frame
+        for payload in payloads:
+            send(payload)
+        self.datapath.sent(payloads)
+        self._transmit(peer)
+        self._schedule()
+
+    def _write_tun(self, packet: memoryview) -> None:
+        try:
+            os.write(self.tun_fd, packet)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.ENOBUFS):
+                self.counters.drop(DropReason.TUN_WRITE_EAGAIN)
+            else:
+                self.counters.drop(DropReason.TUN_WRITE_ERROR)
+            return
+        self.datapath.written(packet)
+
+    # ---- timers ------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        if self._loop is None or self.state is SessionState.STOPPED:
+            return
+        deadlines = []
+        for peer in self._all_peers():
+            t = peer.conn.get_timer()
+            if t is not None:
+                deadlines.append(t)
+            deadlines.append(peer.session.next_deadline())
+        if self._reconnect_at is not None:
+            deadlines.append(self._reconnect_at)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if deadlines:
+            self._timer = self._loop.call_at(min(deadlines), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        now = self._now()
+        for peer in self._all_peers():
+            t = peer.conn.get_timer()
+            if t is not None and t <= now:
+                peer.conn.handle_timer(now=now)
+                self._process_events(peer)
+            if peer.session.state is not State.CLOSED:
+                self._apply(peer, peer.session.tick(now))
+            self._transmit(peer)
+        if self._reconnect_at is not None and now >= self._reconnect_at and self.active is None:
+            self._connect()
+        self._schedule()
