@@ -1,0 +1,565 @@
+"""The controller process: wiring of the pure modules to helper, workers and CLI.
+
+Shell (I/O). Decisions live in the pure modules: `supervision` (restart,
+fail, kill), `plan` (reload), `routes` (what to install), `status` (what to
+report). This module carries out their actions:
+
+* at start: create the runtime directory (0750), bind the worker bus
+  (``workers.sock``) and the CLI socket (``control.sock``, 0660, group
+  ``admin_group``), connect to the helper, reconcile with its list of
+  networks (networks no longer configured and enabled are destroyed, the
+  others adopted), then bring every enabled network up;
+* per network: ``CreateNetwork(adopt=True)`` (which also yields fresh
+  tickets for every respawn), spawn one worker per queue with its
+  `WorkerConfig` on stdin, supervise, install peer routes via the helper;
+* every second: Heartbeat to each worker, `tick` the supervisors;
+* SIGHUP or `l3ptp reload`: `plan.diff` and apply only the difference; an
+  invalid file is refused with every error and nothing changes;
+* SIGTERM/SIGINT: stop every network (Shutdown, SIGTERM, SIGKILL after the
+  grace), destroy them through the helper, exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import os
+import pwd
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+import zmq
+import zmq.asyncio
+
+from l3ptp.controller import plan as planning
+from l3ptp.controller.bus import Router
+from l3ptp.controller.config import Config, ConfigError, NetworkConfig, load_config
+from l3ptp.controller.helper_client import HelperClient, HelperError
+from l3ptp.controller.routes import RouteTable
+from l3ptp.controller.spawner import ExitCallback, ProcessSpawner, Spawner
+from l3ptp.controller.status import network_status, status_reply
+from l3ptp.controller.supervision import Kill, NetworkFailed, NetworkSupervisor, Spawn, Terminate
+from l3ptp.ipc.control_messages import (
+    BUS_DOWN,
+    BUS_UP,
+    CLI_REPLIES,
+    CLI_REQUESTS,
+    CommandFailed,
+    CommandResult,
+    DownRequest,
+    Engine,
+    Heartbeat,
+    PeerRoutes,
+    ReloadRequest,
+    Shutdown,
+    StatusRequest,
+    WORKER_CONFIG,
+    UpRequest,
+    WorkerConfig,
+    WorkerExiting,
+    WorkerHello,
+    WorkerStatus,
+)
+from l3ptp.ipc.errors import ErrorCode
+from l3ptp.ipc.types import PeerRole
+
+__all__ = ["Controller", "WORKERS_SOCKET", "CONTROL_SOCKET"]
+
+WORKERS_SOCKET = "workers.sock"
+CONTROL_SOCKET = "control.sock"
+HEARTBEAT_INTERVAL = 1.0
+
+log = structlog.get_logger("l3ptp.controller")
+
+KeyLoader = Callable[[str], bytes]
+HelperConnect = Callable[[str], Any]  # async (path) -> HelperClient
+SpawnerFactory = Callable[[ExitCallback], Spawner]
+
+
+def load_key_raw(path: str) -> bytes:
+    """Raw 32-byte private key from `path` (worker key format)."""
+    from l3ptp.worker.keys import load_private_key, private_key_raw
+
+    return private_key_raw(load_private_key(path))
+
+
+class _Network:
+    """Runtime state of one running network."""
+
+    def __init__(self, net: NetworkConfig) -> None:
+        self.net = net
+        self.sup = NetworkSupervisor(net.name, net.queues)
+        self.routes = RouteTable(net)
+        self.tickets: list[str] = []
+        self.reports: dict[int, WorkerStatus] = {}
+        self.idents: dict[int, bytes] = {}  # queue -> bus identity
+        self.last_error = ""
+
+
+class Controller:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: str | None = None,
+        spawner_factory: SpawnerFactory = ProcessSpawner,
+        helper_connect: HelperConnect = HelperClient.connect,
+        key_loader: KeyLoader = load_key_raw,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.clock = clock
+        self.started_at = clock()
+        self.spawner = spawner_factory(self._on_exit)
+        self._helper_connect = helper_connect
+        self._key_loader = key_loader
+        self.helper: HelperClient | None = None
+        self.networks: dict[str, _Network] = {}
+        self.admin_down: set[str] = set()
+        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._ctx: zmq.asyncio.Context | None = None
+        self.bus: Router | None = None
+        self.cli: Router | None = None
+        self.ready = asyncio.Event()
+        self._last_heartbeat = 0.0
+        #: Serialises up / down / reload so two never interleave.
+        self._ops = asyncio.Lock()
+        #: Immutable status snapshot for the metrics thread (refreshed by the timer loop).
+        self.metrics_snapshot: Any = None
+        self._metrics_server: Any = None
+
+    # ---- paths ---------------------------------------------------------------
+
+    @property
+    def runtime_dir(self) -> str:
+        return self.config.controller.runtime_dir
+
+    @property
+    def bus_path(self) -> str:
+        return os.path.join(self.runtime_dir, WORKERS_SOCKET)
+
+    @property
+    def control_path(self) -> str:
+        return os.path.join(self.runtime_dir, CONTROL_SOCKET)
+
+    # ---- lifecycle -------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run until `request_stop()` (SIGTERM), then shut everything down."""
+        os.makedirs(self.runtime_dir, mode=0o750, exist_ok=True)
+        os.chmod(self.runtime_dir, 0o750)
+        self._ctx = zmq.asyncio.Context()
+        try:
+            self.bus = Router(self._ctx, self.bus_path, BUS_UP, BUS_DOWN, mode=0o600)
+            self.cli = Router(self._ctx, self.control_path, CLI_REQUESTS, CLI_REPLIES, mode=0o660)
+            self._chgrp(self.control_path)
+            self.helper = await self._helper_connect(self.config.controller.helper_socket)
+            await self._reconcile()
+            for net in self.config.networks:
+                if net.enabled:
+                    await self._bring_up(net)
+            self._spawn_task(self._run_bus())
+            self._spawn_task(self._run_cli())
+            self._spawn_task(self._run_timers())
+            self.metrics_snapshot = self.status(verbose=True)
+            m = self.config.metrics
+            if m.enabled:
+                from l3ptp.controller.metrics import start_server
+
+                self._metrics_server = start_server(lambda: self.metrics_snapshot, str(m.address), m.port)
+            self.ready.set()
+            log.info("controller_ready", networks=len(self.networks), pid=os.getpid())
+            await self._stop.wait()
+            await self._shutdown()
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            for task in list(self._tasks):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            await self.spawner_kill_all()
+            if self._metrics_server is not None:
+                self._metrics_server.shutdown()
+                self._metrics_server.server_close()
+            if self.helper is not None:
+                self.helper.close()
+            for router in (self.bus, self.cli):
+                if router is not None:
+                    router.close()
+            self._ctx.term()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        """SIGHUP: reload in the background (serialised with CLI commands)."""
+
+        async def reload_locked() -> None:
+            async with self._ops:
+                await self.reload()
+
+        self._spawn_task(reload_locked())
+
+    async def spawner_kill_all(self) -> None:
+        kill_all = getattr(self.spawner, "kill_all", None)
+        if kill_all is not None:
+            await kill_all()
+
+    def _chgrp(self, path: str) -> None:
+        group = self.config.controller.admin_group
+        if not group:
+            return
+        try:
+            os.chown(path, -1, grp.getgrnam(group).gr_gid)
+        except (KeyError, PermissionError) as exc:
+            log.error("admin_group_not_applied", group=group, error=str(exc))
+
+    def _spawn_task(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task_failed", error=repr(task.exception()))
+            self._stop.set()
+
+    async def _shutdown(self) -> None:
+        log.info("controller_stopping")
+        for name in list(self.networks):
+            await self._bring_down(name, "controller stopping")
+
+    # ---- helper ------------------------------------------------------------------
+
+    async def _ensure_helper(self) -> HelperClient:
+        if self.helper is None or self.helper.closed:
+            self.helper = await self._helper_connect(self.config.controller.helper_socket)
+        return self.helper
+
+    async def _reconcile(self) -> None:
+        helper = await self._ensure_helper()
+        wanted = {n.name for n in self.config.networks if n.enabled}
+        for info in await helper.list_networks():
+            if info.name not in wanted:
+                log.info("reconcile_destroy", network=info.name)
+                with contextlib.suppress(HelperError):
+                    await helper.destroy_network(info.name)
+
+    def _worker_uid(self) -> int:
+        user = self.config.controller.worker_user
+        return pwd.getpwnam(user).pw_uid if user else os.getuid()
+
+    async def _fresh_tickets(self, rt: _Network) -> None:
+        net = rt.net
+        helper = await self._ensure_helper()
+        created = await helper.create_network(
+            name=net.name,
+            ifname=net.interface,
+            mtu=net.mtu,
+            addresses=[str(a) for a in net.addresses()],
+            queues=net.queues,
+            worker_uid=self._worker_uid(),
+            adopt=True,
+        )
+        rt.tickets = list(created.tickets)
+
+    # ---- networks ----------------------------------------------------------------
+
+    async def _bring_up(self, net: NetworkConfig) -> None:
+        rt = _Network(net)
+        self.networks[net.name] = rt
+        try:
+            await self._fresh_tickets(rt)
+        except (HelperError, KeyError) as exc:
+            rt.last_error = f"helper: {exc}"
+            rt.sup.failed_reason = rt.last_error
+            log.error("network_create_failed", network=net.name, error=str(exc))
+            return
+        await self._execute(rt, rt.sup.start(self.clock()), fresh=True)
+        log.info("network_up", network=net.name, queues=net.queues)
+
+    async def _bring_down(self, name: str, reason: str) -> None:
+        rt = self.networks.get(name)
+        if rt is None:
+            return
+        await self._execute(rt, rt.sup.stop(self.clock(), reason))
+        while not rt.sup.stopped:
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 0.2)
+            await self._execute(rt, rt.sup.tick(self.clock()))
+        del self.networks[name]
+        with contextlib.suppress(HelperError):
+            helper = await self._ensure_helper()
+            await helper.destroy_network(name)
+        log.info("network_down", network=name, reason=reason)
+
+    async def _execute(self, rt: _Network, actions: list[Any], *, fresh: bool = False) -> None:
+        need_tickets = not fresh
+        for action in actions:
+            if isinstance(action, Spawn):
+                if need_tickets:
+                    try:
+                        await self._fresh_tickets(rt)
+                    except HelperError as exc:
+                        rt.last_error = f"helper: {exc}"
+                        more = rt.sup.on_spawn_failed(action.queue, self.clock(), rt.last_error)
+                        await self._execute(rt, more)
+                        continue
+                    need_tickets = False
+                await self._spawn(rt, action.queue)
+            elif isinstance(action, Terminate):
+                ident = rt.idents.get(action.queue)
+                if ident is not None and self.bus is not None:
+                    await self.bus.send(ident, Shutdown(reason=action.reason[:512]))
+                self.spawner.signal(action.pid, signal.SIGTERM)
+            elif isinstance(action, Kill):
+                log.warning("worker_kill", network=rt.net.name, queue=action.queue, pid=action.pid, reason=action.reason)
+                self.spawner.signal(action.pid, signal.SIGKILL)
+            elif isinstance(action, NetworkFailed):
+                rt.last_error = action.reason
+                log.error("network_failed", network=action.network, reason=action.reason)
+
+    def _worker_config(self, rt: _Network, queue: int) -> WorkerConfig:
+        net, cfg = rt.net, self.config
+        return WorkerConfig(
+            network=net.name,
+            queue=queue,
+            queues=net.queues,
+            ticket=rt.tickets[queue],
+            helper_socket=cfg.controller.helper_socket,
+            bus_endpoint=f"ipc://{self.bus_path}",
+            role=PeerRole(net.role),
+            node_id=cfg.node.id,
+            local_address=str(net.underlay.local) if net.underlay.local is not None else None,
+            peer_address=str(net.underlay.peer) if net.underlay.peer is not None else None,
+            port=net.queue_port(queue),
+            mtu=net.mtu,
+            max_datagram_size=net.max_datagram_size,
+            keepalive_interval=net.keepalive_interval,
+            status_interval=cfg.controller.status_interval,
+            private_key=self._key_loader(net.key_path(cfg.node)),
+            peer_key=net.peer_key,
+            tunnel_addresses=tuple(str(a) for a in net.addresses()),
+            advertised_routes=tuple(str(r) for r in net.advertised_routes),
+            local_sources=tuple(str(r) for r in net.local_sources()),
+            peer_sources=tuple(str(r) for r in net.peer_sources()),
+            engine=Engine.AUTO,
+            user=cfg.controller.worker_user,
+            log_level="info",
+        )
+
+    async def _spawn(self, rt: _Network, queue: int) -> None:
+        now = self.clock()
+        rt.reports.pop(queue, None)
+        rt.idents.pop(queue, None)
+        rt.routes.reset_queue(queue)
+        try:
+            data = WORKER_CONFIG.encode(self._worker_config(rt, queue))
+            pid = await self.spawner.spawn(rt.net.name, queue, data)
+        except Exception as exc:  # OSError, a key that cannot be read, ...
+            log.error("worker_spawn_failed", network=rt.net.name, queue=queue, error=str(exc))
+            await self._execute(rt, rt.sup.on_spawn_failed(queue, now, str(exc)[:200]))
+            return
+        log.info("worker_spawned", network=rt.net.name, queue=queue, pid=pid)
+        await self._execute(rt, rt.sup.on_spawned(queue, pid, self.clock()))
+
+    def _on_exit(self, pid: int, returncode: int | None) -> None:
+        self._spawn_task(self._handle_exit(pid, returncode))
+
+    async def _handle_exit(self, pid: int, returncode: int | None) -> None:
+        for rt in self.networks.values():
+            if rt.sup.slot_by_pid(pid) is not None:
+                log.info("worker_exited", network=rt.net.name, pid=pid, returncode=returncode)
+                await self._execute(rt, rt.sup.on_exit(pid, self.clock(), returncode))
+                break
+        self._wake.set()
+
+    # ---- routes ------------------------------------------------------------------
+
+    async def _apply_routes(self, rt: _Network) -> None:
+        changes = rt.routes.changes()
+        if changes.empty:
+            return
+        net = rt.net
+        try:
+            helper = await self._ensure_helper()
+            if changes.remove:
+                reply = await helper.remove_routes(net.name, [str(r) for r in changes.remove])
+                rt.routes.set_installed(reply.routes)
+            if changes.add:
+                reply = await helper.add_routes(
+                    net.name,
+                    [str(r) for r in changes.add],
+                    metric=net.route_metric,
+                    allow_default=net.allow_default_route,
+                )
+                rt.routes.set_installed(reply.routes)
+        except HelperError as exc:
+            rt.last_error = f"routes: {exc}"
+            log.error("routes_failed", network=net.name, error=str(exc))
+
+    # ---- bus ---------------------------------------------------------------------
+
+    async def _run_bus(self) -> None:
+        assert self.bus is not None
+        while True:
+            got = await self.bus.recv()
+            if got is None:
+                continue
+            ident, msg = got
+            await self._on_bus(ident, msg)
+
+    async def _on_bus(self, ident: bytes, msg: Any) -> None:
+        rt = self.networks.get(msg.network)
+        if rt is None or not 0 <= msg.queue < rt.net.queues:
+            log.warning("bus_unknown_worker", network=msg.network, queue=msg.queue)
+            return
+        now = self.clock()
+        if isinstance(msg, WorkerHello | WorkerStatus):
+            if not rt.sup.on_alive(msg.queue, msg.pid, now):
+                return
+            rt.idents[msg.queue] = ident
+            if isinstance(msg, WorkerStatus):
+                rt.reports[msg.queue] = msg
+        elif rt.idents.get(msg.queue) != ident:
+            log.warning("bus_unverified_sender", network=msg.network, queue=msg.queue, message=type(msg).__name__)
+        elif isinstance(msg, PeerRoutes):
+            update = rt.routes.on_peer_routes(msg.queue, msg.session, msg.epoch, msg.routes)
+            if update is None:
+                log.info("routes_stale", network=msg.network, queue=msg.queue, session=msg.session, epoch=msg.epoch)
+                return
+            for refused in update.refused:
+                log.warning("route_refused", network=msg.network, route=refused.route, reason=refused.reason)
+            await self._apply_routes(rt)
+        elif isinstance(msg, WorkerExiting):
+            rt.sup.slots[msg.queue].last_error = msg.reason
+            if msg.fatal:
+                await self._execute(rt, rt.sup.on_fatal(msg.queue, None, now, msg.reason))
+
+    async def _run_timers(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL / 4)
+            now = self.clock()
+            for rt in list(self.networks.values()):
+                await self._execute(rt, rt.sup.tick(now))
+            self.metrics_snapshot = self.status(verbose=True)
+            if now - self._last_heartbeat >= HEARTBEAT_INTERVAL and self.bus is not None:
+                self._last_heartbeat = now
+                for rt in list(self.networks.values()):
+                    for ident in list(rt.idents.values()):
+                        await self.bus.send(ident, Heartbeat())
+
+    # ---- CLI -----------------------------------------------------------------------
+
+    async def _run_cli(self) -> None:
+        assert self.cli is not None
+        while True:
+            got = await self.cli.recv()
+            if got is None:
+                continue
+            ident, msg = got
+            try:
+                reply = await self._on_cli(msg)
+            except Exception as exc:  # never let one request kill the controller
+                log.error("cli_request_failed", error=repr(exc))
+                reply = CommandFailed(code=ErrorCode.INTERNAL, reason=str(exc)[:512])
+            await self.cli.send(ident, reply)
+
+    async def _on_cli(self, msg: Any) -> Any:
+        if isinstance(msg, StatusRequest):
+            return self.status(verbose=msg.verbose)
+        async with self._ops:
+            return await self._on_command(msg)
+
+    async def _on_command(self, msg: Any) -> Any:
+        if isinstance(msg, ReloadRequest):
+            return await self.reload()
+        if isinstance(msg, UpRequest | DownRequest):
+            net = self.config.network(msg.name)
+            if net is None:
+                return CommandFailed(code=ErrorCode.NOT_FOUND, reason=f"no network {msg.name!r} in the configuration")
+            if isinstance(msg, UpRequest):
+                self.admin_down.discard(msg.name)
+                rt = self.networks.get(msg.name)
+                if rt is not None and not rt.sup.failed:
+                    return CommandResult(ok=True, message=f"{msg.name} is already up", errors=())
+                if rt is not None:
+                    await self._bring_down(msg.name, "restart after failure")
+                await self._bring_up(net)
+                return CommandResult(ok=True, message=f"{msg.name} is coming up", errors=())
+            self.admin_down.add(msg.name)
+            await self._bring_down(msg.name, "down requested")
+            return CommandResult(ok=True, message=f"{msg.name} is down", errors=())
+        return CommandFailed(code=ErrorCode.BAD_REQUEST, reason=f"unsupported request {type(msg).__name__}")
+
+    def status(self, *, verbose: bool) -> Any:
+        nets = []
+        for net in self.config.networks:
+            rt = self.networks.get(net.name)
+            nets.append(
+                network_status(
+                    net,
+                    rt.sup if rt is not None else None,
+                    rt.reports if rt is not None else {},
+                    admin_down=net.name in self.admin_down or not net.enabled,
+                    routes=[str(r) for r in sorted(rt.routes.installed, key=str)] if rt is not None else (),
+                    last_error=rt.last_error if rt is not None else "",
+                )
+            )
+        return status_reply(
+            controller_pid=os.getpid(),
+            uptime=self.clock() - self.started_at,
+            node_id=self.config.node.id,
+            networks=nets,
+            verbose=verbose,
+        )
+
+    async def reload(self) -> CommandResult | CommandFailed:
+        """Re-read the file and apply only the difference; invalid files change nothing."""
+        if self.config_path is None:
+            return CommandFailed(code=ErrorCode.UNAVAILABLE, reason="started without a configuration file")
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("reload_rejected", errors=list(exc.errors))
+            return CommandResult(
+                ok=False,
+                message=f"configuration rejected, nothing changed ({len(exc.errors)} errors)",
+                errors=tuple(e[:512] for e in exc.errors[:1024]),
+            )
+        return await self.apply(new)
+
+    async def apply(self, new: Config) -> CommandResult:
+        plan = planning.diff(self.config, new)
+        old = self.config
+        for name in (*plan.removed, *plan.changed):
+            await self._bring_down(name, "reload")
+        self.config = new
+        self.admin_down &= {n.name for n in new.networks}
+        for name in (*plan.changed, *plan.added):
+            net = new.network(name)
+            if net is not None and net.enabled and name not in self.admin_down:
+                await self._bring_up(net)
+        log.info("reloaded", summary=plan.summary(), before=len(old.networks), after=len(new.networks))
+        return CommandResult(ok=True, message=plan.summary(), errors=())
+
+
+async def serve(config_path: str) -> int:
+    """Entry point used by __main__: load, run, map signals."""
+    config = load_config(config_path)
+    controller = Controller(config, config_path=config_path)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, controller.request_stop)
+    loop.add_signal_handler(signal.SIGINT, controller.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, controller.request_reload)
+    await controller.run()
+    return 0

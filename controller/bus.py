@@ -1,0 +1,72 @@
+"""ZeroMQ ROUTER sockets of the controller: one for workers, one for the CLI.
+
+Every received frame goes through the channel's `decode_untrusted`; a bad
+frame (wrong frame count, oversize, undecodable, unexpected type) is counted
+in `bad_frames`, logged, and dropped. Nothing a peer sends can raise out of
+`recv`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import structlog
+import zmq
+import zmq.asyncio
+
+from l3ptp.ipc.codec import Channel
+from l3ptp.ipc.errors import DecodeError
+from l3ptp.ipc.schema import Message
+
+__all__ = ["Router"]
+
+log = structlog.get_logger("l3ptp.controller.bus")
+
+
+class Router:
+    """A bound ROUTER that decodes `inbound` and encodes `outbound` messages."""
+
+    def __init__(
+        self, ctx: zmq.asyncio.Context, path: str, inbound: Channel, outbound: Channel, *, mode: int | None = None
+    ) -> None:
+        self.path = path
+        self.inbound = inbound
+        self.outbound = outbound
+        self.bad_frames = 0
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, inbound.max_bytes + 1)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        if os.path.exists(path):
+            os.unlink(path)  # a stale socket from a previous controller
+        self.sock.bind(f"ipc://{path}")
+        if mode is not None:
+            os.chmod(path, mode)
+
+    async def recv(self) -> tuple[bytes, Message] | None:
+        """Next (identity, message); None for a dropped bad frame."""
+        frames = await self.sock.recv_multipart(copy=True)
+        if len(frames) != 2:
+            self.bad_frames += 1
+            log.warning("bad_frame", socket=self.path, reason=f"{len(frames)} frames")
+            return None
+        ident, data = frames
+        try:
+            return ident, self.inbound.decode_untrusted(data)
+        except DecodeError as exc:
+            self.bad_frames += 1
+            log.warning("bad_frame", socket=self.path, reason=str(exc)[:200])
+            return None
+
+    async def send(self, ident: bytes, msg: Message) -> None:
+        try:
+            await self.sock.send_multipart([ident, self.outbound.encode(msg)], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("send_dropped", socket=self.path, message=type(msg).__name__)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass

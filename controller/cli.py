@@ -1,0 +1,265 @@
+"""`l3ptp`: the operator command. It talks only to the controller.
+
+Transport: a ZeroMQ DEALER to the controller's ROUTER at
+``<runtime_dir>/control.sock``. ZeroMQ connects silently, so before
+connecting the CLI checks that the socket file exists (else: the controller
+is not running) and that the caller may read and write it (else: permission
+denied, with the hint to join the admin group). A request without a reply
+within ``--timeout`` seconds is reported as "not answering".
+
+Exit status: 0 success, 1 the controller refused or the command failed,
+2 usage error, 3 the controller is unreachable (not running, permission).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from l3ptp.ipc.constants import RUNTIME_DIR_DEFAULT
+
+__all__ = ["ControllerUnreachable", "format_status", "main", "request", "status_json"]
+
+CONTROL_SOCKET = "control.sock"
+DEFAULT_TIMEOUT = 5.0
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+class ControllerUnreachable(Exception):
+    """No controller to talk to (message says why and what to do)."""
+
+
+def request(socket_path: str, msg: Any, *, timeout: float = DEFAULT_TIMEOUT) -> Any:
+    """Send one CLI request and return the decoded reply.
+
+    Raises `ControllerUnreachable` (not running, permission denied, no answer,
+    or an undecodable answer).
+    """
+    import zmq
+
+    from l3ptp.ipc.control_messages import CLI_REPLIES, CLI_REQUESTS
+    from l3ptp.ipc.errors import DecodeError
+
+    hint = "run as root or as a member of the controller's admin_group"
+    try:
+        os.stat(socket_path)
+    except FileNotFoundError:
+        raise ControllerUnreachable(f"the controller is not running (no socket at {socket_path})") from None
+    except PermissionError:
+        # The runtime directory is 0750: outsiders cannot even see the socket.
+        raise ControllerUnreachable(f"permission denied reaching {socket_path}: {hint}") from None
+    except OSError as exc:
+        raise ControllerUnreachable(f"cannot use {socket_path}: {exc.strerror or exc}") from None
+    if not os.access(socket_path, os.R_OK | os.W_OK):
+        raise ControllerUnreachable(
+            f"permission denied on {socket_path}: {hint}"
+        )
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, CLI_REPLIES.max_bytes + 1)
+        sock.connect(f"ipc://{socket_path}")
+        sock.send(CLI_REQUESTS.encode(msg))
+        if not sock.poll(int(timeout * 1000), zmq.POLLIN):
+            raise ControllerUnreachable(
+                f"the controller did not answer within {timeout:g}s on {socket_path} (not running or stuck?)"
+            )
+        data = sock.recv()
+        try:
+            return CLI_REPLIES.decode_untrusted(data)
+        except DecodeError as exc:
+            raise ControllerUnreachable(f"unreadable reply from the controller: {exc}") from None
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+# ---- output ------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def status_json(reply: Any) -> str:
+    return json.dumps(_plain(reply), indent=2, sort_keys=False)
+
+
+def _bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _traffic(counters: dict[str, int]) -> str:
+    rx_p, tx_p = counters.get("dgram_rx_packets", 0), counters.get("tun_rx_packets", 0)
+    rx_b, tx_b = counters.get("dgram_rx_bytes", 0), counters.get("tun_rx_bytes", 0)
+    return f"{_bytes(rx_b)} received ({rx_p} packets), {_bytes(tx_b)} sent ({tx_p} packets)"
+
+
+def format_status(reply: Any, *, verbose: bool = False) -> str:
+    """A `wg show`-like text view of a StatusReply."""
+    lines = [f"controller: pid {reply.controller_pid}, node {reply.node_id}, up {reply.uptime:.0f}s"]
+    if not reply.networks:
+        lines.append("no networks configured")
+    for n in reply.networks:
+        lines.append("")
+        lines.append(f"network: {n.name}")
+        lines.append(f"  state: {n.state.value}")
+        lines.append(f"  interface: {n.interface}")
+        peer = f"{n.peer}:{n.port}" if n.peer else f"port {n.port}"
+        lines.append(f"  role: {n.role.value}, underlay peer: {peer}")
+        lines.append(f"  tunnel: {', '.join(n.addresses)} -> {', '.join(n.peer_addresses)}")
+        lines.append(f"  mtu: {n.mtu}")
+        lines.append(f"  rtt: {n.rtt_ms:.1f} ms")
+        lines.append(f"  transfer: {_traffic(n.counters)}")
+        drops = ", ".join(f"{k} {v}" for k, v in n.drops.items() if v) or "none"
+        lines.append(f"  drops: {drops}")
+        lines.append(f"  routes: {', '.join(n.routes) or 'none'}")
+        lines.append(f"  restarts: {n.restarts}")
+        if n.last_error:
+            lines.append(f"  last error: {n.last_error}")
+        if verbose:
+            for q in n.queues:
+                lines.append(
+                    f"  queue {q.queue}: pid {q.pid or '-'}, {q.state.value}, peer {q.peer or '-'},"
+                    f" rtt {q.rtt_ms:.1f} ms, mtu {q.mtu}, restarts {q.restarts}, depth {q.queue_depth},"
+                    f" lost {q.seq_lost}"
+                )
+                lines.append(f"    transfer: {_traffic(q.counters)}")
+                qdrops = ", ".join(f"{k} {v}" for k, v in q.drops.items() if v)
+                if qdrops:
+                    lines.append(f"    drops: {qdrops}")
+                if q.last_error:
+                    lines.append(f"    last error: {q.last_error}")
+    return "\n".join(lines)
+
+
+# ---- commands ------------------------------------------------------------------
+
+
+def _socket_path(args: argparse.Namespace) -> str:
+    return args.socket or os.path.join(args.runtime_dir, CONTROL_SOCKET)
+
+
+def _result(reply: Any, out: TextIO, err: TextIO) -> int:
+    from l3ptp.ipc.control_messages import CommandFailed, CommandResult
+
+    if isinstance(reply, CommandFailed):
+        print(f"l3ptp: {reply.reason} ({reply.code.name})", file=err)
+        return EXIT_FAILED
+    if isinstance(reply, CommandResult):
+        print(reply.message, file=out if reply.ok else err)
+        for error in reply.errors:
+            print(f"  {error}", file=err)
+        return EXIT_OK if reply.ok else EXIT_FAILED
+    print(f"l3ptp: unexpected reply {type(reply).__name__}", file=err)
+    return EXIT_FAILED
+
+
+def _cmd_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from l3ptp.ipc.control_messages import StatusReply, StatusRequest
+
+    reply = request(_socket_path(args), StatusRequest(verbose=args.verbose or args.json), timeout=args.timeout)
+    if not isinstance(reply, StatusReply):
+        return _result(reply, out, err)
+    print(status_json(reply) if args.json else format_status(reply, verbose=args.verbose), file=out)
+    return EXIT_OK
+
+
+def _cmd_up_down(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from l3ptp.ipc.control_messages import DownRequest, UpRequest
+    from l3ptp.ipc.errors import SchemaError
+
+    try:
+        msg = UpRequest(name=args.name) if args.command == "up" else DownRequest(name=args.name)
+    except SchemaError:
+        print(f"l3ptp: {args.name!r} is not a valid network name", file=err)
+        return EXIT_USAGE
+    return _result(request(_socket_path(args), msg, timeout=args.timeout), out, err)
+
+
+def _cmd_reload(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from l3ptp.ipc.control_messages import ReloadRequest
+
+    return _result(request(_socket_path(args), ReloadRequest(), timeout=args.timeout), out, err)
+
+
+def _cmd_keygen(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    try:
+        from l3ptp.worker import keys
+    except ImportError as exc:
+        print(f"l3ptp keygen: key support is not installed (l3ptp.worker.keys: {exc})", file=err)
+        return EXIT_FAILED
+    key = keys.generate_private_key()
+    if args.out:
+        if os.path.exists(args.out):
+            print(f"l3ptp keygen: {args.out} exists; not overwriting it", file=err)
+            return EXIT_FAILED
+        try:
+            keys.save_private_key(key, args.out)
+        except OSError as exc:
+            print(f"l3ptp keygen: cannot write {args.out}: {exc.strerror or exc}", file=err)
+            return EXIT_FAILED
+        print(f"private key written to {args.out}", file=err)
+    else:
+        print("no --out given: only the fingerprint is shown, the key is discarded", file=err)
+    print(keys.fingerprint(key), file=out)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="l3ptp", description="Operate the l3ptp controller.")
+    parser.add_argument("--runtime-dir", default=RUNTIME_DIR_DEFAULT, help="controller runtime directory")
+    parser.add_argument("--socket", help="controller CLI socket (default <runtime-dir>/control.sock)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for a reply")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("status", help="show networks, peers and counters", description="Show the tunnel status.")
+    p.add_argument("-v", "--verbose", action="store_true", help="also show every queue")
+    p.add_argument("--json", action="store_true", help="machine-readable output (includes queues)")
+    p.set_defaults(func=_cmd_status)
+    for name, text in (("up", "bring a configured network up"), ("down", "take a network down")):
+        p = sub.add_parser(name, help=text, description=text.capitalize() + ".")
+        p.add_argument("name", metavar="NAME", help="network name from the configuration")
+        p.set_defaults(func=_cmd_up_down)
+    p = sub.add_parser("reload", help="re-read the configuration", description="Apply configuration changes.")
+    p.set_defaults(func=_cmd_reload)
+    p = sub.add_parser("keygen", help="generate a node key", description="Generate an Ed25519 node key.")
+    p.add_argument("--out", help="write the private key here (mode 0600); prints the fingerprint")
+    p.set_defaults(func=_cmd_keygen)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out = out if out is not None else sys.stdout
+    err = err if err is not None else sys.stderr
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args, out, err))
+    except ControllerUnreachable as exc:
+        print(f"l3ptp: {exc}", file=err)
+        return EXIT_UNREACHABLE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,192 @@
+"""The controller's client for the privileged helper (asyncio).
+
+One AF_UNIX SOCK_SEQPACKET connection, one request in flight at a time
+(a lock serialises callers), one message per packet. Every reply goes
+through `HELPER_REPLIES.decode_untrusted`.
+
+Stubs mirror the helper's request table (OpenSSH's ``mm_x``/``mm_answer_x``):
+`create_network` sends `CreateNetwork` and expects `NetworkCreated`, and so on.
+Each is `request_expect(request, ReplyType)`:
+
+* the expected reply is returned;
+* `Failed(code, reason)` raises `HelperFailed` with that `ErrorCode`; the
+  connection stays usable (an ordinary error reply);
+* anything else -- a timeout, EOF, an undecodable or unexpected reply --
+  raises `HelperUnavailable` and closes the connection, since request and
+  reply may no longer line up. The caller reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Iterable
+from typing import Final, TypeVar
+
+from l3ptp.ipc.errors import DecodeError, ErrorCode
+from l3ptp.ipc.helper_messages import (
+    HELPER_PROTOCOL,
+    HELPER_REPLIES,
+    HELPER_REQUESTS,
+    AddRoutes,
+    CreateNetwork,
+    DestroyNetwork,
+    Failed,
+    Hello,
+    ListNetworks,
+    NetworkCreated,
+    NetworkDestroyed,
+    NetworkInfo,
+    NetworkList,
+    RemoveRoutes,
+    Role,
+    RoutesChanged,
+    Welcome,
+)
+from l3ptp.ipc.schema import Message
+
+__all__ = ["HELPER_TIMEOUT", "HelperClient", "HelperError", "HelperFailed", "HelperUnavailable"]
+
+#: Seconds to wait for one helper reply (local; see docs/controller.md).
+HELPER_TIMEOUT: Final = 10.0
+
+_R = TypeVar("_R", bound=Message)
+
+
+class HelperError(Exception):
+    """Base of helper client errors."""
+
+
+class HelperFailed(HelperError):
+    """The helper answered `Failed(code, reason)`."""
+
+    def __init__(self, code: ErrorCode, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+        super().__init__(f"{code.name}: {reason}")
+
+
+class HelperUnavailable(HelperError):
+    """No usable connection: not running, refused, timed out or out of step."""
+
+
+class HelperClient:
+    """A connected, greeted helper session. Use `connect` (or wrap a socket and `hello`)."""
+
+    def __init__(self, sock: socket.socket, *, timeout: float = HELPER_TIMEOUT) -> None:
+        sock.setblocking(False)
+        self._sock: socket.socket | None = sock
+        self._timeout = timeout
+        self._lock = asyncio.Lock()
+        self.uid: int | None = None
+
+    @classmethod
+    async def connect(cls, path: str | os.PathLike[str], *, timeout: float = HELPER_TIMEOUT) -> HelperClient:
+        """Connect to the helper socket at `path` and say Hello as the controller."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, os.fspath(path)), timeout)
+        except (OSError, TimeoutError) as exc:
+            sock.close()
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+            raise HelperUnavailable(f"cannot connect to the helper at {os.fspath(path)}: {why}") from exc
+        client = cls(sock, timeout=timeout)
+        try:
+            await client.hello()
+        except HelperError:
+            client.close()
+            raise
+        return client
+
+    @property
+    def closed(self) -> bool:
+        return self._sock is None
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    async def request_expect(self, request: Message, reply_type: type[_R]) -> _R:
+        """Send `request`, return the reply of `reply_type`; see the module docstring."""
+        data = HELPER_REQUESTS.encode(request)
+        async with self._lock:
+            sock = self._sock
+            if sock is None:
+                raise HelperUnavailable("not connected to the helper")
+            loop = asyncio.get_running_loop()
+            try:
+                await asyncio.wait_for(loop.sock_sendall(sock, data), self._timeout)
+                raw = await asyncio.wait_for(loop.sock_recv(sock, HELPER_REPLIES.max_bytes + 1), self._timeout)
+            except (OSError, TimeoutError) as exc:
+                self.close()
+                raise HelperUnavailable(f"helper {type(request).__name__}: {type(exc).__name__}") from exc
+            if not raw:
+                self.close()
+                raise HelperUnavailable("the helper closed the connection")
+            try:
+                reply = HELPER_REPLIES.decode_untrusted(raw)
+            except DecodeError as exc:
+                self.close()
+                raise HelperUnavailable(f"bad reply from the helper: {exc}") from None
+        if isinstance(reply, Failed):
+            raise HelperFailed(reply.code, reply.reason)
+        if not isinstance(reply, reply_type):
+            self.close()
+            raise HelperUnavailable(
+                f"helper answered {type(request).__name__} with {type(reply).__name__},"
+                f" expected {reply_type.__name__}"
+            )
+        return reply
+
+    # ---- stubs, one per request ---------------------------------------------
+
+    async def hello(self) -> Welcome:
+        welcome = await self.request_expect(Hello(role=Role.CONTROLLER, protocol=HELPER_PROTOCOL), Welcome)
+        if welcome.protocol != HELPER_PROTOCOL or welcome.role is not Role.CONTROLLER:
+            self.close()
+            raise HelperUnavailable(
+                f"helper speaks protocol {welcome.protocol} as {welcome.role}, need {HELPER_PROTOCOL} as controller"
+            )
+        self.uid = welcome.uid
+        return welcome
+
+    async def create_network(
+        self,
+        *,
+        name: str,
+        ifname: str,
+        mtu: int,
+        addresses: Iterable[str],
+        queues: int,
+        worker_uid: int,
+        adopt: bool = False,
+    ) -> NetworkCreated:
+        req = CreateNetwork(
+            name=name,
+            ifname=ifname,
+            mtu=mtu,
+            addresses=tuple(addresses),
+            queues=queues,
+            worker_uid=worker_uid,
+            adopt=adopt,
+        )
+        return await self.request_expect(req, NetworkCreated)
+
+    async def add_routes(
+        self, name: str, routes: Iterable[str], *, metric: int, allow_default: bool
+    ) -> RoutesChanged:
+        req = AddRoutes(name=name, routes=tuple(routes), metric=metric, allow_default=allow_default)
+        return await self.request_expect(req, RoutesChanged)
+
+    async def remove_routes(self, name: str, routes: Iterable[str]) -> RoutesChanged:
+        return await self.request_expect(RemoveRoutes(name=name, routes=tuple(routes)), RoutesChanged)
+
+    async def destroy_network(self, name: str) -> NetworkDestroyed:
+        return await self.request_expect(DestroyNetwork(name=name), NetworkDestroyed)
+
+    async def list_networks(self) -> tuple[NetworkInfo, ...]:
+        return (await self.request_expect(ListNetworks(), NetworkList)).networks

@@ -1,0 +1,137 @@
+"""Peer-advertised routes: what to accept and what to ask the helper for.
+
+Pure. The worker of each queue forwards the peer's full advertised state as
+`PeerRoutes(session, epoch, routes)` on READY and on every ROUTE_UPDATE.
+
+Rules
+-----
+* Per queue, the newest ``(session, epoch)`` wins; a message with an equal or
+  older pair is stale and ignored. A worker restart starts its session count
+  again, so the caller calls `RouteTable.reset_queue` when a queue's worker
+  is respawned (the routes stay installed until the new session says
+  otherwise).
+* A route is accepted only when the network has ``install_routes`` on, it is
+  inside one of ``accepted_routes`` and, for a default route (``/0``), only
+  with ``allow_default_route``. Refused routes are reported with a reason.
+* What should be installed is the union of the accepted routes of every
+  queue. `RouteTable.changes` compares it with what the helper says is
+  installed and returns the routes to add and to remove: a route the peer
+  withdrew is removed; `withdraw_all` (network going down) removes all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from collections.abc import Iterable
+
+from l3ptp.controller.config import IPNetwork, NetworkConfig
+
+__all__ = ["Refused", "RouteChanges", "RouteTable", "RouteUpdate", "accept_routes"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Refused:
+    route: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RouteUpdate:
+    """Result of one accepted (not stale) PeerRoutes."""
+
+    accepted: frozenset[IPNetwork]
+    refused: tuple[Refused, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RouteChanges:
+    add: tuple[IPNetwork, ...] = ()
+    remove: tuple[IPNetwork, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.add or self.remove)
+
+
+def _sort_key(net: IPNetwork) -> tuple[int, int, int]:
+    return (net.version, int(net.network_address), net.prefixlen)
+
+
+def accept_routes(net: NetworkConfig, advertised: Iterable[str]) -> RouteUpdate:
+    """Split advertised prefixes (strings from the bus) into accepted and refused."""
+    accepted: set[IPNetwork] = set()
+    refused: list[Refused] = []
+    for text in advertised:
+        try:
+            route = ipaddress.ip_network(text, strict=True)
+        except ValueError:
+            refused.append(Refused(text, "not a valid prefix"))
+            continue
+        if not net.install_routes:
+            refused.append(Refused(text, "install_routes is off"))
+        elif route.prefixlen == 0 and not net.allow_default_route:
+            refused.append(Refused(text, "default route and allow_default_route is off"))
+        elif not any(route.version == a.version and route.subnet_of(a) for a in net.accepted_routes):  # type: ignore[arg-type]
+            refused.append(Refused(text, "outside accepted_routes"))
+        else:
+            accepted.add(route)
+    return RouteUpdate(frozenset(accepted), tuple(refused))
+
+
+@dataclasses.dataclass(slots=True)
+class _QueueRoutes:
+    key: tuple[int, int] | None = None
+    routes: frozenset[IPNetwork] = frozenset()
+
+
+class RouteTable:
+    """The routes one network wants, from its queues' newest peer state."""
+
+    def __init__(self, net: NetworkConfig) -> None:
+        self.net = net
+        self._queues: dict[int, _QueueRoutes] = {}
+        #: What the helper last reported as installed (RoutesChanged.routes).
+        self.installed: frozenset[IPNetwork] = frozenset()
+        #: Refusals of the newest update per queue, for status and logs.
+        self.refused: dict[int, tuple[Refused, ...]] = {}
+
+    def on_peer_routes(self, queue: int, session: int, epoch: int, routes: Iterable[str]) -> RouteUpdate | None:
+        """Apply one PeerRoutes. None when stale (an older or equal (session, epoch))."""
+        q = self._queues.setdefault(queue, _QueueRoutes())
+        key = (session, epoch)
+        if q.key is not None and key <= q.key:
+            return None
+        update = accept_routes(self.net, routes)
+        q.key, q.routes = key, update.accepted
+        self.refused[queue] = update.refused
+        return update
+
+    def reset_queue(self, queue: int) -> None:
+        """A new worker serves `queue`: its first session is not stale."""
+        q = self._queues.get(queue)
+        if q is not None:
+            q.key = None
+
+    def desired(self) -> frozenset[IPNetwork]:
+        out: set[IPNetwork] = set()
+        for q in self._queues.values():
+            out |= q.routes
+        return frozenset(out)
+
+    def changes(self) -> RouteChanges:
+        """Routes to add and remove so that the installed set matches `desired`."""
+        want = self.desired()
+        return RouteChanges(
+            tuple(sorted(want - self.installed, key=_sort_key)),
+            tuple(sorted(self.installed - want, key=_sort_key)),
+        )
+
+    def set_installed(self, routes: Iterable[str | IPNetwork]) -> None:
+        self.installed = frozenset(ipaddress.ip_network(r) for r in routes)
+
+    def withdraw_all(self) -> RouteChanges:
+        """Forget every queue's routes (network going down); remove all installed."""
+        self._queues.clear()
+        self.refused.clear()
+        return self.changes()

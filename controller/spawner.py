@@ -1,0 +1,90 @@
+"""Starting and reaping worker processes, behind the `Spawner` seam.
+
+The controller only ever asks a `Spawner` to start a worker (with the
+encoded `WorkerConfig` for its stdin), to signal a pid, and gets told about
+exits through the `on_exit(pid, returncode)` callback given at construction.
+Tests use tests/support/fake_spawner.py instead (supervisor's ``options.fork``
+seam, but injected, not patched).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+__all__ = ["ExitCallback", "ProcessSpawner", "Spawner", "worker_argv"]
+
+ExitCallback = Callable[[int, int | None], None]
+
+
+class Spawner(Protocol):
+    async def spawn(self, network: str, queue: int, stdin_data: bytes) -> int:
+        """Start the worker of `network`/`queue`, write `stdin_data`, close stdin; return its pid.
+
+        Raises OSError when the process cannot be started.
+        """
+        ...
+
+    def signal(self, pid: int, sig: int) -> None:
+        """Send `sig` to `pid` if it is still ours and alive (never raises)."""
+        ...
+
+    def live_pids(self) -> set[int]: ...
+
+
+def worker_argv(network: str, queue: int) -> list[str]:
+    return [sys.executable, "-m", "l3ptp.worker", "--network", network, "--queue", str(queue)]
+
+
+class ProcessSpawner:
+    """Real subprocesses via asyncio; reaps each one and reports its exit."""
+
+    def __init__(self, on_exit: ExitCallback, argv: Callable[[str, int], Sequence[str]] = worker_argv) -> None:
+        self._on_exit = on_exit
+        self._argv = argv
+        self._procs: dict[int, asyncio.subprocess.Process] = {}
+        self._reapers: set[asyncio.Task[None]] = set()
+
+    async def spawn(self, network: str, queue: int, stdin_data: bytes) -> int:
+        proc = await asyncio.create_subprocess_exec(
+            *self._argv(network, queue), stdin=asyncio.subprocess.PIPE, start_new_session=True
+        )
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(stdin_data)
+            await proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # it died at once; the reaper reports the exit
+        finally:
+            proc.stdin.close()
+        self._procs[proc.pid] = proc
+        task = asyncio.get_running_loop().create_task(self._reap(proc))
+        self._reapers.add(task)
+        task.add_done_callback(self._reapers.discard)
+        return proc.pid
+
+    async def _reap(self, proc: asyncio.subprocess.Process) -> None:
+        rc = await proc.wait()
+        self._procs.pop(proc.pid, None)
+        self._on_exit(proc.pid, rc)
+
+    def signal(self, pid: int, sig: int) -> None:
+        proc = self._procs.get(pid)
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+
+    def live_pids(self) -> set[int]:
+        return set(self._procs)
+
+    async def kill_all(self) -> None:
+        """Last resort at exit: SIGKILL what is left and reap it."""
+        for pid in list(self._procs):
+            self.signal(pid, signal.SIGKILL)
+        if self._reapers:
+            await asyncio.gather(*self._reapers, return_exceptions=True)

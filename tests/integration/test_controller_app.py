@@ -1,0 +1,392 @@
+"""A real Controller (zmq sockets, asyncio) with the fake helper and fake spawner.
+
+Workers are simulated by zmq DEALER sockets that speak BUS_UP, exactly like
+worker/app.py's control link; the CLI is the real `l3ptp` code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import zmq
+import zmq.asyncio
+
+from l3ptp.controller import cli
+from l3ptp.controller.app import Controller
+from l3ptp.controller.config import Config, parse_config
+from l3ptp.ipc.constants import RESTART_BACKOFF_MIN
+from l3ptp.ipc.control_messages import (
+    BUS_UP,
+    NetworkState,
+    PeerRoutes,
+    SessionState,
+    WorkerHello,
+    WorkerStatus,
+)
+from l3ptp.ipc.helper_messages import AddRoutes, CreateNetwork, DestroyNetwork, RemoveRoutes
+from tests.support.fake_helper import FakeHelper
+from tests.support.fake_spawner import FakeSpawner
+from tests.unit.test_config import config, lab, office
+
+KEY = bytes(range(32))
+
+
+def make_config(runtime: str, networks: dict[str, Any] | None = None) -> Config:
+    nets = networks if networks is not None else {"office": office(queues=2, accepted_routes=["198.19.8.0/21"])}
+    return parse_config(
+        config(
+            nets,
+            controller={"runtime_dir": runtime, "helper_socket": os.path.join(runtime, "helper.sock")},
+            metrics={"enabled": False},
+        )
+    )
+
+
+class Env:
+    def __init__(self, controller: Controller, helper: FakeHelper, runtime: str) -> None:
+        self.controller = controller
+        self.helper = helper
+        self.runtime = runtime
+        self.ctx = zmq.asyncio.Context()
+        self.workers: dict[int, zmq.asyncio.Socket] = {}
+
+    @property
+    def spawner(self) -> FakeSpawner:
+        assert isinstance(self.controller.spawner, FakeSpawner)
+        return self.controller.spawner
+
+    def worker(self, pid: int) -> zmq.asyncio.Socket:
+        if pid not in self.workers:
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(f"ipc://{self.controller.bus_path}")
+            self.workers[pid] = sock
+        return self.workers[pid]
+
+    async def say(self, pid: int, msg: Any) -> None:
+        await self.worker(pid).send(BUS_UP.encode(msg))
+
+    async def report(self, pid: int, state: SessionState = SessionState.ESTABLISHED, packets: int = 10) -> None:
+        proc = self.spawner.processes[pid]
+        await self.say(
+            pid,
+            WorkerStatus(
+                network=proc.network,
+                queue=proc.queue,
+                pid=pid,
+                state=state,
+                peer="198.18.0.2:4433",
+                rtt_ms=1.5,
+                mtu=1280,
+                counters={"tun_rx_packets": packets, "tun_rx_bytes": packets * 100},
+                drops={"dgram_bad_header": 1},
+                queue_depth=0,
+                seq_lost=0,
+                sessions=1,
+                last_error="",
+            ),
+        )
+
+    async def cli(self, *argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        rc = await asyncio.to_thread(cli.main, ["--runtime-dir", self.runtime, *argv], out=out, err=err)
+        return rc, out.getvalue(), err.getvalue()
+
+    def close(self) -> None:
+        for sock in self.workers.values():
+            sock.close(linger=0)
+        self.ctx.term()
+
+
+async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        if loop.time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+@asynccontextmanager
+async def running(
+    networks: dict[str, Any] | None = None,
+    config_path: str | None = None,
+    prefill: Callable[[FakeHelper], None] | None = None,
+) -> AsyncIterator[Env]:
+    # Short path: AF_UNIX paths are limited to 107 bytes.
+    with tempfile.TemporaryDirectory(prefix="l3c-") as tmp:
+        runtime = os.path.join(tmp, "run")
+        os.mkdir(runtime)
+        helper = FakeHelper()
+        if prefill is not None:
+            prefill(helper)
+        await helper.serve_path(os.path.join(runtime, "helper.sock"))
+        controller = Controller(
+            make_config(runtime, networks),
+            config_path=config_path,
+            spawner_factory=FakeSpawner,
+            key_loader=lambda path: KEY,
+        )
+        task = asyncio.create_task(controller.run())
+        await asyncio.wait_for(controller.ready.wait(), 5)
+        env = Env(controller, helper, runtime)
+        try:
+            yield env
+        finally:
+            controller.request_stop()
+            await asyncio.wait_for(task, 10)
+            env.close()
+            await helper.close()
+
+
+def run(body: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(body(), 30))
+
+
+def test_up_status_restart_routes_and_clean_shutdown() -> None:
+    async def body() -> None:
+        async with running() as env:
+            procs = env.spawner.live("office")
+            assert sorted(p.queue for p in procs) == [0, 1]
+            cfg0 = procs[0].config
+            assert cfg0.bus_endpoint == f"ipc://{env.controller.bus_path}"
+            assert cfg0.private_key == KEY and cfg0.network == "office"
+            assert len(env.helper.networks) == 1
+            assert oct(os.stat(env.runtime).st_mode & 0o777) == "0o750"
+            assert oct(os.stat(env.controller.control_path).st_mode & 0o777) == "0o660"
+
+            for p in procs:
+                await env.say(p.pid, WorkerHello(network="office", queue=p.queue, pid=p.pid))
+                await env.report(p.pid)
+            await until(lambda: len(env.controller.networks["office"].reports) == 2)
+
+            rc, out, err = await env.cli("status")
+            assert rc == 0, err
+            assert "network: office" in out and "state: up" in out and "20 packets" in out
+            rc, out, _ = await env.cli("status", "--json")
+            data = json.loads(out)
+            net = data["networks"][0]
+            assert net["state"] == "up" and net["counters"]["tun_rx_packets"] == 20
+            assert net["drops"] == {"dgram_bad_header": 2}
+            assert [q["pid"] for q in net["queues"]] == [p.pid for p in procs]
+
+            # peer routes: one allowed, one refused; then withdrawn
+            await env.say(
+                procs[0].pid,
+                PeerRoutes(
+                    network="office",
+                    queue=0,
+                    session=1,
+                    epoch=1,
+                    routes=("198.19.8.0/24", "10.0.0.0/8"),
+                    tunnel_addresses=(),
+                ),
+            )
+            await until(lambda: env.helper.networks["office"].routes == ["198.19.8.0/24"])
+            add = [r for r in env.helper.requests if isinstance(r, AddRoutes)]
+            assert add[-1].routes == ("198.19.8.0/24",)
+            # stale epoch ignored
+            await env.say(
+                procs[0].pid,
+                PeerRoutes(network="office", queue=0, session=1, epoch=0, routes=(), tunnel_addresses=()),
+            )
+            await env.say(
+                procs[0].pid,
+                PeerRoutes(network="office", queue=0, session=1, epoch=2, routes=(), tunnel_addresses=()),
+            )
+            await until(lambda: env.helper.networks["office"].routes == [])
+            assert sum(isinstance(r, RemoveRoutes) for r in env.helper.requests) == 1
+
+            # a crashed worker is restarted with a fresh ticket and counted
+            crashed = procs[1]
+            env.spawner.crash(crashed.pid, 1)
+            await until(lambda: len(env.spawner.live("office")) == 2, timeout=RESTART_BACKOFF_MIN + 5)
+            new = next(p for p in env.spawner.live("office") if p.queue == 1)
+            assert new.pid != crashed.pid and new.config.ticket != crashed.config.ticket
+            rc, out, _ = await env.cli("status", "--json")
+            assert json.loads(out)["networks"][0]["restarts"] == 1
+
+            # bad frames are counted, never fatal
+            await env.worker(procs[0].pid).send(b"\x00garbage")
+            await until(lambda: env.controller.bus is not None and env.controller.bus.bad_frames == 1)
+
+            rc, out, err = await env.cli("down", "office")
+            assert rc == 0, err
+            assert env.spawner.live() == [] and env.helper.networks == {}
+            rc, out, _ = await env.cli("status")
+            assert "state: down" in out
+            rc, out, err = await env.cli("up", "office")
+            assert rc == 0, err
+            assert len(env.spawner.live("office")) == 2
+            rc, _, err = await env.cli("up", "nosuch")
+            assert rc == cli.EXIT_FAILED and "no network 'nosuch'" in err
+            spawner = env.spawner
+        # after SIGTERM-equivalent stop: nothing left
+        assert spawner.live() == []
+        assert env.helper.networks == {}
+        assert not os.path.exists(env.controller.control_path)
+
+    run(body)
+
+
+def test_reload_applies_only_the_difference_and_rejects_invalid(tmp_path: Any) -> None:
+    async def body() -> None:
+        path = str(tmp_path / "l3ptp.toml")
+        async with running({"office": office(), "lab": lab()}, config_path=path) as env:
+            before = {p.network: p.pid for p in env.spawner.live()}
+
+            def write(text: str) -> None:
+                with open(path, "w") as fh:
+                    fh.write(text)
+
+            write("this is = = not toml")
+            rc, _, err = await env.cli("reload")
+            assert rc == cli.EXIT_FAILED and "nothing changed" in err and "TOML syntax error" in err
+            assert {p.network: p.pid for p in env.spawner.live()} == before
+
+            # lab removed, office changed (mtu), new network added; written as TOML
+            runtime = env.runtime
+            write(
+                f"""
+[node]
+id = "alpha"
+key_file = "/etc/l3ptp/node.key"
+[controller]
+runtime_dir = "{runtime}"
+helper_socket = "{runtime}/helper.sock"
+[metrics]
+enabled = false
+[networks.office]
+role = "listen"
+mtu = 1200
+local_ipv4 = "198.19.0.1/24"
+peer_ipv4 = "198.19.0.2/24"
+peer_key = "{office()["peer_key"]}"
+underlay = {{ local = "198.18.0.1", port = 4433 }}
+[networks.third]
+role = "connect"
+local_ipv4 = "198.19.3.1/24"
+peer_ipv4 = "198.19.3.2/24"
+peer_key = "{office()["peer_key"]}"
+underlay = {{ peer = "198.18.0.9", port = 5000 }}
+"""
+            )
+            rc, out, err = await env.cli("reload")
+            assert rc == 0, err
+            assert "added: third" in out and "removed: lab" in out and "changed: office" in out
+            live = {p.network: p for p in env.spawner.live()}
+            assert set(live) == {"office", "third"}
+            assert live["office"].pid != before["office"] and live["office"].config.mtu == 1200
+            assert set(env.helper.networks) == {"office", "third"}
+
+            # reload again with the same file: nothing is touched
+            pids = {p.pid for p in env.spawner.live()}
+            rc, out, _ = await env.cli("reload")
+            assert rc == 0 and "unchanged: office, third" in out
+            assert {p.pid for p in env.spawner.live()} == pids
+
+    run(body)
+
+
+def test_reconcile_destroys_unknown_networks_and_adopts_known() -> None:
+    """A restarted controller finds the helper's networks from its predecessor."""
+
+    def spec(name: str, ifname: str, queues: int) -> CreateNetwork:
+        return CreateNetwork(
+            name=name,
+            ifname=ifname,
+            mtu=1280,
+            addresses=("198.19.0.1/24",),
+            queues=queues,
+            worker_uid=os.getuid(),
+            adopt=False,
+        )
+
+    def prefill(helper: FakeHelper) -> None:
+        helper.handle(spec("stale", "l3p-stale", 1))
+        helper.handle(spec("office", "l3p-office", 2))
+        helper.requests.clear()
+
+    async def body() -> None:
+        async with running(prefill=prefill) as env:
+            assert set(env.helper.networks) == {"office"}
+            destroyed = [r.name for r in env.helper.requests if isinstance(r, DestroyNetwork)]
+            assert destroyed == ["stale"]
+            creates = [r for r in env.helper.requests if isinstance(r, CreateNetwork)]
+            assert creates and all(r.adopt for r in creates)
+            assert len(env.spawner.live("office")) == 2
+
+    run(body)
+
+
+def test_cli_errors_without_controller(tmp_path: Any) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    rc = cli.main(["--runtime-dir", str(tmp_path), "status"], out=out, err=err)
+    assert rc == cli.EXIT_UNREACHABLE and "not running" in err.getvalue()
+    # a socket file nobody answers on: timeout message
+    sock_path = tmp_path / "control.sock"
+    sock_path.touch()
+    err = io.StringIO()
+    rc = cli.main(["--socket", str(sock_path), "--timeout", "0.2", "status"], out=out, err=err)
+    assert rc == cli.EXIT_UNREACHABLE and "did not answer" in err.getvalue()
+
+
+def test_cli_permission_denied(tmp_path: Any) -> None:
+    """A caller who may not use the socket gets a clear error, not a silent hang."""
+    sock_path = tmp_path / "control.sock"
+    sock_path.touch()
+    os.chmod(sock_path, 0o660)
+    if os.geteuid() != 0:
+        os.chmod(sock_path, 0o000)
+        err = io.StringIO()
+        rc = cli.main(["--socket", str(sock_path), "status"], out=io.StringIO(), err=err)
+        assert rc == cli.EXIT_UNREACHABLE and "permission denied" in err.getvalue()
+        return
+    # As root: fork, become "nobody" (neither owner nor in the group) and run the real command.
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns into pytest
+        code = 99
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            err = io.StringIO()
+            code = cli.main(["--socket", str(sock_path), "status"], out=io.StringIO(), err=err)
+            os.write(write_end, err.getvalue().encode())
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end) as fh:
+        message = fh.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == cli.EXIT_UNREACHABLE, message
+    assert "permission denied" in message and "admin_group" in message
+
+
+def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["--help"], ["status", "--help"], ["up", "--help"], ["down", "--help"], ["reload", "--help"], ["keygen", "--help"]):
+        with pytest.raises(SystemExit) as info:
+            cli.main(argv)
+        assert info.value.code == 0
+        assert "usage: l3ptp" in capsys.readouterr().out
+
+
+def test_keygen_writes_a_private_key_and_prints_its_fingerprint(tmp_path: Any) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    key = tmp_path / "node.key"
+    assert cli.main(["keygen", "--out", str(key)], out=out, err=err) == 0, err.getvalue()
+    assert out.getvalue().startswith("SHA256:") and len(out.getvalue().strip()) == 50
+    assert os.stat(key).st_mode & 0o777 == 0o600
+    # never overwrites
+    assert cli.main(["keygen", "--out", str(key)], out=io.StringIO(), err=err) == cli.EXIT_FAILED
+    assert "exists" in err.getvalue()

@@ -1,0 +1,191 @@
+"""An in-process fake of the privileged helper for controller tests.
+
+`FakeHelper` keeps networks and routes in memory and answers the controller's
+requests (Hello, CreateNetwork, AddRoutes, RemoveRoutes, DestroyNetwork,
+ListNetworks) over a real AF_UNIX SOCK_SEQPACKET socket, decoding with
+`HELPER_REQUESTS.decode_untrusted` like the real helper. Tests can:
+
+* inspect `requests` (every decoded request, in order) and `networks`;
+* make the next request of a type fail: ``fail_next[CreateNetwork] = (code, reason)``;
+* send raw bytes instead of the reply: ``raw_next = b"..."``;
+* go silent: ``mute = True``.
+
+Use `socketpair()` for a connected pair, or `serve_path(path)` to listen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import secrets
+import socket
+from typing import Any
+
+from l3ptp.ipc.constants import TICKET_BYTES, TICKET_TTL
+from l3ptp.ipc.errors import DecodeError, ErrorCode
+from l3ptp.ipc.helper_messages import (
+    HELPER_PROTOCOL,
+    HELPER_REPLIES,
+    HELPER_REQUESTS,
+    AddRoutes,
+    CreateNetwork,
+    DestroyNetwork,
+    Failed,
+    Hello,
+    ListNetworks,
+    NetworkCreated,
+    NetworkDestroyed,
+    NetworkInfo,
+    NetworkList,
+    RemoveRoutes,
+    RoutesChanged,
+    Welcome,
+)
+from l3ptp.ipc.schema import Message
+
+
+@dataclasses.dataclass
+class FakeNetwork:
+    spec: CreateNetwork
+    ifindex: int
+    routes: list[str] = dataclasses.field(default_factory=list)
+
+    def info(self) -> NetworkInfo:
+        s = self.spec
+        return NetworkInfo(
+            name=s.name,
+            ifname=s.ifname,
+            ifindex=self.ifindex,
+            mtu=s.mtu,
+            queues=s.queues,
+            addresses=s.addresses,
+            routes=tuple(self.routes),
+            worker_uid=s.worker_uid,
+        )
+
+
+class FakeHelper:
+    def __init__(self, uid: int = 1000) -> None:
+        self.uid = uid
+        self.networks: dict[str, FakeNetwork] = {}
+        self.requests: list[Message] = []
+        self.fail_next: dict[type[Message], tuple[ErrorCode, str]] = {}
+        self.raw_next: bytes | None = None
+        self.mute = False
+        self.bad_frames = 0
+        self._ifindex = 100
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._listener: socket.socket | None = None
+
+    # ---- the request table -----------------------------------------------------
+
+    def handle(self, req: Message) -> Message:
+        self.requests.append(req)
+        fail = self.fail_next.pop(type(req), None)
+        if fail is not None:
+            return Failed(code=fail[0], reason=fail[1])
+        if isinstance(req, Hello):
+            return Welcome(role=req.role, protocol=HELPER_PROTOCOL, uid=self.uid)
+        if isinstance(req, CreateNetwork):
+            return self._create(req)
+        if isinstance(req, AddRoutes | RemoveRoutes):
+            net = self.networks.get(req.name)
+            if net is None:
+                return Failed(code=ErrorCode.NOT_FOUND, reason=f"no network {req.name}")
+            if isinstance(req, AddRoutes):
+                net.routes.extend(r for r in req.routes if r not in net.routes)
+            else:
+                net.routes[:] = [r for r in net.routes if r not in req.routes]
+            return RoutesChanged(name=req.name, routes=tuple(net.routes))
+        if isinstance(req, DestroyNetwork):
+            net = self.networks.pop(req.name, None)
+            if net is None:
+                return Failed(code=ErrorCode.NOT_FOUND, reason=f"no network {req.name}")
+            return NetworkDestroyed(name=req.name, routes_removed=tuple(net.routes))
+        if isinstance(req, ListNetworks):
+            return NetworkList(networks=tuple(n.info() for n in self.networks.values()))
+        return Failed(code=ErrorCode.NOT_PERMITTED, reason=f"{type(req).__name__} not allowed for the controller")
+
+    def _create(self, req: CreateNetwork) -> Message:
+        old = self.networks.get(req.name)
+        adopted = False
+        if old is not None:
+            if not (req.adopt and dataclasses.replace(old.spec, adopt=req.adopt) == req):
+                return Failed(code=ErrorCode.EXISTS, reason=f"network {req.name} exists")
+            adopted = True
+        else:
+            self._ifindex += 1
+            self.networks[req.name] = FakeNetwork(req, self._ifindex)
+        net = self.networks[req.name]
+        return NetworkCreated(
+            name=req.name,
+            ifname=req.ifname,
+            ifindex=net.ifindex,
+            tickets=tuple(secrets.token_urlsafe(TICKET_BYTES) for _ in range(req.queues)),
+            ticket_ttl=TICKET_TTL,
+            adopted=adopted,
+        )
+
+    # ---- transport ---------------------------------------------------------------
+
+    async def serve(self, sock: socket.socket) -> None:
+        """Answer requests on one connected socket until EOF."""
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                data = await loop.sock_recv(sock, HELPER_REQUESTS.max_bytes + 1)
+                if not data:
+                    return
+                try:
+                    req = HELPER_REQUESTS.decode_untrusted(data)
+                except DecodeError:
+                    self.bad_frames += 1
+                    return  # like the real helper: a bad client is dropped
+                reply = self.handle(req)
+                if self.mute:
+                    continue
+                raw, self.raw_next = self.raw_next, None
+                await loop.sock_sendall(sock, raw if raw is not None else HELPER_REPLIES.encode(reply))
+        except (ConnectionError, OSError):
+            return
+        finally:
+            sock.close()
+
+    def socketpair(self) -> socket.socket:
+        """Start serving one end of a new pair; return the client end."""
+        client, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._spawn(self.serve(server))
+        return client
+
+    async def serve_path(self, path: str) -> None:
+        """Listen on `path` (accepting in the background) until `close()`."""
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        listener.bind(path)
+        listener.listen(8)
+        listener.setblocking(False)
+        self._listener = listener
+        self._spawn(self._accept_loop(listener))
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = await loop.sock_accept(listener)
+                self._spawn(self.serve(conn))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -1,0 +1,71 @@
+"""Unit tests for l3ptp.controller.plan (pure)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from l3ptp.controller.config import Config, parse_config
+from l3ptp.controller.plan import Plan, diff
+from tests.unit.test_config import config, lab, office
+
+
+def cfg(networks: dict[str, Any], **sections: Any) -> Config:
+    return parse_config(config(networks, **sections))
+
+
+def test_first_start_adds_everything() -> None:
+    new = cfg({"office": office(), "lab": lab()})
+    assert diff(None, new) == Plan(added=("office", "lab"))
+
+
+def test_same_config_changes_nothing() -> None:
+    a = cfg({"office": office(), "lab": lab()})
+    b = cfg({"office": office(), "lab": lab()})
+    plan = diff(a, b)
+    assert plan == Plan(unchanged=("office", "lab"))
+    assert plan.empty
+
+
+def test_add_remove_change_and_keep_in_one_reload() -> None:
+    old = cfg({"office": office(), "lab": lab()})
+    new = cfg(
+        {
+            "office": office(mtu=1200),
+            "lab2": lab(local_ipv6="fd00:19:2::1/64", peer_ipv6="fd00:19:2::2/64"),
+        }
+    )
+    plan = diff(old, new)
+    assert plan.added == ("lab2",)
+    assert plan.removed == ("lab",)
+    assert plan.changed == ("office",)
+    assert plan.unchanged == ()
+    assert "added: lab2" in plan.summary() and "removed: lab" in plan.summary()
+
+
+def test_enabling_or_disabling_is_a_change() -> None:
+    old = cfg({"office": office(), "lab": lab()})
+    new = cfg({"office": office(enabled=False), "lab": lab()})
+    plan = diff(old, new)
+    assert plan.changed == ("office",) and plan.unchanged == ("lab",)
+
+
+def test_worker_globals_change_every_network() -> None:
+    old = cfg({"office": office(), "lab": lab()})
+    new = cfg({"office": office(), "lab": lab()}, node={"id": "beta", "key_file": "/etc/l3ptp/node.key"})
+    assert diff(old, new).changed == ("office", "lab")
+    new2 = cfg({"office": office(), "lab": lab()}, controller={"status_interval": 0.5})
+    assert diff(old, new2).changed == ("office", "lab")
+
+
+def test_controller_only_settings_need_a_restart_but_change_no_network() -> None:
+    old = cfg({"office": office()})
+    new = cfg({"office": office()}, controller={"runtime_dir": "/run/other"}, metrics={"port": 9999})
+    plan = diff(old, new)
+    assert plan.unchanged == ("office",)
+    assert plan.restart_required == ("controller.runtime_dir", "metrics")
+    assert not plan.empty
+    assert "needs a controller restart" in plan.summary()
+
+
+def test_empty_summary() -> None:
+    assert Plan().summary() == "no networks"
