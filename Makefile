@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Debian packages the test suite and the demo use.
-DEBS := iproute2 iputils-ping iperf3 procps
+DEBS := iproute2 iputils-ping iperf3 procps systemd dpkg-dev debhelper lintian fakeroot gcc python3.11-dev python3-pip python3-setuptools python3-wheel
 
 .PHONY: test demo deps venv clean
 
