@@ -3,8 +3,11 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Debian's interpreter: the demo runs the controller and workers as other,
+# unprivileged uids, which cannot run an interpreter kept under /root (pyenv).
+PYTHON_BASE ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || command -v python3)
 # Debian packages the test suite and the demo use.
-DEBS := iproute2 iputils-ping iperf3 procps systemd dpkg-dev debhelper lintian fakeroot gcc python3.11-dev python3-pip python3-setuptools python3-wheel
+DEBS := iproute2 iputils-ping iperf3 procps systemd dpkg-dev debhelper lintian fakeroot gcc python3.11-dev python3-pip python3-setuptools python3-wheel python3-venv
 
 .PHONY: test demo deps venv clean
 
@@ -17,7 +20,7 @@ deps:
 	fi
 
 $(VENV)/.installed: pyproject.toml
-	python3 -m venv $(VENV)
+	$(PYTHON_BASE) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade 'pip>=23' 'setuptools>=68' wheel
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
