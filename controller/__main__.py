@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     except HelperError as exc:
         print(f"l3ptp-controller: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # prctl refused, runtime directory or socket unusable
+        print(f"l3ptp-controller: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -4,9 +4,12 @@ Shell (I/O). Decisions live in the pure modules: `supervision` (restart,
 fail, kill), `plan` (reload), `routes` (what to install), `status` (what to
 report). This module carries out their actions:
 
-* at start: create the runtime directory (0750), bind the worker bus
-  (``workers.sock``) and the CLI socket (``control.sock``, 0660, group
-  ``admin_group``), connect to the helper, reconcile with its list of
+* at start (`serve`): PR_SET_NO_NEW_PRIVS=1 (inherited by the workers) and
+  PR_SET_DUMPABLE=0 (`harden_process`);
+* then: create the runtime directory (0711: searchable, not listable),
+  bind the worker bus (``workers.sock``, 0600) and the CLI socket
+  (``control.sock``, 0660, group ``admin_group``), connect to the helper,
+  reconcile with its list of
   networks (networks no longer configured and enabled are destroyed, the
   others adopted), then bring every enabled network up;
 * per network: ``CreateNetwork(adopt=True)`` (which also yields fresh
@@ -23,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import grp
 import os
 import pwd
@@ -67,17 +72,42 @@ from l3ptp.ipc.control_messages import (
 from l3ptp.ipc.errors import ErrorCode
 from l3ptp.ipc.types import PeerRole
 
-__all__ = ["Controller", "WORKERS_SOCKET", "CONTROL_SOCKET"]
+__all__ = ["Controller", "WORKERS_SOCKET", "CONTROL_SOCKET", "RUNTIME_DIR_MODE", "harden_process"]
 
 WORKERS_SOCKET = "workers.sock"
 CONTROL_SOCKET = "control.sock"
 HEARTBEAT_INTERVAL = 1.0
+#: The runtime directory: others may reach a socket by name but not list the
+#: directory; each socket's own mode is the gate (control.sock 0660 group
+#: admin_group, workers.sock 0600). Matches the unit's RuntimeDirectoryMode.
+RUNTIME_DIR_MODE = 0o711
+CONTROL_SOCKET_MODE = 0o660
+WORKERS_SOCKET_MODE = 0o600
+
+_PR_SET_DUMPABLE = 4
+_PR_SET_NO_NEW_PRIVS = 38
 
 log = structlog.get_logger("l3ptp.controller")
 
 KeyLoader = Callable[[str], bytes]
 HelperConnect = Callable[[str], Any]  # async (path) -> HelperClient
 SpawnerFactory = Callable[[ExitCallback], Spawner]
+
+
+def harden_process() -> None:
+    """PR_SET_NO_NEW_PRIVS=1 and PR_SET_DUMPABLE=0 for this process.
+
+    no_new_privs survives fork and execve, so every worker starts with it
+    (the worker sets it again itself). Not dumpable: no core file with keys,
+    and other processes of the same user cannot ptrace the controller or
+    read its /proc/<pid>/mem, environ or fds. Raises OSError if refused.
+    """
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    for option, value in ((_PR_SET_NO_NEW_PRIVS, 1), (_PR_SET_DUMPABLE, 0)):
+        args = [ctypes.c_ulong(a) for a in (option, value, 0, 0, 0)]
+        if libc.prctl(*args) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"prctl({option}, {value}) failed: {os.strerror(err)}")
 
 
 def load_key_raw(path: str) -> bytes:
@@ -153,13 +183,14 @@ class Controller:
 
     async def run(self) -> None:
         """Run until `request_stop()` (SIGTERM), then shut everything down."""
-        os.makedirs(self.runtime_dir, mode=0o750, exist_ok=True)
-        os.chmod(self.runtime_dir, 0o750)
+        os.makedirs(self.runtime_dir, mode=RUNTIME_DIR_MODE, exist_ok=True)
+        os.chmod(self.runtime_dir, RUNTIME_DIR_MODE)
         self._ctx = zmq.asyncio.Context()
         try:
-            self.bus = Router(self._ctx, self.bus_path, BUS_UP, BUS_DOWN, mode=0o600)
-            self.cli = Router(self._ctx, self.control_path, CLI_REQUESTS, CLI_REPLIES, mode=0o660)
-            self._chgrp(self.control_path)
+            self.bus = Router(self._ctx, self.bus_path, BUS_UP, BUS_DOWN, mode=WORKERS_SOCKET_MODE)
+            self.cli = Router(
+                self._ctx, self.control_path, CLI_REQUESTS, CLI_REPLIES, mode=CONTROL_SOCKET_MODE, group=self._admin_gid()
+            )
             self.helper = await self._helper_connect(self.config.controller.helper_socket)
             await self._reconcile()
             for net in self.config.networks:
@@ -212,14 +243,16 @@ class Controller:
         if kill_all is not None:
             await kill_all()
 
-    def _chgrp(self, path: str) -> None:
+    def _admin_gid(self) -> int | None:
+        """The gid of admin_group, None when unset or unknown (logged)."""
         group = self.config.controller.admin_group
         if not group:
-            return
+            return None
         try:
-            os.chown(path, -1, grp.getgrnam(group).gr_gid)
-        except (KeyError, PermissionError) as exc:
-            log.error("admin_group_not_applied", group=group, error=str(exc))
+            return grp.getgrnam(group).gr_gid
+        except KeyError:
+            log.error("admin_group_not_applied", group=group, error="no such group")
+            return None
 
     def _spawn_task(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -555,6 +588,7 @@ class Controller:
 
 async def serve(config_path: str) -> int:
     """Entry point used by __main__: load, run, map signals."""
+    harden_process()
     config = load_config(config_path)
     controller = Controller(config, config_path=config_path)
     loop = asyncio.get_running_loop()

@@ -27,8 +27,21 @@ class Router:
     """A bound ROUTER that decodes `inbound` and encodes `outbound` messages."""
 
     def __init__(
-        self, ctx: zmq.asyncio.Context, path: str, inbound: Channel, outbound: Channel, *, mode: int | None = None
+        self,
+        ctx: zmq.asyncio.Context,
+        path: str,
+        inbound: Channel,
+        outbound: Channel,
+        *,
+        mode: int | None = None,
+        group: int | None = None,
     ) -> None:
+        """Bind `path`; it is created 0600 (umask), then chgrp `group`, then chmod `mode`.
+
+        So nobody but the owner can connect before the final mode is set. A
+        failed chgrp (the controller is not a member of the group) is logged
+        as ``admin_group_not_applied`` and the socket keeps its group.
+        """
         self.path = path
         self.inbound = inbound
         self.outbound = outbound
@@ -39,7 +52,16 @@ class Router:
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         if os.path.exists(path):
             os.unlink(path)  # a stale socket from a previous controller
-        self.sock.bind(f"ipc://{path}")
+        old_umask = os.umask(0o177)
+        try:
+            self.sock.bind(f"ipc://{path}")
+        finally:
+            os.umask(old_umask)
+        if group is not None:
+            try:
+                os.chown(path, -1, group)
+            except OSError as exc:
+                log.error("admin_group_not_applied", socket=path, gid=group, error=str(exc))
         if mode is not None:
             os.chmod(path, mode)
 

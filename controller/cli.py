@@ -1,14 +1,19 @@
 """`l3ptp`: the operator command. It talks only to the controller.
 
 Transport: a ZeroMQ DEALER to the controller's ROUTER at
-``<runtime_dir>/control.sock``. ZeroMQ connects silently, so before
-connecting the CLI checks that the socket file exists (else: the controller
-is not running) and that the caller may read and write it (else: permission
-denied, with the hint to join the admin group). A request without a reply
+``<runtime_dir>/control.sock``. The runtime directory is ``--runtime-dir``
+if given, else ``[controller] runtime_dir`` of the configuration file
+(``--config``, default ``/etc/l3ptp/l3ptp.toml``) when the caller can read
+it, else ``RUNTIME_DIR_DEFAULT`` (``/run/l3ptp/ctl``); ``--socket``
+overrides all of them. ZeroMQ connects silently, so before connecting the
+CLI checks that the socket file exists (else: the controller is not running)
+and that the caller may read and write it (else: permission denied, with the
+hint to join the admin group). A request without a reply
 within ``--timeout`` seconds is reported as "not answering".
 
 Exit status: 0 success, 1 the controller refused or the command failed,
-2 usage error, 3 the controller is unreachable (not running, permission).
+2 usage error (including an explicit ``--config`` that cannot be read),
+3 the controller is unreachable (not running, permission).
 """
 
 from __future__ import annotations
@@ -19,12 +24,21 @@ import enum
 import json
 import os
 import sys
+import tomllib
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from l3ptp.ipc.constants import RUNTIME_DIR_DEFAULT
+from l3ptp.ipc.constants import CONFIG_DEFAULT, RUNTIME_DIR_DEFAULT
 
-__all__ = ["ControllerUnreachable", "format_status", "main", "request", "status_json"]
+__all__ = [
+    "ControllerUnreachable",
+    "configured_runtime_dir",
+    "format_status",
+    "main",
+    "request",
+    "runtime_dir",
+    "status_json",
+]
 
 CONTROL_SOCKET = "control.sock"
 DEFAULT_TIMEOUT = 5.0
@@ -53,7 +67,7 @@ def request(socket_path: str, msg: Any, *, timeout: float = DEFAULT_TIMEOUT) -> 
     except FileNotFoundError:
         raise ControllerUnreachable(f"the controller is not running (no socket at {socket_path})") from None
     except PermissionError:
-        # The runtime directory is 0750: outsiders cannot even see the socket.
+        # A parent directory we may not search (the runtime directory itself is 0711).
         raise ControllerUnreachable(f"permission denied reaching {socket_path}: {hint}") from None
     except OSError as exc:
         raise ControllerUnreachable(f"cannot use {socket_path}: {exc.strerror or exc}") from None
@@ -157,8 +171,45 @@ def format_status(reply: Any, *, verbose: bool = False) -> str:
 # ---- commands ------------------------------------------------------------------
 
 
+class UsageError(Exception):
+    """Bad command line (exit status 2)."""
+
+
+def configured_runtime_dir(config_path: str, *, required: bool = False) -> str | None:
+    """``[controller] runtime_dir`` from the configuration file, if it can be read.
+
+    Only that one key is read (not the whole validation), so a file that is
+    being edited still tells where the controller is. A file without an
+    absolute runtime_dir gives the default. Returns None when the file cannot
+    be read (an operator outside the l3ptp group usually cannot read
+    /etc/l3ptp); with `required`, that raises `UsageError` instead.
+    """
+    try:
+        with open(config_path, "rb") as fh:
+            data = tomllib.load(fh)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        if required:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise UsageError(f"cannot read {config_path}: {reason}") from None
+        return None
+    section = data.get("controller")
+    value = section.get("runtime_dir") if isinstance(section, dict) else None
+    if isinstance(value, str) and value.startswith("/") and "\0" not in value:
+        return value
+    return RUNTIME_DIR_DEFAULT  # not set: the controller uses the default too
+
+
+def runtime_dir(args: argparse.Namespace) -> str:
+    """--runtime-dir, else the configuration's runtime_dir, else the default."""
+    if args.runtime_dir:
+        return str(args.runtime_dir)
+    explicit = args.config is not None
+    found = configured_runtime_dir(args.config if explicit else CONFIG_DEFAULT, required=explicit)
+    return found or RUNTIME_DIR_DEFAULT
+
+
 def _socket_path(args: argparse.Namespace) -> str:
-    return args.socket or os.path.join(args.runtime_dir, CONTROL_SOCKET)
+    return args.socket or os.path.join(runtime_dir(args), CONTROL_SOCKET)
 
 
 def _result(reply: Any, out: TextIO, err: TextIO) -> int:
@@ -229,7 +280,11 @@ def _cmd_keygen(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="l3ptp", description="Operate the l3ptp controller.")
-    parser.add_argument("--runtime-dir", default=RUNTIME_DIR_DEFAULT, help="controller runtime directory")
+    parser.add_argument(
+        "--runtime-dir",
+        help=f"controller runtime directory (default: runtime_dir of --config if readable, else {RUNTIME_DIR_DEFAULT})",
+    )
+    parser.add_argument("--config", help=f"configuration file to take runtime_dir from (default {CONFIG_DEFAULT})")
     parser.add_argument("--socket", help="controller CLI socket (default <runtime-dir>/control.sock)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for a reply")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -259,6 +314,9 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
     except ControllerUnreachable as exc:
         print(f"l3ptp: {exc}", file=err)
         return EXIT_UNREACHABLE
+    except UsageError as exc:
+        print(f"l3ptp: {exc}", file=err)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

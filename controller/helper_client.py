@@ -22,8 +22,9 @@ import asyncio
 import os
 import socket
 from collections.abc import Iterable
-from typing import Final, TypeVar
+from typing import TypeVar
 
+from l3ptp.ipc.constants import HELPER_TIMEOUT
 from l3ptp.ipc.errors import DecodeError, ErrorCode
 from l3ptp.ipc.helper_messages import (
     HELPER_PROTOCOL,
@@ -47,9 +48,6 @@ from l3ptp.ipc.helper_messages import (
 from l3ptp.ipc.schema import Message
 
 __all__ = ["HELPER_TIMEOUT", "HelperClient", "HelperError", "HelperFailed", "HelperUnavailable"]
-
-#: Seconds to wait for one helper reply (local; see docs/controller.md).
-HELPER_TIMEOUT: Final = 10.0
 
 _R = TypeVar("_R", bound=Message)
 

@@ -53,6 +53,7 @@ from l3ptp.ipc.constants import (
     RESTART_BACKOFF_MIN,
     RESTART_MAX_IN_WINDOW,
     RESTART_WINDOW,
+    STOP_GRACE,
     WORKER_STATUS_TIMEOUT,
 )
 
@@ -69,11 +70,6 @@ __all__ = [
     "WorkerState",
     "backoff_delay",
 ]
-
-#: Seconds between Terminate (Shutdown + SIGTERM) and Kill (SIGKILL).
-#: Local to the controller for now; belongs in ipc/constants (see docs/controller.md).
-STOP_GRACE: Final = 5.0
-
 
 class SupervisionError(Exception):
     """A transition not in the table: a bug in the caller, never bad input."""

@@ -101,6 +101,10 @@ ROUTE_METRIC_DEFAULT = 100
 SOCKET_MARK_DEFAULT = 0x4C33
 RULE_PRIORITY_DEFAULT = 5157
 
+#: A helper client that has not sent Hello this many seconds after connecting
+#: is dropped (and audited); everyone else keeps being served.
+HELPER_HELLO_TIMEOUT = 5.0
+
 #: Single-use fd tickets.
 TICKET_BYTES = 24
 TICKET_TTL = 30.0
@@ -108,6 +112,11 @@ TICKET_TTL = 30.0
 #: Worker data path.
 TUN_READ_BATCH = 64
 UDP_RECV_BATCH = 64
+#: UDP GSO: at most this many segments per sendmsg (the kernel's
+#: UDP_MAX_SEGMENTS is 64) and this many bytes (an IPv4/IPv6 payload must
+#: stay below 65535 with headers).
+UDP_GSO_MAX_SEGMENTS = 64
+UDP_GSO_MAX_BYTES = 65000
 DATAGRAM_QUEUE_MAX = 256
 STATUS_INTERVAL = 1.0
 #: Controller treats a worker silent for this long as dead.
@@ -120,9 +129,16 @@ RESTART_BACKOFF_MIN = 0.5
 RESTART_BACKOFF_MAX = 30.0
 RESTART_WINDOW = 60.0
 RESTART_MAX_IN_WINDOW = 5
+#: Seconds between asking a worker to stop (Shutdown + SIGTERM) and SIGKILL.
+STOP_GRACE = 5.0
+#: Seconds the controller waits for one reply of the helper.
+HELPER_TIMEOUT = 10.0
 
 #: Defaults for paths.
-RUNTIME_DIR_DEFAULT = "/run/l3ptp"
+#: The controller's own directory (control.sock, workers.sock): the
+#: controller unit's RuntimeDirectory=l3ptp/ctl. /run/l3ptp itself belongs to
+#: root and holds the helper socket.
+RUNTIME_DIR_DEFAULT = "/run/l3ptp/ctl"
 HELPER_SOCKET_DEFAULT = "/run/l3ptp/helper.sock"
 HELPER_POLICY_DEFAULT = "/etc/l3ptp/helper-policy.toml"
 CONFIG_DEFAULT = "/etc/l3ptp/l3ptp.toml"

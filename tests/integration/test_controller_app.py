@@ -160,8 +160,9 @@ def test_up_status_restart_routes_and_clean_shutdown() -> None:
             assert cfg0.bus_endpoint == f"ipc://{env.controller.bus_path}"
             assert cfg0.private_key == KEY and cfg0.network == "office"
             assert len(env.helper.networks) == 1
-            assert oct(os.stat(env.runtime).st_mode & 0o777) == "0o750"
+            assert oct(os.stat(env.runtime).st_mode & 0o777) == "0o711"
             assert oct(os.stat(env.controller.control_path).st_mode & 0o777) == "0o660"
+            assert oct(os.stat(env.controller.bus_path).st_mode & 0o777) == "0o600"
 
             for p in procs:
                 await env.say(p.pid, WorkerHello(network="office", queue=p.queue, pid=p.pid))

@@ -67,6 +67,10 @@ def test_controller_process_serves_status_and_exits_on_sigterm() -> None:
                 assert time.monotonic() < deadline, "controller did not come up"
                 time.sleep(0.1)
             assert "no networks configured" in out.getvalue()
+            # Without --runtime-dir the CLI finds the socket through the configuration file.
+            via_config = io.StringIO()
+            assert cli.main(["--config", config, "status"], out=via_config, err=io.StringIO()) == 0
+            assert f"pid {proc.pid}" in via_config.getvalue()
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
                 body = resp.read().decode()
             names = {f.name for f in text_string_to_metric_families(body)}

@@ -11,6 +11,15 @@ ListNetworks) over a real AF_UNIX SOCK_SEQPACKET socket, decoding with
 * go silent: ``mute = True``.
 
 Use `socketpair()` for a connected pair, or `serve_path(path)` to listen.
+
+With ``FakeHelper(tuns=True)`` it also serves real worker processes: each
+created network gets one `FakeTun` per queue (``networks[name].tuns``, kept
+across worker restarts like the real helper keeps its queue fds), every
+ticket it hands out is remembered, and a connection that said
+``Hello(role=worker)`` may ``ClaimQueue`` (answered with `QueueGranted` and a
+dup of the queue's fake TUN fd as SCM_RIGHTS; a ticket works once) and
+``ProtectSocket`` (answered with `SocketProtected`, the socket is not
+touched). The test plays the kernel on ``tuns[q].host``.
 """
 
 from __future__ import annotations
@@ -18,17 +27,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import secrets
 import socket
 from typing import Any
 
-from l3ptp.ipc.constants import TICKET_BYTES, TICKET_TTL
+from l3ptp.ipc.constants import HELPER_MESSAGE_MAX, SOCKET_MARK_DEFAULT, TICKET_BYTES, TICKET_TTL
 from l3ptp.ipc.errors import DecodeError, ErrorCode
 from l3ptp.ipc.helper_messages import (
     HELPER_PROTOCOL,
     HELPER_REPLIES,
     HELPER_REQUESTS,
     AddRoutes,
+    ClaimQueue,
     CreateNetwork,
     DestroyNetwork,
     Failed,
@@ -38,11 +49,17 @@ from l3ptp.ipc.helper_messages import (
     NetworkDestroyed,
     NetworkInfo,
     NetworkList,
+    ProtectSocket,
+    QueueGranted,
     RemoveRoutes,
+    Role,
     RoutesChanged,
+    SocketProtected,
     Welcome,
 )
 from l3ptp.ipc.schema import Message
+
+from .fake_tun import FakeTun
 
 
 @dataclasses.dataclass
@@ -50,6 +67,11 @@ class FakeNetwork:
     spec: CreateNetwork
     ifindex: int
     routes: list[str] = dataclasses.field(default_factory=list)
+    tuns: list[FakeTun] = dataclasses.field(default_factory=list)
+
+    def close(self) -> None:
+        for tun in self.tuns:
+            tun.close()
 
     def info(self) -> NetworkInfo:
         s = self.spec
@@ -66,8 +88,12 @@ class FakeNetwork:
 
 
 class FakeHelper:
-    def __init__(self, uid: int = 1000) -> None:
+    def __init__(self, uid: int = 1000, *, tuns: bool = False) -> None:
         self.uid = uid
+        self.with_tuns = tuns
+        #: ticket -> (network, queue); a claimed ticket is removed.
+        self.tickets: dict[str, tuple[str, int]] = {}
+        self.claims: list[tuple[str, int]] = []
         self.networks: dict[str, FakeNetwork] = {}
         self.requests: list[Message] = []
         self.fail_next: dict[type[Message], tuple[ErrorCode, str]] = {}
@@ -102,6 +128,8 @@ class FakeHelper:
             net = self.networks.pop(req.name, None)
             if net is None:
                 return Failed(code=ErrorCode.NOT_FOUND, reason=f"no network {req.name}")
+            net.close()
+            self.tickets = {t: nq for t, nq in self.tickets.items() if nq[0] != req.name}
             return NetworkDestroyed(name=req.name, routes_removed=tuple(net.routes))
         if isinstance(req, ListNetworks):
             return NetworkList(networks=tuple(n.info() for n in self.networks.values()))
@@ -116,16 +144,38 @@ class FakeHelper:
             adopted = True
         else:
             self._ifindex += 1
-            self.networks[req.name] = FakeNetwork(req, self._ifindex)
+            tuns = [FakeTun() for _ in range(req.queues)] if self.with_tuns else []
+            self.networks[req.name] = FakeNetwork(req, self._ifindex, tuns=tuns)
         net = self.networks[req.name]
+        tickets = tuple(secrets.token_urlsafe(TICKET_BYTES) for _ in range(req.queues))
+        for queue, ticket in enumerate(tickets):
+            self.tickets[ticket] = (req.name, queue)
         return NetworkCreated(
             name=req.name,
             ifname=req.ifname,
             ifindex=net.ifindex,
-            tickets=tuple(secrets.token_urlsafe(TICKET_BYTES) for _ in range(req.queues)),
+            tickets=tickets,
             ticket_ttl=TICKET_TTL,
             adopted=adopted,
         )
+
+    def handle_worker(self, req: Message) -> tuple[Message, list[int]]:
+        """A request on a connection that said Hello(role=worker): reply and fds to pass."""
+        self.requests.append(req)
+        if isinstance(req, Hello):
+            return Welcome(role=req.role, protocol=HELPER_PROTOCOL, uid=self.uid), []
+        if isinstance(req, ClaimQueue):
+            claim = self.tickets.pop(req.ticket, None)
+            net = self.networks.get(claim[0]) if claim is not None else None
+            if claim is None or net is None or not net.tuns:
+                return Failed(code=ErrorCode.EXPIRED, reason="unknown or used ticket"), []
+            name, queue = claim
+            self.claims.append(claim)
+            granted = QueueGranted(name=name, ifname=net.spec.ifname, queue=queue, mtu=net.spec.mtu)
+            return granted, [net.tuns[queue].worker_fd]
+        if isinstance(req, ProtectSocket):
+            return SocketProtected(mark=SOCKET_MARK_DEFAULT), []
+        return Failed(code=ErrorCode.NOT_PERMITTED, reason=f"{type(req).__name__} not allowed for a worker"), []
 
     # ---- transport ---------------------------------------------------------------
 
@@ -133,9 +183,10 @@ class FakeHelper:
         """Answer requests on one connected socket until EOF."""
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
+        role: Role | None = None
         try:
             while True:
-                data = await loop.sock_recv(sock, HELPER_REQUESTS.max_bytes + 1)
+                data = await _recv_closing_fds(loop, sock)
                 if not data:
                     return
                 try:
@@ -143,11 +194,21 @@ class FakeHelper:
                 except DecodeError:
                     self.bad_frames += 1
                     return  # like the real helper: a bad client is dropped
-                reply = self.handle(req)
+                if role is None and isinstance(req, Hello):
+                    role = req.role
+                fds: list[int] = []
+                if role is Role.WORKER:
+                    reply, fds = self.handle_worker(req)
+                else:
+                    reply = self.handle(req)
                 if self.mute:
                     continue
                 raw, self.raw_next = self.raw_next, None
-                await loop.sock_sendall(sock, raw if raw is not None else HELPER_REPLIES.encode(reply))
+                out = raw if raw is not None else HELPER_REPLIES.encode(reply)
+                if fds:
+                    socket.send_fds(sock, [out], fds)  # one small packet: never EAGAIN in practice
+                else:
+                    await loop.sock_sendall(sock, out)
         except (ConnectionError, OSError):
             return
         finally:
@@ -189,3 +250,24 @@ class FakeHelper:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        for net in self.networks.values():
+            net.close()
+
+
+async def _recv_closing_fds(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
+    """One packet; fds that came with it (ProtectSocket) are closed at once."""
+    while True:
+        try:
+            data, fds, _, _ = socket.recv_fds(sock, max(HELPER_MESSAGE_MAX, HELPER_REQUESTS.max_bytes) + 1, 4)
+        except BlockingIOError:
+            ready = loop.create_future()
+            loop.add_reader(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+            try:
+                await ready
+            finally:
+                loop.remove_reader(sock.fileno())
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        return data

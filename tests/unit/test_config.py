@@ -336,8 +336,16 @@ def test_config_without_networks_is_valid() -> None:
     assert parse_config(data) == Config(node=NodeConfig(id="alpha", key_file="/etc/l3ptp/node.key"))
 
 
+def test_default_runtime_dir_is_the_controller_units_not_the_helpers() -> None:
+    # The controller unit has RuntimeDirectory=l3ptp/ctl; /run/l3ptp is root's (helper socket).
+    assert RUNTIME_DIR_DEFAULT == "/run/l3ptp/ctl"
+    assert RUNTIME_DIR_DEFAULT != str(Path(HELPER_SOCKET_DEFAULT).parent)
+    assert parse_config(config()).controller.runtime_dir == "/run/l3ptp/ctl"
+
+
 def test_example_file_parses() -> None:
     cfg = load_config(EXAMPLE)
+    assert cfg.controller.runtime_dir == RUNTIME_DIR_DEFAULT
     assert len(cfg.networks) == 1
     net = cfg.networks[0]
     assert net.role == "listen"
