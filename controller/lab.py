@@ -13,8 +13,8 @@ production host does:
 The uids come from the range systemd keeps for dynamic users and are picked
 free (no passwd entry, no process), so nothing is added to the system. The
 tunnel is dual-stack (198.19.0.0/16 and fd00::/8) with ``queues`` queues;
-host B has an extra prefix on its loopback that it advertises, and host A
-accepts it, so the installed route is exercised too.
+each host has a prefix on its loopback that it advertises and the other
+accepts, so installed routes are exercised too.
 
 No ``ip`` command anywhere: namespaces through pyroute2.netns, links and
 addresses through netlink, processes enter their namespace with setns(2) in
@@ -60,9 +60,15 @@ UNDERLAY = ("198.18.0.1", "198.18.0.2")
 UNDERLAY_PREFIXLEN = 24
 OVERLAY4 = ("198.19.0.1", "198.19.0.2")
 OVERLAY6 = ("fd00:19::1", "fd00:19::2")
-#: Behind host B (on its loopback), advertised by B and accepted by A.
-REMOTE4 = "198.19.20.1"
-REMOTE6 = "fd00:19:20::1"
+#: Addresses behind each host (on its loopback), advertised by it and
+#: accepted by the other, so each side installs a route for the other's.
+BEHIND = {"a": ("198.19.10.1", "fd00:19:10::1"), "b": ("198.19.20.1", "fd00:19:20::1")}
+REMOTE4, REMOTE6 = BEHIND["b"]
+
+
+def behind_prefixes(name: str) -> list[str]:
+    v4, v6 = BEHIND[name]
+    return [v4.rsplit(".", 1)[0] + ".0/24", v6.rsplit("::", 1)[0] + "::/64"]
 BASE_PORT = 4433
 NETWORK = "demo"
 
@@ -332,9 +338,9 @@ class Lab:
                     # The peer is reachable only through a default route, so
                     # a tunnel default route would loop without the fwmark rule.
                     ipr.route("add", dst="0.0.0.0/0", oif=idx, scope=253)
-                if host is self.b:
-                    ipr.addr("add", index=lo, address=REMOTE4, prefixlen=32)
-                    ipr.addr("add", index=lo, address=REMOTE6, prefixlen=128)
+                v4, v6 = BEHIND[host.name]
+                ipr.addr("add", index=lo, address=v4, prefixlen=32)
+                ipr.addr("add", index=lo, address=v6, prefixlen=128)
         self.say(f"underlay veth {self.a.underlay} <-> {self.b.underlay}")
 
     def _write_files(self) -> None:
@@ -377,8 +383,8 @@ class Lab:
                 "peer_ipv4": f"{peer.overlay4}/30",
                 "local_ipv6": f"{host.overlay6}/64",
                 "peer_ipv6": f"{peer.overlay6}/64",
-                "advertised_routes": [f"{REMOTE4[:-2]}.0/24", "fd00:19:20::/64"] if host is self.b else [],
-                "accepted_routes": [f"{REMOTE4[:-2]}.0/24", "fd00:19:20::/64"] if host is self.a else [],
+                "advertised_routes": behind_prefixes(host.name),
+                "accepted_routes": behind_prefixes(peer.name),
                 "keepalive_interval": 1.0,
                 "peer_key": peer.fingerprint,
             }
@@ -562,6 +568,56 @@ class Lab:
         return {"helper": host.procs["helper"].pid if "helper" in host.procs else None,
                 "controller": ctl.pid if ctl else None, "workers": workers}
 
+    def cli(self, host: Host, *args: str, timeout: float = 30.0) -> tuple[int, str, str]:
+        """Run the real `l3ptp` CLI against `host`'s controller: (exit status, stdout, stderr)."""
+        import io
+
+        from l3ptp.controller.cli import main as cli_main
+
+        out, err = io.StringIO(), io.StringIO()
+        code = cli_main(["--runtime-dir", host.runtime_dir, "--timeout", str(timeout), *args], out=out, err=err)
+        return code, out.getvalue(), err.getvalue()
+
+    def links(self, host: Host) -> dict[str, dict[str, Any]]:
+        """Links inside `host`: name -> {index, mtu, up, rx_packets, tx_packets}."""
+        from pyroute2 import NetNS
+
+        out = {}
+        with NetNS(host.netns) as ipr:
+            for link in ipr.get_links():
+                stats = link.get_attr("IFLA_STATS64") or {}
+                out[link.get_attr("IFLA_IFNAME")] = {
+                    "index": link["index"], "mtu": link.get_attr("IFLA_MTU"), "up": bool(link["flags"] & 1),
+                    "rx_packets": stats.get("rx_packets", 0), "tx_packets": stats.get("tx_packets", 0),
+                }
+        return out
+
+    def routes(self, host: Host, *, proto: int | None = None) -> list[dict[str, Any]]:
+        """IPv4 and IPv6 unicast routes inside `host` (all tables), optionally only those of `proto`."""
+        from pyroute2 import NetNS
+
+        out = []
+        with NetNS(host.netns) as ipr:
+            names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+            for family in (socket.AF_INET, socket.AF_INET6):
+                for r in ipr.get_routes(family=family):  # every table
+                    if r["type"] != 1 or (proto is not None and r["proto"] != proto):
+                        continue
+                    dst = r.get_attr("RTA_DST") or ("0.0.0.0" if family == socket.AF_INET else "::")
+                    out.append({"dst": f"{dst}/{r['dst_len']}", "proto": r["proto"], "table": r.get_attr("RTA_TABLE"),
+                                "dev": names.get(r.get_attr("RTA_OIF"), "")})
+        return out
+
+    def add_address(self, host: Host, address: str) -> None:
+        """Put `address` (a host address) on `host`'s loopback."""
+        import ipaddress
+
+        from pyroute2 import NetNS
+
+        ip = ipaddress.ip_address(address)
+        with NetNS(host.netns) as ipr:
+            ipr.addr("add", index=ipr.link_lookup(ifname="lo")[0], address=address, prefixlen=ip.max_prefixlen)
+
     # ---- running tools inside the hosts ---------------------------------------------
 
     def run(self, host: Host, argv: Sequence[str], *, timeout: float = 30.0, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -601,11 +657,11 @@ class Lab:
         finally:
             if proc.poll() is None:
                 proc.terminate()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(5)
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait(5)
+            try:
+                proc.communicate(timeout=5)  # also closes the pipes
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate(timeout=5)
             host.procs.pop(f"tool-{proc.pid}", None)
 
     def _listening(self, host: Host, port: int) -> bool:
@@ -658,7 +714,8 @@ class Lab:
                 proc = host.procs[what]
                 if proc.poll() is None:
                     proc.kill()
-                    proc.wait(5)
+                with contextlib.suppress(Exception):
+                    proc.communicate(timeout=5)
         with contextlib.suppress(Exception):
             self.stop()
         from pyroute2 import netns
