@@ -77,6 +77,8 @@ __all__ = ["Controller", "WORKERS_SOCKET", "CONTROL_SOCKET", "RUNTIME_DIR_MODE",
 WORKERS_SOCKET = "workers.sock"
 CONTROL_SOCKET = "control.sock"
 HEARTBEAT_INTERVAL = 1.0
+#: Seconds between liveness probes of the helper (ListNetworks).
+HELPER_PROBE_INTERVAL = 2.0
 #: The runtime directory: others may reach a socket by name but not list the
 #: directory; each socket's own mode is the gate (control.sock 0660 group
 #: admin_group, workers.sock 0600). Matches the unit's RuntimeDirectoryMode.
@@ -199,6 +201,7 @@ class Controller:
             self._spawn_task(self._run_bus())
             self._spawn_task(self._run_cli())
             self._spawn_task(self._run_timers())
+            self._spawn_task(self._run_helper_watch())
             self.metrics_snapshot = self.status(verbose=True)
             m = self.config.metrics
             if m.enabled:
@@ -276,6 +279,41 @@ class Controller:
         if self.helper is None or self.helper.closed:
             self.helper = await self._helper_connect(self.config.controller.helper_socket)
         return self.helper
+
+    async def _run_helper_watch(self) -> None:
+        """Notice a lost helper, reconnect, and rebuild what a restarted helper no longer has.
+
+        A helper that restarts (crash, upgrade) reconciles at start: it deletes
+        every interface and route no live network owns, so the networks this
+        controller runs are gone from the kernel while their workers still
+        hold dead queue fds. Every HELPER_PROBE_INTERVAL the controller asks
+        the helper for its networks; once the helper answers again, each
+        network of ours it does not know is restarted (workers stopped,
+        network created anew, workers spawned with fresh tickets, routes
+        re-added as the peer re-announces them).
+        """
+        lost = False
+        while True:
+            await asyncio.sleep(HELPER_PROBE_INTERVAL)
+            async with self._ops:
+                try:
+                    helper = await self._ensure_helper()
+                    known = {info.name for info in await helper.list_networks()}
+                except HelperError as exc:
+                    if not lost:
+                        log.error("helper_lost", error=str(exc))
+                    lost = True
+                    continue
+                if lost:
+                    log.info("helper_reconnected")
+                    lost = False
+                for name, rt in list(self.networks.items()):
+                    if name in known or not rt.tickets:
+                        continue  # the helper has it, or it was never created
+                    log.warning("network_lost_by_helper", network=name)
+                    net = rt.net
+                    await self._bring_down(name, "the helper no longer has this network")
+                    await self._bring_up(net)
 
     async def _reconcile(self) -> None:
         helper = await self._ensure_helper()
