@@ -1,24 +1,23 @@
-"""`l3ptp-helper`: argv, policy, capability check, reconcile, serve. Nothing else."""
+"""`l3ptp-helper`: argv, policy, capability check, hardening, reconcile, serve. Nothing else."""
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import signal
-import socket
 import sys
 import time
 
 from l3ptp.ipc.constants import HELPER_POLICY_DEFAULT
 from l3ptp.ipc.logsetup import configure
 
-from .audit import audit
-from .dispatch import Dispatcher
+from .dispatch import Dispatcher, audit
 from .netops import Host
 from .policy import PolicyError, load_policy
 from .server import Server, open_listener, systemd_listener
 from .state import State
 
-CAP_NET_ADMIN = 12
+CAP_NET_ADMIN, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 12, 4, 38
 
 
 def missing_capabilities(status_path: str = "/proc/self/status") -> str | None:
@@ -33,6 +32,15 @@ def missing_capabilities(status_path: str = "/proc/self/status") -> str | None:
     return None
 
 
+def harden() -> None:
+    """no_new_privs (nothing this process could exec gains privilege) and not dumpable (no core
+    file, no ptrace or /proc access to its memory and fds by other processes of its uid)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for option, value in ((PR_SET_NO_NEW_PRIVS, 1), (PR_SET_DUMPABLE, 0)):
+        if libc.prctl(option, value, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), f"prctl({option}, {value}) failed")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="l3ptp-helper", description="l3ptp privileged helper")
     parser.add_argument("--policy", default=HELPER_POLICY_DEFAULT, help="root-owned policy file (TOML)")
@@ -41,16 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     log = configure("helper")
     try:
-        policy = load_policy(args.policy)
+        policy, missing = load_policy(args.policy), missing_capabilities()
     except PolicyError as exc:
-        log.error("policy_invalid", reason=str(exc))
-        print(f"l3ptp-helper: {exc}", file=sys.stderr)
-        return 2
-    missing = missing_capabilities()
-    if missing:
-        log.error("capability_missing", reason=missing)
+        policy, missing = None, str(exc)
+    if policy is None or missing:
+        log.error("policy_invalid" if policy is None else "capability_missing", reason=missing)
         print(f"l3ptp-helper: {missing}", file=sys.stderr)
-        return 1
+        return 2 if policy is None else 1
+    harden()
     host = Host(policy)
     audit("reconcile", result="ok", when="start", **host.reconcile({}))
     if args.reconcile_only:
@@ -59,18 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     listener = systemd_listener() or open_listener(args.socket or policy.socket_path, policy.socket_group)
     dispatcher = Dispatcher(policy, State(), host, audit, time.monotonic)
     server = Server(dispatcher, listener)
-    stop = []
-    wake_r, wake_w = socket.socketpair()
-    wake_w.setblocking(False)
-    signal.set_wakeup_fd(wake_w.fileno())
+    stop: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.append(True))
-    server.sel.register(wake_r, 1)
+        signal.signal(sig, lambda signum, _: stop.append(signum))  # seen within one select timeout
     log.info("helper_ready", socket=listener.getsockname())
     try:
         server.serve(lambda: not stop)
     finally:
-        server.sel.unregister(wake_r)
         server.close()
         for net in list(dispatcher.state.networks.values()):
             audit("DestroyNetwork", result="ok", when="stop", network=net.name, ifname=net.ifname,

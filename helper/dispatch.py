@@ -1,16 +1,11 @@
-"""The closed request table (OpenSSH `mon_table` style). Pure.
+"""The closed request table (OpenSSH `mon_table` style), and the audit line. Pure.
 
-Theory of operation
--------------------
-Each connection is a `Session` holding the peer's SO_PEERCRED and, after
-Hello, its role. `Dispatcher.handle` looks the request type up in `TABLE`:
-a type that is not there, a request before Hello, a role not listed for it,
-or a second use of a once-only request raises `Violation`; the server then
-audits it and closes that one connection. Anything else reaches its handler.
-A handler either returns an `Outcome` (reply, plus the fd to pass along with
-a `QueueGranted`) or raises `Refused`, which becomes an ordinary `Failed`
-reply. Every privileged action and every refusal writes one audit record.
-The kernel is reached only through the injected `Kernel` protocol.
+A `Session` is one connection: the peer's SO_PEERCRED and, after Hello, its role. `handle` looks
+the request type up in `TABLE`; an unknown type, a request before Hello, a role not listed, a
+repeated once-only request, a bad Hello or ProtectSocket without exactly one fd is a `Violation`
+(audited; the server closes that connection). A handler returns an `Outcome` or raises `Refused`
+(a `Failed` reply). The kernel is the injected `kernel` (netops.Host; tests: a fake); its errors
+are OSError or Refused.
 """
 
 from __future__ import annotations
@@ -18,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import errno
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple
+
+import structlog
 
 from l3ptp.ipc.errors import ErrorCode
 from l3ptp.ipc.helper_messages import (
@@ -28,26 +25,20 @@ from l3ptp.ipc.helper_messages import (
 )
 from l3ptp.ipc.schema import Message
 
-from .policy import Policy
+from .policy import Policy, Refused, check_address, check_ifname, check_mtu, check_prefix
 from .state import Network, State
-from .validate import Refused, check_address, check_ifname, check_mtu, check_prefix
 
 
-class Kernel(Protocol):
-    """What the dispatcher may ask of the kernel (netops.Host in production)."""
-
-    def create_network(self, ifname: str, mtu: int, addresses: tuple[str, ...], queues: int) -> tuple[int, list[int]]: ...
-    def destroy_network(self, ifname: str, ifindex: int, fds: list[int], routes: list[str]) -> None: ...
-    def add_route(self, ifindex: int, prefix: str, metric: int) -> None: ...
-    def remove_route(self, ifindex: int, prefix: str) -> None: ...
-    def protect_socket(self, fd: int) -> None: ...
-
-
-Audit = Callable[..., None]
+def audit(action: str, *, peer: Any = None, result: str, role: Any = None, **fields: Any) -> None:
+    """One log line (event "audit") per privileged action and per refusal: the action, the peer's
+    uid and pid (None for the helper's own, such as reconcile), role, result (ok, refused,
+    violation, fds_discarded) and the objects touched."""
+    structlog.get_logger().info("audit", action=action, peer_uid=getattr(peer, "uid", None),
+                                peer_pid=getattr(peer, "pid", None), role=None if role is None else str(role),
+                                result=result, **fields)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Peer:
+class Peer(NamedTuple):
     pid: int
     uid: int
     gid: int
@@ -56,22 +47,21 @@ class Peer:
 @dataclasses.dataclass(slots=True)
 class Session:
     peer: Peer
+    since: float = 0.0  # when the connection was accepted (for the Hello timeout)
     role: Role | None = None
     used: set[type] = dataclasses.field(default_factory=set)
 
 
 class Violation(Exception):
-    """A protocol violation: the connection must be closed."""
+    """The connection must be closed."""
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
     reply: Message
     fd: int | None = None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Rule:
+class Rule(NamedTuple):
     handler: str
     roles: frozenset[Role] | None  # None: any (only Hello)
     once: bool = False
@@ -88,22 +78,19 @@ TABLE: dict[type, Rule] = {
     ClaimQueue: Rule("handle_claim_queue", _W, once=True),
     ProtectSocket: Rule("handle_protect_socket", _W),
 }
+_ERRNO_CODES = {errno.EBUSY: ErrorCode.BUSY, errno.EEXIST: ErrorCode.EXISTS, errno.ENOENT: ErrorCode.NOT_FOUND,
+                errno.ESRCH: ErrorCode.NOT_FOUND, errno.EPERM: ErrorCode.NOT_PERMITTED,
+                errno.EACCES: ErrorCode.NOT_PERMITTED}
 
 
 def _os_refusal(exc: OSError, what: str) -> Refused:
-    code = {
-        errno.EBUSY: ErrorCode.BUSY,
-        errno.EEXIST: ErrorCode.EXISTS,
-        errno.ENOENT: ErrorCode.NOT_FOUND,
-        errno.ESRCH: ErrorCode.NOT_FOUND,
-        errno.EPERM: ErrorCode.NOT_PERMITTED,
-        errno.EACCES: ErrorCode.NOT_PERMITTED,
-    }.get(exc.errno or 0, ErrorCode.SYSTEM)
-    return Refused(code, f"{what}: {errno.errorcode.get(exc.errno or 0, 'error')} {exc.strerror or exc}")
+    return Refused(_ERRNO_CODES.get(exc.errno or 0, ErrorCode.SYSTEM),
+                   f"{what}: {errno.errorcode.get(exc.errno or 0, 'error')} {exc.strerror or exc}")
 
 
 class Dispatcher:
-    def __init__(self, policy: Policy, state: State, kernel: Kernel, audit: Audit, clock: Callable[[], float]) -> None:
+    def __init__(self, policy: Policy, state: State, kernel: Any, audit: Callable[..., None],
+                 clock: Callable[[], float]) -> None:
         self.policy, self.state, self.kernel, self.audit, self.clock = policy, state, kernel, audit, clock
 
     def _audit(self, s: Session, action: str, result: str, **fields: Any) -> None:
@@ -113,50 +100,39 @@ class Dispatcher:
         """Audit a protocol violation; the caller closes the connection."""
         self._audit(s, action, "violation", reason=reason)
 
-    def handle(self, s: Session, req: Message, fds: Sequence[int] = ()) -> Outcome:
-        """Handle one decoded request with the `fds` received alongside it.
-
-        Never closes or keeps `fds` (the server closes them all afterwards).
-        Raises `Violation` (already audited) when the connection must close.
-        """
-        action = type(req).__name__
-        rule = TABLE.get(type(req))
-        reason = None
-        if rule is None:
-            reason = "request not in table"
-        elif s.role is None and type(req) is not Hello:
-            reason = "request before hello"
-        elif rule.roles is not None and s.role not in rule.roles:
-            reason = f"not allowed for role {s.role}"
-        elif rule.once and type(req) in s.used:
-            reason = "once-only request repeated"
-        elif type(req) is ProtectSocket and len(fds) != 1:
-            reason = f"expected exactly one fd, got {len(fds)}"
-        if reason is not None:
-            self.violation(s, action, reason)
-            raise Violation(reason)
-        assert rule is not None
-        s.used.add(type(req))
-        if fds and type(req) is not ProtectSocket:
-            self._audit(s, action, "fds_discarded", count=len(fds))
-        if type(req) is ProtectSocket:
-            return self.handle_protect_socket(s, fds[0])
+    def _kernel(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
         try:
-            return getattr(self, rule.handler)(s, req)
+            return fn(*args)
+        except OSError as exc:
+            raise _os_refusal(exc, what) from None
+
+    def handle(self, s: Session, req: Message, fds: Sequence[int] = ()) -> Outcome:
+        """Handle one decoded request and the `fds` received with it (never closed or kept here).
+        Raises `Violation` (already audited) when the connection must close."""
+        kind, action, rule = type(req), type(req).__name__, TABLE.get(type(req))
+        hello = req if isinstance(req, Hello) else None
+        uids = self.policy.controller_uids if hello and hello.role is Role.CONTROLLER else self.policy.worker_uids
+        reason = ("request not in table" if rule is None
+                  else "request before hello" if s.role is None and hello is None
+                  else f"not allowed for role {s.role}" if rule.roles is not None and s.role not in rule.roles
+                  else "once-only request repeated" if rule.once and kind in s.used
+                  else f"expected exactly one fd, got {len(fds)}" if kind is ProtectSocket and len(fds) != 1
+                  else f"protocol {hello.protocol} != {HELPER_PROTOCOL}" if hello and hello.protocol != HELPER_PROTOCOL
+                  else f"uid {s.peer.uid} may not act as {hello.role}" if hello and s.peer.uid not in uids
+                  else None)
+        if reason is not None or rule is None:
+            self.violation(s, action, reason or "")
+            raise Violation(reason)
+        s.used.add(kind)
+        if fds and kind is not ProtectSocket:
+            self._audit(s, action, "fds_discarded", count=len(fds))
+        try:
+            return getattr(self, rule.handler)(s, fds[0] if kind is ProtectSocket else req)
         except Refused as exc:
             self._audit(s, action, "refused", code=exc.code.name, reason=exc.reason)
             return Outcome(Failed(code=exc.code, reason=exc.reason[:500]))
 
-    # ---- handlers -----------------------------------------------------------
-
     def handle_hello(self, s: Session, req: Hello) -> Outcome:
-        allowed = self.policy.controller_uids if req.role is Role.CONTROLLER else self.policy.worker_uids
-        if req.protocol != HELPER_PROTOCOL:
-            self.violation(s, "Hello", f"protocol {req.protocol} != {HELPER_PROTOCOL}")
-            raise Violation("protocol mismatch")
-        if s.peer.uid not in allowed:
-            self.violation(s, "Hello", f"uid {s.peer.uid} may not act as {req.role}")
-            raise Violation("uid not allowed for role")
         s.role = req.role
         self._audit(s, "Hello", "ok")
         return Outcome(Welcome(role=req.role, protocol=HELPER_PROTOCOL, uid=s.peer.uid))
@@ -178,35 +154,36 @@ class Dispatcher:
             raise Refused(ErrorCode.OUT_OF_POLICY, f"uid {req.worker_uid} is not a worker uid")
         if req.queues > p.max_queues:
             raise Refused(ErrorCode.LIMIT, f"at most {p.max_queues} queues")
-        spec = (req.ifname, req.mtu, tuple(sorted(req.addresses)), req.queues, req.worker_uid)
+        net = Network(name=req.name, ifname=req.ifname, ifindex=0, mtu=req.mtu, addresses=tuple(req.addresses),
+                      queues=req.queues, worker_uid=req.worker_uid, fds=[])
         old = self.state.networks.get(req.name)
         if old is not None:
-            if req.adopt and old.spec() == spec:
+            if req.adopt and old.spec() == net.spec():
                 return self._created(s, old, adopted=True)
             raise Refused(ErrorCode.EXISTS, f"network {req.name} exists" + (" with another spec" if req.adopt else ""))
         if self.state.by_ifname(req.ifname) is not None:
             raise Refused(ErrorCode.EXISTS, f"interface {req.ifname} belongs to another network")
         if len(self.state.networks) >= p.max_networks:
             raise Refused(ErrorCode.LIMIT, f"at most {p.max_networks} networks")
-        try:
-            ifindex, fds = self.kernel.create_network(req.ifname, req.mtu, tuple(req.addresses), req.queues)
-        except OSError as exc:
-            raise _os_refusal(exc, f"create {req.ifname}") from None
-        net = Network(name=req.name, ifname=req.ifname, ifindex=ifindex, mtu=req.mtu, addresses=tuple(req.addresses),
-                      queues=req.queues, worker_uid=req.worker_uid, fds=fds)
+        net.ifindex, net.fds = self._kernel(f"create {req.ifname}", self.kernel.create_network, req.ifname, req.mtu,
+                                            net.addresses, req.queues)
         self.state.add(net)
         return self._created(s, net, adopted=False)
 
     def _network(self, name: str) -> Network:
-        net = self.state.networks.get(name)
-        if net is None:
-            raise Refused(ErrorCode.NOT_FOUND, f"no network {name}")
-        return net
+        if name in self.state.networks:
+            return self.state.networks[name]
+        raise Refused(ErrorCode.NOT_FOUND, f"no network {name}")
 
     def handle_claim_queue(self, s: Session, req: ClaimQueue) -> Outcome:
         net, queue = self.state.claim(req.ticket, s.peer.uid, self.clock())
         self._audit(s, "ClaimQueue", "ok", network=net.name, ifname=net.ifname, queue=queue)
         return Outcome(QueueGranted(name=net.name, ifname=net.ifname, queue=queue, mtu=net.mtu), fd=net.fds[queue])
+
+    def _ensure_rules(self, s: Session) -> None:
+        added = self._kernel("install rules", self.kernel.ensure_rules)
+        if added:
+            self._audit(s, "AddRules", "ok", rules=added)
 
     def handle_add_routes(self, s: Session, req: AddRoutes) -> Outcome:
         net = self._network(req.name)
@@ -215,15 +192,15 @@ class Dispatcher:
             check_prefix(r, self.policy, allow_default=req.allow_default)
         if len(net.routes) + len(new) > self.policy.max_routes:
             raise Refused(ErrorCode.LIMIT, f"at most {self.policy.max_routes} routes per network")
-        done: list[str] = []
-        try:
-            for r in new:
+        if new:
+            self._ensure_rules(s)
+        for i, r in enumerate(new):
+            try:
                 self.kernel.add_route(net.ifindex, r, req.metric)
-                done.append(r)
-        except OSError as exc:
-            for r in done:  # all or nothing
-                self.kernel.remove_route(net.ifindex, r)
-            raise _os_refusal(exc, f"add route {r}") from None
+            except OSError as exc:
+                for done in new[:i]:  # all or nothing
+                    self.kernel.remove_route(net.ifindex, done)
+                raise _os_refusal(exc, f"add route {r}") from None
         net.routes.update((r, req.metric) for r in new)
         self._audit(s, "AddRoutes", "ok", network=net.name, ifname=net.ifname, added=new)
         return Outcome(RoutesChanged(name=net.name, routes=tuple(net.routes)))
@@ -235,26 +212,15 @@ class Dispatcher:
             raise Refused(ErrorCode.NOT_FOUND, f"not routes of network {net.name}: {', '.join(foreign[:8])}")
         gone = list(dict.fromkeys(req.routes))
         for r in gone:
-            try:
-                self.kernel.remove_route(net.ifindex, r)
-            except OSError as exc:
-                if exc.errno != errno.ESRCH:
-                    raise _os_refusal(exc, f"remove route {r}") from None
+            self._kernel(f"remove route {r}", self.kernel.remove_route, net.ifindex, r)
             del net.routes[r]
         self._audit(s, "RemoveRoutes", "ok", network=net.name, ifname=net.ifname, removed=gone)
         return Outcome(RoutesChanged(name=net.name, routes=tuple(net.routes)))
 
     def handle_protect_socket(self, s: Session, fd: int) -> Outcome:
         """ProtectSocket with its one received fd (the server closes its copy after)."""
-        try:
-            self.kernel.protect_socket(fd)
-        except Refused as exc:
-            self._audit(s, "ProtectSocket", "refused", code=exc.code.name, reason=exc.reason)
-            return Outcome(Failed(code=exc.code, reason=exc.reason))
-        except OSError as exc:
-            r = _os_refusal(exc, "protect socket")
-            self._audit(s, "ProtectSocket", "failed", code=r.code.name, reason=r.reason)
-            return Outcome(Failed(code=r.code, reason=r.reason))
+        self._kernel("protect socket", self.kernel.protect_socket, fd)
+        self._ensure_rules(s)
         self._audit(s, "ProtectSocket", "ok", mark=self.policy.socket_mark)
         return Outcome(SocketProtected(mark=self.policy.socket_mark))
 
@@ -266,17 +232,11 @@ class Dispatcher:
 
     def handle_destroy_network(self, s: Session, req: DestroyNetwork) -> Outcome:
         net = self._network(req.name)
-        try:
-            routes = self.destroy(net)
-        except OSError as exc:
-            raise _os_refusal(exc, f"destroy {net.ifname}") from None
+        routes = self._kernel(f"destroy {net.ifname}", self.destroy, net)
         self._audit(s, "DestroyNetwork", "ok", network=net.name, ifname=net.ifname, routes_removed=routes)
         return Outcome(NetworkDestroyed(name=net.name, routes_removed=tuple(routes)))
 
     def handle_list_networks(self, s: Session, req: ListNetworks) -> Outcome:
-        infos = tuple(
-            NetworkInfo(name=n.name, ifname=n.ifname, ifindex=n.ifindex, mtu=n.mtu, queues=n.queues,
-                        addresses=n.addresses, routes=tuple(n.routes), worker_uid=n.worker_uid)
-            for n in self.state.networks.values()
-        )
-        return Outcome(NetworkList(networks=infos))
+        return Outcome(NetworkList(networks=tuple(NetworkInfo(
+            name=n.name, ifname=n.ifname, ifindex=n.ifindex, mtu=n.mtu, queues=n.queues, addresses=n.addresses,
+            routes=tuple(n.routes), worker_uid=n.worker_uid) for n in self.state.networks.values())))

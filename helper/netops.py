@@ -1,59 +1,78 @@
-"""The kernel side of the helper: pyroute2 netlink plus tun.py. A shell.
+"""The kernel side of the helper: TUN ioctls and pyroute2 netlink. A shell; `Host` is `dispatch.Kernel`.
 
-`Host` satisfies `dispatch.Kernel`. Every route it adds carries the policy's
-route protocol and table; removal and `reconcile` only ever match routes with
-that protocol, and links with our prefix that are TUN devices. pyroute2's
-NetlinkError becomes OSError so callers see one error type.
+Queue 0 of a TUN device is opened with IFF_TUN_EXCL (an existing device fails with EBUSY, never
+adopted), then TUNSETOWNER to our euid (an ownerless multi-queue TUN can be joined by any user);
+further queues attach by name. Routes carry the policy's protocol and table, rules its protocol
+and our priorities: removal and `reconcile` match exactly those, and links with our prefix that
+are TUN devices. NetlinkError becomes OSError; `ok` lists errnos that count as success.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import ipaddress
 import os
 import socket
-from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
+import pytun
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from l3ptp.ipc.constants import ROUTE_TABLE_DEFAULT as RT_MAIN
 from l3ptp.ipc.errors import ErrorCode
 
-from . import tun
-from .policy import Policy
-from .validate import Refused
+from .policy import Policy, Refused
 
-T = TypeVar("T")
-RT_TABLE_MAIN = 254
-FIB_RULE_INVERT = 0x2
+TUNSETOWNER = 0x400454CC
+TUN_FLAGS = pytun.IFF_TUN | pytun.IFF_NO_PI | pytun.IFF_MULTI_QUEUE
+IFA_F_NODAD, FIB_RULE_INVERT, UNSET = 0x02, 0x2, 2**32 - 1
+FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
+RuleKey = tuple[int, int, int | None, int | None, bool]  # priority, table, fwmark, suppress_prefixlength, "not"
 
 
-def _nl(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+def _nl(fn: Any, *args: Any, ok: tuple[int, ...] = (), **kwargs: Any) -> Any:
     try:
         return fn(*args, **kwargs)
     except NetlinkError as exc:
-        raise OSError(exc.code, os.strerror(exc.code)) from None
+        if exc.code not in ok:
+            raise OSError(exc.code, os.strerror(exc.code)) from None
+
+
+def open_queues(ifname: str, queues: int, owner_uid: int) -> list[int]:
+    """Create `ifname` with `queues` queues (close-on-exec fds); OSError (EBUSY if it exists)."""
+    fds: list[int] = []
+    try:
+        for flags in [TUN_FLAGS | pytun.IFF_TUN_EXCL] + [TUN_FLAGS] * (queues - 1):
+            dev = pytun.TunTapDevice(name=ifname, flags=flags)
+            fds.append(os.dup(dev.fileno()))
+            dev.close()
+            if len(fds) == 1:
+                fcntl.ioctl(fds[0], TUNSETOWNER, owner_uid)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
 
 
 class Host:
     def __init__(self, policy: Policy, ipr: Any = None) -> None:
-        self.policy = policy
-        self.ipr = ipr if ipr is not None else IPRoute()
+        self.policy, self.ipr = policy, ipr if ipr is not None else IPRoute()
 
     def close(self) -> None:
         self.ipr.close()
 
-    # ---- links ----------------------------------------------------------------
-
     def create_network(self, ifname: str, mtu: int, addresses: tuple[str, ...], queues: int) -> tuple[int, list[int]]:
-        fds = tun.open_queues(ifname, queues, os.geteuid())
+        fds = open_queues(ifname, queues, os.geteuid())
         try:
             index = _nl(self.ipr.link_lookup, ifname=ifname)[0]
             _nl(self.ipr.link, "set", index=index, mtu=mtu)
-            for a in addresses:
-                iface = ipaddress.ip_interface(a)
-                _nl(self.ipr.addr, "add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+            for a in map(ipaddress.ip_interface, addresses):  # IPv6 without DAD: usable at once
+                _nl(self.ipr.addr, "add", index=index, address=str(a.ip), prefixlen=a.network.prefixlen,
+                    flags=IFA_F_NODAD if a.version == 6 else 0)
             _nl(self.ipr.link, "set", index=index, state="up")
         except BaseException:
             self._drop_link(ifname, fds)
@@ -66,104 +85,91 @@ class Host:
         fds.clear()
         # A worker may still hold a queue, which keeps the device: delete it explicitly.
         for index in _nl(self.ipr.link_lookup, ifname=ifname):
-            try:
-                _nl(self.ipr.link, "del", index=index)
-            except OSError as exc:
-                if exc.errno != errno.ENODEV:
-                    raise
-
-    def _links(self) -> list[Any]:
-        return list(_nl(self.ipr.get_links))
+            _nl(self.ipr.link, "del", index=index, ok=(errno.ENODEV,))
 
     def destroy_network(self, ifname: str, ifindex: int, fds: list[int], routes: list[str]) -> None:
         for r in routes:
-            try:
-                self.remove_route(ifindex, r)
-            except OSError as exc:
-                if exc.errno not in (errno.ESRCH, errno.ENODEV):
-                    raise
+            self._route("del", ifindex, r, ok=(errno.ESRCH, errno.ENODEV))
         self._drop_link(ifname, fds)
-
-    # ---- routes ---------------------------------------------------------------
 
     def _route(self, op: str, ifindex: int, prefix: str, **extra: Any) -> None:
         net = ipaddress.ip_network(prefix)
-        family = socket.AF_INET if net.version == 4 else socket.AF_INET6
-        _nl(self.ipr.route, op, family=family, dst=str(net.network_address), dst_len=net.prefixlen, oif=ifindex,
-            proto=self.policy.route_protocol, table=self.policy.route_table, **extra)
+        _nl(self.ipr.route, op, family=FAMILY[net.version], dst=str(net.network_address), dst_len=net.prefixlen,
+            oif=ifindex, proto=self.policy.route_protocol, table=self.policy.route_table, **extra)
 
     def add_route(self, ifindex: int, prefix: str, metric: int) -> None:
         self._route("add", ifindex, prefix, priority=metric)
 
     def remove_route(self, ifindex: int, prefix: str) -> None:
-        self._route("del", ifindex, prefix)
-
-    # ---- protected sockets ----------------------------------------------------
+        self._route("del", ifindex, prefix, ok=(errno.ESRCH,))
 
     def protect_socket(self, fd: int) -> None:
-        """Set SO_MARK on a UDP socket (IPv4/IPv6) and ensure the bypass rules."""
+        """Set SO_MARK on an IPv4/IPv6 UDP socket."""
         try:
             sock = socket.socket(fileno=fd)
         except OSError:
             raise Refused(ErrorCode.BAD_REQUEST, "fd is not a socket") from None
         try:
-            domain = sock.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
-            kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
-            proto = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
-            if domain not in (socket.AF_INET, socket.AF_INET6) or kind != socket.SOCK_DGRAM or proto != socket.IPPROTO_UDP:
+            if (sock.family not in FAMILY.values() or sock.type != socket.SOCK_DGRAM
+                    or sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL) != socket.IPPROTO_UDP):
                 raise Refused(ErrorCode.BAD_REQUEST, "fd is not an IPv4/IPv6 UDP socket")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.policy.socket_mark)
         finally:
             sock.detach()
-        self.ensure_rules()
+
+    def wanted_rules(self) -> list[RuleKey]:
+        """P: fwmark M lookup main. With a separate table T also wg-quick's P+1: lookup main
+        suppress_prefixlength 0 (specific main routes beat the tunnel) and P+2: not fwmark M
+        lookup T (the tunnel's own marked packets never reach T, even if main has no route)."""
+        p, prio = self.policy, self.policy.rule_priority
+        rules: list[RuleKey] = [(prio, RT_MAIN, p.socket_mark, None, False)]
+        if p.route_table != RT_MAIN:
+            rules += [(prio + 1, RT_MAIN, None, 0, False), (prio + 2, p.route_table, p.socket_mark, None, True)]
+        return rules
+
+    def _rules(self, family: int) -> list[RuleKey]:
+        """The rules in the kernel with our protocol, one of our priorities and main or our table."""
+        p, out = self.policy, []
+        for r in _nl(self.ipr.get_rules, family=family):
+            suppress = r.get("FRA_SUPPRESS_PREFIXLEN", UNSET)
+            key = (r.get("FRA_PRIORITY", 0), r.get("FRA_TABLE"), r.get("FRA_FWMARK"),
+                   None if suppress == UNSET else suppress, bool(r["flags"] & FIB_RULE_INVERT))
+            if (r.get("FRA_PROTOCOL") == p.route_protocol and key[1] in (RT_MAIN, p.route_table)
+                    and p.rule_priority <= key[0] <= p.rule_priority + 2):
+                out.append(key)
+        return out
+
+    def _rule(self, op: str, family: int, key: RuleKey) -> str:
+        prio, table, mark, suppress, invert = key
+        extra = {k: v for k, v in (("fwmark", mark), ("suppress_prefixlen", suppress)) if v is not None}
+        _nl(self.ipr.rule, op, family=family, priority=prio, table=table, protocol=self.policy.route_protocol,
+            flags=FIB_RULE_INVERT * invert, ok=(errno.EEXIST if op == "add" else errno.ENOENT,), **extra)
+        return " ".join(x for x in ("inet" if family == socket.AF_INET else "inet6", f"{prio}:", "not" * invert,
+                                    mark and f"fwmark {mark:#x}", f"lookup {table}",
+                                    suppress is not None and f"suppress_prefixlength {suppress}") if x)
 
     def ensure_rules(self) -> list[str]:
-        """`fwmark M lookup main` at priority P (and, with a separate route table,
-        `not fwmark M lookup T` at P+1), IPv4 and IPv6, tagged with our protocol."""
-        p = self.policy
-        wanted = [(RT_TABLE_MAIN, p.rule_priority, 0)]
-        if p.route_table != RT_TABLE_MAIN:
-            wanted.append((p.route_table, p.rule_priority + 1, FIB_RULE_INVERT))
-        added = []
-        for family in (socket.AF_INET, socket.AF_INET6):
-            have = {
-                (r.get("FRA_TABLE"), r.get("FRA_PRIORITY"), r["flags"] & FIB_RULE_INVERT)
-                for r in _nl(self.ipr.get_rules, family=family)
-                if r.get("FRA_FWMARK") == p.socket_mark and r.get("FRA_PROTOCOL") == p.route_protocol
-            }
-            for table, prio, flags in wanted:
-                if (table, prio, flags) not in have:
-                    _nl(self.ipr.rule, "add", family=family, fwmark=p.socket_mark, table=table, priority=prio,
-                        protocol=p.route_protocol, flags=flags)
-                    added.append(f"{'inet' if family == socket.AF_INET else 'inet6'} prio {prio} table {table}")
-        return added
-
-    # ---- reconcile --------------------------------------------------------------
+        """Add whichever of `wanted_rules` are missing, IPv4 and IPv6; return what was added."""
+        return [self._rule("add", family, k) for family in FAMILY.values()
+                for have in [self._rules(family)] for k in self.wanted_rules() if k not in have]
 
     def reconcile(self, live: Mapping[str, int]) -> dict[str, list[str]]:
-        """Delete our-prefix TUN links and our-protocol routes that `live`
-        (ifname -> ifindex) does not own. Returns what was removed."""
-        p = self.policy
-        owned = set(live.values())
-        routes: list[str] = []
-        for family in (socket.AF_INET, socket.AF_INET6):
+        """Delete our-prefix TUN links and our-protocol routes in our table that `live`
+        (ifname -> ifindex) does not own and, with nothing live, our rules. Returns what went."""
+        p, owned = self.policy, set(live.values())
+        gone: dict[str, list[str]] = {"links": [], "routes": [], "rules": []}
+        for family in FAMILY.values():
             for r in _nl(self.ipr.get_routes, family=family, table=p.route_table):
-                if r["proto"] != p.route_protocol or r.get("RTA_TABLE") != p.route_table or r.get("RTA_OIF") in owned:
-                    continue
-                dst = f"{r.get('RTA_DST') or ('0.0.0.0' if family == socket.AF_INET else '::')}/{r['dst_len']}"
-                try:
-                    _nl(self.ipr.route, "del", family=family, dst_len=r["dst_len"], table=p.route_table,
-                        proto=p.route_protocol, **({"dst": r.get("RTA_DST")} if r.get("RTA_DST") else {}),
-                        **({"oif": r.get("RTA_OIF")} if r.get("RTA_OIF") else {}))
-                except OSError as exc:
-                    if exc.errno != errno.ESRCH:
-                        raise
-                routes.append(dst)
-        links: list[str] = []
-        for link in self._links():
+                dst, oif = r.get("RTA_DST"), r.get("RTA_OIF")
+                if r["proto"] == p.route_protocol and r.get("RTA_TABLE") == p.route_table and oif not in owned:
+                    _nl(self.ipr.route, "del", family=family, dst_len=r["dst_len"], table=p.route_table, scope=r["scope"],
+                        proto=p.route_protocol, ok=(errno.ESRCH,), **{k: v for k, v in (("dst", dst), ("oif", oif)) if v})
+                    gone["routes"].append(f"{dst or ('0.0.0.0' if family == socket.AF_INET else '::')}/{r['dst_len']}")
+            gone["rules"] += [] if live else [self._rule("del", family, k) for k in self._rules(family)]
+        for link in _nl(self.ipr.get_links):
             name = link.get("IFLA_IFNAME") or ""
-            kind = link.get(("IFLA_LINKINFO", "IFLA_INFO_KIND"))
-            if name.startswith(p.interface_prefix) and kind == "tun" and name not in live:
-                _nl(self.ipr.link, "del", index=link["index"])
-                links.append(name)
-        return {"links": links, "routes": routes}
+            if (name.startswith(p.interface_prefix) and name not in live
+                    and link.get(("IFLA_LINKINFO", "IFLA_INFO_KIND")) == "tun"):
+                _nl(self.ipr.link, "del", index=link["index"], ok=(errno.ENODEV,))
+                gone["links"].append(name)
+        return gone

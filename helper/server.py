@@ -1,10 +1,8 @@
-"""The helper's single-threaded `selectors` loop over AF_UNIX SOCK_SEQPACKET.
+"""The helper's single-threaded `selectors` loop over AF_UNIX SOCK_SEQPACKET, one message per packet.
 
-One message per packet, at most HELPER_MESSAGE_MAX bytes: MSG_TRUNC or
-MSG_CTRUNC, a decode error or a `Violation` audits and closes that one
-connection; the loop keeps serving everyone else. Every fd received as
-SCM_RIGHTS is closed after the request is handled (ProtectSocket uses it
-first). A reply carrying a queue fd goes out with `socket.send_fds`.
+MSG_TRUNC (over HELPER_MESSAGE_MAX) or MSG_CTRUNC, a decode error, a `Violation` or no Hello within
+`hello_timeout` seconds audits and closes that one connection; everyone else keeps being served.
+Fds received as SCM_RIGHTS are closed once the request is handled; a queue fd goes with its reply.
 """
 
 from __future__ import annotations
@@ -18,11 +16,11 @@ import stat
 import struct
 from collections.abc import Callable
 
-from l3ptp.ipc.constants import HELPER_MESSAGE_MAX
+from l3ptp.ipc.constants import HELPER_HELLO_TIMEOUT, HELPER_MESSAGE_MAX
 from l3ptp.ipc.errors import DecodeError
 from l3ptp.ipc.helper_messages import HELPER_REPLIES, HELPER_REQUESTS
 
-from .dispatch import Dispatcher, Peer, Session, Violation
+from .dispatch import Dispatcher, Outcome, Peer, Session, Violation
 
 MAX_FDS_PER_MESSAGE = 4
 MAX_CLIENTS = 128
@@ -30,8 +28,7 @@ _CRED = struct.Struct("iII")
 
 
 def peer_of(conn: socket.socket) -> Peer:
-    pid, uid, gid = _CRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
-    return Peer(pid=pid, uid=uid, gid=gid)
+    return Peer(*_CRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size)))
 
 
 def open_listener(path: str, group: str | int | None) -> socket.socket:
@@ -69,21 +66,19 @@ def systemd_listener() -> socket.socket | None:
 
 
 class Server:
-    def __init__(self, dispatcher: Dispatcher, listener: socket.socket | None = None) -> None:
-        self.dispatcher = dispatcher
+    def __init__(self, dispatcher: Dispatcher, listener: socket.socket | None = None,
+                 hello_timeout: float = HELPER_HELLO_TIMEOUT) -> None:
+        self.dispatcher, self.listener, self.hello_timeout = dispatcher, listener, hello_timeout
         self.sel = selectors.DefaultSelector()
-        self.listener = listener
         self.sessions: dict[socket.socket, Session] = {}
         if listener is not None:
             listener.setblocking(False)
             self.sel.register(listener, selectors.EVENT_READ)
 
-    def add_connection(self, conn: socket.socket) -> Session:
+    def add_connection(self, conn: socket.socket) -> None:
         conn.setblocking(False)
-        session = Session(peer_of(conn))
-        self.sessions[conn] = session
+        self.sessions[conn] = Session(peer_of(conn), since=self.dispatcher.clock())
         self.sel.register(conn, selectors.EVENT_READ)
-        return session
 
     def drop(self, conn: socket.socket) -> None:
         self.sessions.pop(conn, None)
@@ -92,12 +87,15 @@ class Server:
 
     def step(self, timeout: float | None) -> None:
         for key, _ in self.sel.select(timeout):
-            conn = key.fileobj
-            assert isinstance(conn, socket.socket)
-            if conn is self.listener:
-                self._accept()
-            elif conn in self.sessions:
-                self._read(conn, self.sessions[conn])
+            if key.fileobj is self.listener:
+                self._accept(self.listener)
+            elif key.fileobj in self.sessions:
+                self._read(key.fileobj, self.sessions[key.fileobj])  # type: ignore[arg-type, index]
+        late = self.dispatcher.clock() - self.hello_timeout
+        for conn, s in list(self.sessions.items()):
+            if s.role is None and s.since <= late:
+                self.dispatcher.violation(s, "Hello", f"no Hello within {self.hello_timeout} s")
+                self.drop(conn)
 
     def serve(self, running: Callable[[], bool], timeout: float = 1.0) -> None:
         while running():
@@ -111,58 +109,48 @@ class Server:
             self.listener.close()
         self.sel.close()
 
-    def _accept(self) -> None:
-        assert self.listener is not None
+    def _accept(self, listener: socket.socket) -> None:
         try:
-            conn, _ = self.listener.accept()
+            conn, _ = listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        if len(self.sessions) >= MAX_CLIENTS:
-            self.dispatcher.violation(Session(peer_of(conn)), "accept", "too many clients")
-            conn.close()
-            return
-        self.add_connection(conn)
+        if len(self.sessions) < MAX_CLIENTS:
+            return self.add_connection(conn)
+        self.dispatcher.violation(Session(peer_of(conn)), "accept", "too many clients")
+        conn.close()
 
     def _read(self, conn: socket.socket, session: Session) -> None:
-        fds: list[int] = []
         try:
-            data, ancdata, flags, _ = conn.recvmsg(HELPER_MESSAGE_MAX, socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4))
+            data, anc, flags, _ = conn.recvmsg(HELPER_MESSAGE_MAX, socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4))
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            self.drop(conn)
-            return
+            return self.drop(conn)
+        fds = [fd for level, kind, cdata in anc if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+               for fd in array.array("i", cdata[: len(cdata) - len(cdata) % 4])]
         try:
-            for level, kind, cdata in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.extend(array.array("i", cdata[: len(cdata) - len(cdata) % 4]))
-            if not data and not fds:
-                self.drop(conn)  # EOF
-                return
-            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-                what = "message over size cap" if flags & socket.MSG_TRUNC else "truncated control data"
-                self.dispatcher.violation(session, "receive", what)
-                self.drop(conn)
-                return
-            try:
-                request = HELPER_REQUESTS.decode_untrusted(data)
-            except DecodeError as exc:
-                self.dispatcher.violation(session, "decode", exc.reason[:200])
-                self.drop(conn)
-                return
-            try:
-                outcome = self.dispatcher.handle(session, request, fds)
-            except Violation:
-                self.drop(conn)
-                return
+            outcome = self._handle(session, data, fds, flags)
         finally:
             for fd in fds:
                 os.close(fd)
-        payload = HELPER_REPLIES.encode(outcome.reply)
+        if outcome is None:
+            return self.drop(conn)
+        rights = [] if outcome.fd is None else [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [outcome.fd]))]
         try:
-            if outcome.fd is None:
-                conn.send(payload)
-            else:
-                socket.send_fds(conn, [payload], [outcome.fd])
+            conn.sendmsg([HELPER_REPLIES.encode(outcome.reply)], rights)
         except OSError:
             self.drop(conn)  # a client that does not read its replies is dropped
+
+    def _handle(self, session: Session, data: bytes, fds: list[int], flags: int) -> Outcome | None:
+        """The reply, or None to close the connection (EOF, or a violation already audited)."""
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            what = "message over size cap" if flags & socket.MSG_TRUNC else "truncated control data"
+            self.dispatcher.violation(session, "receive", what)
+        elif data or fds:
+            try:
+                return self.dispatcher.handle(session, HELPER_REQUESTS.decode_untrusted(data), fds)
+            except DecodeError as exc:
+                self.dispatcher.violation(session, "decode", exc.reason[:200])
+            except Violation:
+                pass
+        return None

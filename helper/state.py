@@ -1,8 +1,7 @@
 """What the helper owns: networks, their queue fds (as ints), and tickets. Pure.
 
-Ownership is the whole security story: the helper only ever touches links
-and routes recorded here (plus, at reconcile, leftovers carrying its prefix
-and route protocol). Tickets are single use, bound to one worker uid, and
+The helper only ever touches links and routes recorded here (plus, at reconcile, leftovers
+with its prefix and route protocol). Tickets are single use, bound to one worker uid and
 expire `ticket_ttl` seconds after issue; time is always passed in as `now`.
 """
 
@@ -11,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import secrets
 from collections.abc import Callable
+from typing import NamedTuple
 
 from l3ptp.ipc.constants import TICKET_BYTES, TICKET_TTL
 from l3ptp.ipc.errors import ErrorCode
 
-from .validate import Refused
+from .policy import Refused
 
 
 @dataclasses.dataclass(slots=True, kw_only=True)
@@ -34,24 +34,19 @@ class Network:
         return (self.ifname, self.mtu, tuple(sorted(self.addresses)), self.queues, self.worker_uid)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class TicketEntry:
+class TicketEntry(NamedTuple):
     network: str
     queue: int
     uid: int
     expires: float
 
 
-def new_token() -> str:
-    return secrets.token_urlsafe(TICKET_BYTES)
-
-
 class State:
-    def __init__(self, *, ticket_ttl: float = TICKET_TTL, token: Callable[[], str] = new_token) -> None:
+    def __init__(self, *, ticket_ttl: float = TICKET_TTL,
+                 token: Callable[[], str] = lambda: secrets.token_urlsafe(TICKET_BYTES)) -> None:
         self.networks: dict[str, Network] = {}
         self.tickets: dict[str, TicketEntry] = {}
-        self.ticket_ttl = ticket_ttl
-        self._token = token
+        self.ticket_ttl, self._token = ticket_ttl, token
 
     def by_ifname(self, ifname: str) -> Network | None:
         return next((n for n in self.networks.values() if n.ifname == ifname), None)
@@ -60,33 +55,26 @@ class State:
         assert net.name not in self.networks
         self.networks[net.name] = net
 
+    def _drop_tickets(self, keep: Callable[[TicketEntry], bool]) -> None:
+        self.tickets = {t: e for t, e in self.tickets.items() if keep(e)}
+
     def forget(self, name: str) -> Network:
         """Drop a network and every ticket for it."""
-        self.revoke(name)
+        self._drop_tickets(lambda e: e.network != name)
         return self.networks.pop(name)
-
-    def revoke(self, name: str) -> None:
-        for token in [t for t, e in self.tickets.items() if e.network == name]:
-            del self.tickets[token]
 
     def issue(self, net: Network, now: float) -> tuple[str, ...]:
         """One fresh ticket per queue; older unclaimed tickets of `net` stop working."""
-        self.revoke(net.name)
-        out = []
-        for queue in range(net.queues):
-            token = self._token()
-            assert token not in self.tickets
-            self.tickets[token] = TicketEntry(net.name, queue, net.worker_uid, now + self.ticket_ttl)
-            out.append(token)
-        return tuple(out)
-
-    def expire(self, now: float) -> None:
-        for token in [t for t, e in self.tickets.items() if e.expires <= now]:
-            del self.tickets[token]
+        self._drop_tickets(lambda e: e.network != net.name)
+        out = tuple(self._token() for _ in range(net.queues))
+        assert len(set(out)) == net.queues and not set(out) & set(self.tickets)
+        self.tickets.update((t, TicketEntry(net.name, q, net.worker_uid, now + self.ticket_ttl))
+                            for q, t in enumerate(out))
+        return out
 
     def claim(self, token: str, uid: int, now: float) -> tuple[Network, int]:
         """Consume a ticket. A wrong uid does not consume it (it is still the worker's)."""
-        self.expire(now - self.ticket_ttl)  # keep recently expired ones to say EXPIRED
+        self._drop_tickets(lambda e: e.expires > now - self.ticket_ttl)  # keep recent ones to say EXPIRED
         entry = self.tickets.get(token)
         if entry is None:
             raise Refused(ErrorCode.NOT_FOUND, "unknown or already used ticket")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import select
 import socket
 import struct
 from typing import Any
@@ -11,11 +12,11 @@ from typing import Any
 import pytest
 import structlog
 
-from l3ptp.helper import audit as audit_mod
+from l3ptp.helper import dispatch as dispatch_mod
 from l3ptp.helper.dispatch import Dispatcher
 from l3ptp.helper.server import MAX_FDS_PER_MESSAGE, Server, open_listener
 from l3ptp.helper.state import State
-from l3ptp.ipc.constants import HELPER_MESSAGE_MAX
+from l3ptp.ipc.constants import HELPER_HELLO_TIMEOUT, HELPER_MESSAGE_MAX
 from l3ptp.ipc.errors import ErrorCode
 from l3ptp.ipc.helper_messages import (
     HELPER_PROTOCOL,
@@ -206,7 +207,7 @@ def test_audit_line_is_structured() -> None:
     from l3ptp.helper.dispatch import Peer
 
     with structlog.testing.capture_logs() as logs:
-        audit_mod.audit("ClaimQueue", peer=Peer(pid=7, uid=1001, gid=1001), role=Role.WORKER, result="refused",
+        dispatch_mod.audit("ClaimQueue", peer=Peer(pid=7, uid=1001, gid=1001), role=Role.WORKER, result="refused",
                         code="EXPIRED")
     assert logs == [{"event": "audit", "action": "ClaimQueue", "peer_uid": 1001, "peer_pid": 7, "role": "worker",
                      "result": "refused", "code": "EXPIRED", "log_level": "info"}]
@@ -223,3 +224,25 @@ def test_peer_credentials_struct() -> None:
         a.close()
         b.close()
     assert struct.calcsize("iII") == 12
+
+
+def _open(c: Client) -> bool:
+    """Nothing to read: neither a reply nor EOF."""
+    return not select.select([c.sock], [], [], 0)[0]
+
+
+def test_client_without_hello_is_dropped_after_the_timeout(rig: Rig) -> None:
+    good = rig.client()
+    rig.call(good, Hello(role=Role.CONTROLLER, protocol=HELPER_PROTOCOL))
+    silent = rig.client()
+    rig.dispatcher.clock.advance(HELPER_HELLO_TIMEOUT - 0.5)
+    rig.pump()
+    assert _open(silent) and _open(good)
+    rig.dispatcher.clock.advance(1.0)
+    assert rig.closed(silent)
+    assert rig.records[-1]["action"] == "Hello" and rig.records[-1]["result"] == "violation"
+    assert "no Hello" in rig.records[-1]["reason"] and rig.records[-1]["peer"].uid == UID
+    # the client that did say Hello long ago keeps being served, and so do new ones
+    assert isinstance(rig.call(good, ListNetworks())[0], NetworkList)
+    late = rig.client()
+    assert isinstance(rig.call(late, Hello(role=Role.WORKER, protocol=HELPER_PROTOCOL))[0], Welcome)

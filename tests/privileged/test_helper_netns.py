@@ -105,8 +105,8 @@ def _other_link(netns: str) -> None:
     ip("link", "set", "d1", "up", netns=netns)
 
 
-def _routes(netns: str, family: str = "-4") -> list[dict[str, Any]]:
-    return ip_json(family, "route", "show", "table", "main", netns=netns)
+def _routes(netns: str, family: str = "-4", table: str = "main") -> list[dict[str, Any]]:
+    return ip_json(family, "route", "show", "table", table, netns=netns)
 
 
 def test_non_root_client_gets_queues_and_traffic_flows_both_ways(helper, netns) -> None:
@@ -235,7 +235,7 @@ def test_routes_policy_and_ownership(helper, netns) -> None:
 
 def test_default_route_needs_policy_permission(netns) -> None:
     workdir = tempfile.mkdtemp(prefix="l3ptp-helper-")
-    h = HelperProcess(netns, workdir, controller_uids=[0], worker_uids=[0], allow_default_route=True)
+    h = HelperProcess(netns, workdir, controller_uids=[0], worker_uids=[0], allow_default_route=True, route_table=100)
     h.start()
     try:
         c = _controller(h)
@@ -244,7 +244,8 @@ def test_default_route_needs_policy_permission(netns) -> None:
         assert isinstance(reply, Failed) and reply.code is ErrorCode.OUT_OF_POLICY
         reply, _ = c.request(AddRoutes(name="t", routes=("0.0.0.0/0",), metric=50, allow_default=True))
         assert isinstance(reply, RoutesChanged)
-        assert [r["dev"] for r in _routes(netns) if r["dst"] == "default"] == ["l3p-t"]
+        assert [r["dev"] for r in _routes(netns, table="100") if r["dst"] == "default"] == ["l3p-t"]
+        assert not [r for r in _routes(netns) if r["dst"] == "default"]  # never in main
         c.close()
     finally:
         h.stop()
@@ -252,8 +253,10 @@ def test_default_route_needs_policy_permission(netns) -> None:
             os.unlink(os.path.join(workdir, name))
         os.rmdir(workdir)
     # orderly stop removed the network and its default route
-    assert not [r for r in _routes(netns) if r["dst"] == "default"]
+    assert not [r for r in _routes(netns, table="100") if r["dst"] == "default"]
     assert "l3p-t" not in ip("link", "show", netns=netns)
+    # ... and, with nothing left, the policy rules it had installed for the table
+    assert not [r for r in ip_json("rule", "show", netns=netns) if r.get("priority") in (5157, 5158, 5159)]
 
 
 def test_protect_socket_marks_and_installs_rules(helper, netns) -> None:
@@ -315,4 +318,21 @@ def test_fd_count_returns_to_baseline_after_50_cycles(helper, netns) -> None:
     while helper.fd_count() != baseline and time.monotonic() < deadline:
         time.sleep(0.05)
     assert helper.fd_count() == baseline
+    c.close()
+
+
+def test_ipv6_address_is_usable_at_once(helper, netns) -> None:
+    c = _controller(helper)
+    assert isinstance(c.request(_create(worker_uid=0))[0], NetworkCreated)
+    (v6,) = [a for a in ip_json("-6", "addr", "show", "dev", "l3p-t", netns=netns)[0]["addr_info"]
+             if a["local"] == "fd00:1::1"]
+    # added with IFA_F_NODAD: never "tentative", so a worker may bind it right away
+    assert v6.get("nodad") is True and "tentative" not in v6, v6
+
+    def bind() -> bool:  # a tentative address would fail with EADDRNOTAVAIL
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("fd00:1::1", 0))
+        return True
+
+    assert run_as(bind, netns=netns) is True
     c.close()

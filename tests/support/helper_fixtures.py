@@ -33,6 +33,7 @@ def make_policy(**overrides: Any) -> Policy:
         "max_routes": 8,
         "allowed_prefixes": ["198.19.0.0/16", "fd00::/8"],
         "allow_default_route": True,
+        "route_table": 100,  # a default route needs a table other than main
     }
     data.update(overrides)
     return parse_policy(data)
@@ -45,6 +46,7 @@ class FakeKernel:
         self.links: dict[str, int] = {}
         self.routes: set[tuple[int, str]] = set()
         self.protected: list[int] = []
+        self.rules: list[str] = []
         self.calls: list[tuple[Any, ...]] = []
         self.fail_next: int | None = None  # errno to raise on the next mutating call
         self._peers: dict[int, socket.socket] = {}
@@ -86,7 +88,14 @@ class FakeKernel:
 
     def remove_route(self, ifindex: int, prefix: str) -> None:
         self.calls.append(("remove_route", ifindex, prefix))
-        self.routes.remove((ifindex, prefix))
+        self.routes.discard((ifindex, prefix))
+
+    def ensure_rules(self) -> list[str]:
+        self.calls.append(("ensure_rules",))
+        if self.rules:
+            return []
+        self.rules = ["inet 5157: fwmark 0x4c33 lookup 254"]
+        return list(self.rules)
 
     def protect_socket(self, fd: int) -> None:
         self.calls.append(("protect", fd))
@@ -166,7 +175,7 @@ max_routes = 16
 allowed_prefixes = ["198.19.0.0/16", "fd00::/8"]
 allow_default_route = {allow_default_route}
 route_protocol = 157
-route_table = 254
+route_table = {route_table}
 """
 
 
@@ -174,7 +183,7 @@ class HelperProcess:
     """`l3ptp-helper` as a subprocess inside a test netns (`ip netns exec`)."""
 
     def __init__(self, netns: str, workdir: str, *, controller_uids: list[int], worker_uids: list[int],
-                 allow_default_route: bool = False, socket_group: int = 65534) -> None:
+                 allow_default_route: bool = False, socket_group: int = 65534, route_table: int = 254) -> None:
         import sys
 
         self.netns, self.workdir = netns, workdir
@@ -182,7 +191,7 @@ class HelperProcess:
         self.policy_path = os.path.join(workdir, "policy.toml")
         with open(self.policy_path, "w") as f:
             f.write(POLICY_TEMPLATE.format(controller_uids=controller_uids, worker_uids=worker_uids,
-                                           socket_group=socket_group,
+                                           socket_group=socket_group, route_table=route_table,
                                            allow_default_route=str(allow_default_route).lower()))
         os.chmod(self.policy_path, 0o644)
         self.socket_path = os.path.join(workdir, "helper.sock")

@@ -294,3 +294,23 @@ def test_protect_socket_needs_exactly_one_fd_and_unexpected_fds_are_audited(make
     finally:
         a.close()
         b.close()
+
+
+def test_rules_are_ensured_before_routes_and_sockets_and_audited_when_added(make_env) -> None:
+    env = make_env()
+    c = env.session(Role.CONTROLLER)
+    env.create(c)
+    env.d.handle(c, AddRoutes(name="n1", routes=(), metric=5, allow_default=False))
+    assert ("ensure_rules",) not in env.kernel.calls  # nothing to route, nothing to install
+    env.d.handle(c, AddRoutes(name="n1", routes=("0.0.0.0/0",), metric=5, allow_default=True))
+    calls = [x[0] for x in env.kernel.calls]
+    assert calls.index("ensure_rules") < calls.index("add_route")
+    a, b = socket.socketpair()
+    try:
+        assert isinstance(env.d.handle(env.session(Role.WORKER), ProtectSocket(), [a.fileno()]).reply, SocketProtected)
+    finally:
+        a.close()
+        b.close()
+    assert calls.count("ensure_rules") + 1 == [x[0] for x in env.kernel.calls].count("ensure_rules")
+    added = [r for r in env.records if r["action"] == "AddRules"]
+    assert len(added) == 1 and added[0]["rules"] == env.kernel.rules and added[0]["result"] == "ok"

@@ -94,3 +94,31 @@ def test_group_writable_policy_refused(tmp_path) -> None:
     os.chmod(path, 0o664)
     with pytest.raises(PolicyError, match="owned by root"):
         load_policy(str(path))
+
+
+def test_user_names_resolve_and_unknown_user_is_named() -> None:
+    import pwd
+
+    root, nobody = pwd.getpwnam("root").pw_uid, pwd.getpwnam("nobody").pw_uid
+    p = parse_policy({"controller_uids": ["root", 1000], "worker_uids": ["nobody"]})
+    assert p.controller_uids == {root, 1000} and p.worker_uids == {nobody}
+    with pytest.raises(PolicyError, match=r"worker_uids\[1\]: unknown user 'no-such-l3ptp-user'"):
+        parse_policy({"controller_uids": [1], "worker_uids": ["nobody", "no-such-l3ptp-user"]})
+    with pytest.raises(PolicyError, match="controller_uids"):
+        parse_policy({"controller_uids": [1.5], "worker_uids": [2]})
+
+
+def test_default_route_needs_a_separate_table() -> None:
+    with pytest.raises(PolicyError) as info:
+        parse_policy({**BASE, "allow_default_route": True})
+    assert "allow_default_route" in str(info.value) and "route_table" in str(info.value)
+    with pytest.raises(PolicyError, match="route_table"):
+        parse_policy({**BASE, "allow_default_route": True, "route_table": 254})
+    p = parse_policy({**BASE, "allow_default_route": True, "route_table": 100})
+    assert p.allow_default_route and p.route_table == 100
+
+
+def test_rule_priorities_stay_below_main() -> None:
+    assert parse_policy({**BASE, "rule_priority": 32763}).rule_priority == 32763
+    with pytest.raises(PolicyError, match="rule_priority"):
+        parse_policy({**BASE, "rule_priority": 32764})

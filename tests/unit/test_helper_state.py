@@ -5,7 +5,7 @@ import itertools
 import pytest
 
 from l3ptp.helper.state import Network, State
-from l3ptp.helper.validate import Refused
+from l3ptp.helper.policy import Refused
 from l3ptp.ipc.errors import ErrorCode
 
 

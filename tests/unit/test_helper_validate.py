@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from l3ptp.helper.validate import Refused, check_address, check_ifname, check_mtu, check_prefix
+from l3ptp.helper.policy import Refused, check_address, check_ifname, check_mtu, check_prefix
 from l3ptp.ipc.errors import ErrorCode
 from tests.support.helper_fixtures import make_policy
 
