@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import sys
@@ -25,7 +26,7 @@ from l3ptp.ipc.types import PeerRole
 
 from .app import ZmqBus, run_worker
 from .helper_client import HelperClient, HelperRefused
-from .privileges import PrivilegeError, drop_privileges
+from .privileges import PrivilegeError, drop_privileges, exit_with_parent
 
 EXIT_FATAL = 2
 
@@ -76,6 +77,7 @@ async def _serve(config: WorkerConfig, tun_fd: int, sock: socket.socket) -> str:
 
 
 def main() -> int:
+    parent = os.getppid()
     try:
         config = read_config(sys.stdin.buffer)
     except DecodeError as exc:
@@ -87,6 +89,11 @@ def main() -> int:
     except (PrivilegeError, OSError) as exc:
         return _fatal(config, f"dropping privileges failed: {exc}", log)
     log.info("privileges_dropped", cap_eff=status["CapEff"], no_new_privs=status["NoNewPrivs"])
+    try:
+        if not exit_with_parent(parent):
+            return _fatal(config, "the controller that started this worker is gone", log)
+    except OSError as exc:
+        return _fatal(config, str(exc), log)
     try:
         helper = HelperClient(config.helper_socket)
         grant, tun_fd = helper.claim_queue(config.ticket)

@@ -101,3 +101,23 @@ def drop_privileges(user: str = "") -> dict[str, int]:
     if status.get("NoNewPrivs") != 1:
         raise PrivilegeError("NoNewPrivs is not set")
     return status
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def exit_with_parent(parent_pid: int) -> bool:
+    """Ask for SIGTERM when the controller that spawned us dies.
+
+    Called after any uid change (which clears the setting). Returns False
+    when the parent is already gone (we were reparented): exit at once then.
+    A worker whose controller died must not keep a tunnel nobody supervises;
+    the controller-silence timeout is the second line of defence.
+    """
+    import signal
+
+    libc = _libc()
+    if _prctl(libc, PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
+    return os.getppid() == parent_pid
