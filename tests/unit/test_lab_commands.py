@@ -1,0 +1,66 @@
+"""`l3ptp demo` / `l3ptp bench` wiring and the lab's pure parts (no root needed)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from l3ptp.controller import cli, demo, lab
+
+
+def test_demo_help_through_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", "--help"])
+    assert exc.value.code == 0
+    assert "usage: l3ptp demo" in capsys.readouterr().out
+
+
+def test_demo_refuses_without_root(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert demo.main([]) == 2
+    assert "needs root" in capsys.readouterr().err
+
+
+def test_demo_rejects_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
+    assert demo.main(["--seconds", "0.1"]) == 2
+    with pytest.raises(SystemExit):
+        demo.main(["--queues", "0"])
+
+
+def test_lab_build_refuses_without_root(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with lab.Lab(workdir=str(tmp_path)) as the_lab, pytest.raises(lab.LabError, match="needs root"):
+        the_lab.build()
+
+
+def test_toml_writer_round_trips() -> None:
+    import tomllib
+
+    tables = {"node": {"id": "x", "key_file": "/k"}, "networks.demo": {"queues": 2, "mtu": 1280, "on": True,
+                                                                        "routes": ["198.19.1.0/24"], "x": 1.5}}
+    assert tomllib.loads(lab._toml(tables)) == {"node": {"id": "x", "key_file": "/k"},
+                                                "networks": {"demo": tables["networks.demo"]}}
+
+
+def test_behind_prefixes_contain_the_addresses() -> None:
+    import ipaddress
+
+    for name, (v4, v6) in lab.BEHIND.items():
+        nets = [ipaddress.ip_network(p) for p in lab.behind_prefixes(name)]
+        assert ipaddress.ip_address(v4) in nets[0] and ipaddress.ip_address(v6) in nets[1]
+        for net in nets:  # test addresses only
+            assert net.subnet_of(ipaddress.ip_network("198.19.0.0/16")) if net.version == 4 \
+                else net.subnet_of(ipaddress.ip_network("fd00::/8"))
+
+
+def test_free_ids_are_unused() -> None:
+    import grp
+    import pwd
+
+    for n in lab.free_ids(3):
+        assert n in lab.DYNAMIC_ID_RANGE
+        with pytest.raises(KeyError):
+            pwd.getpwuid(n)
+        with pytest.raises(KeyError):
+            grp.getgrgid(n)
