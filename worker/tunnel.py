@@ -4,8 +4,11 @@ It moves bytes between the fds and the pure parts (`QuicConnection`,
 `Session`, `Datapath`) and arms one timer; protocol decisions live in the
 pure modules.
 
-* UDP readable: ``recvfrom`` until EAGAIN (at most UDP_RECV_BATCH), each into
+* UDP readable: receive until EAGAIN or UDP_RECV_BATCH datagrams (a GRO
+  buffer counts as its segments, `udp.UdpIO`), each into
   ``receive_datagram``; then handle events; then ONE transmit.
+* Transmit: ONE ``datagrams_to_send``, sent through `udp.UdpIO` (UDP GSO for
+  runs of equal-size datagrams, ``sendto`` otherwise).
 * TUN readable (only while ESTABLISHED): ``os.read`` until EAGAIN (at most
   TUN_READ_BATCH); ``Datapath.from_tun_batch``; ``send_datagram_frame`` each;
   ONE transmit.
@@ -28,7 +31,6 @@ import ipaddress
 import os
 import random
 import socket
-import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -51,30 +53,18 @@ from l3ptp.ipc.types import PeerRole
 
 from . import keys
 from .datapath import Datapath
-from .engine import EngineClasses, load_engine
+from .engine import EngineClasses, initial_dcid, load_engine
 from .session import Closed, Established, RoutesChanged, Send, Session, SessionParams, State
+from .udp import UdpIO
 
-__all__ = ["Tunnel", "datagram_budget_of"]
+__all__ = ["Tunnel"]
 
 MAX_CANDIDATES = 4
-#: QUIC packet overhead for a 1-RTT packet with one DATAGRAM frame, apart
-#: from the DCID: flags(1) + packet number(4, aioquic sends 2) + AEAD tag(16)
-#: + frame type(1) + length varint(2).
-_QUIC_OVERHEAD_NO_CID = 1 + 4 + 16 + 1 + 2
 _UDP_MAX = 65535
 _SERVER_NAME = "l3ptp"
 _MIN_INITIAL = 1200
 
 RoutesCallback = Callable[[int, RoutesChanged], None]
-
-
-def datagram_budget_of(conn: Any) -> int:
-    """Largest DATAGRAM payload this connection can send in one packet now."""
-    budget = conn._max_datagram_size - _QUIC_OVERHEAD_NO_CID - len(conn._peer_cid.cid)
-    remote = conn._remote_max_datagram_frame_size
-    if remote is not None:
-        budget = min(budget, remote - 3)
-    return max(0, budget)
 
 
 def _normalize_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -116,11 +106,18 @@ class Tunnel:
         engine: EngineClasses | None = None,
         on_routes: RoutesCallback | None = None,
         rng: random.Random | None = None,
+        gso: bool = True,
+        gro: bool = True,
     ) -> None:
         self.config = config
         self.tun_fd = tun_fd
         self.sock = udp_sock
         self.engine = engine or load_engine(config.engine)
+        self._budget = self.engine.datagram_budget
+        self._queue_depth = self.engine.queue_depth
+        self._gso = gso
+        self._gro = gro
+        self.udp: UdpIO | None = None
         self.on_routes = on_routes
         self._rng = rng or random.SystemRandom()
         self.datapath = Datapath(local_sources=config.local_sources, peer_sources=config.peer_sources)
@@ -145,7 +142,6 @@ class Tunnel:
         self.sessions = 0
         self.last_error = ""
         self.udp_ignored = 0
-        self.udp_send_errors = 0
         self.state = SessionState.STARTING
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -166,6 +162,7 @@ class Tunnel:
         if self._stop_requested:
             return
         self.sock.setblocking(False)
+        self.udp = UdpIO(self.sock, gso=self._gso, gro=self._gro)
         os.set_blocking(self.tun_fd, False)
         self._loop.add_reader(self.sock.fileno(), self._on_udp_readable)
         try:
@@ -202,6 +199,10 @@ class Tunnel:
     # ---- status ------------------------------------------------------------
 
     @property
+    def udp_send_errors(self) -> int:
+        return self.udp.send_errors if self.udp is not None else 0
+
+    @property
     def established(self) -> bool:
         return self.active is not None and self.active.session.established
 
@@ -210,14 +211,14 @@ class Tunnel:
         rtt = 0.0
         addr = ""
         if peer is not None:
-            rtt = max(0.0, float(peer.conn._loss._rtt_smoothed or 0.0) * 1000.0)
+            rtt = max(0.0, self.engine.smoothed_rtt(peer.conn) * 1000.0)
             addr = f"{peer.addr[0]}:{peer.addr[1]}"
         return {
             "state": self.state,
             "peer": addr,
             "rtt_ms": rtt,
             "mtu": self.datapath.mtu,
-            "queue_depth": len(peer.conn._datagrams_pending) if peer is not None else 0,
+            "queue_depth": self._queue_depth(peer.conn) if peer is not None else 0,
             "sessions": self.sessions,
             "last_error": self.last_error,
         }
@@ -232,14 +233,11 @@ class Tunnel:
             max_datagram_size=self.config.max_datagram_size,
             idle_timeout=self.config.keepalive_interval * (DEAD_PEER_INTERVALS + 2),
         )
+        # The connector checks the listener's certificate against the pin
+        # after the handshake; both engines still verify CertificateVerify.
+        self.engine.configure_tls(cfg, is_client, self._key, self._cert)
         if is_client:
-            # The listener's certificate is checked against the pin after
-            # the handshake (aioquic still verifies CertificateVerify).
-            cfg.verify_mode = ssl.CERT_NONE
             cfg.server_name = _SERVER_NAME
-        else:
-            cfg.certificate = self._cert
-            cfg.private_key = self._key
         return cfg
 
     def _new_session(self, now: float) -> Session:
@@ -266,11 +264,8 @@ class Tunnel:
         self._transmit(self.active)
 
     def _accept(self, data: bytes, addr: tuple[Any, ...], now: float) -> _Peer | None:
-        try:
-            header = self.engine.pull_quic_header(self.engine.Buffer(data=data), host_cid_length=8)
-        except ValueError:
-            return None
-        if header.packet_type != self.engine.QuicPacketType.INITIAL or len(data) < _MIN_INITIAL:
+        dcid = initial_dcid(data)
+        if dcid is None or len(data) < _MIN_INITIAL:
             return None
         if self._peer_ip is not None and _normalize_ip(addr[0]) != self._peer_ip:
             return None
@@ -280,7 +275,7 @@ class Tunnel:
             del self.candidates[next(iter(self.candidates))]
         conn = self.engine.QuicConnection(
             configuration=self._configuration(False),
-            original_destination_connection_id=header.destination_cid,
+            original_destination_connection_id=dcid,
         )
         peer = _Peer(conn, self._new_session(now), addr)
         self.candidates[addr] = peer
@@ -316,21 +311,25 @@ class Tunnel:
     def _on_udp_readable(self) -> None:
         now = self._now()
         touched: dict[int, _Peer] = {}
-        recvfrom = self.sock.recvfrom
-        for _ in range(UDP_RECV_BATCH):
+        assert self.udp is not None
+        recv = self.udp.recv
+        count = 0
+        while count < UDP_RECV_BATCH:
             try:
-                data, addr = recvfrom(_UDP_MAX)
+                datagrams, addr = recv()
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
                 # ICMP errors (ECONNREFUSED) surface here; the QUIC timers handle them.
                 break
-            peer = self._route(data, addr, now)
-            if peer is None:
-                self.udp_ignored += 1
-                continue
-            peer.conn.receive_datagram(data, addr, now=now)
-            touched[id(peer)] = peer
+            count += len(datagrams)
+            for data in datagrams:
+                peer = self._route(data, addr, now)
+                if peer is None:
+                    self.udp_ignored += 1
+                    continue
+                peer.conn.receive_datagram(data, addr, now=now)
+                touched[id(peer)] = peer
         for peer in touched.values():
             self._process_events(peer)
         for peer in touched.values():
@@ -338,13 +337,8 @@ class Tunnel:
         self._schedule()
 
     def _transmit(self, peer: _Peer) -> None:
-        now = self._now()
-        sendto = self.sock.sendto
-        for data, addr in peer.conn.datagrams_to_send(now=now):
-            try:
-                sendto(data, addr)
-            except OSError:
-                self.udp_send_errors += 1
+        assert self.udp is not None
+        self.udp.send(peer.conn.datagrams_to_send(now=self._now()))
 
     # ---- QUIC events -------------------------------------------------------
 
@@ -378,10 +372,10 @@ class Tunnel:
             self.state = SessionState.AUTHENTICATING
         fp = None
         if self.config.role is PeerRole.CONNECT:
-            cert = getattr(peer.conn.tls, "_peer_certificate", None)
+            cert = self.engine.peer_certificate(peer.conn)
             fp = keys.fingerprint_of_certificate(cert) if cert is not None else None
             peer.stream_id = peer.conn.get_next_available_stream_id()
-        self._apply(peer, peer.session.handshake_completed(self._now(), fp, datagram_budget_of(peer.conn)))
+        self._apply(peer, peer.session.handshake_completed(self._now(), fp, self._budget(peer.conn)))
 
     def _on_stream(self, peer: _Peer, event: Any) -> None:
         if peer.session.state is State.CLOSED:
@@ -435,7 +429,7 @@ class Tunnel:
         self._backoff = RECONNECT_BACKOFF_MIN
         self.datapath.start_session(
             mtu=est.mtu,
-            max_payload=datagram_budget_of(peer.conn),
+            max_payload=self._budget(peer.conn),
             tx_context_id=est.tx_context_id,
             rx_context_id=est.rx_context_id,
         )
@@ -501,8 +495,8 @@ class Tunnel:
         if not packets:
             return
         conn = peer.conn
-        self.datapath.set_budget(datagram_budget_of(conn))
-        payloads = self.datapath.from_tun_batch(packets, len(conn._datagrams_pending))
+        self.datapath.set_budget(self._budget(conn))
+        payloads = self.datapath.from_tun_batch(packets, self._queue_depth(conn))
         send = conn.send_datagram_frame
         for payload in payloads:
             send(payload)

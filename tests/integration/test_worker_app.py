@@ -8,6 +8,7 @@ import pytest
 
 from l3ptp.ipc.control_messages import (
     BUS_DOWN,
+    Engine,
     BUS_UP,
     Heartbeat,
     PeerRoutes,
@@ -20,7 +21,7 @@ from l3ptp.ipc.schema import Message
 from l3ptp.ipc.types import PeerRole
 from l3ptp.worker.app import run_worker
 from tests.support.packets import ipv4_udp
-from tests.support.worker_fixtures import make_config, make_node, new_keys, udp_socket, wait_for
+from tests.support.worker_fixtures import ENGINES, make_config, make_node, new_keys, udp_socket, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -47,13 +48,14 @@ class FakeBus:
         return [m for m in self.sent if isinstance(m, kind)]
 
 
-def test_worker_reports_status_routes_and_exits_on_shutdown() -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_worker_reports_status_routes_and_exits_on_shutdown(engine: Engine) -> None:
     async def main():
         lk, ck = new_keys(), new_keys()
         lsock = udp_socket()
         port = lsock.getsockname()[1]
-        lcfg = make_config(PeerRole.LISTEN, own=lk, peer_fp=ck.fingerprint, port=port)
-        ccfg = make_config(PeerRole.CONNECT, own=ck, peer_fp=lk.fingerprint, port=port)
+        lcfg = make_config(PeerRole.LISTEN, own=lk, peer_fp=ck.fingerprint, port=port, engine=engine)
+        ccfg = make_config(PeerRole.CONNECT, own=ck, peer_fp=lk.fingerprint, port=port, engine=engine)
         peer = make_node(ccfg, udp_socket())
         peer.start()
         own = make_node(lcfg, lsock)
@@ -84,6 +86,7 @@ def test_worker_reports_status_routes_and_exits_on_shutdown() -> None:
         assert isinstance(last, WorkerExiting) and not last.fatal
         status = bus.of(WorkerStatus)[-1]
         assert status.network == "net0" and status.queue == 0 and status.mtu == 1280
+        assert any(s.rtt_ms > 0 for s in bus.of(WorkerStatus))
         assert set(status.drops) >= {"queue_full", "tun_oversize", "dgram_bad_header"}
 
     asyncio.run(asyncio.wait_for(main(), 45))

@@ -1,4 +1,4 @@
-"""Two real workers (Tunnel) over aioquic on loopback, each with a fake TUN."""
+"""Two real workers (Tunnel) on loopback, each with a fake TUN, for every QUIC engine."""
 
 from __future__ import annotations
 
@@ -7,15 +7,17 @@ import asyncio
 import pytest
 
 from l3ptp.ipc.codec import StreamDecoder
+from l3ptp.ipc.control_messages import Engine
 from l3ptp.ipc.counters import DropReason
 from l3ptp.ipc.errors import ErrorCode
 from l3ptp.ipc.peer_messages import PEER_CONTROL
 from l3ptp.ipc.types import PeerRole
 from l3ptp.worker.engine import load_engine
 from l3ptp.worker.header import encode_datagram
-from l3ptp.worker.tunnel import datagram_budget_of
 from tests.support.packets import ipv4_icmp_echo, ipv4_udp, ipv6_icmp_echo, ipv6_udp
 from tests.support.worker_fixtures import (
+    ENGINE_PAIRS,
+    ENGINES,
     make_config,
     make_node,
     new_keys,
@@ -44,9 +46,10 @@ async def _exchange(pair, index: int = 0) -> None:
     assert await pair.connector.tun.async_wait_packets(len(to_connector), 5) == to_connector
 
 
-def test_ipv4_ipv6_both_ways_byte_for_byte() -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_ipv4_ipv6_both_ways_byte_for_byte(engine: Engine) -> None:
     async def main():
-        async with worker_pair() as pair:
+        async with worker_pair(engine=engine) as pair:
             assert await pair.wait_established()
             await _exchange(pair)
             lt, ct = pair.listener.tunnel, pair.connector.tunnel
@@ -66,10 +69,11 @@ def _assert_rejected(pair) -> None:
         assert not node.tunnel.established
 
 
-def test_connector_with_unpinned_key_rejected() -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_connector_with_unpinned_key_rejected(engine: Engine) -> None:
     async def main():
         stranger = new_keys()
-        async with worker_pair(listener_pin=stranger.fingerprint) as pair:
+        async with worker_pair(listener_pin=stranger.fingerprint, engine=engine) as pair:
             ok = await wait_for(lambda: "AUTH_FAILED" in pair.listener.tunnel.last_error, 10)
             assert ok, pair.listener.tunnel.last_error
             pair.connector.tun.inject(ipv4_udp("198.19.0.2", "198.19.0.1", b"x"))
@@ -81,10 +85,11 @@ def test_connector_with_unpinned_key_rejected() -> None:
     run(main())
 
 
-def test_listener_with_unpinned_key_rejected() -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_listener_with_unpinned_key_rejected(engine: Engine) -> None:
     async def main():
         stranger = new_keys()
-        async with worker_pair(connector_pin=stranger.fingerprint) as pair:
+        async with worker_pair(connector_pin=stranger.fingerprint, engine=engine) as pair:
             ok = await wait_for(lambda: "AUTH_FAILED" in pair.connector.tunnel.last_error, 10)
             assert ok, pair.connector.tunnel.last_error
             await asyncio.sleep(0.3)
@@ -93,9 +98,10 @@ def test_listener_with_unpinned_key_rejected() -> None:
     run(main())
 
 
-def test_malformed_datagrams_counted_worker_keeps_running() -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_malformed_datagrams_counted_worker_keeps_running(engine: Engine) -> None:
     async def main():
-        async with worker_pair() as pair:
+        async with worker_pair(engine=engine) as pair:
             assert await pair.wait_established()
             lt, ct = pair.listener.tunnel, pair.connector.tunnel
             conn = ct.active.conn
@@ -118,9 +124,10 @@ def test_malformed_datagrams_counted_worker_keeps_running() -> None:
     run(main())
 
 
-def test_garbage_control_message_closes_session_and_recovers() -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_garbage_control_message_closes_session_and_recovers(engine: Engine) -> None:
     async def main():
-        async with worker_pair() as pair:
+        async with worker_pair(engine=engine) as pair:
             assert await pair.wait_established()
             ct = pair.connector.tunnel
             peer = ct.active
@@ -135,14 +142,15 @@ def test_garbage_control_message_closes_session_and_recovers() -> None:
     run(main())
 
 
-def test_oversized_datagram_does_not_block_later_packets() -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_oversized_datagram_does_not_block_later_packets(engine: Engine) -> None:
     async def main():
         # A small max_datagram_size on the connector makes its live budget
         # smaller than the MTU the listener allows it to receive.
-        async with worker_pair(connector_kw={"max_datagram_size": 1200}) as pair:
+        async with worker_pair(connector_kw={"max_datagram_size": 1200}, engine=engine) as pair:
             assert await pair.wait_established()
             ct = pair.connector.tunnel
-            budget = datagram_budget_of(ct.active.conn)
+            budget = ct.engine.datagram_budget(ct.active.conn)
             assert ct.datapath.packet_limit == min(ct.datapath.mtu, budget - 16)
             big = ipv4_udp("198.19.0.2", "198.19.0.1", b"B" * (ct.datapath.packet_limit - 28 + 1))
             small = [ipv4_udp("198.19.0.2", "198.19.0.1", bytes([i]) * 10) for i in range(5)]
@@ -151,7 +159,7 @@ def test_oversized_datagram_does_not_block_later_packets() -> None:
                 pair.connector.tun.inject(p)
             assert await pair.listener.tun.async_wait_packets(5, 5) == small
             assert ct.counters.drops[DropReason.TUN_OVERSIZE] == 1
-            assert len(ct.active.conn._datagrams_pending) == 0
+            assert ct.engine.queue_depth(ct.active.conn) == 0
             fits = ipv4_udp("198.19.0.2", "198.19.0.1", b"F" * (ct.datapath.packet_limit - 28))
             pair.connector.tun.inject(fits)
             assert await pair.listener.tun.async_wait_packets(1, 5) == [fits]
@@ -159,8 +167,8 @@ def test_oversized_datagram_does_not_block_later_packets() -> None:
     run(main())
 
 
-def _recording_engine(log: list[tuple[int, int, bytes]]):
-    base = load_engine()
+def _recording_engine(log: list[tuple[int, int, bytes]], engine: Engine):
+    base = load_engine(engine)
 
     class RecordingConnection(base.QuicConnection):
         def send_stream_data(self, stream_id, data, end_stream=False):
@@ -172,17 +180,18 @@ def _recording_engine(log: list[tuple[int, int, bytes]]):
     return dataclasses.replace(base, QuicConnection=RecordingConnection)
 
 
-def test_ip_packets_never_sent_on_a_stream() -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_ip_packets_never_sent_on_a_stream(engine: Engine) -> None:
     async def main():
         log: list[tuple[int, int, bytes]] = []
-        engine = _recording_engine(log)
+        recording = _recording_engine(log, engine)
         lk, ck = new_keys(), new_keys()
         lsock = udp_socket()
         port = lsock.getsockname()[1]
-        listener = make_node(make_config(PeerRole.LISTEN, own=lk, peer_fp=ck.fingerprint, port=port), lsock,
-                             engine=engine)
-        connector = make_node(make_config(PeerRole.CONNECT, own=ck, peer_fp=lk.fingerprint, port=port),
-                              udp_socket(), engine=engine)
+        listener = make_node(make_config(PeerRole.LISTEN, own=lk, peer_fp=ck.fingerprint, port=port, engine=engine), lsock,
+                             engine=recording)
+        connector = make_node(make_config(PeerRole.CONNECT, own=ck, peer_fp=lk.fingerprint, port=port, engine=engine),
+                              udp_socket(), engine=recording)
         listener.start()
         connector.start()
         try:
@@ -215,13 +224,14 @@ def test_ip_packets_never_sent_on_a_stream() -> None:
 KEEPALIVE_WAIT = 0.5
 
 
-def test_restart_listener_connector_reconnects_and_traffic_resumes() -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_restart_listener_connector_reconnects_and_traffic_resumes(engine: Engine) -> None:
     async def main():
         lk, ck = new_keys(), new_keys()
         lsock = udp_socket()
         port = lsock.getsockname()[1]
-        lcfg = make_config(PeerRole.LISTEN, own=lk, peer_fp=ck.fingerprint, port=port)
-        ccfg = make_config(PeerRole.CONNECT, own=ck, peer_fp=lk.fingerprint, port=port)
+        lcfg = make_config(PeerRole.LISTEN, own=lk, peer_fp=ck.fingerprint, port=port, engine=engine)
+        ccfg = make_config(PeerRole.CONNECT, own=ck, peer_fp=lk.fingerprint, port=port, engine=engine)
         listener = make_node(lcfg, lsock)
         connector = make_node(ccfg, udp_socket())
         listener.start()
@@ -252,13 +262,14 @@ def test_restart_listener_connector_reconnects_and_traffic_resumes() -> None:
     run(main())
 
 
-def test_restart_connector_listener_accepts_new_session() -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_restart_connector_listener_accepts_new_session(engine: Engine) -> None:
     async def main():
         lk, ck = new_keys(), new_keys()
         lsock = udp_socket()
         port = lsock.getsockname()[1]
-        ccfg = make_config(PeerRole.CONNECT, own=ck, peer_fp=lk.fingerprint, port=port)
-        listener = make_node(make_config(PeerRole.LISTEN, own=lk, peer_fp=ck.fingerprint, port=port), lsock)
+        ccfg = make_config(PeerRole.CONNECT, own=ck, peer_fp=lk.fingerprint, port=port, engine=engine)
+        listener = make_node(make_config(PeerRole.LISTEN, own=lk, peer_fp=ck.fingerprint, port=port, engine=engine), lsock)
         connector = make_node(ccfg, udp_socket())
         listener.start()
         connector.start()
@@ -280,12 +291,13 @@ def test_restart_connector_listener_accepts_new_session() -> None:
     run(main())
 
 
-def test_two_queues_carry_traffic_independently() -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_two_queues_carry_traffic_independently(engine: Engine) -> None:
     async def main():
         lk, ck = new_keys(), new_keys()
-        async with worker_pair(index=0, queue=0, lkeys=lk, ckeys=ck,
+        async with worker_pair(index=0, queue=0, lkeys=lk, ckeys=ck, engine=engine,
                                listener_kw={"queues": 2}, connector_kw={"queues": 2}) as q0:
-            async with worker_pair(index=1, queue=1, lkeys=lk, ckeys=ck,
+            async with worker_pair(index=1, queue=1, lkeys=lk, ckeys=ck, engine=engine,
                                    listener_kw={"queues": 2}, connector_kw={"queues": 2}) as q1:
                 assert await q0.wait_established() and await q1.wait_established()
                 await _exchange(q0, 0)
@@ -301,14 +313,15 @@ def test_two_queues_carry_traffic_independently() -> None:
     run(main())
 
 
-def test_stranger_cannot_disturb_an_established_session() -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_stranger_cannot_disturb_an_established_session(engine: Engine) -> None:
     async def main():
-        async with worker_pair() as pair:
+        async with worker_pair(engine=engine) as pair:
             assert await pair.wait_established()
             lt = pair.listener.tunnel
             stranger_keys = new_keys()
             cfg = make_config(PeerRole.CONNECT, own=stranger_keys, peer_fp=pair.lkeys.fingerprint,
-                              port=pair.listener.config.port)
+                              port=pair.listener.config.port, engine=engine)
             stranger = make_node(cfg, udp_socket())
             stranger.start()
             try:
@@ -322,9 +335,10 @@ def test_stranger_cannot_disturb_an_established_session() -> None:
     run(main())
 
 
-def test_keepalives_carry_counters_to_the_peer() -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_keepalives_carry_counters_to_the_peer(engine: Engine) -> None:
     async def main():
-        async with worker_pair() as pair:
+        async with worker_pair(engine=engine) as pair:
             assert await pair.wait_established()
             await _exchange(pair)
             lt = pair.listener.tunnel
@@ -335,11 +349,11 @@ def test_keepalives_carry_counters_to_the_peer() -> None:
     run(main())
 
 
-def _eager_engine(payloads: list[bytes]):
+def _eager_engine(payloads: list[bytes], engine: Engine):
     """A connector engine that pushes DATAGRAMs the moment TLS completes (before AUTH)."""
     import dataclasses
 
-    base = load_engine()
+    base = load_engine(engine)
 
     class EagerConnection(base.QuicConnection):
         def next_event(self):
@@ -352,17 +366,18 @@ def _eager_engine(payloads: list[bytes]):
     return dataclasses.replace(base, QuicConnection=EagerConnection)
 
 
-def test_no_datagram_accepted_from_an_unauthenticated_connector() -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_no_datagram_accepted_from_an_unauthenticated_connector(engine: Engine) -> None:
     async def main():
         lk, ck, stranger = new_keys(), new_keys(), new_keys()
         lsock = udp_socket()
         port = lsock.getsockname()[1]
-        listener = make_node(make_config(PeerRole.LISTEN, own=lk, peer_fp=ck.fingerprint, port=port), lsock)
+        listener = make_node(make_config(PeerRole.LISTEN, own=lk, peer_fp=ck.fingerprint, port=port, engine=engine), lsock)
         packet = ipv4_udp("198.19.0.2", "198.19.0.1", b"smuggled")
         # Any context id: the listener has not even chosen one for this peer.
         payloads = [encode_datagram(ctx, 0, packet) for ctx in range(5)]
-        intruder = make_node(make_config(PeerRole.CONNECT, own=stranger, peer_fp=lk.fingerprint, port=port),
-                             udp_socket(), engine=_eager_engine(payloads))
+        intruder = make_node(make_config(PeerRole.CONNECT, own=stranger, peer_fp=lk.fingerprint, port=port, engine=engine),
+                             udp_socket(), engine=_eager_engine(payloads, engine))
         listener.start()
         intruder.start()
         try:
@@ -376,5 +391,44 @@ def test_no_datagram_accepted_from_an_unauthenticated_connector() -> None:
         finally:
             await intruder.stop()
             await listener.stop()
+
+    run(main())
+
+
+@pytest.mark.parametrize(("lengine", "cengine"), ENGINE_PAIRS)
+def test_every_engine_pairing_interoperates(lengine: Engine, cengine: Engine) -> None:
+    """A qh3 worker talks to an aioquic worker both ways (AUTO may differ per host)."""
+    async def main():
+        async with worker_pair(listener_kw={"engine": lengine}, connector_kw={"engine": cengine}) as pair:
+            assert await pair.wait_established()
+            assert pair.listener.tunnel.engine.name is lengine and pair.connector.tunnel.engine.name is cengine
+            await _exchange(pair)
+            assert pair.listener.tunnel.counters.total_drops() == 0
+
+    run(main())
+
+
+@pytest.mark.parametrize("gso", [True, False], ids=["gso", "no-gso"])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_bursts_of_full_size_packets_arrive_in_order(engine: Engine, gso: bool) -> None:
+    """Bursts of MTU-size packets (equal-size QUIC packets: the GSO case) arrive whole and in order."""
+    async def main():
+        async with worker_pair(engine=engine, tunnel_kw={"gso": gso, "gro": gso}) as pair:
+            assert await pair.wait_established()
+            ct, lt = pair.connector.tunnel, pair.listener.tunnel
+            sent: list[bytes] = []
+            got: list[bytes] = []
+            for burst in range(10):
+                packets = [ipv4_udp("198.19.0.2", "198.19.0.1", bytes([burst, i]) * 626) for i in range(32)]
+                for p in packets:
+                    pair.connector.tun.inject(p)
+                sent += packets
+                got += await pair.listener.tun.async_wait_packets(len(packets), 5)
+            assert got == sent
+            assert lt.counters.total_drops() == 0 and ct.counters.total_drops() == 0
+            if gso and ct.udp.gso:
+                assert ct.udp.gso_segments > 0
+            else:
+                assert ct.udp.gso_sends == 0 and lt.udp.gro_buffers == 0
 
     run(main())

@@ -14,15 +14,42 @@ import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
+
 from l3ptp.ipc.control_messages import Engine, WorkerConfig
 from l3ptp.ipc.types import PeerRole
 from l3ptp.worker import keys
+from l3ptp.worker.engine import EngineUnavailable, load_engine
 from l3ptp.worker.tunnel import Tunnel
 
 from .fake_tun import FakeTun
 
 TICKET = "A" * 32
 KEEPALIVE = 0.5
+
+
+def engine_available(engine: Engine) -> bool:
+    try:
+        load_engine(engine)
+    except EngineUnavailable:
+        return False
+    return True
+
+
+def _engine_param(engine: Engine) -> Any:
+    return pytest.param(engine, id=engine.value,
+                        marks=pytest.mark.skipif(not engine_available(engine), reason=f"{engine.value} not installed"))
+
+
+#: Parametrize a worker test over every engine (qh3 skips when not installed).
+ENGINES = [_engine_param(Engine.AIOQUIC), _engine_param(Engine.QH3)]
+#: Every (listener engine, connector engine) pairing, mixed ones included.
+ENGINE_PAIRS = [
+    pytest.param(le, ce, id=f"{le.value}-{ce.value}",
+                 marks=pytest.mark.skipif(not (engine_available(le) and engine_available(ce)),
+                                          reason="engine not installed"))
+    for le in (Engine.AIOQUIC, Engine.QH3) for ce in (Engine.AIOQUIC, Engine.QH3)
+]
 
 
 @dataclasses.dataclass
@@ -54,6 +81,7 @@ def make_config(
     keepalive: float = KEEPALIVE,
     max_datagram_size: int = 1350,
     mtu: int = 1280,
+    engine: Engine = Engine.AIOQUIC,
 ) -> WorkerConfig:
     peer_role = PeerRole.CONNECT if role is PeerRole.LISTEN else PeerRole.LISTEN
     v4, v6 = addresses(role, index)
@@ -80,7 +108,7 @@ def make_config(
         advertised_routes=(),
         local_sources=(f"{v4}/32", f"{v6}/128"),
         peer_sources=(f"{pv4}/32", f"{pv6}/128"),
-        engine=Engine.AIOQUIC,
+        engine=engine,
         user="",
         log_level="info",
     )
@@ -150,8 +178,17 @@ async def worker_pair(
     connector_pin: str | None = None,
     listener_kw: dict[str, Any] | None = None,
     connector_kw: dict[str, Any] | None = None,
+    engine: Engine = Engine.AIOQUIC,
+    tunnel_kw: dict[str, Any] | None = None,
 ) -> AsyncIterator[Pair]:
-    """A started listener + connector over loopback; stopped on exit."""
+    """A started listener + connector over loopback; stopped on exit.
+
+    `engine` is the default of both sides; ``listener_kw``/``connector_kw``
+    (make_config arguments) may override it per side. `tunnel_kw` goes to
+    both `Tunnel`s (e.g. ``gso=False``).
+    """
+    listener_kw = {"engine": engine, **(listener_kw or {})}
+    connector_kw = {"engine": engine, **(connector_kw or {})}
     lkeys = lkeys or new_keys()
     ckeys = ckeys or new_keys()
     lsock = udp_socket()
@@ -160,8 +197,8 @@ async def worker_pair(
                        index=index, queue=queue, **(listener_kw or {}))
     ccfg = make_config(PeerRole.CONNECT, own=ckeys, peer_fp=connector_pin or lkeys.fingerprint, port=port,
                        index=index, queue=queue, **(connector_kw or {}))
-    listener = make_node(lcfg, lsock)
-    connector = make_node(ccfg, udp_socket())
+    listener = make_node(lcfg, lsock, **(tunnel_kw or {}))
+    connector = make_node(ccfg, udp_socket(), **(tunnel_kw or {}))
     listener.start()
     connector.start()
     try:
