@@ -22,7 +22,7 @@ deps:
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON_BASE) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade 'pip>=23' 'setuptools>=68' wheel
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,fast]'
 	touch $@
 
 venv: $(VENV)/.installed

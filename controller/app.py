@@ -423,7 +423,7 @@ class Controller:
             advertised_routes=tuple(str(r) for r in net.advertised_routes),
             local_sources=tuple(str(r) for r in net.local_sources()),
             peer_sources=tuple(str(r) for r in net.peer_sources()),
-            engine=Engine.AUTO,
+            engine=Engine(net.engine),
             user=cfg.controller.worker_user,
             log_level="info",
         )

@@ -107,6 +107,8 @@ FINGERPRINT_DIGEST_LEN: Final = 32
 _FINGERPRINT_CHARS: Final = (FINGERPRINT_DIGEST_LEN * 4 + 2) // 3
 
 _ROLES: Final[tuple[Role, ...]] = ("listen", "connect")
+#: QUIC engines a worker can use: "auto" takes qh3 when installed, else aioquic.
+ENGINES: Final[tuple[str, ...]] = ("auto", "aioquic", "qh3")
 _NODE_ID_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,%d}" % NODE_ID_MAX)
 _NETWORK_NAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,%d}" % (NETWORK_NAME_MAX - 1))
 #: POSIX-style user or group name; the same pattern the worker config accepts.
@@ -146,6 +148,7 @@ _NETWORK_KEYS: Final = (
     "allow_overlap",
     "route_metric",
     "keepalive_interval",
+    "engine",
     "peer_key",
     "key_file",
     "underlay",
@@ -254,6 +257,8 @@ class NetworkConfig:
     allow_overlap: bool
     route_metric: int
     keepalive_interval: float
+    #: QUIC engine of the workers: one of `ENGINES`.
+    engine: str
     #: Pinned peer key fingerprint, "SHA256:" + 43 characters of base64.
     peer_key: str
     #: Per-network private key override; "" = use the node's key_file.
@@ -514,6 +519,15 @@ def _role(value: Any, path: str, col: _Collector) -> Role | _Bad:
             return role
     col.add(path, f"{value!r} is not one of " + ", ".join(repr(r) for r in _ROLES))
     return _BAD
+
+
+def _engine(value: Any, path: str, col: _Collector) -> str | _Bad:
+    if not isinstance(value, str):
+        return col.type_error(path, "a string", value)
+    if value not in ENGINES:
+        col.add(path, f"{value!r} is not one of " + ", ".join(repr(e) for e in ENGINES))
+        return _BAD
+    return value
 
 
 def _node_id(value: Any, path: str, col: _Collector) -> str | _Bad:
@@ -825,6 +839,7 @@ def _parse_network(col: _Collector, name: str, body: Any, path: str, prefix: Any
         _number(KEEPALIVE_INTERVAL_MIN, KEEPALIVE_INTERVAL_MAX),
         KEEPALIVE_INTERVAL_DEFAULT,
     )
+    v["engine"] = f("engine", _engine, "auto")
     v["peer_key"] = f("peer_key", _peer_key)
     v["key_file"] = f("key_file", _optional_path, "")
 

@@ -357,3 +357,23 @@ def test_kill_9_helper_then_restarted_helper_reconciles() -> None:
         assert our_routes(lab, lab.a) == set(labmod.behind_prefixes("b"))
         assert " 0% packet loss" in lab.ping(lab.a, lab.b.overlay4, count=2).stdout
         assert " 0% packet loss" in lab.ping(lab.b, lab.a.overlay6, count=2).stdout
+
+
+# ---- QUIC engines -------------------------------------------------------------------------
+
+
+def _loaded(pid: int, needle: str) -> bool:
+    with open(f"/proc/{pid}/maps") as f:
+        return any(needle in line for line in f)
+
+
+def test_configured_engines_are_used_and_interoperate() -> None:
+    """a's workers run aioquic, b's qh3 (the `engine` key); the mixed pair carries traffic."""
+    for lab in _lab(queues=1, config_a={"engine": "aioquic"}, config_b={"engine": "qh3"}):
+        (wa,), (wb,) = lab.pids(lab.a)["workers"], lab.pids(lab.b)["workers"]
+        assert _loaded(wa, "/aioquic/") and not _loaded(wa, "/qh3/")
+        assert _loaded(wb, "/qh3/") and not _loaded(wb, "/aioquic/")
+        for src, dst in ((lab.a, lab.b), (lab.b, lab.a)):
+            assert " 0% packet loss" in lab.ping(src, dst.overlay6, count=2).stdout
+        tcp = lab.iperf3(lab.b, lab.a, seconds=1)
+        assert tcp["end"]["sum_received"]["bytes"] > 100_000

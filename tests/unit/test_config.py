@@ -234,6 +234,7 @@ def test_full_config_round_trips_into_expected_values() -> None:
                 allow_overlap=True,
                 route_metric=4294967295,
                 keepalive_interval=5.0,
+                engine="auto",
                 peer_key=KEY_A,
                 key_file="/etc/l3ptp/office.key",
                 underlay=UnderlayConfig(local=IP("198.18.0.1"), peer=IP("198.18.0.2"), port=5000),
@@ -258,6 +259,7 @@ def test_full_config_round_trips_into_expected_values() -> None:
                 allow_overlap=False,
                 route_metric=ROUTE_METRIC_DEFAULT,
                 keepalive_interval=KEEPALIVE_INTERVAL_DEFAULT,
+                engine="auto",
                 peer_key=KEY_B,
                 key_file="",
                 underlay=UnderlayConfig(local=None, peer=IP("198.18.0.3"), port=4433),
@@ -1273,3 +1275,14 @@ def test_every_key_is_documented(cls: type) -> None:
     for field in dataclasses.fields(cls):
         if field.name != "name":
             assert f"| `{field.name}` |" in text, field.name
+
+
+
+def test_engine_key_defaults_to_auto_and_is_checked() -> None:
+    doc = tomllib.loads(EXAMPLE.read_text())
+    assert parse_config(doc).networks[0].engine == "auto"
+    doc["networks"]["office"]["engine"] = "qh3"
+    assert parse_config(doc).networks[0].engine == "qh3"
+    doc["networks"]["office"]["engine"] = "quiche"
+    with pytest.raises(ConfigError, match="engine"):
+        parse_config(doc)
