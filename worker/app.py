@@ -171,6 +171,8 @@ async def run_worker(
         done, _ = await asyncio.wait([waiter, tasks[0]], return_when=asyncio.FIRST_COMPLETED)
         if tasks[0] in done and tasks[0].exception() is not None:
             reason = f"tunnel failed: {tasks[0].exception()!r}"
+        elif tasks[0] in done and tunnel.exit_reason:
+            reason = tunnel.exit_reason
     finally:
         tunnel.stop(ErrorCode.SHUTDOWN, reason[:200])
         for task in [waiter, *tasks]:

@@ -148,6 +148,8 @@ class Tunnel:
         self._reading_tun = False
         self._stopped: asyncio.Event | None = None
         self._stop_requested = False
+        #: Set when the tunnel ended itself (e.g. its TUN queue went away).
+        self.exit_reason: str | None = None
         self._backoff = RECONNECT_BACKOFF_MIN
         self._reconnect_at: float | None = None
         self._peer_addr: tuple[Any, ...] | None = None
@@ -489,9 +491,16 @@ class Tunnel:
         fd = self.tun_fd
         for _ in range(TUN_READ_BATCH):
             try:
-                packets.append(read(fd, _UDP_MAX))
+                packet = read(fd, _UDP_MAX)
             except (BlockingIOError, InterruptedError):
                 break
+            except OSError as exc:
+                self._tun_lost(exc.strerror or str(exc))
+                return
+            if not packet:  # end of file: a TUN queue never reads empty
+                self._tun_lost("end of file")
+                return
+            packets.append(packet)
         if not packets:
             return
         conn = peer.conn
@@ -503,6 +512,14 @@ class Tunnel:
         self.datapath.sent(payloads)
         self._transmit(peer)
         self._schedule()
+
+    def _tun_lost(self, why: str) -> None:
+        """The queue fd is dead (EBADFD/EIO: the interface was deleted, e.g.
+        by a restarted helper's reconcile). End the worker; the controller
+        starts a new one with a fresh queue. Without this, a level-triggered
+        error would spin the event loop."""
+        self.exit_reason = f"TUN queue unusable: {why}"
+        self.stop(ErrorCode.SHUTDOWN, self.exit_reason)
 
     def _write_tun(self, packet: memoryview) -> None:
         try:

@@ -90,3 +90,33 @@ def test_worker_reports_status_routes_and_exits_on_shutdown(engine: Engine) -> N
         assert set(status.drops) >= {"queue_full", "tun_oversize", "dgram_bad_header"}
 
     asyncio.run(asyncio.wait_for(main(), 45))
+
+
+def test_worker_ends_when_its_tun_queue_goes_away() -> None:
+    """A dead queue fd (the interface deleted under the worker) ends the worker with a reason, non-fatal."""
+
+    async def main():
+        lk, ck = new_keys(), new_keys()
+        lsock = udp_socket()
+        port = lsock.getsockname()[1]
+        lcfg = make_config(PeerRole.LISTEN, own=lk, peer_fp=ck.fingerprint, port=port)
+        ccfg = make_config(PeerRole.CONNECT, own=ck, peer_fp=lk.fingerprint, port=port)
+        peer = make_node(ccfg, udp_socket())
+        peer.start()
+        own = make_node(lcfg, lsock)
+        bus = FakeBus()
+        worker = asyncio.create_task(run_worker(lcfg, own.tun.worker_fd, lsock, bus, tunnel=own.tunnel))
+        try:
+            assert await wait_for(lambda: own.tunnel.established and peer.tunnel.established, 10)
+            own.tun.host.close()  # the kernel side of the queue disappears
+            reason = await asyncio.wait_for(worker, 5)
+            assert reason.startswith("TUN queue unusable"), reason
+        finally:
+            worker.cancel()
+            await peer.stop()
+            own.tun.close()
+            lsock.close()
+        last = bus.sent[-1]
+        assert isinstance(last, WorkerExiting) and not last.fatal and last.reason.startswith("TUN queue unusable")
+
+    asyncio.run(asyncio.wait_for(main(), 45))
