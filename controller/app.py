@@ -8,7 +8,8 @@ report). This module carries out their actions:
   PR_SET_DUMPABLE=0 (`harden_process`);
 * then: create the runtime directory (0711: searchable, not listable),
   bind the worker bus (``workers.sock``, 0600) and the CLI socket
-  (``control.sock``, 0660, group ``admin_group``), connect to the helper,
+  (``control.sock``, 0660, group ``admin_group``; 0666 with ``polkit = true``,
+  each caller then authorised by `l3ptp.controller.polkit`), connect to the helper,
   reconcile with its list of
   networks (networks no longer configured and enabled are destroyed, the
   others adopted), then bring every enabled network up;
@@ -44,6 +45,7 @@ from l3ptp.controller import plan as planning
 from l3ptp.controller.bus import Router
 from l3ptp.controller.config import Config, ConfigError, NetworkConfig, load_config
 from l3ptp.controller.helper_client import HelperClient, HelperError
+from l3ptp.controller.polkit import Authorizer, PolkitChecker, action_for, parse_peer_address
 from l3ptp.controller.routes import RouteTable
 from l3ptp.controller.spawner import ExitCallback, ProcessSpawner, Spawner
 from l3ptp.controller.status import network_status, status_reply
@@ -57,6 +59,7 @@ from l3ptp.ipc.control_messages import (
     CommandResult,
     DownRequest,
     Engine,
+    EventLoop,
     Heartbeat,
     PeerRoutes,
     ReloadRequest,
@@ -84,6 +87,9 @@ HELPER_PROBE_INTERVAL = 2.0
 #: admin_group, workers.sock 0600). Matches the unit's RuntimeDirectoryMode.
 RUNTIME_DIR_MODE = 0o711
 CONTROL_SOCKET_MODE = 0o660
+#: With ``[controller] polkit = true`` anyone may connect; every request is
+#: authorised per caller (SO_PEERCRED, then polkit).
+CONTROL_SOCKET_MODE_POLKIT = 0o666
 WORKERS_SOCKET_MODE = 0o600
 
 _PR_SET_DUMPABLE = 4
@@ -159,6 +165,9 @@ class Controller:
         self._ctx: zmq.asyncio.Context | None = None
         self.bus: Router | None = None
         self.cli: Router | None = None
+        #: Per-caller authorisation of CLI requests; set at start when
+        #: ``[controller] polkit`` is true (fixed until the controller restarts).
+        self.authorizer: Authorizer | None = None
         self.ready = asyncio.Event()
         self._last_heartbeat = 0.0
         #: Serialises up / down / reload so two never interleave.
@@ -190,8 +199,17 @@ class Controller:
         self._ctx = zmq.asyncio.Context()
         try:
             self.bus = Router(self._ctx, self.bus_path, BUS_UP, BUS_DOWN, mode=WORKERS_SOCKET_MODE)
+            admin_gid = self._admin_gid()
+            if self.config.controller.polkit:
+                # Before the socket exists: no request is ever served unchecked.
+                self.authorizer = Authorizer(PolkitChecker(), own_uid=os.geteuid(), admin_gid=admin_gid)
             self.cli = Router(
-                self._ctx, self.control_path, CLI_REQUESTS, CLI_REPLIES, mode=CONTROL_SOCKET_MODE, group=self._admin_gid()
+                self._ctx,
+                self.control_path,
+                CLI_REQUESTS,
+                CLI_REPLIES,
+                mode=CONTROL_SOCKET_MODE_POLKIT if self.authorizer is not None else CONTROL_SOCKET_MODE,
+                group=admin_gid,
             )
             self.helper = await self._helper_connect(self.config.controller.helper_socket)
             await self._reconcile()
@@ -424,6 +442,8 @@ class Controller:
             local_sources=tuple(str(r) for r in net.local_sources()),
             peer_sources=tuple(str(r) for r in net.peer_sources()),
             engine=Engine(net.engine),
+            event_loop=EventLoop(net.event_loop),
+            cpu=net.cpus[queue % len(net.cpus)] if net.cpus else -1,
             user=cfg.controller.worker_user,
             log_level="info",
         )
@@ -534,16 +554,47 @@ class Controller:
     async def _run_cli(self) -> None:
         assert self.cli is not None
         while True:
-            got = await self.cli.recv()
-            if got is None:
-                continue
-            ident, msg = got
+            if self.authorizer is None:
+                got = await self.cli.recv()
+                if got is None:
+                    continue
+                ident, msg = got
+            else:
+                got_peer = await self.cli.recv_with_peer()
+                if got_peer is None:
+                    continue
+                ident, msg, peer = got_peer
+                refusal = await self._authorise(msg, peer)
+                if refusal is not None:
+                    await self.cli.send(ident, refusal)
+                    continue
             try:
                 reply = await self._on_cli(msg)
             except Exception as exc:  # never let one request kill the controller
                 log.error("cli_request_failed", error=repr(exc))
                 reply = CommandFailed(code=ErrorCode.INTERNAL, reason=str(exc)[:512])
             await self.cli.send(ident, reply)
+
+    async def _authorise(self, msg: Any, peer_address: str | None) -> CommandFailed | None:
+        """None if the caller may make this request, else the refusal to send (fail closed)."""
+        assert self.authorizer is not None
+        action = action_for(msg)
+        peer = parse_peer_address(peer_address)
+        try:
+            decision = await self.authorizer.authorize(peer, action)
+        except Exception as exc:  # a bug here must refuse, never allow
+            log.error("cli_authorisation_failed", action=action, error=repr(exc))
+            return CommandFailed(code=ErrorCode.NOT_PERMITTED, reason=f"not authorised: {action} (internal error)")
+        who = {"uid": peer.uid, "pid": peer.pid} if peer is not None else {"peer": str(peer_address)[:80]}
+        if decision.allowed:
+            if decision.how == "polkit":
+                log.info("cli_authorised", action=action, how=decision.how, **who)
+            return None
+        log.warning("cli_refused", action=action, how=decision.how, reason=decision.reason, **who)
+        hint = "run as root, join the controller's admin_group, or ask for a polkit rule"
+        return CommandFailed(
+            code=ErrorCode.NOT_PERMITTED, reason=f"not authorised: {action}: {decision.reason} ({hint})"[:512]
+        )
 
     async def _on_cli(self, msg: Any) -> Any:
         if isinstance(msg, StatusRequest):

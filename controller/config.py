@@ -109,6 +109,10 @@ _FINGERPRINT_CHARS: Final = (FINGERPRINT_DIGEST_LEN * 4 + 2) // 3
 _ROLES: Final[tuple[Role, ...]] = ("listen", "connect")
 #: QUIC engines a worker can use: "auto" takes qh3 when installed, else aioquic.
 ENGINES: Final[tuple[str, ...]] = ("auto", "aioquic", "qh3")
+#: Worker event loops: "auto" takes uvloop when installed, else asyncio.
+EVENT_LOOPS: Final[tuple[str, ...]] = ("auto", "asyncio", "uvloop")
+#: Highest CPU number accepted in `cpus`.
+CPU_MAX: Final = 4095
 _NODE_ID_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,%d}" % NODE_ID_MAX)
 _NETWORK_NAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,%d}" % (NETWORK_NAME_MAX - 1))
 #: POSIX-style user or group name; the same pattern the worker config accepts.
@@ -127,6 +131,7 @@ _CONTROLLER_KEYS: Final = (
     "worker_user",
     "status_interval",
     "admin_group",
+    "polkit",
 )
 _METRICS_KEYS: Final = ("enabled", "address", "port")
 _NETWORK_KEYS: Final = (
@@ -149,6 +154,8 @@ _NETWORK_KEYS: Final = (
     "route_metric",
     "keepalive_interval",
     "engine",
+    "event_loop",
+    "cpus",
     "peer_key",
     "key_file",
     "underlay",
@@ -199,6 +206,9 @@ class ControllerConfig:
     status_interval: float = STATUS_INTERVAL
     #: Group allowed to use the CLI socket; "" = none.
     admin_group: str = ""
+    #: Authorise each CLI caller (root, own uid, admin_group, else polkit);
+    #: control.sock is then 0666 instead of 0660 (controller/polkit.py).
+    polkit: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -259,6 +269,10 @@ class NetworkConfig:
     keepalive_interval: float
     #: QUIC engine of the workers: one of `ENGINES`.
     engine: str
+    #: Event loop of the workers: one of `EVENT_LOOPS`.
+    event_loop: str
+    #: CPUs to pin workers to: queue k runs on cpus[k % len(cpus)]; () = no pinning.
+    cpus: tuple[int, ...]
     #: Pinned peer key fingerprint, "SHA256:" + 43 characters of base64.
     peer_key: str
     #: Per-network private key override; "" = use the node's key_file.
@@ -521,13 +535,31 @@ def _role(value: Any, path: str, col: _Collector) -> Role | _Bad:
     return _BAD
 
 
-def _engine(value: Any, path: str, col: _Collector) -> str | _Bad:
-    if not isinstance(value, str):
-        return col.type_error(path, "a string", value)
-    if value not in ENGINES:
-        col.add(path, f"{value!r} is not one of " + ", ".join(repr(e) for e in ENGINES))
+def _choice(choices: tuple[str, ...]) -> _Converter:
+    def convert(value: Any, path: str, col: _Collector) -> str | _Bad:
+        if not isinstance(value, str):
+            return col.type_error(path, "a string", value)
+        if value not in choices:
+            col.add(path, f"{value!r} is not one of " + ", ".join(repr(c) for c in choices))
+            return _BAD
+        return value
+
+    return convert
+
+
+def _cpu_list(value: Any, path: str, col: _Collector) -> tuple[int, ...] | _Bad:
+    if not isinstance(value, list):
+        return col.type_error(path, "a list of CPU numbers", value)
+    if len(value) > MAX_QUEUES:
+        col.add(path, f"at most {MAX_QUEUES} CPUs")
         return _BAD
-    return value
+    out = []
+    for i, cpu in enumerate(value):
+        if isinstance(cpu, bool) or not isinstance(cpu, int) or not 0 <= cpu <= CPU_MAX:
+            col.add(f"{path}[{i}]", f"expected a CPU number 0..{CPU_MAX}, got {cpu!r}")
+            return _BAD
+        out.append(cpu)
+    return tuple(out)
 
 
 def _node_id(value: Any, path: str, col: _Collector) -> str | _Bad:
@@ -740,6 +772,7 @@ def _parse_controller(col: _Collector, top: Mapping[str, Any]) -> dict[str, Any]
         "worker_user": f("worker_user", _account_name, ""),
         "status_interval": f("status_interval", _number(STATUS_INTERVAL_MIN, STATUS_INTERVAL_MAX), STATUS_INTERVAL),
         "admin_group": f("admin_group", _account_name, ""),
+        "polkit": f("polkit", _boolean, False),
     }
 
 
@@ -839,7 +872,9 @@ def _parse_network(col: _Collector, name: str, body: Any, path: str, prefix: Any
         _number(KEEPALIVE_INTERVAL_MIN, KEEPALIVE_INTERVAL_MAX),
         KEEPALIVE_INTERVAL_DEFAULT,
     )
-    v["engine"] = f("engine", _engine, "auto")
+    v["engine"] = f("engine", _choice(ENGINES), "auto")
+    v["event_loop"] = f("event_loop", _choice(EVENT_LOOPS), "auto")
+    v["cpus"] = f("cpus", _cpu_list, ())
     v["peer_key"] = f("peer_key", _peer_key)
     v["key_file"] = f("key_file", _optional_path, "")
 

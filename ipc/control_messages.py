@@ -72,6 +72,14 @@ class Engine(enum.StrEnum):
     QH3 = "qh3"
 
 
+class EventLoop(enum.StrEnum):
+    """Event loop a worker runs: uvloop when installed (auto), or plain asyncio."""
+
+    AUTO = "auto"
+    ASYNCIO = "asyncio"
+    UVLOOP = "uvloop"
+
+
 class NetworkState(enum.StrEnum):
     """What the controller reports about a network."""
 
@@ -119,6 +127,9 @@ class WorkerConfig(Message):
     #: Sources allowed on packets from the peer (peer addresses + accepted + allowed).
     peer_sources: Prefixes
     engine: Engine
+    event_loop: EventLoop
+    #: CPU to pin this worker to; -1 = no pinning.
+    cpu: Annotated[int, Range(-1, 4095)]
     #: User to switch to when started as root ("" = stay).
     user: Name
     log_level: Annotated[str, Text(16, r"debug|info|warning|error")]

@@ -17,8 +17,9 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 
-from l3ptp.ipc.control_messages import WORKER_CONFIG, WorkerConfig, WorkerExiting
+from l3ptp.ipc.control_messages import WORKER_CONFIG, EventLoop, WorkerConfig, WorkerExiting
 from l3ptp.ipc.constants import WORKER_CONFIG_MAX
 from l3ptp.ipc.errors import DecodeError
 from l3ptp.ipc.logsetup import configure
@@ -64,6 +65,27 @@ def _fatal(config: WorkerConfig, reason: str, log) -> int:  # type: ignore[no-un
     return EXIT_FATAL
 
 
+def loop_factory(choice: EventLoop) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop factory when chosen (auto: when installed), else None (plain asyncio).
+
+    Raises ImportError when uvloop is asked for explicitly and missing."""
+    if choice is EventLoop.ASYNCIO:
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice is EventLoop.UVLOOP:
+            raise
+        return None
+    return uvloop.new_event_loop
+
+
+def pin_cpu(cpu: int) -> None:
+    """Pin this worker to `cpu` (-1: leave the scheduler alone). OSError if impossible."""
+    if cpu >= 0:
+        os.sched_setaffinity(0, {cpu})
+
+
 async def _serve(config: WorkerConfig, tun_fd: int, sock: socket.socket) -> str:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -102,8 +124,17 @@ def main() -> int:
         helper.close()
     except (HelperRefused, OSError) as exc:
         return _fatal(config, f"helper: {exc}", log)
-    log.info("worker_starting", ifname=grant.ifname, tun_queue=grant.queue, mark=mark, port=sock.getsockname()[1])
-    reason = asyncio.run(_serve(config, tun_fd, sock))
+    try:
+        pin_cpu(config.cpu)
+        factory = loop_factory(config.event_loop)
+    except OSError as exc:
+        return _fatal(config, f"cannot pin to CPU {config.cpu}: {exc.strerror or exc}", log)
+    except ImportError:
+        return _fatal(config, "event_loop = uvloop but uvloop is not installed (pip install l3ptp[fast])", log)
+    log.info("worker_starting", ifname=grant.ifname, tun_queue=grant.queue, mark=mark, port=sock.getsockname()[1],
+             cpu=config.cpu, event_loop="uvloop" if factory else "asyncio")
+    with asyncio.Runner(loop_factory=factory) as runner:
+        reason = runner.run(_serve(config, tun_fd, sock))
     log.info("worker_exiting", reason=reason)
     return 0
 

@@ -377,3 +377,21 @@ def test_configured_engines_are_used_and_interoperate() -> None:
             assert " 0% packet loss" in lab.ping(src, dst.overlay6, count=2).stdout
         tcp = lab.iperf3(lab.b, lab.a, seconds=1)
         assert tcp["end"]["sum_received"]["bytes"] > 100_000
+
+
+def _cpus_allowed(pid: int) -> str:
+    return proc_status(pid)["Cpus_allowed_list"].strip()
+
+
+def test_workers_pinned_to_configured_cpus_and_event_loops_chosen() -> None:
+    ncpu = os.cpu_count() or 1
+    cpus = [ncpu - 1, 0]
+    for lab in _lab(queues=2, config_a={"cpus": cpus, "event_loop": "uvloop"}, config_b={"event_loop": "asyncio"}):
+        by_queue = {q["queue"]: q["pid"] for q in lab.network(lab.a)["queues"]}
+        for queue, pid in by_queue.items():
+            assert _cpus_allowed(pid) == str(cpus[queue % len(cpus)])
+            assert _loaded(pid, "uvloop")
+        for pid in lab.pids(lab.b)["workers"]:
+            assert not _loaded(pid, "uvloop")
+            assert _cpus_allowed(pid) == _cpus_allowed(os.getpid())  # not pinned
+        assert " 0% packet loss" in lab.ping(lab.a, lab.b.overlay4, count=2).stdout

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from l3ptp.ipc.control_messages import Engine, WorkerConfig
+from l3ptp.ipc.control_messages import Engine, EventLoop, WorkerConfig
 from l3ptp.ipc.types import PeerRole
 from l3ptp.worker import keys
 from l3ptp.worker.engine import EngineUnavailable, load_engine
@@ -109,6 +109,8 @@ def make_config(
         local_sources=(f"{v4}/32", f"{v6}/128"),
         peer_sources=(f"{pv4}/32", f"{pv6}/128"),
         engine=engine,
+        event_loop=EventLoop.AUTO,
+        cpu=-1,
         user="",
         log_level="info",
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import pickle
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -235,6 +236,8 @@ def test_full_config_round_trips_into_expected_values() -> None:
                 route_metric=4294967295,
                 keepalive_interval=5.0,
                 engine="auto",
+                event_loop="auto",
+                cpus=(),
                 peer_key=KEY_A,
                 key_file="/etc/l3ptp/office.key",
                 underlay=UnderlayConfig(local=IP("198.18.0.1"), peer=IP("198.18.0.2"), port=5000),
@@ -260,6 +263,8 @@ def test_full_config_round_trips_into_expected_values() -> None:
                 route_metric=ROUTE_METRIC_DEFAULT,
                 keepalive_interval=KEEPALIVE_INTERVAL_DEFAULT,
                 engine="auto",
+                event_loop="auto",
+                cpus=(),
                 peer_key=KEY_B,
                 key_file="",
                 underlay=UnderlayConfig(local=None, peer=IP("198.18.0.3"), port=4433),
@@ -1286,3 +1291,26 @@ def test_engine_key_defaults_to_auto_and_is_checked() -> None:
     doc["networks"]["office"]["engine"] = "quiche"
     with pytest.raises(ConfigError, match="engine"):
         parse_config(doc)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("cpus", [0, -1], "cpus[1]: expected a CPU number"),
+        ("cpus", [True], "cpus[0]: expected a CPU number"),
+        ("cpus", "0,1", "expected a list of CPU numbers"),
+        ("event_loop", "trio", "'trio' is not one of"),
+    ],
+)
+def test_cpus_and_event_loop_are_checked(key: str, value: Any, message: str) -> None:
+    doc = tomllib.loads(EXAMPLE.read_text())
+    doc["networks"]["office"][key] = value
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config(doc)
+
+
+def test_cpus_and_event_loop_parse() -> None:
+    doc = tomllib.loads(EXAMPLE.read_text())
+    doc["networks"]["office"] |= {"cpus": [1, 0], "event_loop": "uvloop"}
+    net = parse_config(doc).networks[0]
+    assert net.cpus == (1, 0) and net.event_loop == "uvloop"
