@@ -1,7 +1,5 @@
 """`l3ptp-helper`: argv, policy, capability check, hardening, reconcile, serve. Nothing else."""
 
-from __future__ import annotations
-
 import argparse
 import ctypes
 import signal
@@ -33,8 +31,7 @@ def missing_capabilities(status_path: str = "/proc/self/status") -> str | None:
 
 
 def harden() -> None:
-    """no_new_privs (nothing this process could exec gains privilege) and not dumpable (no core
-    file, no ptrace or /proc access to its memory and fds by other processes of its uid)."""
+    """no_new_privs (nothing we exec gains privilege); not dumpable (no core, no ptrace or /proc access by our uid)."""
     libc = ctypes.CDLL(None, use_errno=True)
     for option, value in ((PR_SET_NO_NEW_PRIVS, 1), (PR_SET_DUMPABLE, 0)):
         if libc.prctl(option, value, 0, 0, 0) != 0:
@@ -58,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if policy is None else 1
     harden()
     host = Host(policy)
-    audit("reconcile", result="ok", when="start", **host.reconcile({}))
+    audit("reconcile", result="ok", when="start", **host.reconcile())
     if args.reconcile_only:
         host.close()
         return 0
@@ -67,16 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     server = Server(dispatcher, listener)
     stop: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, _: stop.append(signum))  # seen within one select timeout
+        signal.signal(sig, lambda signum, _: stop.append(signum))
     log.info("helper_ready", socket=listener.getsockname())
     try:
-        server.serve(lambda: not stop)
+        while not stop:
+            server.step(1.0)  # a signal is seen within this select timeout
     finally:
         server.close()
         for net in list(dispatcher.state.networks.values()):
             audit("DestroyNetwork", result="ok", when="stop", network=net.name, ifname=net.ifname,
                   routes_removed=dispatcher.destroy(net))
-        audit("reconcile", result="ok", when="stop", **host.reconcile({}))
+        audit("reconcile", result="ok", when="stop", **host.reconcile())
         host.close()
         log.info("helper_stopped")
     return 0

@@ -1,14 +1,9 @@
 """The closed request table (OpenSSH `mon_table` style), and the audit line. Pure.
 
-A `Session` is one connection: the peer's SO_PEERCRED and, after Hello, its role. `handle` looks
-the request type up in `TABLE`; an unknown type, a request before Hello, a role not listed, a
-repeated once-only request, a bad Hello or ProtectSocket without exactly one fd is a `Violation`
-(audited; the server closes that connection). A handler returns an `Outcome` or raises `Refused`
-(a `Failed` reply). The kernel is the injected `kernel` (netops.Host; tests: a fake); its errors
-are OSError or Refused.
+`Dispatcher.handle` checks one request of a `Session` (one connection) against `TABLE`: anything the table does
+not allow is a `Violation` (audited; the server closes that connection). A handler returns an `Outcome` or raises
+`Refused` (a `Failed` reply). The kernel is injected (netops.Host; tests: a fake); its errors are OSError or Refused.
 """
-
-from __future__ import annotations
 
 import dataclasses
 import errno
@@ -18,11 +13,10 @@ from typing import Any, NamedTuple
 import structlog
 
 from l3ptp.ipc.errors import ErrorCode
-from l3ptp.ipc.helper_messages import (
-    HELPER_PROTOCOL, AddRoutes, ClaimQueue, CreateNetwork, DestroyNetwork, Failed, Hello, ListNetworks,
-    NetworkCreated, NetworkDestroyed, NetworkInfo, NetworkList, ProtectSocket, QueueGranted, RemoveRoutes,
-    Role, RoutesChanged, SocketProtected, Welcome,
-)
+from l3ptp.ipc.helper_messages import (HELPER_PROTOCOL, AddRoutes, ClaimQueue, CreateNetwork, DestroyNetwork, Failed,
+                                       Hello, ListNetworks, NetworkCreated, NetworkDestroyed, NetworkInfo, NetworkList,
+                                       ProtectSocket, QueueGranted, RemoveRoutes, Role, RoutesChanged,
+                                       SocketProtected, Welcome)
 from l3ptp.ipc.schema import Message
 
 from .policy import Policy, Refused, check_address, check_ifname, check_mtu, check_prefix
@@ -30,9 +24,7 @@ from .state import Network, State
 
 
 def audit(action: str, *, peer: Any = None, result: str, role: Any = None, **fields: Any) -> None:
-    """One log line (event "audit") per privileged action and per refusal: the action, the peer's
-    uid and pid (None for the helper's own, such as reconcile), role, result (ok, refused,
-    violation, fds_discarded) and the objects touched."""
+    """One log line per privileged action and per refusal; peer None is the helper itself (reconcile)."""
     structlog.get_logger().info("audit", action=action, peer_uid=getattr(peer, "uid", None),
                                 peer_pid=getattr(peer, "pid", None), role=None if role is None else str(role),
                                 result=result, **fields)
@@ -107,8 +99,7 @@ class Dispatcher:
             raise _os_refusal(exc, what) from None
 
     def handle(self, s: Session, req: Message, fds: Sequence[int] = ()) -> Outcome:
-        """Handle one decoded request and the `fds` received with it (never closed or kept here).
-        Raises `Violation` (already audited) when the connection must close."""
+        """Handle a request and its `fds` (neither closed nor kept here); `Violation` is already audited."""
         kind, action, rule = type(req), type(req).__name__, TABLE.get(type(req))
         hello = req if isinstance(req, Hello) else None
         uids = self.policy.controller_uids if hello and hello.role is Role.CONTROLLER else self.policy.worker_uids

@@ -1,20 +1,15 @@
-"""The kernel side of the helper: TUN ioctls and pyroute2 netlink. A shell; `Host` is `dispatch.Kernel`.
+"""The kernel side of the helper: TUN ioctls and pyroute2 netlink. A shell; `Host` is dispatch's kernel.
 
-Queue 0 of a TUN device is opened with IFF_TUN_EXCL (an existing device fails with EBUSY, never
-adopted), then TUNSETOWNER to our euid (an ownerless multi-queue TUN can be joined by any user);
-further queues attach by name. Routes carry the policy's protocol and table, rules its protocol
-and our priorities: removal and `reconcile` match exactly those, and links with our prefix that
-are TUN devices. NetlinkError becomes OSError; `ok` lists errnos that count as success.
+Routes carry the policy's protocol and table, rules its protocol and our priorities: removal and `reconcile`
+match exactly those, and links with our prefix that are TUN devices. NetlinkError becomes OSError; `ok` lists
+errnos that count as success.
 """
-
-from __future__ import annotations
 
 import errno
 import fcntl
 import ipaddress
 import os
 import socket
-from collections.abc import Mapping
 from typing import Any
 
 import pytun
@@ -42,14 +37,14 @@ def _nl(fn: Any, *args: Any, ok: tuple[int, ...] = (), **kwargs: Any) -> Any:
 
 
 def open_queues(ifname: str, queues: int, owner_uid: int) -> list[int]:
-    """Create `ifname` with `queues` queues (close-on-exec fds); OSError (EBUSY if it exists)."""
+    """Create `ifname` with `queues` queues (close-on-exec fds); queue 0 is IFF_TUN_EXCL: EBUSY if it exists."""
     fds: list[int] = []
     try:
         for flags in [TUN_FLAGS | pytun.IFF_TUN_EXCL] + [TUN_FLAGS] * (queues - 1):
             dev = pytun.TunTapDevice(name=ifname, flags=flags)
             fds.append(os.dup(dev.fileno()))
             dev.close()
-            if len(fds) == 1:
+            if len(fds) == 1:  # at once: any user may attach a queue to an ownerless multi-queue TUN
                 fcntl.ioctl(fds[0], TUNSETOWNER, owner_uid)
     except BaseException:
         for fd in fds:
@@ -59,8 +54,8 @@ def open_queues(ifname: str, queues: int, owner_uid: int) -> list[int]:
 
 
 class Host:
-    def __init__(self, policy: Policy, ipr: Any = None) -> None:
-        self.policy, self.ipr = policy, ipr if ipr is not None else IPRoute()
+    def __init__(self, policy: Policy) -> None:
+        self.policy, self.ipr = policy, IPRoute()
 
     def close(self) -> None:
         self.ipr.close()
@@ -118,9 +113,8 @@ class Host:
             sock.detach()
 
     def wanted_rules(self) -> list[RuleKey]:
-        """P: fwmark M lookup main. With a separate table T also wg-quick's P+1: lookup main
-        suppress_prefixlength 0 (specific main routes beat the tunnel) and P+2: not fwmark M
-        lookup T (the tunnel's own marked packets never reach T, even if main has no route)."""
+        """P: fwmark M lookup main. With a table T also wg-quick's P+1: lookup main suppress_prefixlength 0
+        (specific main routes win) and P+2: not fwmark M lookup T (our marked packets never reach T)."""
         p, prio = self.policy, self.policy.rule_priority
         rules: list[RuleKey] = [(prio, RT_MAIN, p.socket_mark, None, False)]
         if p.route_table != RT_MAIN:
@@ -153,23 +147,22 @@ class Host:
         return [self._rule("add", family, k) for family in FAMILY.values()
                 for have in [self._rules(family)] for k in self.wanted_rules() if k not in have]
 
-    def reconcile(self, live: Mapping[str, int]) -> dict[str, list[str]]:
-        """Delete our-prefix TUN links and our-protocol routes in our table that `live`
-        (ifname -> ifindex) does not own and, with nothing live, our rules. Returns what went."""
-        p, owned = self.policy, set(live.values())
+    def reconcile(self) -> dict[str, list[str]]:
+        """With no network live: delete our-prefix TUN links, our-protocol routes in our table and our rules."""
+        p = self.policy
         gone: dict[str, list[str]] = {"links": [], "routes": [], "rules": []}
         for family in FAMILY.values():
             for r in _nl(self.ipr.get_routes, family=family, table=p.route_table):
                 dst, oif = r.get("RTA_DST"), r.get("RTA_OIF")
-                if r["proto"] == p.route_protocol and r.get("RTA_TABLE") == p.route_table and oif not in owned:
-                    _nl(self.ipr.route, "del", family=family, dst_len=r["dst_len"], table=p.route_table, scope=r["scope"],
-                        proto=p.route_protocol, ok=(errno.ESRCH,), **{k: v for k, v in (("dst", dst), ("oif", oif)) if v})
+                if r["proto"] == p.route_protocol and r.get("RTA_TABLE") == p.route_table:
+                    _nl(self.ipr.route, "del", family=family, dst_len=r["dst_len"], table=p.route_table,
+                        scope=r["scope"], proto=p.route_protocol, ok=(errno.ESRCH,),
+                        **{k: v for k, v in (("dst", dst), ("oif", oif)) if v})
                     gone["routes"].append(f"{dst or ('0.0.0.0' if family == socket.AF_INET else '::')}/{r['dst_len']}")
-            gone["rules"] += [] if live else [self._rule("del", family, k) for k in self._rules(family)]
+            gone["rules"] += [self._rule("del", family, k) for k in self._rules(family)]
         for link in _nl(self.ipr.get_links):
             name = link.get("IFLA_IFNAME") or ""
-            if (name.startswith(p.interface_prefix) and name not in live
-                    and link.get(("IFLA_LINKINFO", "IFLA_INFO_KIND")) == "tun"):
+            if name.startswith(p.interface_prefix) and link.get(("IFLA_LINKINFO", "IFLA_INFO_KIND")) == "tun":
                 _nl(self.ipr.link, "del", index=link["index"], ok=(errno.ENODEV,))
                 gone["links"].append(name)
         return gone

@@ -1,14 +1,8 @@
-"""The helper's root-owned policy file (TOML) as a frozen `Policy`, and the checks of request values
-against it. Pure but for `load_policy`.
+"""The root-owned policy file (TOML) as a frozen `Policy`, and the checks of request values against it.
 
-Nothing the unprivileged side sends can widen the policy. Every key but the two uid lists (uids
-or user names) is optional; an unknown key, a wrong type or range, or allow_default_route = true
-with route_table = 254 is an error. `load_policy` also wants the file owned by root and not
-group/world-writable (tests: check_owner=False). A check returns the normalised value or raises
+Nothing the unprivileged side sends can widen the policy. A check returns the normalised value or raises
 `Refused(code, reason)`, which dispatch turns into a `Failed` reply and an audit line.
 """
-
-from __future__ import annotations
 
 import dataclasses
 import ipaddress
@@ -18,11 +12,9 @@ import stat
 import tomllib
 from typing import Any
 
-from l3ptp.ipc.constants import (
-    HELPER_SOCKET_DEFAULT, IFNAME_ALLOWED, IFNAME_MAX, IFNAME_PREFIX_DEFAULT, MAX_NETWORKS, MAX_QUEUES,
-    MAX_ROUTES_PER_NETWORK, MTU_MAX, MTU_MIN, ROUTE_TABLE_DEFAULT, RTPROT_L3PTP, RULE_PRIORITY_DEFAULT,
-    SOCKET_MARK_DEFAULT,
-)
+from l3ptp.ipc.constants import (HELPER_SOCKET_DEFAULT, IFNAME_ALLOWED, IFNAME_MAX, IFNAME_PREFIX_DEFAULT, MAX_NETWORKS,
+                                 MAX_QUEUES, MAX_ROUTES_PER_NETWORK, MTU_MAX, MTU_MIN, ROUTE_TABLE_DEFAULT,
+                                 RTPROT_L3PTP, RULE_PRIORITY_DEFAULT, SOCKET_MARK_DEFAULT)
 from l3ptp.ipc.errors import ErrorCode
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -108,7 +100,7 @@ _FIELDS = {
 
 
 def parse_policy(data: dict[str, Any]) -> Policy:
-    """Validate a decoded TOML document. Raises `PolicyError`."""
+    """Validate a decoded TOML document (only the uid lists are required). Raises `PolicyError`."""
     unknown = sorted(set(data) - set(_FIELDS))
     if unknown:
         raise PolicyError(f"unknown policy keys: {', '.join(unknown)}")
@@ -123,7 +115,7 @@ def parse_policy(data: dict[str, Any]) -> Policy:
 
 
 def load_policy(path: str, *, check_owner: bool = True) -> Policy:
-    """Read, check ownership of, and parse the policy file. Raises `PolicyError`."""
+    """Read the policy file (owned by root, not group/world-writable) and parse it. Raises `PolicyError`."""
     try:
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
@@ -167,8 +159,7 @@ def _inside(net: IpNetwork, policy: Policy) -> bool:
 
 
 def check_prefix(prefix: str, policy: Policy, *, allow_default: bool) -> IpNetwork:
-    """A route inside the allowed prefixes, or a default route (/0) that both the policy's
-    allow_default_route and the request's `allow_default` permit."""
+    """A route inside the allowed prefixes, or a default route if policy and request both allow it."""
     try:
         net = ipaddress.ip_network(prefix, strict=True)
     except (TypeError, ValueError):

@@ -5,16 +5,14 @@ MSG_TRUNC (over HELPER_MESSAGE_MAX) or MSG_CTRUNC, a decode error, a `Violation`
 Fds received as SCM_RIGHTS are closed once the request is handled; a queue fd goes with its reply.
 """
 
-from __future__ import annotations
-
 import array
+import contextlib
 import grp
 import os
 import selectors
 import socket
 import stat
 import struct
-from collections.abc import Callable
 
 from l3ptp.ipc.constants import HELPER_HELLO_TIMEOUT, HELPER_MESSAGE_MAX
 from l3ptp.ipc.errors import DecodeError
@@ -22,8 +20,7 @@ from l3ptp.ipc.helper_messages import HELPER_REPLIES, HELPER_REQUESTS
 
 from .dispatch import Dispatcher, Outcome, Peer, Session, Violation
 
-MAX_FDS_PER_MESSAGE = 4
-MAX_CLIENTS = 128
+MAX_FDS_PER_MESSAGE, MAX_CLIENTS = 4, 128
 _CRED = struct.Struct("iII")
 
 
@@ -34,11 +31,9 @@ def peer_of(conn: socket.socket) -> Peer:
 def open_listener(path: str, group: str | int | None) -> socket.socket:
     """Bind a fresh SOCK_SEQPACKET socket at `path`, mode 0660, group `group`."""
     os.makedirs(os.path.dirname(path) or "/", mode=0o755, exist_ok=True)
-    try:
+    with contextlib.suppress(FileNotFoundError):
         if stat.S_ISSOCK(os.lstat(path).st_mode):
             os.unlink(path)  # a stale socket of ours; anything else makes bind fail
-    except FileNotFoundError:
-        pass
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     old = os.umask(0o177)
     try:
@@ -66,19 +61,12 @@ def systemd_listener() -> socket.socket | None:
 
 
 class Server:
-    def __init__(self, dispatcher: Dispatcher, listener: socket.socket | None = None,
-                 hello_timeout: float = HELPER_HELLO_TIMEOUT) -> None:
+    def __init__(self, dispatcher: Dispatcher, listener: socket.socket, hello_timeout: float = HELPER_HELLO_TIMEOUT):
         self.dispatcher, self.listener, self.hello_timeout = dispatcher, listener, hello_timeout
         self.sel = selectors.DefaultSelector()
         self.sessions: dict[socket.socket, Session] = {}
-        if listener is not None:
-            listener.setblocking(False)
-            self.sel.register(listener, selectors.EVENT_READ)
-
-    def add_connection(self, conn: socket.socket) -> None:
-        conn.setblocking(False)
-        self.sessions[conn] = Session(peer_of(conn), since=self.dispatcher.clock())
-        self.sel.register(conn, selectors.EVENT_READ)
+        listener.setblocking(False)
+        self.sel.register(listener, selectors.EVENT_READ)
 
     def drop(self, conn: socket.socket) -> None:
         self.sessions.pop(conn, None)
@@ -88,7 +76,7 @@ class Server:
     def step(self, timeout: float | None) -> None:
         for key, _ in self.sel.select(timeout):
             if key.fileobj is self.listener:
-                self._accept(self.listener)
+                self._accept()
             elif key.fileobj in self.sessions:
                 self._read(key.fileobj, self.sessions[key.fileobj])  # type: ignore[arg-type, index]
         late = self.dispatcher.clock() - self.hello_timeout
@@ -97,27 +85,24 @@ class Server:
                 self.dispatcher.violation(s, "Hello", f"no Hello within {self.hello_timeout} s")
                 self.drop(conn)
 
-    def serve(self, running: Callable[[], bool], timeout: float = 1.0) -> None:
-        while running():
-            self.step(timeout)
-
     def close(self) -> None:
         for conn in list(self.sessions):
             self.drop(conn)
-        if self.listener is not None:
-            self.sel.unregister(self.listener)
-            self.listener.close()
+        self.sel.unregister(self.listener)
+        self.listener.close()
         self.sel.close()
 
-    def _accept(self, listener: socket.socket) -> None:
+    def _accept(self) -> None:
         try:
-            conn, _ = listener.accept()
+            conn, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        if len(self.sessions) < MAX_CLIENTS:
-            return self.add_connection(conn)
-        self.dispatcher.violation(Session(peer_of(conn)), "accept", "too many clients")
-        conn.close()
+        if len(self.sessions) >= MAX_CLIENTS:
+            self.dispatcher.violation(Session(peer_of(conn)), "accept", "too many clients")
+            return conn.close()
+        conn.setblocking(False)
+        self.sessions[conn] = Session(peer_of(conn), since=self.dispatcher.clock())
+        self.sel.register(conn, selectors.EVENT_READ)
 
     def _read(self, conn: socket.socket, session: Session) -> None:
         try:
@@ -128,8 +113,17 @@ class Server:
             return self.drop(conn)
         fds = [fd for level, kind, cdata in anc if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS)
                for fd in array.array("i", cdata[: len(cdata) - len(cdata) % 4])]
+        outcome: Outcome | None = None  # None closes the connection: EOF, or a violation already audited
         try:
-            outcome = self._handle(session, data, fds, flags)
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                what = "message over size cap" if flags & socket.MSG_TRUNC else "truncated control data"
+                self.dispatcher.violation(session, "receive", what)
+            elif data or fds:
+                outcome = self.dispatcher.handle(session, HELPER_REQUESTS.decode_untrusted(data), fds)
+        except DecodeError as exc:
+            self.dispatcher.violation(session, "decode", exc.reason[:200])
+        except Violation:
+            pass
         finally:
             for fd in fds:
                 os.close(fd)
@@ -140,17 +134,3 @@ class Server:
             conn.sendmsg([HELPER_REPLIES.encode(outcome.reply)], rights)
         except OSError:
             self.drop(conn)  # a client that does not read its replies is dropped
-
-    def _handle(self, session: Session, data: bytes, fds: list[int], flags: int) -> Outcome | None:
-        """The reply, or None to close the connection (EOF, or a violation already audited)."""
-        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-            what = "message over size cap" if flags & socket.MSG_TRUNC else "truncated control data"
-            self.dispatcher.violation(session, "receive", what)
-        elif data or fds:
-            try:
-                return self.dispatcher.handle(session, HELPER_REQUESTS.decode_untrusted(data), fds)
-            except DecodeError as exc:
-                self.dispatcher.violation(session, "decode", exc.reason[:200])
-            except Violation:
-                pass
-        return None

@@ -1,11 +1,7 @@
 """What the helper owns: networks, their queue fds (as ints), and tickets. Pure.
 
-The helper only ever touches links and routes recorded here (plus, at reconcile, leftovers
-with its prefix and route protocol). Tickets are single use, bound to one worker uid and
-expire `ticket_ttl` seconds after issue; time is always passed in as `now`.
+Tickets are single use, bound to one worker uid and expire `ticket_ttl` seconds after issue (`now` is passed in).
 """
-
-from __future__ import annotations
 
 import dataclasses
 import secrets
