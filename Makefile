@@ -7,9 +7,9 @@ PY := $(VENV)/bin/python
 # unprivileged uids, which cannot run an interpreter kept under /root (pyenv).
 PYTHON_BASE ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || command -v python3)
 # Debian packages the test suite and the demo use.
-DEBS := iproute2 iputils-ping iperf3 procps systemd dpkg-dev debhelper lintian fakeroot gcc python3.11-dev python3-pip python3-setuptools python3-wheel python3-venv
+DEBS := iproute2 iputils-ping iperf3 procps systemd dpkg-dev debhelper lintian fakeroot gcc python3.11-dev python3-pip python3-setuptools python3-wheel python3-venv dbus-daemon polkitd
 
-.PHONY: test demo deps venv clean
+.PHONY: test demo bench deps venv clean
 
 deps:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -34,6 +34,10 @@ test: deps venv
 ## make demo: a dual-stack tunnel between two network namespaces (becomes real with the end-to-end issue)
 demo: deps venv
 	$(PY) -m l3ptp.controller.demo
+
+## make bench: l3ptp against veth, OpenVPN and wireguard-go in two namespaces (BENCH_ARGS="--seconds 5 --queues 1,2")
+bench: deps venv
+	$(PY) -m l3ptp.controller.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -68,6 +68,26 @@ class Router:
     async def recv(self) -> tuple[bytes, Message] | None:
         """Next (identity, message); None for a dropped bad frame."""
         frames = await self.sock.recv_multipart(copy=True)
+        return self._decode(frames)
+
+    async def recv_with_peer(self) -> tuple[bytes, Message, str | None] | None:
+        """Next (identity, message, Peer-Address); None for a dropped bad frame.
+
+        For ``ipc://`` connections libzmq sets the message property
+        ``Peer-Address`` to ``"<host>:<uid>:<gid>:<pid>"`` from SO_PEERCRED
+        (see `l3ptp.controller.polkit.parse_peer_address`); None when absent.
+        """
+        frames = await self.sock.recv_multipart(copy=False)
+        peer: str | None = None
+        if frames:
+            try:
+                peer = frames[-1].get("Peer-Address")
+            except (zmq.ZMQError, UnicodeDecodeError):
+                peer = None
+        got = self._decode([f.bytes for f in frames])
+        return None if got is None else (*got, peer)
+
+    def _decode(self, frames: list[bytes]) -> tuple[bytes, Message] | None:
         if len(frames) != 2:
             self.bad_frames += 1
             log.warning("bad_frame", socket=self.path, reason=f"{len(frames)} frames")

@@ -133,6 +133,14 @@ RESTART_MAX_IN_WINDOW = 5
 STOP_GRACE = 5.0
 #: Seconds the controller waits for one reply of the helper.
 HELPER_TIMEOUT = 10.0
+#: Seconds the controller waits for polkit's answer to one CheckAuthorization
+#: (connect to the system bus included); no answer means "not authorised".
+POLKIT_TIMEOUT = 3.0
+
+#: polkit actions (packaging/polkit/org.l3ptp.policy): reading the status, and
+#: up / down / reload.
+POLKIT_ACTION_STATUS = "org.l3ptp.status"
+POLKIT_ACTION_MANAGE = "org.l3ptp.manage"
 
 #: Defaults for paths.
 #: The controller's own directory (control.sock, workers.sock): the

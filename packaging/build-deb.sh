@@ -27,9 +27,11 @@ mkdir -p "$src"
 
 cd "$repo"
 if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    # Tracked files deleted in the working tree are skipped (the copy is the
+    # working tree as it is).
     git ls-files -z --cached --others --exclude-standard \
         | grep -zv -e '^packaging/debian/' -e '^\.venv/' -e '^build/' -e '^dist/' \
-        | xargs -0 -I{} sh -c 'test -e "{}" && printf "%s\0" "{}"' \
+        | xargs -0 -I{} sh -c 'if test -e "$1"; then printf "%s\0" "$1"; fi' sh {} \
         | xargs -0 cp --parents -t "$src"
 else
     tar -C "$repo" --exclude=.venv --exclude=build --exclude=dist --exclude='*.egg-info' \

@@ -9,18 +9,23 @@ band or better; the numbers are recorded in docs/packaging.md.
 
 from __future__ import annotations
 
+import pwd
 import re
 import shutil
 import subprocess
 import tomllib
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
+from l3ptp.helper import policy as helper_policy
 from l3ptp.helper.policy import parse_policy
 from l3ptp.ipc.constants import (
     HELPER_SOCKET_DEFAULT,
     IFNAME_PREFIX_DEFAULT,
+    POLKIT_ACTION_MANAGE,
+    POLKIT_ACTION_STATUS,
     ROUTE_TABLE_DEFAULT,
     RTPROT_L3PTP,
     RULE_PRIORITY_DEFAULT,
@@ -178,9 +183,23 @@ def test_sysusers_creates_the_users(tmp_path: Path) -> None:
     assert all(int(users[u][2]) != 0 for u in ("l3ptp", "l3ptp-helper"))
 
 
-def test_helper_policy_template_parses() -> None:
-    text = (PKG / "etc/helper-policy.toml.in").read_text().replace("@L3PTP_UID@", "998")
-    policy = parse_policy(tomllib.loads(text))
+def test_shipped_helper_policy_names_the_controller_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The conffile names "l3ptp" (the unit's User=); the helper resolves it at start."""
+    text = (PKG / "etc/helper-policy.toml").read_text()
+    data = tomllib.loads(text)
+    assert data["controller_uids"] == data["worker_uids"] == ["l3ptp"]
+    assert "User=l3ptp\n" in (PKG / "systemd/l3ptp-controller.service").read_text()
+    looked_up: list[str] = []
+
+    def getpwnam(name: str) -> pwd.struct_passwd:
+        looked_up.append(name)
+        if name != "l3ptp":
+            raise KeyError(name)
+        return pwd.struct_passwd(("l3ptp", "x", 998, 998, "", "/", "/usr/sbin/nologin"))
+
+    monkeypatch.setattr(helper_policy.pwd, "getpwnam", getpwnam)
+    policy = parse_policy(data)
+    assert looked_up and set(looked_up) == {"l3ptp"}
     assert policy.controller_uids == policy.worker_uids == frozenset({998})
     assert policy.socket_path == HELPER_SOCKET_DEFAULT
     assert policy.interface_prefix == IFNAME_PREFIX_DEFAULT
@@ -189,3 +208,26 @@ def test_helper_policy_template_parses() -> None:
     assert policy.socket_mark == SOCKET_MARK_DEFAULT
     assert policy.rule_priority == RULE_PRIORITY_DEFAULT
     assert not policy.allow_default_route
+
+
+def test_polkit_actions_and_rules() -> None:
+    """Two actions, auth_admin by default, owned by the controller's user; the rule lets l3ptp-admin in."""
+    policy = ET.parse(PKG / "polkit/org.l3ptp.policy").getroot()
+    assert policy.tag == "policyconfig"
+    actions = {a.get("id"): a for a in policy.findall("action")}
+    assert set(actions) == {POLKIT_ACTION_STATUS, POLKIT_ACTION_MANAGE}
+    for action in actions.values():
+        defaults = action.find("defaults")
+        assert defaults is not None
+        assert [defaults.findtext(k) for k in ("allow_any", "allow_inactive", "allow_active")] == ["auth_admin"] * 3
+        owner = {a.get("key"): a.text for a in action.findall("annotate")}
+        # polkit lets only root and an action's owner check it for other users' processes.
+        assert owner == {"org.freedesktop.policykit.owner": "unix-user:l3ptp"}
+        assert action.findtext("description") and action.findtext("message")
+    rules = (PKG / "polkit/50-l3ptp.rules").read_text()
+    for needle in (POLKIT_ACTION_STATUS, POLKIT_ACTION_MANAGE, 'isInGroup("l3ptp-admin")', "polkit.Result.YES"):
+        assert needle in rules
+    # It grants and never refuses, so a local rule may still grant others.
+    assert "Result.NO" not in rules and "AUTH_ADMIN" not in rules
+    sysusers = (PKG / "sysusers.d/l3ptp.conf").read_text().split()
+    assert "l3ptp-admin" in sysusers
