@@ -11,7 +11,7 @@ added / removed / changed / unchanged:
 * *changed* networks are restarted (down with the old config, up with the
   new one); *added* ones come up, *removed* ones go down.
 * settings that only take effect when the controller restarts (runtime_dir,
-  admin_group, metrics) are listed in `restart_required` so the operator is
+  admin_group, polkit, metrics) are listed in `restart_required` so the operator is
   told instead of being silently ignored.
 
 ``enabled`` is part of a network's config, so enabling or disabling a
@@ -87,6 +87,8 @@ def diff(old: Config | None, new: Config) -> Plan:
         restart.append("controller.runtime_dir")
     if old.controller.admin_group != new.controller.admin_group:
         restart.append("controller.admin_group")
+    if old.controller.polkit != new.controller.polkit:
+        restart.append("controller.polkit")
     if old.metrics != new.metrics:
         restart.append("metrics")
     return Plan(tuple(added), removed, tuple(changed), tuple(unchanged), tuple(restart))

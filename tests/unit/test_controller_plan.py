@@ -67,5 +67,11 @@ def test_controller_only_settings_need_a_restart_but_change_no_network() -> None
     assert "needs a controller restart" in plan.summary()
 
 
+def test_polkit_switch_needs_a_restart() -> None:
+    old = cfg({"office": office()})
+    plan = diff(old, cfg({"office": office()}, controller={"polkit": True}))
+    assert plan.restart_required == ("controller.polkit",) and plan.unchanged == ("office",)
+
+
 def test_empty_summary() -> None:
     assert Plan().summary() == "no networks"
