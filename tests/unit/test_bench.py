@@ -1,0 +1,232 @@
+"""Pure helpers of `l3ptp bench`: /proc parsing, iperf3/ping results, CPU accounting, ratios, tables."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from l3ptp.controller import bench
+
+STAT = ("1234 (python3 -m (weird) x) S 1 1234 1234 0 -1 4194560 5000 0 0 0 "
+        "250 75 3 4 20 0 1 0 100 123456789 4000 18446744073709551615 0 0 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0")
+
+STATUS = "Name:\tpython3\nVmPeak:\t  40000 kB\nVmHWM:\t   30000 kB\nVmRSS:\t   25600 kB\nThreads:\t1\n"
+
+PROC_STAT = "cpu  100 5 50 1000 10 2 8 0 0 0\ncpu0 50 2 25 500 5 1 4 0 0 0\nintr 1 2 3\n"
+
+
+def test_proc_cpu_ticks_sums_utime_and_stime_despite_parentheses_in_comm() -> None:
+    assert bench.proc_cpu_ticks(STAT) == 325
+
+
+def test_proc_rss_kb() -> None:
+    assert bench.proc_rss_kb(STATUS) == 25600
+    assert bench.proc_rss_kb(STATUS, "VmHWM") == 30000
+    assert bench.proc_rss_kb("Name:\tkthreadd\n") == 0  # kernel threads have no VmRSS
+
+
+def test_system_ticks() -> None:
+    t = bench.system_ticks(PROC_STAT)
+    assert t["user"] == 100 and t["softirq"] == 8 and t["total"] == 100 + 5 + 50 + 1000 + 10 + 2 + 8 + 0
+    with pytest.raises(ValueError):
+        bench.system_ticks("cpu0 1 2 3 4 5 6 7 8\n")
+
+
+def test_cpu_shares_are_percent_of_one_core_over_wall_time() -> None:
+    before = bench.system_ticks("cpu  0 0 0 0 0 0 0 0\n")
+    after = bench.system_ticks("cpu  300 0 60 30 0 5 15 0\n")
+    # 2 s at 100 Hz on 2 CPUs: workers 150 ticks = 75% of one core, iperf3 0.5 s = 25%.
+    shares = bench.cpu_shares({"workers": 150, "controller": 2}, before, after, 2, 2.0, {"iperf3": 0.5}, hz=100)
+    assert shares["workers"] == pytest.approx(75.0)
+    assert shares["controller"] == pytest.approx(1.0)
+    assert shares["iperf3"] == pytest.approx(25.0)
+    assert shares["kernel irq+softirq"] == pytest.approx(10.0)
+    assert shares["idle"] == pytest.approx(15.0)
+    assert shares["unaccounted"] == pytest.approx(200.0 - 75 - 1 - 25 - 10 - 15)
+
+
+def test_cpu_shares_other_never_negative() -> None:
+    z = bench.system_ticks("cpu  0 0 0 0 0 0 0 0\n")
+    shares = bench.cpu_shares({"workers": 500}, z, z, 2, 1.0, hz=100)
+    assert shares["workers"] == pytest.approx(500.0) and shares["unaccounted"] == 0.0
+
+
+def test_others_delta_splits_kernel_threads() -> None:
+    before = {1: (100, False), 2: (50, True), 3: (10, False)}
+    after = {1: (180, False), 2: (70, True), 4: (30, False)}  # 3 exited (lost), 4 is new (counts whole)
+    assert bench.others_delta(before, after, [1]) == {"kernel threads": 20, "other processes": 30}
+    assert bench.others_delta(before, after, [1, 2, 4]) == {"kernel threads": 0, "other processes": 0}
+
+
+def test_proc_is_kthread() -> None:
+    assert not bench.proc_is_kthread(STAT)
+    kthread = "12 (ksoftirqd/0) S 2 0 0 0 -1 69238848 0 0 0 0 5 90 0 0 20 0 1 0 3 0 0 18446744073709551615"
+    assert bench.proc_is_kthread(kthread)
+
+
+def test_cpu_per_gb() -> None:
+    assert bench.cpu_per_gb(3.0, 2_000_000_000) == pytest.approx(1.5)
+    assert bench.cpu_per_gb(3.0, 0) is None
+
+
+def test_counter_delta_keeps_nonzero_changes_of_either_side() -> None:
+    assert bench.counter_delta({"a": 1, "b": 5, "gone": 2}, {"a": 4, "b": 5, "new": 3}) == {"a": 3, "gone": -2, "new": 3}
+
+
+def test_tcp_summary() -> None:
+    result = {"end": {
+        "sum_sent": {"seconds": 5.0, "bytes": 1000, "bits_per_second": 2e8, "retransmits": 7},
+        "sum_received": {"seconds": 5.0, "bytes": 900, "bits_per_second": 1.5e8},
+        "cpu_utilization_percent": {"host_total": 20.0, "remote_total": 30.0},
+    }}
+    s = bench.tcp_summary(result)
+    assert s["mbit"] == pytest.approx(150.0)
+    assert s["bytes"] == 900 and s["retransmits"] == 7
+    assert s["iperf3_cpu_s"] == pytest.approx(2.5)
+
+
+def test_udp_summary_iperf3_3_12_has_only_sum() -> None:
+    result = {"end": {"sum": {"seconds": 2.0, "bits_per_second": 3e8, "packets": 1000, "lost_packets": 250,
+                              "lost_percent": 25.0}}}
+    s = bench.udp_summary(result, length=1000)
+    assert s["offered_mbit"] == pytest.approx(300.0)
+    assert s["pps"] == pytest.approx(375.0) and s["sent_pps"] == pytest.approx(500.0)
+    assert s["mbit"] == pytest.approx(750 * 1000 * 8 / 2 / 1e6)
+    assert s["loss_pct"] == 25.0
+
+
+def test_udp_summary_prefers_sum_received_when_it_has_loss() -> None:
+    result = {"end": {"sum": {"seconds": 1.0, "bits_per_second": 1e6, "packets": 10, "lost_packets": 0},
+                      "sum_received": {"seconds": 1.0, "packets": 10, "lost_packets": 5, "lost_percent": 50.0}}}
+    s = bench.udp_summary(result, length=100)
+    assert s["loss_pct"] == 50.0 and s["pps"] == 5.0
+
+
+PING_OK = """PING 198.19.0.2 (198.19.0.2) 56(84) bytes of data.
+
+--- 198.19.0.2 ping statistics ---
+20 packets transmitted, 19 received, 5% packet loss, time 969ms
+rtt min/avg/max/mdev = 0.512/1.151/3.020/0.400 ms
+"""
+
+
+def test_parse_ping() -> None:
+    p = bench.parse_ping(PING_OK)
+    assert (p["sent"], p["received"]) == (20, 19)
+    assert p["avg_ms"] == 1.151 and p["min_ms"] == 0.512 and p["max_ms"] == 3.020
+
+
+def test_parse_ping_nothing_back() -> None:
+    p = bench.parse_ping("3 packets transmitted, 0 received, 100% packet loss, time 2000ms\n")
+    assert p["received"] == 0 and p["avg_ms"] is None
+
+
+def test_ratio_and_fmt_cell() -> None:
+    assert bench.ratio(460.8, 512) == pytest.approx(0.9)
+    assert bench.ratio(1.0, 0) is None and bench.ratio(None, 1.0) is None and bench.ratio(1.0, None) is None
+    assert bench.fmt_cell(460.8, 512) == "461 (0.90x)"
+    assert bench.fmt_cell(0.5, 0.0, 2) == "0.50"  # undefined ratio left out
+    assert bench.fmt_cell(None, 3.0) == "-"
+    assert bench.fmt_cell(2.0, 4.0, 1, with_ratio=False) == "2.0"
+
+
+def _config(name: str, tcp1: float, cpu: float | None, rss: dict[str, int]) -> dict:
+    config = {
+        "name": name,
+        "tests": {
+            "ping": {"avg_ms": 0.5},
+            "tcp1": {"mbit": tcp1, "bytes": 2_000_000_000, "retransmits": 0, "pps": 1000.0},
+            "tcp4": {"mbit": tcp1 * 2},
+            "udp_fixed": {"loss_pct": 1.0, "mbit": 299.0},
+            "udp_sat": {"mbit": 400.0, "pps": 40000.0, "sent_pps": 80000.0, "loss_pct": 50.0},
+        },
+        "tunnel_cpu_s": cpu,
+        "rss_kb": rss,
+    }
+    config["summary"] = bench.summarize(config)
+    return config
+
+
+def test_summarize() -> None:
+    c = _config("l3ptp q=1 aioquic", 200.0, 4.0,
+                {"a.helper": 30 * 1024, "b.helper": 31 * 1024, "a.worker0": 40 * 1024, "b.worker1": 50 * 1024,
+                 "a.controller": 60 * 1024})
+    s = c["summary"]
+    assert s["cpu_s_per_gb"] == pytest.approx(2.0)
+    assert s["max_worker_rss_mb"] == pytest.approx(50.0)  # the controller is neither a worker nor a helper
+    assert s["helper_rss_mb"] == pytest.approx(31.0)
+    assert s["udp_sat_loss_pct"] == 50.0 and s["tcp4_mbit"] == 400.0
+
+
+def test_summarize_without_tunnel_processes() -> None:
+    s = _config("veth", 10000.0, None, {})["summary"]
+    assert s["cpu_s_per_gb"] is None and s["max_worker_rss_mb"] is None and s["helper_rss_mb"] is None
+
+
+def test_render_table_ratios_against_openvpn() -> None:
+    configs = [
+        _config("veth", 10000.0, None, {}),
+        _config("openvpn", 400.0, 8.0, {"a.daemon": 10 * 1024, "b.daemon": 9 * 1024}),
+        _config("l3ptp q=1 aioquic", 200.0, 4.0, {"a.worker0": 40 * 1024, "a.helper": 30 * 1024}),
+        {"name": "wireguard-go", "error": "did not come up"},
+    ]
+    table = bench.render_table(configs)
+    lines = table.splitlines()
+    assert lines[0].startswith("| configuration") and "TCP x1 Mbit/s" in lines[0]
+    assert set(lines[1]) <= {"|", "-", ":"}
+    openvpn = next(line for line in lines if line.startswith("| openvpn"))
+    assert "400 (1.00x)" in openvpn and "4.0 (1.00x)" in openvpn and "10.0 (1.00x)" in openvpn
+    l3 = next(line for line in lines if line.startswith("| l3ptp"))
+    assert "200 (0.50x)" in l3 and "400 (0.50x)" in l3 and "2.0 (0.50x)" in l3 and "30.0" in l3
+    veth = next(line for line in lines if line.startswith("| veth"))
+    assert "10000 (25.00x)" in veth and " - |" in veth
+    assert "failed" in next(line for line in lines if line.startswith("| wireguard-go"))
+    assert len({len(line) for line in lines}) == 1  # aligned
+
+
+def test_render_table_without_reference_has_no_ratios() -> None:
+    table = bench.render_table([_config("veth", 10000.0, None, {})])
+    assert "x)" not in table
+
+
+def test_render_bottleneck() -> None:
+    c = _config("l3ptp q=2 qh3", 200.0, 4.0, {})
+    c["ncpu"] = 2
+    c["cpu_shares_tcp1"] = {"l3ptp workers": 150.0, "idle": 10.0, "iperf3": 20.0}
+    c["cpu_per_process_tcp1"] = {"a.worker0": 90.0, "b.worker0": 60.0}
+    c["rss_kb"] = {"a.controller": 51200}
+    c["l3ptp"] = {"udp_sat": {
+        "a": {"counters": {"tun_rx_packets": 100, "dgram_tx_packets": 60}, "drops": {"queue_full": 40},
+              "seq_lost": 0, "max_queue_depth": 256},
+        "b": {"counters": {"dgram_rx_packets": 58, "tun_tx_packets": 58}, "drops": {}, "seq_lost": 2,
+              "max_queue_depth": 0},
+    }}
+    text = bench.render_bottleneck(c)
+    assert text.startswith("### l3ptp q=2 qh3")
+    assert "l3ptp workers 150, iperf3 20, idle 10" in text  # largest first
+    assert "a.worker0 90" in text and "a.controller 50.0" in text
+    assert "queue_full 40" in text and "max queue depth 256" in text and "seq lost 2" in text
+    assert "tun rx 100" in text and "no drops" in text
+
+
+def test_category() -> None:
+    assert bench._category("a.worker1") == "l3ptp workers"
+    assert bench._category("b.controller") == "l3ptp controller"
+    assert bench._category("a.helper") == "l3ptp helper"
+    assert bench._category("b.daemon") == "tunnel daemons"
+
+
+def test_list_option_parsing() -> None:
+    parse = bench._list(int, range(1, 9))
+    assert parse("1,2, 2") == [1, 2]
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse("0,9")
+    engines = bench._list(str, bench.ENGINES)
+    assert engines("qh3,aioquic") == ["qh3", "aioquic"]
+    assert bench._list(str, bench.BASELINES)("none") == []
+    with pytest.raises(argparse.ArgumentTypeError):
+        bench._list(str, bench.BASELINES)(",")
+    args = bench.build_parser().parse_args(["--queues", "1,2", "--engine", "aioquic", "--baselines", "veth"])
+    assert args.queues == [1, 2] and args.engine == ["aioquic"] and args.baselines == ["veth"]
+    assert args.seconds == 5.0 and args.udp_rate == "300M"
