@@ -359,6 +359,12 @@ class Controller:
             adopt=True,
         )
         rt.tickets = list(created.tickets)
+        if not created.adopted and rt.routes.installed:
+            # The helper built the network anew (it restarted and reconciled
+            # ours away): none of our routes exist any more. Forget them, so
+            # the new sessions' announcements install them again.
+            log.warning("network_recreated", network=net.name, routes_lost=len(rt.routes.installed))
+            rt.routes.set_installed(())
 
     # ---- networks ----------------------------------------------------------------
 

@@ -391,3 +391,34 @@ def test_keygen_writes_a_private_key_and_prints_its_fingerprint(tmp_path: Any) -
     # never overwrites
     assert cli.main(["keygen", "--out", str(key)], out=io.StringIO(), err=err) == cli.EXIT_FAILED
     assert "exists" in err.getvalue()
+
+
+def _routes_msg(queue: int, session: int, epoch: int, routes: tuple[str, ...]) -> PeerRoutes:
+    return PeerRoutes(network="office", queue=queue, session=session, epoch=epoch, routes=routes, tunnel_addresses=())
+
+
+def test_routes_reinstalled_when_the_helper_recreated_the_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restarted helper reconciled our network away; the next CreateNetwork (on a worker restart)
+    builds it anew (adopted=False) and the routes the new session announces are installed again."""
+    from l3ptp.controller import app as app_module
+
+    monkeypatch.setattr(app_module, "HELPER_PROBE_INTERVAL", 3600.0)  # only the worker-restart path here
+
+    async def body() -> None:
+        async with running() as env:
+            procs = env.spawner.live("office")
+            for p in procs:
+                await env.say(p.pid, WorkerHello(network="office", queue=p.queue, pid=p.pid))
+            await env.say(procs[0].pid, _routes_msg(0, 1, 1, ("198.19.8.0/24",)))
+            await until(lambda: env.helper.networks["office"].routes == ["198.19.8.0/24"])
+            env.helper.networks.clear()  # what a restarted helper's reconcile leaves
+            env.spawner.crash(procs[0].pid, 1)
+            await until(lambda: any(p.queue == 0 and p.pid != procs[0].pid for p in env.spawner.live("office")),
+                        timeout=RESTART_BACKOFF_MIN + 5)
+            new = next(p for p in env.spawner.live("office") if p.queue == 0)
+            assert "office" in env.helper.networks  # created anew
+            await env.say(new.pid, WorkerHello(network="office", queue=0, pid=new.pid))
+            await env.say(new.pid, _routes_msg(0, 1, 1, ("198.19.8.0/24",)))
+            await until(lambda: env.helper.networks["office"].routes == ["198.19.8.0/24"])
+
+    run(body)

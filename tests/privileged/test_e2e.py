@@ -59,14 +59,17 @@ def alive(pid: int) -> bool:
         return False
 
 
-def wait_for(what: str, cond: Any, timeout: float = 30.0, every: float = 0.2) -> Any:
+def wait_for(what: str, cond: Any, timeout: float = 30.0, every: float = 0.2, lab: Lab | None = None) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = cond()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+            logs = ""
+            if lab is not None:
+                logs = "\n" + "\n".join(lab.tail(h, w, 40) for h in lab.hosts.values() for w in ("controller", "helper"))
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}{logs}")
         time.sleep(every)
 
 
@@ -352,7 +355,8 @@ def test_kill_9_helper_then_restarted_helper_reconciles() -> None:
                  lambda: IFNAME in lab.links(lab.a) and set(lab.pids(lab.a)["workers"]).isdisjoint(old_workers)
                  and len(lab.pids(lab.a)["workers"]) == 1, timeout=60)
         lab.wait_established(60)
-        wait_for("routes re-added", lambda: our_routes(lab, lab.a) == set(labmod.behind_prefixes("b")), timeout=20)
+        wait_for("routes re-added", lambda: our_routes(lab, lab.a) == set(labmod.behind_prefixes("b")), timeout=20,
+                 lab=lab)
         assert [n for n in lab.links(lab.a) if n.startswith("l3p-")] == [IFNAME]
         assert our_routes(lab, lab.a) == set(labmod.behind_prefixes("b"))
         assert " 0% packet loss" in lab.ping(lab.a, lab.b.overlay4, count=2).stdout
