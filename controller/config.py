@@ -109,7 +109,7 @@ _FINGERPRINT_CHARS: Final = (FINGERPRINT_DIGEST_LEN * 4 + 2) // 3
 _ROLES: Final[tuple[Role, ...]] = ("listen", "connect")
 #: QUIC engines a worker can use: "auto" takes qh3 when installed, else aioquic.
 ENGINES: Final[tuple[str, ...]] = ("auto", "aioquic", "qh3")
-#: Worker event loops: "auto" takes uvloop when installed, else asyncio.
+#: Worker event loops: "auto" is asyncio (uvloop measured slower, docs/performance.md).
 EVENT_LOOPS: Final[tuple[str, ...]] = ("auto", "asyncio", "uvloop")
 #: Highest CPU number accepted in `cpus`.
 CPU_MAX: Final = 4095

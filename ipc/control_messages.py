@@ -73,7 +73,7 @@ class Engine(enum.StrEnum):
 
 
 class EventLoop(enum.StrEnum):
-    """Event loop a worker runs: uvloop when installed (auto), or plain asyncio."""
+    """Event loop a worker runs: asyncio (auto) or uvloop."""
 
     AUTO = "auto"
     ASYNCIO = "asyncio"

@@ -12,13 +12,13 @@ from l3ptp.ipc.control_messages import EventLoop
 from l3ptp.worker.__main__ import loop_factory
 
 
-def test_asyncio_means_no_factory() -> None:
+def test_asyncio_and_auto_mean_plain_asyncio() -> None:
     assert loop_factory(EventLoop.ASYNCIO) is None
+    assert loop_factory(EventLoop.AUTO) is None
 
 
-def test_auto_and_uvloop_use_uvloop_when_installed() -> None:
+def test_uvloop_when_asked() -> None:
     uvloop = pytest.importorskip("uvloop")
-    assert loop_factory(EventLoop.AUTO) is uvloop.new_event_loop
     assert loop_factory(EventLoop.UVLOOP) is uvloop.new_event_loop
 
 
@@ -26,7 +26,6 @@ def test_explicit_uvloop_missing_raises(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setitem(sys.modules, "uvloop", None)  # import fails
     with pytest.raises(ImportError):
         loop_factory(EventLoop.UVLOOP)
-    assert loop_factory(EventLoop.AUTO) is None
 
 
 def _affinity_after_pin(cpu: int) -> subprocess.CompletedProcess[str]:
