@@ -117,6 +117,9 @@ UDP_RECV_BATCH = 64
 #: stay below 65535 with headers).
 UDP_GSO_MAX_SEGMENTS = 64
 UDP_GSO_MAX_BYTES = 65000
+#: SO_RCVBUF / SO_SNDBUF asked for on a worker's UDP socket (capped by the
+#: kernel at net.core.rmem_max / wmem_max).
+UDP_SOCKET_BUFFER = 4 * 1024 * 1024
 DATAGRAM_QUEUE_MAX = 256
 STATUS_INTERVAL = 1.0
 #: Controller treats a worker silent for this long as dead.

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable
 
 from l3ptp.ipc.control_messages import WORKER_CONFIG, EventLoop, WorkerConfig, WorkerExiting
-from l3ptp.ipc.constants import WORKER_CONFIG_MAX
+from l3ptp.ipc.constants import UDP_SOCKET_BUFFER, WORKER_CONFIG_MAX
 from l3ptp.ipc.errors import DecodeError
 from l3ptp.ipc.logsetup import configure
 from l3ptp.ipc.types import PeerRole
@@ -51,6 +51,13 @@ def make_udp_socket(config: WorkerConfig) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_DGRAM)
     if family == socket.AF_INET6 and host == "::":
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    # Bursts at hundreds of Mbit/s overflow the default ~208 KiB buffers
+    # (counted as seq_lost on the peer). The kernel caps this at
+    # net.core.rmem_max / wmem_max without an error; operations.md says how
+    # to raise those.
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, opt, UDP_SOCKET_BUFFER)
     sock.bind((host, port))
     sock.setblocking(False)
     return sock

@@ -184,3 +184,22 @@ def test_helper_refusal_is_fatal(tmp_path) -> None:
             router.close()
             ctx.term()
             helper.join(5)
+
+
+def test_udp_socket_asks_for_large_buffers() -> None:
+    """The worker's UDP socket gets buffers as large as the kernel allows, up to UDP_SOCKET_BUFFER."""
+    from l3ptp.ipc.constants import UDP_SOCKET_BUFFER
+    from l3ptp.worker.__main__ import make_udp_socket
+
+    def limit(name: str) -> int:
+        with open(f"/proc/sys/net/core/{name}") as f:
+            return int(f.read())
+
+    cfg = make_config(PeerRole.CONNECT, own=new_keys(), peer_fp=new_keys().fingerprint, port=4433)
+    sock = make_udp_socket(cfg)
+    try:
+        for opt, name in ((socket.SO_RCVBUF, "rmem_max"), (socket.SO_SNDBUF, "wmem_max")):
+            # Linux reports twice the granted size (bookkeeping overhead).
+            assert sock.getsockopt(socket.SOL_SOCKET, opt) == 2 * min(UDP_SOCKET_BUFFER, limit(name))
+    finally:
+        sock.close()
