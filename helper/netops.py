@@ -24,6 +24,7 @@ from .policy import Policy, Refused
 TUNSETOWNER = 0x400454CC
 TUN_FLAGS = pytun.IFF_TUN | pytun.IFF_NO_PI | pytun.IFF_MULTI_QUEUE
 IFA_F_NODAD, FIB_RULE_INVERT, UNSET = 0x02, 0x2, 2**32 - 1
+ADDR_GEN_MODE_NONE = 1  # IN6_ADDR_GEN_MODE_NONE
 FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
 RuleKey = tuple[int, int, int | None, int | None, bool]  # priority, table, fwmark, suppress_prefixlength, "not"
 
@@ -64,7 +65,10 @@ class Host:
         fds = open_queues(ifname, queues, os.geteuid())
         try:
             index = _nl(self.ipr.link_lookup, ifname=ifname)[0]
-            _nl(self.ipr.link, "set", index=index, mtu=mtu)
+            # No IPv6 link-local address: a point-to-point L3 tunnel needs none, and
+            # without it the kernel sends no RS/MLD from fe80:: into the tunnel.
+            _nl(self.ipr.link, "set", index=index, mtu=mtu,
+                IFLA_AF_SPEC={"attrs": [("AF_INET6", {"attrs": [("IFLA_INET6_ADDR_GEN_MODE", ADDR_GEN_MODE_NONE)]})]})
             for a in map(ipaddress.ip_interface, addresses):  # IPv6 without DAD: usable at once
                 _nl(self.ipr.addr, "add", index=index, address=str(a.ip), prefixlen=a.network.prefixlen,
                     flags=IFA_F_NODAD if a.version == 6 else 0)

@@ -336,3 +336,14 @@ def test_ipv6_address_is_usable_at_once(helper, netns) -> None:
 
     assert run_as(bind, netns=netns) is True
     c.close()
+
+
+def test_no_ipv6_link_local_address_on_the_tunnel(helper, netns) -> None:
+    """addr_gen_mode none: no fe80:: address, so the kernel sends no RS/MLD from it into the tunnel."""
+    c = _controller(helper)
+    assert isinstance(c.request(_create(worker_uid=0))[0], NetworkCreated)
+    addrs = [a["local"] for a in ip_json("-6", "addr", "show", "dev", "l3p-t", netns=netns)[0]["addr_info"]]
+    assert addrs == ["fd00:1::1"], addrs
+    link = ip_json("-d", "link", "show", "dev", "l3p-t", netns=netns)[0]
+    assert link.get("inet6_addr_gen_mode") == "none", link.get("inet6_addr_gen_mode")
+    c.close()
