@@ -31,7 +31,7 @@ venv: $(VENV)/.installed
 test: deps venv
 	$(PY) -m pytest
 
-## make demo: a dual-stack tunnel between two network namespaces (becomes real with the end-to-end issue)
+## make demo: a dual-stack tunnel between two network namespaces: ping, iperf3, status, full cleanup
 demo: deps venv
 	$(PY) -m l3ptp.controller.demo
 
