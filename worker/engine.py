@@ -78,6 +78,8 @@ class EngineClasses:
     datagram_budget: Callable[[Any], int]
     #: DATAGRAMs queued and not yet sent.
     queue_depth: Callable[[Any], int]
+    #: receive_many(conn, datagrams, addr, now): feed received UDP payloads in order.
+    receive_many: Callable[[Any, list[bytes], Any, float], None]
     #: Smoothed RTT in seconds (0.0 before the first sample).
     smoothed_rtt: Callable[[Any], float]
     #: The peer's leaf certificate after the handshake, or None.
@@ -135,9 +137,15 @@ def _aioquic_engine() -> EngineClasses:
         configure_tls=_aioquic_configure_tls,
         datagram_budget=_aioquic_budget,
         queue_depth=lambda conn: len(conn._datagrams_pending),
+        receive_many=_receive_each,
         smoothed_rtt=lambda conn: float(conn._loss._rtt_smoothed or 0.0),
         peer_certificate=lambda conn: getattr(conn.tls, "_peer_certificate", None),
     )
+
+
+def _receive_each(conn: Any, datagrams: list[bytes], addr: Any, now: float) -> None:
+    for data in datagrams:
+        conn.receive_datagram(data, addr, now=now)
 
 
 # ---- qh3 -------------------------------------------------------------------
@@ -227,6 +235,18 @@ def _make_qh3_connection() -> type:
                     super().receive_datagram(data, addr, now)
                 else:
                     self._receive_padded(data, addr, now, end, cid_len)
+            except QuicConnectionError as exc:
+                self._fail(exc)
+
+        def receive_many_datagrams(self, datagrams: list[bytes], addr: Any, now: float) -> None:
+            if self._failed:
+                return
+            if not self._handshake_complete:  # padded Initials are handled one by one
+                for data in datagrams:
+                    self.receive_datagram(data, addr, now)
+                return
+            try:
+                super().receive_many_datagrams(datagrams, addr, now)
             except QuicConnectionError as exc:
                 self._fail(exc)
 
@@ -321,6 +341,7 @@ def _qh3_engine() -> EngineClasses:
         configure_tls=_qh3_configure_tls,
         datagram_budget=_qh3_budget,
         queue_depth=lambda conn: len(conn._datagrams_pending),
+        receive_many=lambda conn, datagrams, addr, now: conn.receive_many_datagrams(datagrams, addr, now),
         smoothed_rtt=_qh3_rtt,
         peer_certificate=_qh3_peer_certificate,
     )

@@ -316,6 +316,9 @@ class Tunnel:
         assert self.udp is not None
         recv = self.udp.recv
         count = 0
+        # Runs of consecutive datagrams for the same peer and address go to
+        # the engine in one call (qh3: one trip into its core per run).
+        runs: list[tuple[_Peer, Any, list[bytes]]] = []
         while count < UDP_RECV_BATCH:
             try:
                 datagrams, addr = recv()
@@ -330,8 +333,14 @@ class Tunnel:
                 if peer is None:
                     self.udp_ignored += 1
                     continue
-                peer.conn.receive_datagram(data, addr, now=now)
+                if runs and runs[-1][0] is peer and runs[-1][1] == addr:
+                    runs[-1][2].append(data)
+                else:
+                    runs.append((peer, addr, [data]))
                 touched[id(peer)] = peer
+        receive_many = self.engine.receive_many
+        for peer, addr, batch in runs:
+            receive_many(peer.conn, batch, addr, now)
         for peer in touched.values():
             self._process_events(peer)
         for peer in touched.values():
