@@ -34,7 +34,7 @@ from l3ptp.ipc.control_messages import (
 from l3ptp.ipc.helper_messages import AddRoutes, CreateNetwork, DestroyNetwork, RemoveRoutes
 from tests.support.fake_helper import FakeHelper
 from tests.support.fake_spawner import FakeSpawner
-from tests.unit.test_config import config, lab, office
+from tests.support.config_builders import config, lab, office
 
 KEY = bytes(range(32))
 

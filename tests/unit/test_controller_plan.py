@@ -6,7 +6,7 @@ from typing import Any
 
 from l3ptp.controller.config import Config, parse_config
 from l3ptp.controller.plan import Plan, diff
-from tests.unit.test_config import config, lab, office
+from tests.support.config_builders import config, lab, office
 
 
 def cfg(networks: dict[str, Any], **sections: Any) -> Config:

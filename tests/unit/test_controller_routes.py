@@ -8,7 +8,7 @@ from typing import Any
 
 from l3ptp.controller.config import NetworkConfig, parse_config
 from l3ptp.controller.routes import Refused, RouteChanges, RouteTable, accept_routes
-from tests.unit.test_config import config, office
+from tests.support.config_builders import config, office
 
 NET = ipaddress.ip_network
 

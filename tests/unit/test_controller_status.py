@@ -8,7 +8,7 @@ from l3ptp.controller.config import NetworkConfig, parse_config
 from l3ptp.controller.status import network_state, network_status, status_reply, sum_counts
 from l3ptp.controller.supervision import NetworkSupervisor
 from l3ptp.ipc.control_messages import CLI_REPLIES, NetworkState, SessionState, WorkerStatus
-from tests.unit.test_config import config, office
+from tests.support.config_builders import config, office
 
 S = SessionState
 
