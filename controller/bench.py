@@ -433,44 +433,27 @@ def ensure_packages(baselines: Sequence[str], skip_install: bool) -> None:
 
 
 class Daemons:
-    """Baseline daemons started in the lab's namespaces; stopped by PID (TERM, then KILL)."""
+    """Baseline daemons started in the lab's namespaces (`Lab.spawn`); stopped by PID (TERM, then KILL)."""
 
     def __init__(self, lab: Any) -> None:
         self.lab = lab
-        self.procs: list[tuple[Any, str, subprocess.Popen[bytes]]] = []
+        self.procs: list[tuple[Any, str]] = []
 
     def start(self, host: Any, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        from l3ptp.controller import lab as labmod
-
-        log_path = os.path.join(self.lab.workdir, f"{host.name}-{name}.log")
-        netns = host.netns
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    preexec_fn=lambda: labmod.setns(netns), cwd="/", start_new_session=True,
-                                    env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", **(env or {})})
-        # Also in the lab's table, so Lab.close() kills it should we never get to stop it.
-        host.procs[f"tool-{proc.pid}"] = proc
-        host.logs[name] = log_path
-        self.procs.append((host, name, proc))
+        proc = self.lab.spawn(host, name, argv, env=env)
+        self.procs.append((host, name))
         return proc
 
     def log(self, host: Any, name: str) -> str:
         try:
-            return _read(os.path.join(self.lab.workdir, f"{host.name}-{name}.log"))
-        except OSError:
+            return _read(host.logs[name])
+        except (OSError, KeyError):
             return ""
 
     def stop_all(self) -> None:
-        for host, _, proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        proc.wait(10)
-            host.procs.pop(f"tool-{proc.pid}", None)
+        for host, name in reversed(self.procs):
+            self.lab.stop_process(host, name, wait=10)
+            host.procs.pop(name, None)
         self.procs.clear()
 
 
@@ -770,16 +753,6 @@ def run_tests(lab: Any, config: dict[str, Any], *, dst: str, iface: str, pids: C
          f"loss {tests['udp_sat']['loss_pct']:.1f}%")
 
 
-def _leftovers(lab: Any, pids: Iterable[int], extra_paths: Iterable[str] = ()) -> list[str]:
-    out = [f"namespace {h.netns}" for h in lab.hosts.values() if os.path.exists(f"/run/netns/{h.netns}")]
-    for pid in pids:
-        with contextlib.suppress(OSError, IndexError):
-            if not _read(f"/proc/{pid}/stat").rsplit(") ", 1)[1].startswith("Z"):
-                out.append(f"process {pid}")
-    out += [f"path {p}" for p in (lab.workdir, *extra_paths) if os.path.exists(p)]
-    return out
-
-
 def run_config(name: str, body: Callable[[Any, dict[str, Any], list[int], list[str]], None], *,
                lab_kwargs: dict[str, Any], results: list[dict[str, Any]]) -> bool:
     """One lab, one (or more) configurations measured by `body`; always closed and checked."""
@@ -797,17 +770,10 @@ def run_config(name: str, body: Callable[[Any, dict[str, Any], list[int], list[s
         results.append({"name": name, "error": str(exc)})
         ok = False
     finally:
-        old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut cleanup short
-        try:
-            for host in lab.hosts.values():
-                started += [p.pid for p in host.procs.values()]
-            lab.close()
-            left = _leftovers(lab, started, extra_paths)
-            if left:
-                _say(f"{name}: cleanup INCOMPLETE: {', '.join(left)}")
-                ok = False
-        finally:
-            signal.signal(signal.SIGINT, old)
+        left = lab.close_checked(started, extra_paths)
+        if left:
+            _say(f"{name}: cleanup INCOMPLETE: {', '.join(left)}")
+            ok = False
     return ok
 
 

@@ -35,26 +35,6 @@ def _mbit(result: dict[str, Any], key: str = "sum_received") -> float:
     return float(result["end"][key]["bits_per_second"]) / 1e6
 
 
-def _leftovers(lab: labmod.Lab, pids: list[int]) -> list[str]:
-    """What the demo would have left behind (empty when cleanup was complete)."""
-    out = []
-    for host in lab.hosts.values():
-        if os.path.exists(f"/run/netns/{host.netns}"):
-            out.append(f"namespace {host.netns}")
-    for pid in pids:
-        if os.path.exists(f"/proc/{pid}"):
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    if f.read().split(") ", 1)[1].startswith("Z"):
-                        continue
-            except OSError:
-                continue
-            out.append(f"process {pid}")
-    if os.path.exists(lab.workdir):
-        out.append(f"directory {lab.workdir}")
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     from l3ptp.controller.cli import main as cli_main
 
@@ -67,9 +47,8 @@ def run(args: argparse.Namespace) -> int:
         _say(f"unprivileged uid {lab.controller_uid} runs the controllers and workers; "
              f"helpers run as uid {lab.helper_uid} with CAP_NET_ADMIN only")
         lab.start(wait=args.timeout)
-        for host in lab.hosts.values():
-            found = lab.pids(host)
-            pids += [found["helper"], found["controller"], *found["workers"]]
+        for host in lab.hosts.values():  # the lab tracks what it started; workers are the controllers'
+            pids += lab.pids(host)["workers"]
         _say(f"tunnel established on {args.queues} queue(s); workers: "
              + ", ".join(f"{h.name}={lab.pids(h)['workers']}" for h in lab.hosts.values()))
         for src, dst in ((lab.a, lab.b), (lab.b, lab.a)):
@@ -97,23 +76,13 @@ def run(args: argparse.Namespace) -> int:
         _say("interrupted")
         code = 130
     finally:
-        # A second Ctrl-C must not cut the cleanup short.
-        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            _say("tearing down: controllers (CLOSE to peers, workers stopped, networks destroyed), helpers, namespaces")
-            for host in lab.hosts.values():
-                for what in ("helper", "controller"):
-                    if what in host.procs:
-                        pids.append(host.procs[what].pid)
-            lab.close()
-            left = _leftovers(lab, pids)
-            if left:
-                _say("cleanup INCOMPLETE: " + ", ".join(left))
-                code = code or 1
-            else:
-                _say("cleanup complete: no namespace, link, route or process left")
-        finally:
-            signal.signal(signal.SIGINT, old)
+        _say("tearing down: controllers (CLOSE to peers, workers stopped, networks destroyed), helpers, namespaces")
+        left = lab.close_checked(pids)
+        if left:
+            _say("cleanup INCOMPLETE: " + ", ".join(left))
+            code = code or 1
+        else:
+            _say("cleanup complete: no namespace, link, route or process left")
     if code == 0:
         _say("demo finished successfully")
     return code

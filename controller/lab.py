@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 __all__ = ["Host", "Lab", "LabError", "free_ids"]
@@ -269,6 +269,8 @@ class Lab:
             )
         self.helper_uid = self.controller_uid = self.gid = -1
         self._netns_made: list[str] = []
+        #: Every PID the lab started, for the leftover check after close().
+        self._started: list[int] = []
         self._closed = False
 
     # ---- context manager ------------------------------------------------------
@@ -422,25 +424,32 @@ class Lab:
 
     # ---- processes --------------------------------------------------------------
 
-    def _spawn(self, host: Host, what: str, argv: list[str], preexec: Callable[[], None]) -> subprocess.Popen[bytes]:
+    def spawn(self, host: Host, what: str, argv: list[str], *, preexec: Callable[[], None] | None = None,
+              env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start `argv` inside `host` (as root unless `preexec` says otherwise), logging to `what`.log.
+
+        Recorded as ``host.procs[what]``; `close()` stops it if its owner does not.
+        """
         log_path = os.path.join(host.dir, f"{what}.log")
         log = open(log_path, "ab")
-        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
+        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", **(env or {})}
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    preexec_fn=preexec, env=env, cwd="/", start_new_session=True)
+                                    preexec_fn=preexec or _enter(host.netns), env=env, cwd="/",
+                                    start_new_session=True)
         finally:
             log.close()
         host.procs[what] = proc
         host.logs[what] = log_path
+        self._started.append(proc.pid)
         return proc
 
     def start_helper(self, host: Host, *, wait: float = 20.0) -> subprocess.Popen[bytes]:
         """l3ptp-helper with CAP_NET_ADMIN only (its own uid, or uid 0 if /dev/net/tun is root-only)."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(host.helper_socket)
-        proc = self._spawn(host, "helper", [self.python, "-m", "l3ptp.helper", "--policy", host.policy_path],
-                           _enter(host.netns, self.helper_uid, self.gid, net_admin_only=True))
+        proc = self.spawn(host, "helper", [self.python, "-m", "l3ptp.helper", "--policy", host.policy_path],
+                          preexec=_enter(host.netns, self.helper_uid, self.gid, net_admin_only=True))
         deadline = time.monotonic() + wait
         while not os.path.exists(host.helper_socket):
             if proc.poll() is not None:
@@ -454,9 +463,9 @@ class Lab:
         """l3ptp-controller (and so its workers) as an unprivileged uid with no capability."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(host.control_socket)
-        proc = self._spawn(host, "controller",
-                           [self.python, "-m", "l3ptp.controller", "--config", host.config_path],
-                           _enter(host.netns, self.controller_uid, self.gid))
+        proc = self.spawn(host, "controller",
+                          [self.python, "-m", "l3ptp.controller", "--config", host.config_path],
+                          preexec=_enter(host.netns, self.controller_uid, self.gid))
         deadline = time.monotonic() + wait
         while True:
             if proc.poll() is not None:
@@ -633,6 +642,7 @@ class Lab:
         proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 preexec_fn=_enter(host.netns), cwd="/", start_new_session=True)
         host.procs[f"tool-{proc.pid}"] = proc  # type: ignore[assignment]
+        self._started.append(proc.pid)
         return proc
 
     def ping(self, src: Host, dst: str, *, count: int = 3, size: int | None = None, df: bool = False,
@@ -718,6 +728,10 @@ class Lab:
                     proc.communicate(timeout=5)
         with contextlib.suppress(Exception):
             self.stop()
+        for host in self.hosts.values():  # anything else started through spawn()
+            for what in list(host.procs):
+                with contextlib.suppress(Exception):
+                    self.stop_process(host, what, wait=10)
         from pyroute2 import netns
 
         for name in self._netns_made:
@@ -725,6 +739,30 @@ class Lab:
                 netns.remove(name)
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def close_checked(self, pids: Iterable[int] = (), extra_paths: Iterable[str] = ()) -> list[str]:
+        """`close()` with Ctrl-C held off (a second one must not cut the cleanup short), then
+        what is left behind: our namespaces, live processes among those the lab started and
+        `pids`, the work directory and `extra_paths`. Empty when the cleanup was complete."""
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            self.close()
+        finally:
+            signal.signal(signal.SIGINT, old)
+        left = [f"namespace {h.netns}" for h in self.hosts.values() if os.path.exists(f"/run/netns/{h.netns}")]
+        left += [f"process {pid}" for pid in sorted({*self._started, *pids}) if _alive(pid)]
+        own = [self.workdir] if self._own_workdir else []
+        left += [f"path {p}" for p in (*own, *extra_paths) if os.path.exists(p)]
+        return left
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return not f.read().rsplit(") ", 1)[1].startswith("Z")
+    except (OSError, IndexError):
+        return False
 
 
 def children(pid: int) -> list[int]:

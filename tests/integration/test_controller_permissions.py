@@ -15,13 +15,13 @@ import io
 import os
 import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
 import pytest
 
 from l3ptp.controller import cli
-from tests.support.controller_process import ControllerProcess, FakeHelperThread, wait_until, write_toml
+from tests.support.controller_process import ControllerProcess, FakeHelperThread, as_user, wait_until, write_toml
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -92,26 +92,6 @@ def test_unknown_admin_group_is_logged_and_the_controller_still_serves() -> None
         assert ctl.events("admin_group_not_applied")
 
 
-def _as_nobody(groups: list[int], fn: Callable[[], str]) -> str:
-    """Run `fn` in a forked child as uid/gid nobody with `groups`; return what it returned."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never returns into pytest
-        try:
-            os.close(read_end)
-            os.setgroups(groups)
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            os.write(write_end, fn().encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end) as fh:
-        result = fh.read()
-    os.waitpid(pid, 0)
-    return result
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
 def test_admin_group_member_reaches_the_cli_socket_others_do_not() -> None:
     group = chgrp_target()
@@ -129,8 +109,8 @@ def test_admin_group_member_reaches_the_cli_socket_others_do_not() -> None:
             bus = os.access(os.path.join(ctl.runtime_dir, "workers.sock"), os.W_OK)
             return f"{rc} {listed} {'bus-writable' if bus else 'bus-closed'} {err.getvalue().strip()}"
 
-        member = _as_nobody([group.gr_gid], probe)
+        member = as_user(NOBODY, NOBODY, probe, [group.gr_gid])
         assert member.startswith("0 not-listed bus-closed"), member
-        outsider = _as_nobody([], probe)
+        outsider = as_user(NOBODY, NOBODY, probe)
         assert outsider.startswith(f"{cli.EXIT_UNREACHABLE} not-listed bus-closed"), outsider
         assert "permission denied" in outsider and "admin_group" in outsider

@@ -35,14 +35,14 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from l3ptp.controller import cli
-from tests.support.controller_process import ControllerProcess, FakeHelperThread, wait_until, write_toml
+from tests.support.controller_process import ControllerProcess, FakeHelperThread, as_user, wait_until, write_toml
 
 ROOT = Path(__file__).resolve().parents[2]
 POLKIT_DIR = ROOT / "packaging/polkit"
@@ -264,26 +264,6 @@ def controller(uid: int, bus: str, admin_group: grp.struct_group) -> Iterator[Co
         wait_until(lambda: ctl.status() is not None, 20, "controller answers root", ctl.log_tail)
         yield ctl
         assert ctl.terminate() == 0, ctl.log_tail()
-
-
-def as_user(uid: int, gid: int, fn: Callable[[], str]) -> str:
-    """Run `fn` in a forked child as uid/gid with no supplementary groups; return its output."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never returns into pytest
-        try:
-            os.close(read_end)
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
-            os.write(write_end, fn().encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end) as fh:
-        result = fh.read()
-    os.waitpid(pid, 0)
-    return result
 
 
 def cli_as(ctl: ControllerProcess, uid: int, gid: int, *argv: str) -> tuple[int, str]:

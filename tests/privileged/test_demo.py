@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from tests.support.controller_process import pid_alive
+
 pytestmark = [pytest.mark.privileged, pytest.mark.slow]
 
 
@@ -21,14 +23,7 @@ def _demo(**kw: object) -> subprocess.Popen[str]:
 
 def _left_behind(tag: str, pids: list[int]) -> list[str]:
     left = [f"netns {n}" for n in os.listdir("/run/netns") if tag in n] if os.path.isdir("/run/netns") else []
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().split(") ", 1)[1][0] != "Z":
-                    left.append(f"pid {pid}")
-        except OSError:
-            pass
-    return left
+    return left + [f"pid {pid}" for pid in pids if pid_alive(pid)]
 
 
 def test_demo_runs_and_prints_status_of_both_ends_with_traffic() -> None:

@@ -20,6 +20,7 @@ import pytest
 from l3ptp.controller import lab as labmod
 from l3ptp.controller.lab import BEHIND, Host, Lab
 from l3ptp.ipc.constants import RTPROT_L3PTP
+from tests.support.controller_process import pid_alive, proc_status, wait_until
 
 pytestmark = [pytest.mark.privileged, pytest.mark.slow]
 
@@ -46,31 +47,12 @@ def lab() -> Iterator[Lab]:
     yield from _lab(queues=2)
 
 
-def proc_status(pid: int) -> dict[str, str]:
-    with open(f"/proc/{pid}/status") as f:
-        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except OSError:
-        return False
-
-
 def wait_for(what: str, cond: Any, timeout: float = 30.0, every: float = 0.2, lab: Lab | None = None) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            logs = ""
-            if lab is not None:
-                logs = "\n" + "\n".join(lab.tail(h, w, 40) for h in lab.hosts.values() for w in ("controller", "helper"))
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}{logs}")
-        time.sleep(every)
+    """`wait_until`, polling every `every` s, with the lab's controller and helper logs on failure."""
+    log = None
+    if lab is not None:
+        log = lambda: "\n".join(lab.tail(h, w, 40) for h in lab.hosts.values() for w in ("controller", "helper"))  # noqa: E731
+    return wait_until(cond, timeout, what, log=log, every=every)
 
 
 def totals(lab: Lab, host: Host) -> dict[str, int]:
@@ -197,7 +179,7 @@ def test_kill_9_worker_during_iperf3_restarts_and_keeps_the_interface(lab: Lab) 
             return None
 
         q = wait_for("the killed worker's queue restarted and established again", restarted, timeout=45)
-        assert not alive(victim)
+        assert not pid_alive(victim)
         assert lab.network(lab.a)["restarts"] >= 1
         lab.wait_established(30)
         # Traffic resumes on every queue: several flows hash over both queues.
@@ -331,7 +313,7 @@ def test_kill_9_controller_then_restarted_controller_reconciles() -> None:
         lab.a.procs["controller"].wait(10)
         # Its workers exit on their own, at once (parent-death signal), well
         # before the 15 s controller-silence timeout would catch them.
-        wait_for("orphaned workers exit", lambda: not any(alive(p) for p in old["workers"]), timeout=8)
+        wait_for("orphaned workers exit", lambda: not any(pid_alive(p) for p in old["workers"]), timeout=8)
         lab.start_controller(lab.a)
         lab.wait_established(40)
         new = lab.pids(lab.a)

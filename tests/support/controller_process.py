@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from l3ptp.controller import cli
@@ -111,7 +111,8 @@ def pid_alive(pid: int) -> bool:
     return bool(state) and not state.startswith("Z")
 
 
-def wait_until(cond: Callable[[], Any], timeout: float, what: str, log: Callable[[], str] | None = None) -> Any:
+def wait_until(cond: Callable[[], Any], timeout: float, what: str, log: Callable[[], str] | None = None,
+               every: float = 0.05) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = cond()
@@ -120,7 +121,7 @@ def wait_until(cond: Callable[[], Any], timeout: float, what: str, log: Callable
         if time.monotonic() > deadline:
             tail = f"\n--- log tail ---\n{log()}" if log is not None else ""
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}{tail}")
-        time.sleep(0.05)
+        time.sleep(every)
 
 
 # ---- the fake helper in a thread ------------------------------------------------------------
@@ -292,3 +293,23 @@ def _children(parent: int) -> list[int]:
         if entry.isdigit() and proc_status(int(entry)).get("PPid") == str(parent):
             out.append(int(entry))
     return out
+
+
+def as_user(uid: int, gid: int, fn: Callable[[], str], groups: Sequence[int] = ()) -> str:
+    """Run `fn` in a forked child as uid/gid with supplementary `groups`; return its output."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns into pytest
+        try:
+            os.close(read_end)
+            os.setgroups(list(groups))
+            os.setgid(gid)
+            os.setuid(uid)
+            os.write(write_end, fn().encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as fh:
+        result = fh.read()
+    os.waitpid(pid, 0)
+    return result

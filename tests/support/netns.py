@@ -10,7 +10,6 @@ re-raises its error text as AssertionError). Only test-created namespaces and
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import secrets
@@ -19,19 +18,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-CLONE_NEWNET = 0x40000000
-
-
-def setns(name: str) -> None:
-    """Move the calling process (single-threaded child) into netns `name`."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-    finally:
-        os.close(fd)
+from l3ptp.controller.lab import setns  # the one setns(2) wrapper (product code)
 
 
 def ip(*args: str, netns: str | None = None, check: bool = True) -> str:
