@@ -525,16 +525,6 @@ def _boolean(value: Any, path: str, col: _Collector) -> bool | _Bad:
     return value
 
 
-def _role(value: Any, path: str, col: _Collector) -> Role | _Bad:
-    if not isinstance(value, str):
-        return col.type_error(path, "a string", value)
-    for role in _ROLES:
-        if value == role:
-            return role
-    col.add(path, f"{value!r} is not one of " + ", ".join(repr(r) for r in _ROLES))
-    return _BAD
-
-
 def _choice(choices: tuple[str, ...]) -> _Converter:
     def convert(value: Any, path: str, col: _Collector) -> str | _Bad:
         if not isinstance(value, str):
@@ -852,7 +842,7 @@ def _parse_network(col: _Collector, name: str, body: Any, path: str, prefix: Any
     v: dict[str, Any] = {}
     v["enabled"] = f("enabled", _boolean, True)
     v["interface"] = _network_interface(col, tbl, path, name if name_ok else None, prefix)
-    v["role"] = f("role", _role)
+    v["role"] = f("role", _choice(_ROLES))
     v["mtu"] = f("mtu", _integer(MTU_MIN, MTU_MAX), MTU_DEFAULT)
     v["max_datagram_size"] = f(
         "max_datagram_size", _integer(MAX_DATAGRAM_SIZE_MIN, MAX_DATAGRAM_SIZE_MAX), MAX_DATAGRAM_SIZE_DEFAULT
