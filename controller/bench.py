@@ -38,7 +38,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -80,6 +79,16 @@ class BenchError(RuntimeError):
 
 def _say(line: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {line}", flush=True)
+
+
+#: Installed by main(); `_checkpoint()` between steps.
+_interrupts: Any = None
+
+
+def _checkpoint() -> None:
+    """Stop at the next step after Ctrl-C/SIGTERM, even if its exception was swallowed."""
+    if _interrupts is not None:
+        _interrupts.check()
 
 
 # ---- pure helpers: /proc parsing, iperf3/ping results, ratios, tables ----------------------
@@ -678,6 +687,7 @@ def run_tests(lab: Any, config: dict[str, Any], *, dst: str, iface: str, pids: C
             rss[k] = max(rss.get(k, 0), v)
 
     def stage(name: str, fn: Callable[[], dict[str, Any]], poll: bool = True) -> None:
+        _checkpoint()
         if watch is not None:
             watch.begin()
         if watch is not None and poll:
@@ -758,9 +768,10 @@ def run_config(name: str, body: Callable[[Any, dict[str, Any], list[int], list[s
     """One lab, one (or more) configurations measured by `body`; always closed and checked."""
     from l3ptp.controller import lab as labmod
 
+    _checkpoint()
     started: list[int] = []
     extra_paths: list[str] = []
-    lab = labmod.Lab(say=lambda line: None, **lab_kwargs)
+    lab = labmod.Lab(say=lambda line: _checkpoint(), **lab_kwargs)
     ok = True
     try:
         lab.build()
@@ -896,16 +907,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if skipped:
         _say(f"skipping engine(s) not installed: {', '.join(skipped)}")
     args.engine = [e for e in args.engine if e not in skipped]
-    main_pid = os.getpid()
+    global _interrupts
+    from l3ptp.controller import lab as labmod
 
-    def on_term(signum: int, frame: Any) -> None:
-        # Children forked by libraries (pyroute2 forks netns helpers) inherit
-        # this handler: they must just go, not unwind through our cleanup.
-        if os.getpid() != main_pid:
-            os._exit(128 + signum)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
+    _interrupts = labmod.Interrupts().install()
     results: list[dict[str, Any]] = []
     code = 0
     started = time.time()

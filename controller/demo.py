@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -35,40 +34,45 @@ def _mbit(result: dict[str, Any], key: str = "sum_received") -> float:
     return float(result["end"][key]["bits_per_second"]) / 1e6
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, interrupts: labmod.Interrupts) -> int:
     from l3ptp.controller.cli import main as cli_main
 
-    lab = labmod.Lab(queues=args.queues, say=_say)
+    def say(line: str) -> None:  # every progress line is also a Ctrl-C checkpoint
+        interrupts.check()
+        _say(line)
+
+    lab = labmod.Lab(queues=args.queues, say=say)
     pids: list[int] = []
     code = 1
     try:
-        _say("building two hosts (network namespaces) joined by a veth underlay")
+        say("building two hosts (network namespaces) joined by a veth underlay")
         lab.build()
-        _say(f"unprivileged uid {lab.controller_uid} runs the controllers and workers; "
+        say(f"unprivileged uid {lab.controller_uid} runs the controllers and workers; "
              f"helpers run as uid {lab.helper_uid} with CAP_NET_ADMIN only")
         lab.start(wait=args.timeout)
         for host in lab.hosts.values():  # the lab tracks what it started; workers are the controllers'
             pids += lab.pids(host)["workers"]
-        _say(f"tunnel established on {args.queues} queue(s); workers: "
+        say(f"tunnel established on {args.queues} queue(s); workers: "
              + ", ".join(f"{h.name}={lab.pids(h)['workers']}" for h in lab.hosts.values()))
         for src, dst in ((lab.a, lab.b), (lab.b, lab.a)):
             for addr in (dst.overlay4, dst.overlay6):
                 res = lab.ping(src, addr, count=3)
                 summary = [line for line in res.stdout.splitlines() if "packet loss" in line]
-                _say(f"ping {src.name} -> {dst.name} {addr}: {summary[0] if summary else 'ok'}")
+                say(f"ping {src.name} -> {dst.name} {addr}: {summary[0] if summary else 'ok'}")
         res = lab.ping(lab.a, labmod.REMOTE4, count=2)
-        _say(f"ping a -> {labmod.REMOTE4} (behind b, through the installed route): ok")
+        say(f"ping a -> {labmod.REMOTE4} (behind b, through the installed route): ok")
         tcp = lab.iperf3(lab.a, lab.b, seconds=args.seconds)
-        _say(f"iperf3 TCP a -> b, {args.seconds:g}s: {_mbit(tcp):.0f} Mbit/s")
+        say(f"iperf3 TCP a -> b, {args.seconds:g}s: {_mbit(tcp):.0f} Mbit/s")
         udp = lab.iperf3(lab.b, lab.a, seconds=args.seconds, udp_rate="100M")
         s = udp["end"]["sum"]
-        _say(f"iperf3 UDP b -> a at 100 Mbit/s, {args.seconds:g}s: {float(s['bits_per_second']) / 1e6:.0f} Mbit/s,"
+        say(f"iperf3 UDP b -> a at 100 Mbit/s, {args.seconds:g}s: {float(s['bits_per_second']) / 1e6:.0f} Mbit/s,"
              f" loss {float(s.get('lost_percent', 0.0)):.2f}%")
         for host in lab.hosts.values():
             print(f"\n$ l3ptp status   # on host {host.name}", flush=True)
             if cli_main(["--runtime-dir", host.runtime_dir, "status"]) != 0:
                 raise labmod.LabError(f"l3ptp status failed on host {host.name}")
         print(flush=True)
+        interrupts.check()
         code = 0
     except labmod.LabError as exc:
         _say(f"FAILED: {exc}")
@@ -106,8 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("l3ptp demo: needs root (it creates network namespaces and TUN devices)", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    return run(args)
+    return run(args, labmod.Interrupts().install())
 
 
 if __name__ == "__main__":

@@ -64,3 +64,28 @@ def test_free_ids_are_unused() -> None:
             pwd.getpwuid(n)
         with pytest.raises(KeyError):
             grp.getgrgid(n)
+
+
+def test_interrupts_keep_a_swallowed_ctrl_c() -> None:
+    """A KeyboardInterrupt lost inside a fork hook still stops the command at its next checkpoint."""
+    intr = lab.Interrupts()
+    intr.check()  # nothing yet
+    try:
+        intr._on_signal(2, None)
+    except KeyboardInterrupt:
+        pass  # swallowed, as in logging's fork hook
+    assert intr.hit
+    with pytest.raises(KeyboardInterrupt):
+        intr.check()
+
+
+def test_interrupts_in_a_forked_child_just_exit() -> None:
+    intr = lab.Interrupts()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            intr._on_signal(15, None)
+        finally:
+            os._exit(1)  # not reached: the handler exits with 128 + signum
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 128 + 15
