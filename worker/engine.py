@@ -205,6 +205,21 @@ def _make_qh3_connection() -> type:
                 self._fail(exc)
                 return []
 
+        def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+            # aioquic queues stream data on a closing or draining connection and
+            # never sends it; qh3's core raises. The peer's CLOSE message and its
+            # CONNECTION_CLOSE can arrive in one batch, so our reply to the first
+            # meets the second: drop it like aioquic does.
+            if self._failed or self._close_event is not None:
+                return
+            core = self._core
+            if core is not None and core.state in ("closing", "draining", "terminated"):
+                return
+            try:
+                super().send_stream_data(stream_id, data, end_stream)
+            except QuicConnectionError as exc:
+                self._fail(exc)
+
         def _fail(self, exc: Any) -> None:
             # qh3 raises from the send path (e.g. a DATAGRAM that cannot fit);
             # end the connection like a protocol error instead.

@@ -350,3 +350,23 @@ def test_receive_many_delivers_a_batch_like_one_by_one(sname: Engine, cname: Eng
     for _ in range(10):
         link.step()
     assert link.received(link.sevents, link.sengine) == payloads
+
+
+@pytest.mark.parametrize("name", ENGINES)
+def test_stream_data_after_the_peer_closed_is_dropped_not_raised(name: Engine) -> None:
+    """The peer's CLOSE and its CONNECTION_CLOSE can arrive in one batch: our reply
+    to the first must not raise from the second (qh3's core refuses sends then)."""
+    engine = load_engine(name)
+    link = Link(engine, engine)
+    link.handshake()
+    sid = link.client.get_next_available_stream_id()
+    link.client.send_stream_data(sid, b"hello")
+    link.step()
+    link.server.close(error_code=0x16, reason_phrase="bye")
+    link.to_client(link.server.datagrams_to_send(now=link.now))  # the client is now draining
+    link.client.send_stream_data(sid, b"reply nobody will read")  # must not raise
+    assert link.client.datagrams_to_send(now=link.now) == []  # nothing is sent while draining
+    link.now += 10
+    link.client.handle_timer(now=link.now)
+    link._drain()
+    assert "ConnectionTerminated" in _names(link.cevents)
