@@ -1,8 +1,8 @@
 """The controller's client for the privileged helper (asyncio).
 
 One AF_UNIX SOCK_SEQPACKET connection, one request in flight at a time
-(a lock serialises callers), one message per packet. Every reply goes
-through `HELPER_REPLIES.decode_untrusted`.
+(a lock serialises callers), one message per packet (`l3ptp.ipc.seqpacket`;
+a reply carries no fds). Every reply goes through `HELPER_REPLIES.decode_untrusted`.
 
 Stubs mirror the helper's request table (OpenSSH's ``mm_x``/``mm_answer_x``):
 `create_network` sends `CreateNetwork` and expects `NetworkCreated`, and so on.
@@ -24,6 +24,7 @@ import socket
 from collections.abc import Iterable
 from typing import TypeVar
 
+from l3ptp.ipc import seqpacket
 from l3ptp.ipc.constants import HELPER_TIMEOUT
 from l3ptp.ipc.errors import DecodeError, ErrorCode
 from l3ptp.ipc.helper_messages import (
@@ -118,16 +119,15 @@ class HelperClient:
             loop = asyncio.get_running_loop()
             try:
                 await asyncio.wait_for(loop.sock_sendall(sock, data), self._timeout)
-                raw = await asyncio.wait_for(loop.sock_recv(sock, HELPER_REPLIES.max_bytes + 1), self._timeout)
+                recv = seqpacket.recv_async(loop, sock, HELPER_REPLIES.max_bytes, 0)
+                reply = HELPER_REPLIES.decode_untrusted((await asyncio.wait_for(recv, self._timeout))[0])
             except (OSError, TimeoutError) as exc:
                 self.close()
                 raise HelperUnavailable(f"helper {type(request).__name__}: {type(exc).__name__}") from exc
-            if not raw:
+            except seqpacket.PeerClosed:
                 self.close()
-                raise HelperUnavailable("the helper closed the connection")
-            try:
-                reply = HELPER_REPLIES.decode_untrusted(raw)
-            except DecodeError as exc:
+                raise HelperUnavailable("the helper closed the connection") from None
+            except DecodeError as exc:  # a FramingError too: over the cap, or with ancillary data
                 self.close()
                 raise HelperUnavailable(f"bad reply from the helper: {exc}") from None
         if isinstance(reply, Failed):

@@ -1,11 +1,11 @@
-"""The helper's single-threaded `selectors` loop over AF_UNIX SOCK_SEQPACKET, one message per packet.
+"""The helper's single-threaded `selectors` loop over AF_UNIX SOCK_SEQPACKET (`l3ptp.ipc.seqpacket`).
 
-MSG_TRUNC (over HELPER_MESSAGE_MAX) or MSG_CTRUNC, a decode error, a `Violation` or no Hello within
-`hello_timeout` seconds audits and closes that one connection; everyone else keeps being served.
+A framing error (over HELPER_MESSAGE_MAX, truncated or unexpected ancillary data), a decode error, a
+`Violation` or no Hello within `hello_timeout` seconds audits and closes that one connection; everyone
+else keeps being served. EOF closes it unaudited.
 Fds received as SCM_RIGHTS are closed once the request is handled; a queue fd goes with its reply.
 """
 
-import array
 import contextlib
 import grp
 import os
@@ -14,6 +14,7 @@ import socket
 import stat
 import struct
 
+from l3ptp.ipc import seqpacket
 from l3ptp.ipc.constants import HELPER_HELLO_TIMEOUT, HELPER_MESSAGE_MAX
 from l3ptp.ipc.errors import DecodeError
 from l3ptp.ipc.helper_messages import HELPER_REPLIES, HELPER_REQUESTS
@@ -106,31 +107,26 @@ class Server:
 
     def _read(self, conn: socket.socket, session: Session) -> None:
         try:
-            data, anc, flags, _ = conn.recvmsg(HELPER_MESSAGE_MAX, socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4))
+            data, fds = seqpacket.recv(conn, HELPER_MESSAGE_MAX, MAX_FDS_PER_MESSAGE)
         except (BlockingIOError, InterruptedError):
             return
-        except OSError:
+        except (seqpacket.PeerClosed, OSError):
             return self.drop(conn)
-        fds = [fd for level, kind, cdata in anc if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS)
-               for fd in array.array("i", cdata[: len(cdata) - len(cdata) % 4])]
-        outcome: Outcome | None = None  # None closes the connection: EOF, or a violation already audited
+        except seqpacket.FramingError as exc:
+            self.dispatcher.violation(session, "receive", exc.reason)
+            return self.drop(conn)
+        outcome: Outcome | None = None  # None closes the connection: a violation already audited
         try:
-            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-                what = "message over size cap" if flags & socket.MSG_TRUNC else "truncated control data"
-                self.dispatcher.violation(session, "receive", what)
-            elif data or fds:
-                outcome = self.dispatcher.handle(session, HELPER_REQUESTS.decode_untrusted(data), fds)
+            outcome = self.dispatcher.handle(session, HELPER_REQUESTS.decode_untrusted(data), fds)
         except DecodeError as exc:
             self.dispatcher.violation(session, "decode", exc.reason[:200])
         except Violation:
             pass
         finally:
-            for fd in fds:
-                os.close(fd)
+            seqpacket.close_fds(fds)
         if outcome is None:
             return self.drop(conn)
-        rights = [] if outcome.fd is None else [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [outcome.fd]))]
         try:
-            conn.sendmsg([HELPER_REPLIES.encode(outcome.reply)], rights)
+            seqpacket.send(conn, HELPER_REPLIES.encode(outcome.reply), [] if outcome.fd is None else [outcome.fd])
         except OSError:
             self.drop(conn)  # a client that does not read its replies is dropped

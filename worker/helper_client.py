@@ -1,15 +1,16 @@
 """The worker's calls to the helper: claim its queue fd, protect its UDP socket.
 
 Synchronous, before the event loop starts. One AF_UNIX SOCK_SEQPACKET
-connection; one message per packet; fds as SCM_RIGHTS. Every reply goes
-through `HELPER_REPLIES.decode_expect`; a `Failed` reply or anything
-unexpected raises `HelperRefused`.
+connection; one message per packet, fds as SCM_RIGHTS (`l3ptp.ipc.seqpacket`).
+Every reply goes through `HELPER_REPLIES.decode_expect`; a `Failed` reply or
+anything unexpected raises `HelperRefused`.
 """
 
 from __future__ import annotations
 
 import socket
 
+from l3ptp.ipc import seqpacket
 from l3ptp.ipc.constants import HELPER_MESSAGE_MAX
 from l3ptp.ipc.errors import DecodeError
 from l3ptp.ipc.helper_messages import (
@@ -47,23 +48,18 @@ class HelperClient:
         self._request(Hello(role=Role.WORKER, protocol=HELPER_PROTOCOL), Welcome)
 
     def _request(self, msg: Message, expect: type[Message], fds: list[int] | None = None) -> tuple[Message, list[int]]:
-        data = HELPER_REQUESTS.encode(msg)
-        if fds:
-            socket.send_fds(self.sock, [data], fds)
-        else:
-            self.sock.send(data)
-        reply, got_fds, flags, _ = socket.recv_fds(self.sock, HELPER_MESSAGE_MAX + 1, 1)
-        if not reply:
-            raise HelperRefused(f"{type(msg).__name__}: helper closed the connection")
+        seqpacket.send(self.sock, HELPER_REQUESTS.encode(msg), fds or ())
+        got_fds: list[int] = []
         try:
-            if len(reply) > HELPER_MESSAGE_MAX or flags & getattr(socket, "MSG_CTRUNC", 0):
-                raise DecodeError("oversized reply")
+            reply, got_fds = seqpacket.recv(self.sock, HELPER_MESSAGE_MAX, 1)
             answer = HELPER_REPLIES.decode_expect(reply, expect, Failed)
-        except DecodeError as exc:
-            _close_all(got_fds)
+        except seqpacket.PeerClosed:
+            raise HelperRefused(f"{type(msg).__name__}: helper closed the connection") from None
+        except DecodeError as exc:  # a FramingError too: over the cap, more than one fd, other ancillary data
+            seqpacket.close_fds(got_fds)
             raise HelperRefused(f"{type(msg).__name__}: bad reply: {exc}") from None
         if isinstance(answer, Failed):
-            _close_all(got_fds)
+            seqpacket.close_fds(got_fds)
             raise HelperRefused(f"{type(msg).__name__}: {answer.code.name}: {answer.reason}")
         return answer, got_fds
 
@@ -71,7 +67,7 @@ class HelperClient:
         """Present the ticket; return the grant and the queue fd."""
         answer, fds = self._request(ClaimQueue(ticket=ticket), QueueGranted)
         if len(fds) != 1:
-            _close_all(fds)
+            seqpacket.close_fds(fds)
             raise HelperRefused("QueueGranted without exactly one fd")
         assert isinstance(answer, QueueGranted)
         return answer, fds[0]
@@ -79,19 +75,9 @@ class HelperClient:
     def protect_socket(self, sock: socket.socket) -> int:
         """Ask the helper to mark the UDP socket; return the mark."""
         answer, fds = self._request(ProtectSocket(), SocketProtected, [sock.fileno()])
-        _close_all(fds)
+        seqpacket.close_fds(fds)
         assert isinstance(answer, SocketProtected)
         return answer.mark
 
     def close(self) -> None:
         self.sock.close()
-
-
-def _close_all(fds: list[int]) -> None:
-    import os
-
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass

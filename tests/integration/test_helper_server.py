@@ -194,7 +194,7 @@ def test_truncated_control_data_is_refused_and_fds_closed(rig: Rig) -> None:
     rig.call(c, Hello(role=Role.CONTROLLER, protocol=HELPER_PROTOCOL))
     pairs = [socket.socketpair() for _ in range(MAX_FDS_PER_MESSAGE + 2)]
     base = _fd_count()
-    socket.send_fds(c.sock, [HELPER_REQUESTS.encode(ListNetworks())], [p[0].fileno() for p in pairs])
+    c.send(ListNetworks(), [p[0].fileno() for p in pairs])
     assert rig.closed(c)
     assert rig.records[-1]["reason"] == "truncated control data"
     assert _fd_count() == base - 1  # every received fd closed, and the helper's end of `c`

@@ -11,6 +11,8 @@ import threading
 import pytest
 import zmq
 
+from l3ptp.ipc import seqpacket
+from l3ptp.ipc.constants import HELPER_MESSAGE_MAX
 from l3ptp.ipc.control_messages import (
     BUS_DOWN,
     BUS_UP,
@@ -69,10 +71,8 @@ class FakeHelper(threading.Thread):
         with conn:
             while True:
                 try:
-                    data, fds, _, _ = socket.recv_fds(conn, 16384, 2)
-                except OSError:
-                    return
-                if not data:
+                    data, fds = seqpacket.recv(conn, HELPER_MESSAGE_MAX, 2)
+                except (OSError, seqpacket.FramingError):
                     return
                 req = HELPER_REQUESTS.decode_untrusted(data)
                 self.requests.append(type(req).__name__)
@@ -82,7 +82,7 @@ class FakeHelper(threading.Thread):
                     conn.send(HELPER_REPLIES.encode(Failed(code=ErrorCode.EXPIRED, reason="ticket expired")))
                 elif isinstance(req, ClaimQueue):
                     reply = HELPER_REPLIES.encode(QueueGranted(name="net0", ifname="l3p-net0", queue=0, mtu=1280))
-                    socket.send_fds(conn, [reply], [self.tun_fd])
+                    seqpacket.send(conn, reply, [self.tun_fd])
                 elif isinstance(req, ProtectSocket):
                     with socket.socket(fileno=fds[0]) as s:
                         self.protected_fd_family = s.family

@@ -27,11 +27,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import os
 import secrets
 import socket
 from typing import Any
 
+from l3ptp.ipc import seqpacket
 from l3ptp.ipc.constants import HELPER_MESSAGE_MAX, SOCKET_MARK_DEFAULT, TICKET_BYTES, TICKET_TTL
 from l3ptp.ipc.errors import DecodeError, ErrorCode
 from l3ptp.ipc.helper_messages import (
@@ -186,11 +186,12 @@ class FakeHelper:
         role: Role | None = None
         try:
             while True:
-                data = await _recv_closing_fds(loop, sock)
-                if not data:
-                    return
                 try:
+                    data, got = await seqpacket.recv_async(loop, sock, HELPER_MESSAGE_MAX, 4)
+                    seqpacket.close_fds(got)  # ProtectSocket's: not looked at
                     req = HELPER_REQUESTS.decode_untrusted(data)
+                except seqpacket.PeerClosed:
+                    return
                 except DecodeError:
                     self.bad_frames += 1
                     return  # like the real helper: a bad client is dropped
@@ -206,7 +207,7 @@ class FakeHelper:
                 raw, self.raw_next = self.raw_next, None
                 out = raw if raw is not None else HELPER_REPLIES.encode(reply)
                 if fds:
-                    socket.send_fds(sock, [out], fds)  # one small packet: never EAGAIN in practice
+                    seqpacket.send(sock, out, fds)  # one small packet: never EAGAIN in practice
                 else:
                     await loop.sock_sendall(sock, out)
         except (ConnectionError, OSError):
@@ -252,22 +253,3 @@ class FakeHelper:
                 await task
         for net in self.networks.values():
             net.close()
-
-
-async def _recv_closing_fds(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
-    """One packet; fds that came with it (ProtectSocket) are closed at once."""
-    while True:
-        try:
-            data, fds, _, _ = socket.recv_fds(sock, max(HELPER_MESSAGE_MAX, HELPER_REQUESTS.max_bytes) + 1, 4)
-        except BlockingIOError:
-            ready = loop.create_future()
-            loop.add_reader(sock.fileno(), lambda: ready.done() or ready.set_result(None))
-            try:
-                await ready
-            finally:
-                loop.remove_reader(sock.fileno())
-            continue
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        return data

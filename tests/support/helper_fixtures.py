@@ -8,13 +8,13 @@ over any connected SOCK_SEQPACKET socket.
 
 from __future__ import annotations
 
-import array
 import errno
 import os
 import socket
 from typing import Any
 
 from l3ptp.helper.policy import Policy, parse_policy
+from l3ptp.ipc import seqpacket
 from l3ptp.ipc.constants import HELPER_MESSAGE_MAX
 from l3ptp.ipc.helper_messages import HELPER_PROTOCOL, HELPER_REPLIES, HELPER_REQUESTS, Hello, Role
 from l3ptp.ipc.schema import Message
@@ -137,20 +137,14 @@ class Client:
         return cls(sock)
 
     def send(self, msg: Message, fds: list[int] | None = None) -> None:
-        if fds:
-            socket.send_fds(self.sock, [HELPER_REQUESTS.encode(msg)], fds)
-        else:
-            self.sock.send(HELPER_REQUESTS.encode(msg))
+        seqpacket.send(self.sock, HELPER_REQUESTS.encode(msg), fds or ())
 
     def receive(self) -> tuple[Message | None, list[int]]:
         """The next reply and any fds; (None, []) when the helper closed the connection."""
-        data, anc, _flags, _ = self.sock.recvmsg(HELPER_MESSAGE_MAX, socket.CMSG_SPACE(16))
-        fds: list[int] = []
-        for level, kind, cdata in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.extend(array.array("i", cdata[: len(cdata) - len(cdata) % 4]))
-        if not data:
-            return None, fds
+        try:
+            data, fds = seqpacket.recv(self.sock, HELPER_MESSAGE_MAX, 4)
+        except seqpacket.PeerClosed:
+            return None, []
         return HELPER_REPLIES.decode_untrusted(data), fds
 
     def request(self, msg: Message, fds: list[int] | None = None) -> tuple[Message | None, list[int]]:

@@ -1,0 +1,96 @@
+"""One message per packet over AF_UNIX SOCK_SEQPACKET, fds as SCM_RIGHTS.
+
+The helper's framing, shared by the helper, its two clients and the tests'
+fakes. Bytes only: what the bytes mean is the caller's business. `recv`
+returns a packet and its fds or raises `FramingError` (`PeerClosed` at EOF)
+with every fd that came with the packet already closed; `OSError` from the
+socket itself (``BlockingIOError`` on an empty non-blocking socket, a timeout,
+a reset) passes through.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import os
+import socket
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+from .errors import DecodeError
+
+if TYPE_CHECKING:
+    from asyncio import AbstractEventLoop, Future
+
+__all__ = ["FramingError", "PeerClosed", "close_fds", "recv", "recv_async", "send"]
+
+_FD = array.array("i").itemsize
+
+
+class FramingError(DecodeError):
+    """A packet over the size cap or with ancillary data other than at most `max_fds` fds.
+
+    `reason` is one of "message over size cap", "truncated control data",
+    "unexpected ancillary data" or (`PeerClosed`) "peer closed".
+    """
+
+
+class PeerClosed(FramingError):
+    """EOF: the peer closed the connection (or sent an empty packet without fds)."""
+
+    def __init__(self) -> None:
+        super().__init__("peer closed")
+
+
+def close_fds(fds: Iterable[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def send(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:
+    """Send `data` as one packet, with `fds` (not closed here) as SCM_RIGHTS."""
+    sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else [])
+
+
+def recv(sock: socket.socket, max_size: int, max_fds: int) -> tuple[bytes, list[int]]:
+    """One packet of at most `max_size` bytes and the at most `max_fds` fds that came with it."""
+    # CMSG_LEN (as socket.recv_fds): room for exactly `max_fds`; one more fd sets MSG_CTRUNC.
+    data, anc, flags, _ = sock.recvmsg(max_size, socket.CMSG_LEN(max_fds * _FD))
+    fds: list[int] = []
+    other = False
+    for level, kind, cdata in anc:
+        if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
+            fds.extend(array.array("i", cdata[: len(cdata) - len(cdata) % _FD]))
+        else:
+            other = True
+    error = (FramingError("message over size cap") if flags & socket.MSG_TRUNC
+             else FramingError("truncated control data") if flags & socket.MSG_CTRUNC
+             else FramingError("unexpected ancillary data") if other
+             else PeerClosed() if not data and not fds
+             else None)
+    if error is not None:
+        close_fds(fds)
+        raise error
+    return data, fds
+
+
+async def recv_async(loop: AbstractEventLoop, sock: socket.socket, max_size: int,
+                     max_fds: int) -> tuple[bytes, list[int]]:
+    """`recv` on a non-blocking socket, waiting in the asyncio `loop` until a packet is there."""
+    while True:
+        try:
+            return recv(sock, max_size, max_fds)
+        except BlockingIOError:
+            pass
+        ready = loop.create_future()
+        loop.add_reader(sock.fileno(), _wake, ready)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(sock.fileno())
+
+
+def _wake(ready: Future[None]) -> None:
+    if not ready.done():  # the reader may fire again before the waiting task runs
+        ready.set_result(None)
