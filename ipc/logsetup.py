@@ -19,6 +19,24 @@ import structlog
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
+class _Stdout:
+    """Whatever `sys.stdout` is when a line is written, not when logging was configured.
+
+    A process that swaps `sys.stdout` after `configure` (a test runner's capture,
+    a daemon redirecting its output) would otherwise keep writing into the old,
+    perhaps closed, stream through every logger already bound.
+    """
+
+    def write(self, text: str) -> int:
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+    def isatty(self) -> bool:
+        return sys.stdout.isatty()
+
+
 def configure(
     role: str,
     *,
@@ -33,7 +51,7 @@ def configure(
     (`json` or `console`) overrides the choice; `L3PTP_LOG_LEVEL` overrides
     `level`.
     """
-    out = stream if stream is not None else sys.stdout
+    out = stream if stream is not None else _Stdout()
     env_format = os.environ.get("L3PTP_LOG_FORMAT")
     if env_format in ("json", "console"):
         json = env_format == "json"

@@ -1,0 +1,52 @@
+"""The one structlog configuration: JSON lines, bound context, and stdout followed when it changes."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import pytest
+import structlog
+
+from l3ptp.ipc import logsetup
+
+
+@pytest.fixture(autouse=True)
+def _restore_structlog():
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+    structlog.contextvars.clear_contextvars()
+
+
+def test_json_lines_carry_role_pid_and_bound_fields() -> None:
+    out = io.StringIO()
+    log = logsetup.configure("worker", stream=out, network="office", queue=1)
+    log.info("worker_ready", mtu=1280)
+    line = json.loads(out.getvalue())
+    assert line["event"] == "worker_ready" and line["mtu"] == 1280
+    assert line["role"] == "worker" and line["network"] == "office" and line["queue"] == 1
+    assert line["level"] == "info" and line["timestamp"].endswith("Z")
+
+
+def test_default_stream_is_whatever_stdout_is_at_write_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A logger bound (and cached) while one stdout was current keeps working after it is
+    replaced and closed: it writes to the new one (a test runner's capture does this)."""
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", first)
+    log = logsetup.configure("controller", json=True)
+    log.info("one")
+    second = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", second)
+    first.close()
+    log.info("two")
+    assert json.loads(second.getvalue())["event"] == "two"
+
+
+def test_level_filters_lower_events() -> None:
+    out = io.StringIO()
+    log = logsetup.configure("helper", stream=out, level="warning", json=True)
+    log.info("quiet")
+    log.warning("loud")
+    assert [json.loads(x)["event"] for x in out.getvalue().splitlines()] == ["loud"]
