@@ -570,15 +570,15 @@ def _wg_key() -> tuple[str, str]:
 
 
 def _link_exists(host: Any, ifname: str) -> bool:
-    from pyroute2 import NetNS
+    from l3ptp.controller.lab import netlink
 
-    with NetNS(host.netns) as ipr:
+    with netlink(host.netns) as ipr:
         return bool(ipr.link_lookup(ifname=ifname))
 
 
 def start_wireguard(lab: Any, daemons: Daemons, timeout: float) -> tuple[str, str, dict[str, int]]:
     """wireguard-go on both hosts, keys and peer with `wg set`, address/MTU/up with pyroute2."""
-    from pyroute2 import NetNS
+    from l3ptp.controller.lab import netlink
 
     keys = {h: _wg_key() for h in "ab"}
     pids = {}
@@ -597,7 +597,7 @@ def start_wireguard(lab: Any, daemons: Daemons, timeout: float) -> tuple[str, st
         lab.run(host, ["wg", "set", iface, "listen-port", str(WG_PORT), "private-key", key_path,
                        "peer", keys[peer.name][1], "endpoint", f"{peer.underlay}:{WG_PORT}",
                        "allowed-ips", peer_net], timeout=15)
-        with NetNS(host.netns) as ipr:
+        with netlink(host.netns) as ipr:
             idx = ipr.link_lookup(ifname=iface)[0]
             ipr.addr("add", index=idx, address=WG_ADDR[i], prefixlen=WG_PREFIXLEN)
             ipr.link("set", index=idx, mtu=TUNNEL_MTU, state="up")

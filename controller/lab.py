@@ -55,6 +55,7 @@ PR_CAP_AMBIENT_RAISE = 2
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 #: systemd's range for dynamic users: never in /etc/passwd.
 DYNAMIC_ID_RANGE = range(61184, 65520)
+NETLINK_CHILD_TIMEOUT = 15  # seconds; see netlink()
 
 UNDERLAY = ("198.18.0.1", "198.18.0.2")
 UNDERLAY_PREFIXLEN = 24
@@ -102,6 +103,18 @@ def setns(netns: str) -> None:
         _check(_libc().setns(fd, CLONE_NEWNET), f"setns {netns}")
     finally:
         os.close(fd)
+
+
+def netlink(netns: str) -> Any:
+    """A pyroute2 `NetNS` (netlink inside `netns`), patient with a loaded machine.
+
+    pyroute2 opens the socket in a forked child and waits 2 s for it by default;
+    with both tunnel ends, iperf3 and the kernel sharing two cores that is too short.
+    """
+    from pyroute2 import NetNS, config
+
+    config.default_communicate_timeout = max(config.default_communicate_timeout, NETLINK_CHILD_TIMEOUT)
+    return NetNS(netns)
 
 
 def _enter(netns: str, uid: int | None = None, gid: int | None = None, net_admin_only: bool = False) -> Callable[[], None]:
@@ -320,16 +333,16 @@ class Lab:
             )
 
     def _make_namespaces(self) -> None:
-        from pyroute2 import NetNS, netns
+        from pyroute2 import netns
 
         for host in self.hosts.values():
             netns.create(host.netns)
             self._netns_made.append(host.netns)
         self.say(f"namespaces {self.a.netns} and {self.b.netns}")
-        with NetNS(self.a.netns) as ipr:
+        with netlink(self.a.netns) as ipr:
             ipr.link("add", ifname="under0", kind="veth", peer={"ifname": "under0", "net_ns_fd": self.b.netns})
         for host, peer in ((self.a, self.b), (self.b, self.a)):
-            with NetNS(host.netns) as ipr:
+            with netlink(host.netns) as ipr:
                 lo = ipr.link_lookup(ifname="lo")[0]
                 ipr.link("set", index=lo, state="up")
                 idx = ipr.link_lookup(ifname="under0")[0]
@@ -589,10 +602,8 @@ class Lab:
 
     def links(self, host: Host) -> dict[str, dict[str, Any]]:
         """Links inside `host`: name -> {index, mtu, up, rx_packets, tx_packets}."""
-        from pyroute2 import NetNS
-
         out = {}
-        with NetNS(host.netns) as ipr:
+        with netlink(host.netns) as ipr:
             for link in ipr.get_links():
                 stats = link.get_attr("IFLA_STATS64") or {}
                 out[link.get_attr("IFLA_IFNAME")] = {
@@ -603,10 +614,8 @@ class Lab:
 
     def routes(self, host: Host, *, proto: int | None = None) -> list[dict[str, Any]]:
         """IPv4 and IPv6 unicast routes inside `host` (all tables), optionally only those of `proto`."""
-        from pyroute2 import NetNS
-
         out = []
-        with NetNS(host.netns) as ipr:
+        with netlink(host.netns) as ipr:
             names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
             for family in (socket.AF_INET, socket.AF_INET6):
                 for r in ipr.get_routes(family=family):  # every table
@@ -621,10 +630,8 @@ class Lab:
         """Put `address` (a host address) on `host`'s loopback."""
         import ipaddress
 
-        from pyroute2 import NetNS
-
         ip = ipaddress.ip_address(address)
-        with NetNS(host.netns) as ipr:
+        with netlink(host.netns) as ipr:
             ipr.addr("add", index=ipr.link_lookup(ifname="lo")[0], address=address, prefixlen=ip.max_prefixlen)
 
     # ---- running tools inside the hosts ---------------------------------------------

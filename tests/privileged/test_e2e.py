@@ -274,11 +274,9 @@ def test_default_route_through_tunnel_without_looping_the_underlay() -> None:
 
 
 def test_shutdown_removes_exactly_our_routes_and_20_up_down_cycles_leave_nothing() -> None:
-    from pyroute2 import NetNS
-
     for lab in _lab(queues=1):
         # A route that is not ours, on the same namespace: it must survive everything.
-        with NetNS(lab.a.netns) as ipr:
+        with labmod.netlink(lab.a.netns) as ipr:
             ipr.route("add", dst="198.19.99.0/24", oif=ipr.link_lookup(ifname="under0")[0], proto=4)
         def not_ours() -> set[str]:
             # The kernel's connected routes of our interface go with it; everything else must stay.
