@@ -62,6 +62,14 @@ DEAD_PEER_INTERVALS = 3
 RECONNECT_BACKOFF_MIN = 0.5
 RECONNECT_BACKOFF_MAX = 30.0
 
+#: QUIC key update (RFC 9001, 6): a worker starts one after this many
+#: DATAGRAMs sent plus received under the current keys (an upper bound on the
+#: packets it encrypted, ACK-only packets included), half of AES-GCM's
+#: confidentiality limit of 2^23 packets per key (RFC 9001, 6.6), or after
+#: this many seconds (WireGuard rekeys every 120 s), whichever comes first.
+KEY_UPDATE_PACKETS = 2**22
+KEY_UPDATE_INTERVAL = 120.0
+
 # --------------------------------------------------------------------------
 # Implementation limits
 # --------------------------------------------------------------------------

@@ -84,6 +84,38 @@ class EngineClasses:
     smoothed_rtt: Callable[[Any], float]
     #: The peer's leaf certificate after the handshake, or None.
     peer_certificate: Callable[[Any], x509.Certificate | None]
+    #: Start a QUIC key update (RFC 9001, 6); False, and nothing done, while
+    #: the handshake is not confirmed (an endpoint must not update before).
+    update_keys: Callable[[Any], bool]
+
+
+def _aioquic_update_keys(conn: Any) -> bool:
+    # RFC 9001, 6.1: no new update before a packet sent with the current keys
+    # is acknowledged. aioquic does not check this (and keeps no old keys), so
+    # two quick updates would leave the peer unable to decrypt anything: we
+    # remember the first packet number of each update and wait for its ACK.
+    from aioquic import tls
+
+    if not conn._handshake_confirmed:
+        return False
+    first = getattr(conn, "_l3ptp_key_update_pn", None)
+    if first is not None and conn._spaces[tls.Epoch.ONE_RTT].largest_acked_packet < first:
+        return False
+    conn.request_key_update()
+    conn._l3ptp_key_update_pn = conn._packet_number  # the next packet is the first with the new keys
+    return True
+
+
+def _qh3_update_keys(conn: Any) -> bool:
+    if not conn._handshake_confirmed:
+        return False
+    try:
+        conn.request_key_update()
+    except ValueError:
+        # "invalid key phase": qh3 enforces RFC 9001, 6.1 itself (the last
+        # update is not acknowledged yet).
+        return False
+    return True
 
 
 def initial_dcid(data: bytes, host_cid_length: int = 8) -> bytes | None:
@@ -140,6 +172,7 @@ def _aioquic_engine() -> EngineClasses:
         receive_many=_receive_each,
         smoothed_rtt=lambda conn: float(conn._loss._rtt_smoothed or 0.0),
         peer_certificate=lambda conn: getattr(conn.tls, "_peer_certificate", None),
+        update_keys=_aioquic_update_keys,
     )
 
 
@@ -217,6 +250,14 @@ def _make_qh3_connection() -> type:
                 return
             try:
                 super().send_stream_data(stream_id, data, end_stream)
+            except QuicConnectionError as exc:
+                self._fail(exc)
+
+        def request_key_update(self) -> None:
+            if self._failed or self._close_event is not None:
+                return
+            try:
+                super().request_key_update()
             except QuicConnectionError as exc:
                 self._fail(exc)
 
@@ -359,6 +400,7 @@ def _qh3_engine() -> EngineClasses:
         receive_many=lambda conn, datagrams, addr, now: conn.receive_many_datagrams(datagrams, addr, now),
         smoothed_rtt=_qh3_rtt,
         peer_certificate=_qh3_peer_certificate,
+        update_keys=_qh3_update_keys,
     )
 
 

@@ -39,6 +39,8 @@ from l3ptp.ipc.constants import (
     ALPN,
     AUTH_NONCE_LEN,
     DEAD_PEER_INTERVALS,
+    KEY_UPDATE_INTERVAL,
+    KEY_UPDATE_PACKETS,
     MAX_DATAGRAM_FRAME_SIZE,
     RECONNECT_BACKOFF_MAX,
     RECONNECT_BACKOFF_MIN,
@@ -81,7 +83,8 @@ def _normalize_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | 
 class _Peer:
     """One QUIC connection with its control session."""
 
-    __slots__ = ("conn", "session", "addr", "decoder", "stream_id", "closing", "handshake_done", "established_at")
+    __slots__ = ("conn", "session", "addr", "decoder", "stream_id", "closing", "handshake_done", "established_at",
+                 "rekey_packets", "rekey_at")
 
     def __init__(self, conn: Any, session: Session, addr: tuple[Any, ...]) -> None:
         self.conn = conn
@@ -92,6 +95,9 @@ class _Peer:
         self.closing = False
         self.handshake_done = False
         self.established_at = 0.0
+        #: Next key update: when DATAGRAMs sent + received reach this, or at this time.
+        self.rekey_packets = 0
+        self.rekey_at = 0.0
 
 
 class Tunnel:
@@ -108,6 +114,8 @@ class Tunnel:
         rng: random.Random | None = None,
         gso: bool = True,
         gro: bool = True,
+        key_update_packets: int = KEY_UPDATE_PACKETS,
+        key_update_interval: float = KEY_UPDATE_INTERVAL,
     ) -> None:
         self.config = config
         self.tun_fd = tun_fd
@@ -117,6 +125,10 @@ class Tunnel:
         self._queue_depth = self.engine.queue_depth
         self._gso = gso
         self._gro = gro
+        self._key_update_packets = key_update_packets
+        self._key_update_interval = key_update_interval
+        #: QUIC key updates this worker started (RFC 9001, 6).
+        self.key_updates = 0
         self.udp: UdpIO | None = None
         self.on_routes = on_routes
         self._rng = rng or random.SystemRandom()
@@ -222,6 +234,7 @@ class Tunnel:
             "mtu": self.datapath.mtu,
             "queue_depth": self._queue_depth(peer.conn) if peer is not None else 0,
             "sessions": self.sessions,
+            "key_updates": self.key_updates,
             "last_error": self.last_error,
         }
 
@@ -343,6 +356,9 @@ class Tunnel:
             receive_many(peer.conn, batch, addr, now)
         for peer in touched.values():
             self._process_events(peer)
+        active = self.active
+        if active is not None and self._packets_under_key() >= active.rekey_packets:
+            self._update_keys(active, now)
         for peer in touched.values():
             self._transmit(peer)
         self._schedule()
@@ -446,7 +462,29 @@ class Tunnel:
         )
         self.state = SessionState.ESTABLISHED
         self.last_error = ""
+        self._next_key_update(peer, self._now())
         self._start_tun()
+
+    # ---- key updates -------------------------------------------------------
+
+    def _packets_under_key(self) -> int:
+        c = self.counters
+        return c.dgram_tx_packets + c.dgram_rx_packets
+
+    def _next_key_update(self, peer: _Peer, now: float) -> None:
+        peer.rekey_packets = self._packets_under_key() + self._key_update_packets
+        peer.rekey_at = now + self._key_update_interval
+
+    def _update_keys(self, peer: _Peer, now: float) -> None:
+        """New 1-RTT keys well before AES-GCM's confidentiality limit; neither
+        engine does this on its own. Retried at the next check while the
+        handshake is not yet confirmed."""
+        if self.engine.update_keys(peer.conn):
+            self.key_updates += 1
+            self._next_key_update(peer, now)
+        else:
+            # Not acknowledged yet: try again soon (a deadline in the past would spin the timer).
+            peer.rekey_at = now + min(1.0, self._key_update_interval)
 
     def _close_peer(self, peer: _Peer, closed: Closed) -> None:
         if closed.local:
@@ -519,6 +557,8 @@ class Tunnel:
         for payload in payloads:
             send(payload)
         self.datapath.sent(payloads)
+        if self._packets_under_key() >= peer.rekey_packets:
+            self._update_keys(peer, self._now())
         self._transmit(peer)
         self._schedule()
 
@@ -552,6 +592,8 @@ class Tunnel:
             if t is not None:
                 deadlines.append(t)
             deadlines.append(peer.session.next_deadline())
+        if self.active is not None and self.active.session.established:
+            deadlines.append(self.active.rekey_at)
         if self._reconnect_at is not None:
             deadlines.append(self._reconnect_at)
         if self._timer is not None:
@@ -570,6 +612,9 @@ class Tunnel:
                 self._process_events(peer)
             if peer.session.state is not State.CLOSED:
                 self._apply(peer, peer.session.tick(now))
+            if peer is self.active and peer.session.established and (
+                    now >= peer.rekey_at or self._packets_under_key() >= peer.rekey_packets):
+                self._update_keys(peer, now)
             self._transmit(peer)
         if self._reconnect_at is not None and now >= self._reconnect_at and self.active is None:
             self._connect()

@@ -432,3 +432,47 @@ def test_bursts_of_full_size_packets_arrive_in_order(engine: Engine, gso: bool) 
                 assert ct.udp.gso_sends == 0 and lt.udp.gro_buffers == 0
 
     run(main())
+
+
+@pytest.mark.parametrize(("lengine", "cengine"), ENGINE_PAIRS)
+def test_workers_update_keys_by_packet_count_and_by_time(lengine: Engine, cengine: Engine) -> None:
+    """Key updates (RFC 9001, 6) every few DATAGRAMs and every fraction of a second, every
+    engine pairing: the session survives them all and the keys stay in step.
+
+    aioquic keeps no old keys, so the peer's packets in flight during an aioquic
+    end's update are lost (an RTT's worth); the bursts tolerate that, the final
+    exchange after the updates stop does not."""
+    async def main():
+        kw = {"key_update_packets": 40, "key_update_interval": 0.3}
+        async with worker_pair(listener_kw={"engine": lengine}, connector_kw={"engine": cengine},
+                               tunnel_kw=kw) as pair:
+            assert await pair.wait_established()
+            lt, ct = pair.listener.tunnel, pair.connector.tunnel
+            delivered = 0
+            for burst in range(4):  # by count: 4 x 30 packets each way
+                up = [ipv4_udp("198.19.0.2", "198.19.0.1", bytes([burst, i]) * 40) for i in range(30)]
+                down = [ipv6_udp("fd00::1", "fd00::2", bytes([i, burst]) * 60) for i in range(30)]
+                for p in up:
+                    pair.connector.tun.inject(p)
+                for p in down:
+                    pair.listener.tun.inject(p)
+                got_up = await pair.listener.tun.async_wait_packets(30, 1)
+                got_down = await pair.connector.tun.async_wait_packets(30, 1)
+                assert set(got_up) <= set(up) and set(got_down) <= set(down)
+                delivered += len(got_up) + len(got_down)
+            assert delivered >= 120, delivered
+            # An update by either end renews both directions' keys, and an end refuses a
+            # new one until its last is acknowledged (RFC 9001, 6.1): count both ends.
+            by_count = lt.key_updates + ct.key_updates
+            assert by_count >= 3, (lt.key_updates, ct.key_updates)
+            await asyncio.sleep(1.2)  # by time: idle but for keepalives
+            assert lt.key_updates + ct.key_updates >= by_count + 2, (lt.key_updates, ct.key_updates)
+            for t in (lt, ct):  # no more updates: whatever was in flight settles
+                t._key_update_packets, t._key_update_interval = 2**40, 1e9
+                t._next_key_update(t.active, t._now())
+            await asyncio.sleep(0.3)
+            await _exchange(pair)  # exactly, both ways: the keys are in step
+            assert lt.sessions == ct.sessions == 1
+            assert lt.status()["key_updates"] == lt.key_updates
+
+    run(main())
