@@ -178,7 +178,7 @@ class Tunnel:
         self.sock.setblocking(False)
         self.udp = UdpIO(self.sock, gso=self._gso, gro=self._gro)
         os.set_blocking(self.tun_fd, False)
-        self._loop.add_reader(self.sock.fileno(), self._on_udp_readable)
+        self._loop.add_reader(self.sock.fileno(), self._guarded, self._on_udp_readable)
         try:
             if self.config.role is PeerRole.CONNECT:
                 self._peer_addr = await self._resolve_peer()
@@ -520,7 +520,7 @@ class Tunnel:
 
     def _start_tun(self) -> None:
         if not self._reading_tun and self._loop is not None:
-            self._loop.add_reader(self.tun_fd, self._on_tun_readable)
+            self._loop.add_reader(self.tun_fd, self._guarded, self._on_tun_readable)
             self._reading_tun = True
 
     def _stop_tun(self) -> None:
@@ -562,6 +562,28 @@ class Tunnel:
         self._transmit(peer)
         self._schedule()
 
+    def _guarded(self, callback: Callable[[], None]) -> None:
+        """Run an event-loop callback; an exception nobody foresaw (a bug, an
+        engine failing in a new way) ends the worker with the reason instead
+        of leaving it running half-updated: asyncio would log the traceback
+        and carry on, with the transmit and the timer of that round skipped.
+        The controller restarts the worker with a clean state."""
+        try:
+            callback()
+        except Exception as exc:
+            if self._loop is not None:
+                self._loop.call_exception_handler(
+                    {"message": f"l3ptp worker: internal error in {callback.__name__}", "exception": exc})
+            if self.exit_reason is None:
+                self.exit_reason = f"internal error in {callback.__name__}: {exc!r}"[:400]
+            try:
+                self.stop(ErrorCode.INTERNAL, "internal error")
+            except Exception:  # noqa: BLE001 - closing is best effort; ending is not
+                self.state = SessionState.STOPPED
+                self._stop_requested = True
+                if self._stopped is not None:
+                    self._stopped.set()
+
     def _tun_lost(self, why: str) -> None:
         """The queue fd is dead (EBADFD/EIO: the interface was deleted, e.g.
         by a restarted helper's reconcile). End the worker; the controller
@@ -600,7 +622,7 @@ class Tunnel:
             self._timer.cancel()
             self._timer = None
         if deadlines:
-            self._timer = self._loop.call_at(min(deadlines), self._on_timer)
+            self._timer = self._loop.call_at(min(deadlines), self._guarded, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None

@@ -476,3 +476,32 @@ def test_workers_update_keys_by_packet_count_and_by_time(lengine: Engine, cengin
             assert lt.status()["key_updates"] == lt.key_updates
 
     run(main())
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_an_unforeseen_exception_ends_the_worker_cleanly(engine: Engine) -> None:
+    """A bug in a loop callback does not leave a half-working worker behind (asyncio
+    would log and go on): the tunnel ends with the reason, the peer gets CLOSE."""
+    async def main():
+        async with worker_pair(engine=engine) as pair:
+            assert await pair.wait_established()
+            lt, ct = pair.listener.tunnel, pair.connector.tunnel
+            errors: list[dict] = []
+            asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+
+            def boom(*_a, **_kw):
+                raise _Boom("boom")
+
+            lt._write_tun = boom  # the first packet from the peer raises inside the UDP callback
+            pair.connector.tun.inject(ipv4_udp("198.19.0.2", "198.19.0.1", b"x"))
+            await asyncio.wait_for(asyncio.shield(pair.listener.task), 5)  # run() returned
+            assert lt.exit_reason == "internal error in _on_udp_readable: _Boom('boom')"
+            assert isinstance(errors[0]["exception"], _Boom)
+            assert await wait_for(lambda: "INTERNAL" in ct.last_error, 5), ct.last_error
+            assert not ct.established
+
+    run(main())
