@@ -157,7 +157,7 @@ def format_status(reply: Any, *, verbose: bool = False) -> str:
                 lines.append(
                     f"  queue {q.queue}: pid {q.pid or '-'}, {q.state.value}, peer {q.peer or '-'},"
                     f" rtt {q.rtt_ms:.1f} ms, mtu {q.mtu}, restarts {q.restarts}, depth {q.queue_depth},"
-                    f" lost {q.seq_lost}"
+                    f" lost {q.seq_lost}, key updates {q.key_updates}"
                 )
                 lines.append(f"    transfer: {_traffic(q.counters)}")
                 qdrops = ", ".join(f"{k} {v}" for k, v in q.drops.items() if v)

@@ -34,6 +34,7 @@ class StatusCollector(Collector):
         rtt = GaugeMetricFamily("l3ptp_rtt_milliseconds", "Smoothed RTT to the peer", labels=["network", "queue"])
         depth = GaugeMetricFamily("l3ptp_queue_depth", "Datagrams waiting to be sent", labels=["network", "queue"])
         lost = GaugeMetricFamily("l3ptp_seq_lost", "Packets lost peer->us (sequence gaps)", labels=["network", "queue"])
+        rekeys = GaugeMetricFamily("l3ptp_key_updates", "QUIC key updates the worker started", labels=["network", "queue"])
         traffic = GaugeMetricFamily(
             "l3ptp_traffic", "Worker traffic counters by name", labels=["network", "queue", "counter"]
         )
@@ -47,11 +48,12 @@ class StatusCollector(Collector):
                 rtt.add_metric(labels, q.rtt_ms)
                 depth.add_metric(labels, q.queue_depth)
                 lost.add_metric(labels, q.seq_lost)
+                rekeys.add_metric(labels, q.key_updates)
                 for key, value in q.counters.items():
                     traffic.add_metric([*labels, key], value)
                 for key, value in q.drops.items():
                     drops.add_metric([*labels, key], value)
-        yield from (state, restarts, rtt, depth, lost, traffic, drops)
+        yield from (state, restarts, rtt, depth, lost, rekeys, traffic, drops)
 
 
 def make_registry(get_status: Callable[[], Any]) -> CollectorRegistry:

@@ -83,6 +83,7 @@ def queue_status(queue: int, report: WorkerStatus | None, *, pid: int, restarts:
             drops={},
             queue_depth=0,
             seq_lost=0,
+            key_updates=0,
             restarts=restarts,
             last_error=last_error,
         )
@@ -97,6 +98,7 @@ def queue_status(queue: int, report: WorkerStatus | None, *, pid: int, restarts:
         drops=dict(report.drops),
         queue_depth=report.queue_depth,
         seq_lost=report.seq_lost,
+        key_updates=report.key_updates,
         restarts=restarts,
         last_error=report.last_error or last_error,
     )

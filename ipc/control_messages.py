@@ -164,6 +164,8 @@ class WorkerStatus(Message):
     seq_lost: U64
     #: Sessions established since the worker started.
     sessions: U32
+    #: QUIC key updates this worker started (RFC 9001, 6).
+    key_updates: U32
     last_error: Reason
 
 
@@ -246,6 +248,7 @@ class QueueStatus(Record):
     drops: Counts
     queue_depth: U32
     seq_lost: U64
+    key_updates: U32
     restarts: U32
     last_error: Reason
 

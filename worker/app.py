@@ -94,6 +94,7 @@ def status_message(config: WorkerConfig, tunnel: Tunnel) -> WorkerStatus:
         queue_depth=st["queue_depth"],
         seq_lost=c.seq_lost,
         sessions=st["sessions"],
+        key_updates=min(st["key_updates"], 2**32 - 1),
         last_error=st["last_error"][:512],
     )
 

@@ -91,6 +91,7 @@ class Env:
                 queue_depth=0,
                 seq_lost=0,
                 sessions=1,
+                key_updates=3,
                 last_error="",
             ),
         )
@@ -178,6 +179,9 @@ def test_up_status_restart_routes_and_clean_shutdown() -> None:
             assert net["state"] == "up" and net["counters"]["tun_rx_packets"] == 20
             assert net["drops"] == {"dgram_bad_header": 2}
             assert [q["pid"] for q in net["queues"]] == [p.pid for p in procs]
+            assert [q["key_updates"] for q in net["queues"]] == [3, 3]
+            rc, out, _ = await env.cli("status", "-v")
+            assert rc == 0 and out.count("key updates 3") == 2, out
 
             # peer routes: one allowed, one refused; then withdrawn
             await env.say(

@@ -19,7 +19,7 @@ def samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     st = network_status(
         network(2),
         sup,
-        {0: report(0, 100, drops={"queue_full": 4}), 1: report(1, 200, state=SessionState.CONNECTING)},
+        {0: report(0, 100, drops={"queue_full": 4}, key_updates=7), 1: report(1, 200, state=SessionState.CONNECTING)},
     )
     reply = status_reply(controller_pid=1, uptime=1.0, node_id="alpha", networks=[st], verbose=True)
     text = generate_latest(make_registry(lambda: reply)).decode()
@@ -40,3 +40,4 @@ def test_metrics_parse_and_carry_the_numbers() -> None:
     assert got[key] == 10.0
     assert got[("l3ptp_rtt_milliseconds", (("network", "office"), ("queue", "0")))] == 2.0
     assert ("l3ptp_queue_depth", (("network", "office"), ("queue", "1"))) in got
+    assert got[("l3ptp_key_updates", (("network", "office"), ("queue", "0")))] == 7.0
