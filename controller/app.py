@@ -43,7 +43,7 @@ import zmq.asyncio
 
 from l3ptp.controller import plan as planning
 from l3ptp.controller.bus import Router
-from l3ptp.controller.config import Config, ConfigError, NetworkConfig, load_config
+from l3ptp.controller.config import Config, ConfigError, IPNetwork, NetworkConfig, load_config
 from l3ptp.controller.helper_client import HelperClient, HelperError
 from l3ptp.controller.polkit import Authorizer, PolkitChecker, action_for, parse_peer_address
 from l3ptp.controller.routes import RouteTable
@@ -51,6 +51,7 @@ from l3ptp.controller.spawner import ExitCallback, ProcessSpawner, Spawner
 from l3ptp.controller.status import network_status, status_reply
 from l3ptp.controller.supervision import Kill, NetworkFailed, NetworkSupervisor, Spawn, Terminate
 from l3ptp.ipc.control_messages import (
+    Advertise,
     BUS_DOWN,
     BUS_UP,
     CLI_REPLIES,
@@ -135,6 +136,8 @@ class _Network:
         self.tickets: list[str] = []
         self.reports: dict[int, WorkerStatus] = {}
         self.idents: dict[int, bytes] = {}  # queue -> bus identity
+        #: Advertised routes each queue's worker was started with or told.
+        self.advertised: dict[int, tuple[IPNetwork, ...]] = {}
         self.last_error = ""
 
 
@@ -454,6 +457,20 @@ class Controller:
             log_level="info",
         )
 
+    async def _advertise(self, rt: _Network, queue: int) -> None:
+        """Tell queue `queue`'s worker the network's advertised routes (it tells the peer)."""
+        ident = rt.idents.get(queue)
+        if ident is None or self.bus is None:
+            return
+        net = rt.net
+        await self.bus.send(ident, Advertise(
+            network=net.name, queue=queue,
+            advertised_routes=tuple(str(r) for r in net.advertised_routes),
+            local_sources=tuple(str(r) for r in net.local_sources()),
+        ))
+        rt.advertised[queue] = net.advertised_routes
+        log.info("routes_advertised", network=net.name, queue=queue, routes=[str(r) for r in net.advertised_routes])
+
     async def _spawn(self, rt: _Network, queue: int) -> None:
         now = self.clock()
         rt.reports.pop(queue, None)
@@ -461,6 +478,7 @@ class Controller:
         rt.routes.reset_queue(queue)
         try:
             data = WORKER_CONFIG.encode(self._worker_config(rt, queue))
+            rt.advertised[queue] = rt.net.advertised_routes
             pid = await self.spawner.spawn(rt.net.name, queue, data)
         except Exception as exc:  # OSError, a key that cannot be read, ...
             log.error("worker_spawn_failed", network=rt.net.name, queue=queue, error=str(exc))
@@ -525,6 +543,9 @@ class Controller:
             if not rt.sup.on_alive(msg.queue, msg.pid, now):
                 return
             rt.idents[msg.queue] = ident
+            if rt.advertised.get(msg.queue) != rt.net.advertised_routes:
+                # Started before a reload changed the routes, and not yet on the bus then.
+                await self._advertise(rt, msg.queue)
             if isinstance(msg, WorkerStatus):
                 rt.reports[msg.queue] = msg
         elif rt.idents.get(msg.queue) != ident:
@@ -673,6 +694,14 @@ class Controller:
             await self._bring_down(name, "reload")
         self.config = new
         self.admin_down &= {n.name for n in new.networks}
+        for name in plan.readvertised:
+            rt = self.networks.get(name)
+            net = new.network(name)
+            if rt is not None and net is not None:
+                rt.net = net
+                rt.routes.net = net
+                for queue in list(rt.idents):
+                    await self._advertise(rt, queue)
         for name in (*plan.changed, *plan.added):
             net = new.network(name)
             if net is not None and net.enabled and name not in self.admin_down:

@@ -211,6 +211,9 @@ class Host:
     helper_socket: str = ""
     fingerprint: str = ""
     config_extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: The `demo` network's table and its underlay table, as last written.
+    network: dict[str, Any] = dataclasses.field(default_factory=dict)
+    underlay_table: dict[str, Any] = dataclasses.field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = dataclasses.field(default_factory=dict)
     logs: dict[str, str] = dataclasses.field(default_factory=dict)
 
@@ -418,6 +421,7 @@ class Lab:
     def write_config(self, host: Host, net: dict[str, Any], underlay: dict[str, Any],
                      networks: dict[str, tuple[dict[str, Any], dict[str, Any]]] | None = None) -> None:
         """(Re)write `host`'s configuration: network `demo` plus any extra `networks`."""
+        host.network, host.underlay_table = dict(net), dict(underlay)
         tables: dict[str, dict[str, Any]] = {
             "node": {"id": f"lab-{host.name}", "key_file": os.path.join(host.dir, "etc", "node.key")},
             "controller": {"runtime_dir": host.runtime_dir, "helper_socket": host.helper_socket},

@@ -10,6 +10,8 @@ added / removed / changed / unchanged:
   keep their PIDs and traffic keeps flowing.
 * *changed* networks are restarted (down with the old config, up with the
   new one); *added* ones come up, *removed* ones go down.
+* *readvertised* networks differ only in `advertised_routes`: their workers
+  are told (a ROUTE_UPDATE to the peer), not restarted.
 * settings that only take effect when the controller restarts (runtime_dir,
   admin_group, polkit, metrics) are listed in `restart_required` so the operator is
   told instead of being silently ignored.
@@ -36,12 +38,14 @@ class Plan:
     removed: tuple[str, ...] = ()
     changed: tuple[str, ...] = ()
     unchanged: tuple[str, ...] = ()
+    #: Only `advertised_routes` changed: told to the running workers, no restart.
+    readvertised: tuple[str, ...] = ()
     #: Controller settings that changed but need a controller restart.
     restart_required: tuple[str, ...] = ()
 
     @property
     def empty(self) -> bool:
-        return not (self.added or self.removed or self.changed or self.restart_required)
+        return not (self.added or self.removed or self.changed or self.readvertised or self.restart_required)
 
     def summary(self) -> str:
         parts = [
@@ -50,6 +54,7 @@ class Plan:
                 ("added", self.added),
                 ("removed", self.removed),
                 ("changed", self.changed),
+                ("routes re-advertised", self.readvertised),
                 ("unchanged", self.unchanged),
             )
             if names
@@ -72,15 +77,17 @@ def diff(old: Config | None, new: Config) -> Plan:
     globals_changed = _worker_globals(old) != _worker_globals(new)
     old_by_name = {n.name: n for n in old.networks}
     new_names = {n.name for n in new.networks}
-    added, changed, unchanged = [], [], []
+    added, changed, readvertised, unchanged = [], [], [], []
     for net in new.networks:
         before = old_by_name.get(net.name)
         if before is None:
             added.append(net.name)
-        elif before != net or globals_changed:
-            changed.append(net.name)
-        else:
+        elif before == net and not globals_changed:
             unchanged.append(net.name)
+        elif not globals_changed and dataclasses.replace(before, advertised_routes=net.advertised_routes) == net:
+            readvertised.append(net.name)
+        else:
+            changed.append(net.name)
     removed = tuple(n.name for n in old.networks if n.name not in new_names)
     restart = []
     if old.controller.runtime_dir != new.controller.runtime_dir:
@@ -91,4 +98,4 @@ def diff(old: Config | None, new: Config) -> Plan:
         restart.append("controller.polkit")
     if old.metrics != new.metrics:
         restart.append("metrics")
-    return Plan(tuple(added), removed, tuple(changed), tuple(unchanged), tuple(restart))
+    return Plan(tuple(added), removed, tuple(changed), tuple(unchanged), tuple(readvertised), tuple(restart))

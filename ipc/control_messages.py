@@ -213,6 +213,21 @@ class Shutdown(Message):
     reason: Reason
 
 
+@message("bus.advertise")
+class Advertise(Message):
+    """The network's advertised routes changed on reload (nothing else did).
+
+    The worker sends the difference to the peer as a ROUTE_UPDATE with a new
+    epoch and from now on accepts `local_sources` from its TUN; later
+    sessions announce the new routes in READY.
+    """
+
+    network: NetworkName
+    queue: QueueIndex
+    advertised_routes: Prefixes
+    local_sources: Prefixes
+
+
 # ---- CLI <-> controller ----------------------------------------------------
 
 
@@ -297,6 +312,6 @@ class CommandFailed(Message):
 
 WORKER_CONFIG = Channel("worker-config", WORKER_CONFIG_MAX, (WorkerConfig,))
 BUS_UP = Channel("bus-up", BUS_MESSAGE_MAX, (WorkerHello, WorkerStatus, PeerRoutes, WorkerExiting))
-BUS_DOWN = Channel("bus-down", BUS_MESSAGE_MAX, (Heartbeat, Shutdown))
+BUS_DOWN = Channel("bus-down", BUS_MESSAGE_MAX, (Heartbeat, Shutdown, Advertise))
 CLI_REQUESTS = Channel("cli-request", CLI_MESSAGE_MAX, (StatusRequest, UpRequest, DownRequest, ReloadRequest))
 CLI_REPLIES = Channel("cli-reply", CLI_MESSAGE_MAX, (StatusReply, CommandResult, CommandFailed))

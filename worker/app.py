@@ -19,6 +19,7 @@ from l3ptp.ipc.constants import CONTROLLER_SILENCE_TIMEOUT
 from l3ptp.ipc.control_messages import (
     BUS_DOWN,
     BUS_UP,
+    Advertise,
     Heartbeat,
     PeerRoutes,
     Shutdown,
@@ -148,6 +149,10 @@ async def run_worker(
                 reason = f"shutdown: {msg.reason}"
                 stop_event.set()
                 return
+            if isinstance(msg, Advertise):
+                if (msg.network, msg.queue) == (config.network, config.queue):
+                    tunnel.advertise(msg.advertised_routes, msg.local_sources)
+                continue
             assert isinstance(msg, Heartbeat)
 
     async def silence_loop() -> None:

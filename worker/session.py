@@ -199,6 +199,8 @@ class Session:
         self.peer_tunnel_addresses: tuple[str, ...] = ()
         self.route_epoch = -1
         self.stale_route_updates = 0
+        #: Routes our READY or ROUTE_UPDATEs told the peer (None: READY not sent yet).
+        self._announced: tuple[str, ...] | None = None
         self.peer_counters: Keepalive | None = None
         self.started = now
         self.last_heard = now
@@ -262,7 +264,27 @@ class Session:
                 )
             )
             actions.append(RoutesChanged(self.route_epoch, tuple(sorted(self.peer_routes)), self.peer_tunnel_addresses))
+            # Our routes changed after our READY went out (connector): catch up now.
+            actions.extend(self._route_update())
         return actions
+
+    def advertise(self, params: SessionParams) -> list[Action]:
+        """Our advertised routes changed (`params` has them and a higher route
+        epoch). ESTABLISHED: a ROUTE_UPDATE with the difference. Earlier: the
+        READY still to be sent carries them, or the step to ESTABLISHED sends
+        the difference from the READY already sent."""
+        self.params = params
+        if self.state is not State.ESTABLISHED:
+            return []
+        return self._route_update()
+
+    def _route_update(self) -> list[Action]:
+        old, new = set(self._announced or ()), set(self.params.advertised_routes)
+        self._announced = self.params.advertised_routes
+        if old == new:
+            return []
+        return [Send(RouteUpdate(add_routes=tuple(sorted(new - old)), remove_routes=tuple(sorted(old - new)),
+                                 route_epoch=self.params.route_epoch))]
 
     def protocol_error(self, reason: str) -> list[Action]:
         """The control stream carried something undecodable or forbidden."""
@@ -388,6 +410,7 @@ class Session:
         )
 
     def _ready(self) -> Ready:
+        self._announced = self.params.advertised_routes
         return Ready(
             accepted_mtu=self.mtu,
             peer_tunnel_addresses=self.params.tunnel_addresses,

@@ -26,6 +26,7 @@ reconnects.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import ipaddress
 import os
@@ -56,6 +57,7 @@ from l3ptp.ipc.types import PeerRole
 from . import keys
 from .datapath import Datapath
 from .engine import EngineClasses, initial_dcid, load_engine
+from .ippacket import PrefixSet
 from .session import Closed, Established, RoutesChanged, Send, Session, SessionParams, State
 from .udp import UdpIO
 
@@ -209,6 +211,21 @@ class Tunnel:
             self.config.peer_address, self.config.port, family=self.sock.family, type=socket.SOCK_DGRAM
         )
         return infos[0][4]
+
+    def advertise(self, routes: tuple[str, ...], local_sources: tuple[str, ...]) -> None:
+        """New advertised routes (a reload changed only those): the TUN may send
+        from `local_sources` from now on, the peer hears the difference in a
+        ROUTE_UPDATE with a new epoch, later sessions announce them in READY."""
+        routes, local_sources = tuple(routes), tuple(local_sources)
+        if routes == self.params.advertised_routes and local_sources == self.params.local_sources:
+            return
+        self.params = dataclasses.replace(self.params, advertised_routes=routes, local_sources=local_sources,
+                                          route_epoch=self.params.route_epoch + 1)
+        self.datapath.local_sources = PrefixSet(local_sources)
+        for peer in self._all_peers():
+            self._apply(peer, peer.session.advertise(self.params))
+            self._transmit(peer)
+        self._schedule()
 
     # ---- status ------------------------------------------------------------
 

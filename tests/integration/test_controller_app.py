@@ -24,8 +24,9 @@ from l3ptp.controller.app import Controller
 from l3ptp.controller.config import Config, parse_config
 from l3ptp.ipc.constants import RESTART_BACKOFF_MIN
 from l3ptp.ipc.control_messages import (
+    BUS_DOWN,
     BUS_UP,
-    NetworkState,
+    Advertise,
     PeerRoutes,
     SessionState,
     WorkerHello,
@@ -426,3 +427,37 @@ def test_routes_reinstalled_when_the_helper_recreated_the_network(monkeypatch: p
             await until(lambda: env.helper.networks["office"].routes == ["198.19.8.0/24"])
 
     run(body)
+
+
+def test_reload_of_advertised_routes_only_tells_the_workers(tmp_path: Any) -> None:
+    """Only advertised_routes changed: no restart; every worker on the bus gets Advertise
+    at once, and a worker that joins the bus later gets it on its first message."""
+    async def body() -> None:
+        nets = {"office": office(queues=2, advertised_routes=["198.19.10.0/24"])}
+        async with running(nets) as env:
+            procs = {p.queue: p for p in env.spawner.live("office")}
+            assert procs[0].config.advertised_routes == ("198.19.10.0/24",)
+            await env.report(procs[0].pid)  # queue 0 is on the bus, queue 1 not yet
+            await asyncio.sleep(0.2)
+            new = make_config(env.runtime, {"office": office(queues=2, advertised_routes=["198.19.11.0/24",
+                                                                                          "198.19.12.0/24"])})
+            result = await env.controller.apply(new)
+            assert result.ok and "routes re-advertised: office" in result.message
+            assert {p.pid for p in env.spawner.live("office")} == {procs[0].pid, procs[1].pid}
+
+            async def advertise_to(pid: int) -> Advertise:
+                while True:
+                    msg = BUS_DOWN.decode_untrusted(await asyncio.wait_for(env.worker(pid).recv(), 5))
+                    if isinstance(msg, Advertise):
+                        return msg
+
+            want = ("198.19.11.0/24", "198.19.12.0/24")
+            got = await advertise_to(procs[0].pid)
+            assert (got.network, got.queue, got.advertised_routes) == ("office", 0, want)
+            assert "198.19.11.0/24" in got.local_sources and "198.19.0.1/32" not in got.advertised_routes
+            await env.report(procs[1].pid)  # first message after the reload
+            got = await advertise_to(procs[1].pid)
+            assert (got.queue, got.advertised_routes) == (1, want)
+            assert env.controller.networks["office"].net.advertised_routes == new.network("office").advertised_routes
+
+    asyncio.run(body())

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from l3ptp.ipc.control_messages import (
+    Advertise,
     BUS_DOWN,
     Engine,
     BUS_UP,
@@ -69,6 +70,15 @@ def test_worker_reports_status_routes_and_exits_on_shutdown(engine: Engine) -> N
             assert await own.tun.async_wait_packets(1, 5) == [p]
             assert await wait_for(lambda: any(s.state == "established" and s.counters["tun_tx_packets"] == 1
                                               for s in bus.of(WorkerStatus)), 5)
+            changes: list = []
+            peer.tunnel.on_routes = lambda _session, change: changes.append(change)
+            sources = own.tunnel.params.local_sources
+            await bus.inbox.put(Advertise(network="net0", queue=1, advertised_routes=("198.19.40.0/24",),
+                                          local_sources=sources))  # another queue's: not ours
+            await bus.inbox.put(Advertise(network="net0", queue=0, advertised_routes=("198.19.30.0/24",),
+                                          local_sources=sources))
+            assert await wait_for(lambda: bool(changes), 5)
+            assert [c.routes for c in changes] == [("198.19.30.0/24",)]
             await bus.inbox.put(Shutdown(reason="operator"))
             reason = await asyncio.wait_for(worker, 5)
             assert reason == "shutdown: operator"

@@ -505,3 +505,28 @@ def test_an_unforeseen_exception_ends_the_worker_cleanly(engine: Engine) -> None
             assert not ct.established
 
     run(main())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_advertise_sends_route_update_and_widens_local_sources(engine: Engine) -> None:
+    """A reload that changed only the advertised routes reaches the peer as a
+    ROUTE_UPDATE in the same session, and the TUN may send from the new prefix."""
+    async def main():
+        async with worker_pair(engine=engine) as pair:
+            assert await pair.wait_established()
+            lt, ct = pair.listener.tunnel, pair.connector.tunnel
+            changes: list = []
+            ct.on_routes = lambda _session, change: changes.append(change)
+            from_new = ipv4_udp("198.19.30.1", "198.19.0.2", b"from behind")
+            pair.listener.tun.inject(from_new)
+            assert await wait_for(lambda: lt.counters.drops[DropReason.TUN_SRC_NOT_ALLOWED] == 1, 5)
+            sent = lt.counters.dgram_tx_packets
+            lt.advertise(("198.19.30.0/24",), (*lt.params.local_sources, "198.19.30.0/24"))
+            assert await wait_for(lambda: bool(changes), 5)
+            assert changes[-1].routes == ("198.19.30.0/24",) and changes[-1].epoch == 2
+            pair.listener.tun.inject(from_new)
+            assert await wait_for(lambda: lt.counters.dgram_tx_packets == sent + 1, 5)
+            assert lt.counters.drops[DropReason.TUN_SRC_NOT_ALLOWED] == 1
+            assert lt.sessions == ct.sessions == 1
+
+    run(main())

@@ -379,3 +379,22 @@ def test_workers_pinned_to_configured_cpus_and_event_loops_chosen() -> None:
             assert not _loaded(pid, "uvloop")
             assert _cpus_allowed(pid) == _cpus_allowed(os.getpid())  # not pinned
         assert " 0% packet loss" in lab.ping(lab.a, lab.b.overlay4, count=2).stdout
+
+
+def test_reload_of_advertised_routes_reaches_the_peer_without_a_restart() -> None:
+    """Only a's advertised routes change (`l3ptp reload`): b swaps the /24 for the
+    narrower /25 in the same session, traffic takes it, no worker restarts anywhere."""
+    for lab in _lab(queues=1):
+        workers = {h.name: lab.pids(h)["workers"] for h in (lab.a, lab.b)}
+        v4, v6 = labmod.behind_prefixes("a")
+        narrower = v4.replace(".0/24", ".0/25")
+        lab.write_config(lab.a, {**lab.a.network, "advertised_routes": [narrower, v6]}, lab.a.underlay_table)
+        rc, out, err = lab.cli(lab.a, "reload")
+        assert rc == 0 and "routes re-advertised: demo" in out, (out, err)
+        wait_for("b to install the narrower route", lambda: our_routes(lab, lab.b) == {narrower, v6}, timeout=20,
+                 lab=lab)
+        assert {h.name: lab.pids(h)["workers"] for h in (lab.a, lab.b)} == workers
+        assert set(lab.network(lab.b)["routes"]) == {narrower, v6}
+        src, dst = BEHIND["b"][0], BEHIND["a"][0]
+        res = lab.run(lab.b, ["ping", "-n", "-c", "2", "-i", "0.2", "-W", "2", "-I", src, dst], timeout=20)
+        assert " 0% packet loss" in res.stdout

@@ -75,3 +75,17 @@ def test_polkit_switch_needs_a_restart() -> None:
 
 def test_empty_summary() -> None:
     assert Plan().summary() == "no networks"
+
+
+def test_only_advertised_routes_changed_is_readvertised_not_restarted() -> None:
+    old = cfg({"office": office(advertised_routes=["198.19.10.0/24"]), "lab": lab()})
+    new = cfg({"office": office(advertised_routes=["198.19.11.0/24", "198.19.12.0/24"]), "lab": lab()})
+    plan = diff(old, new)
+    assert plan == Plan(unchanged=("lab",), readvertised=("office",))
+    assert not plan.empty and "routes re-advertised: office" in plan.summary()
+    # together with anything else it is a change (restart)
+    assert diff(old, cfg({"office": office(advertised_routes=["198.19.11.0/24"], mtu=1200), "lab": lab()})).changed \
+        == ("office",)
+    # and so is any change of what the workers are started with
+    assert diff(old, cfg({"office": office(advertised_routes=["198.19.11.0/24"]), "lab": lab()},
+                         controller={"status_interval": 0.5})).changed == ("office", "lab")

@@ -201,6 +201,56 @@ def test_route_epochs_stale_ignored() -> None:
     assert connector.state is State.ESTABLISHED
 
 
+def _readvertised(session, routes):
+    import dataclasses
+
+    p = session.params
+    return dataclasses.replace(p, advertised_routes=routes, route_epoch=p.route_epoch + 1)
+
+
+def test_advertise_when_established_sends_the_difference_with_a_new_epoch() -> None:
+    listener, connector, lfp, _ = _pair(routes=("198.19.10.0/24", "198.19.11.0/24"))
+    _run(listener, connector, lfp)
+    assert connector.peer_routes == {"198.19.10.0/24", "198.19.11.0/24"}
+    out = listener.advertise(_readvertised(listener, ("198.19.11.0/24", "198.19.12.0/24")))
+    assert _sends(out) == [RouteUpdate(add_routes=("198.19.12.0/24",), remove_routes=("198.19.10.0/24",),
+                                       route_epoch=2)]
+    assert connector.receive(_sends(out)[0], 1.0) == [
+        RoutesChanged(2, ("198.19.11.0/24", "198.19.12.0/24"), ("198.19.0.1/24",))]
+    assert listener.advertise(_readvertised(listener, ("198.19.11.0/24", "198.19.12.0/24"))) == []  # no change
+
+
+def test_advertise_before_ready_goes_into_ready() -> None:
+    listener, connector, lfp, _ = _pair(routes=("198.19.10.0/24",))
+    assert listener.advertise(_readvertised(listener, ("198.19.12.0/24",))) == []
+    all_l, _ = _run(listener, connector, lfp)
+    ready = next(m for m in _sends(all_l) if isinstance(m, Ready))
+    assert ready.peer_advertised_routes == ("198.19.12.0/24",) and ready.route_epoch == 2
+    assert connector.peer_routes == {"198.19.12.0/24"}
+
+
+def test_advertise_after_own_ready_catches_up_when_established() -> None:
+    """The connector's READY is out, the listener's not yet back: the step to
+    ESTABLISHED sends the difference, which the (established) listener takes."""
+    lraw, lfp = _keys()
+    craw, cfp = _keys()
+    listener = _session(_params(PeerRole.LISTEN, lraw, cfp), ctx=111)
+    connector = _session(_params(PeerRole.CONNECT, craw, lfp, routes=("198.19.20.0/24",)), ctx=222)
+    listener.handshake_completed(0.0, None, PAYLOAD)
+    hello = _sends(connector.handshake_completed(0.0, lfp, PAYLOAD))
+    to_c = _sends(listener.receive(hello[0], 0.1))
+    auth_ready = _sends(connector.receive(to_c[0], 0.2))  # Auth + Ready (old routes)
+    assert connector.advertise(_readvertised(connector, ("198.19.21.0/24",))) == []
+    back = []
+    for m in auth_ready:
+        back += listener.receive(m, 0.3)
+    assert listener.state is State.ESTABLISHED and listener.peer_routes == {"198.19.20.0/24"}
+    out = connector.receive(_sends(back)[0], 0.4)  # the listener's READY
+    update = [m for m in _sends(out) if isinstance(m, RouteUpdate)]
+    assert update == [RouteUpdate(add_routes=("198.19.21.0/24",), remove_routes=("198.19.20.0/24",), route_epoch=2)]
+    assert listener.receive(update[0], 0.5)[-1] == RoutesChanged(2, ("198.19.21.0/24",), ("198.19.0.2/24",))
+
+
 def test_keepalive_and_dead_peer() -> None:
     listener, connector, lfp, _ = _pair()
     _run(listener, connector, lfp)
