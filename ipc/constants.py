@@ -66,9 +66,12 @@ RECONNECT_BACKOFF_MAX = 30.0
 #: DATAGRAMs sent plus received under the current keys (an upper bound on the
 #: packets it encrypted, ACK-only packets included), half of AES-GCM's
 #: confidentiality limit of 2^23 packets per key (RFC 9001, 6.6), or after
-#: this many seconds (WireGuard rekeys every 120 s), whichever comes first.
+#: this many seconds, whichever comes first. Not WireGuard's 120 s: qh3 keeps
+#: no old keys, so each update it starts loses the peer's packets in flight
+#: (about an RTT's worth); ten minutes still bounds what a leaked traffic
+#: secret exposes of the past.
 KEY_UPDATE_PACKETS = 2**22
-KEY_UPDATE_INTERVAL = 120.0
+KEY_UPDATE_INTERVAL = 600.0
 
 # --------------------------------------------------------------------------
 # Implementation limits

@@ -156,14 +156,66 @@ def _aioquic_budget(conn: Any) -> int:
     return _budget(conn._max_datagram_size, len(conn._peer_cid.cid), conn._remote_max_datagram_frame_size)
 
 
+def _make_aioquic_connection() -> type:
+    from aioquic import tls
+    from aioquic.quic.connection import QuicConnection
+    from aioquic.quic.crypto import CryptoError, CryptoPair
+    from aioquic.quic.packet import decode_packet_number, is_long_header
+
+    class RetainingCryptoPair(CryptoPair):  # type: ignore[misc,valid-type]
+        """aioquic's 1-RTT keys, plus the previous receive keys after a key update.
+
+        RFC 9001, 6.5: packets the peer sent just before it saw our update
+        arrive under the old keys; aioquic throws those keys away at once, so
+        every update would lose about an RTT of the peer's packets. Old keys
+        open only packets numbered below the first one opened with the new
+        keys, and are replaced at the next update.
+        """
+
+        _prev_aead: Any = None
+        _prev_phase = -1
+        _first_new_pn: int | None = None
+
+        def _update_key(self, trigger: str) -> None:
+            aead, phase = self.recv.aead, self.recv.key_phase
+            super()._update_key(trigger)
+            self._prev_aead, self._prev_phase, self._first_new_pn = aead, phase, None
+
+        def decrypt_packet(self, packet: bytes, encrypted_offset: int,
+                           expected_packet_number: int) -> tuple[bytes, bytes, int]:
+            try:
+                plain_header, payload, pn = super().decrypt_packet(packet, encrypted_offset, expected_packet_number)
+            except CryptoError:
+                if self._prev_aead is None:
+                    raise
+                plain_header, truncated = self.recv.hp.remove(packet, encrypted_offset)
+                first = plain_header[0]
+                pn = decode_packet_number(truncated, ((first & 0x03) + 1) * 8, expected_packet_number)
+                if (is_long_header(first) or (first & 0x04) >> 2 != self._prev_phase
+                        or (self._first_new_pn is not None and pn >= self._first_new_pn)):
+                    raise
+                return plain_header, self._prev_aead.decrypt(packet[len(plain_header):], plain_header, pn), pn
+            if self._prev_aead is not None and (self._first_new_pn is None or pn < self._first_new_pn):
+                self._first_new_pn = pn
+            return plain_header, payload, pn
+
+    class AioquicConnection(QuicConnection):  # type: ignore[misc,valid-type]
+        """aioquic's connection with `RetainingCryptoPair` for 1-RTT."""
+
+        def _initialize(self, peer_cid: bytes) -> None:
+            super()._initialize(peer_cid)
+            self._cryptos[tls.Epoch.ONE_RTT].__class__ = RetainingCryptoPair
+
+    return AioquicConnection
+
+
 def _aioquic_engine() -> EngineClasses:
     from aioquic.quic import events
     from aioquic.quic.configuration import QuicConfiguration
-    from aioquic.quic.connection import QuicConnection
 
     return EngineClasses(
         name=Engine.AIOQUIC,
-        QuicConnection=QuicConnection,
+        QuicConnection=_make_aioquic_connection(),
         QuicConfiguration=QuicConfiguration,
         events=events,
         configure_tls=_aioquic_configure_tls,
