@@ -9,6 +9,10 @@ Pipeline (the shell in worker/tunnel.py moves the bytes)::
            check_ip_untrusted(FROM_TUN, mtu=min(MTU, live budget))
                                        -> tun_bad_packet / tun_bad_ip_version /
                                           tun_oversize / tun_src_not_allowed
+           tun_oversize, well-formed, allowed source, DF (IPv4):
+                                       -> ICMP "too big" with the limit in
+                                          `to_tun` (worker/icmp.py; at most
+                                          ICMP_TOO_BIG_RATE per second)
            queue_depth + queued >= DATAGRAM_QUEUE_MAX
                                        -> queue_full
            header + packet             -> returned payloads
@@ -33,17 +37,22 @@ that outlives sessions, so they survive reconnects.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import ipaddress
+import time
+from collections.abc import Callable, Iterable
 
-from l3ptp.ipc.constants import DATAGRAM_QUEUE_MAX, HEADER_LEN
+from l3ptp.ipc.constants import DATAGRAM_QUEUE_MAX, HEADER_LEN, IP_VERSION_4
 from l3ptp.ipc.counters import Counters, DropReason
 
 from .header import BadPacket, encode_datagram, parse_header_untrusted
+from .icmp import too_big
 from .ippacket import Direction, PrefixSet, check_ip_untrusted
 
 __all__ = ["Datapath"]
 
 _SEQ_MASK = 0xFFFFFFFF
+#: ICMP "too big" errors a worker writes back per second at most (and its burst).
+ICMP_TOO_BIG_RATE = 100.0
 
 
 class Datapath:
@@ -60,6 +69,13 @@ class Datapath:
         "established",
         "queue_max",
         "_seq",
+        "peer_v4",
+        "peer_v6",
+        "to_tun",
+        "icmp_too_big_sent",
+        "_icmp_tokens",
+        "_icmp_at",
+        "_clock",
     )
 
     def __init__(
@@ -69,6 +85,7 @@ class Datapath:
         peer_sources: Iterable[str],
         counters: Counters | None = None,
         queue_max: int = DATAGRAM_QUEUE_MAX,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.counters = counters if counters is not None else Counters()
         self.local_sources = PrefixSet(local_sources)
@@ -80,11 +97,28 @@ class Datapath:
         self.established = False
         self.queue_max = queue_max
         self._seq = 0
+        #: The peer's tunnel addresses (packed), the source of our ICMP errors.
+        self.peer_v4: bytes | None = None
+        self.peer_v6: bytes | None = None
+        #: ICMP errors to write to the TUN (the caller writes and clears them).
+        self.to_tun: list[bytes] = []
+        self.icmp_too_big_sent = 0
+        self._clock = clock
+        self._icmp_tokens = ICMP_TOO_BIG_RATE
+        self._icmp_at = clock()
 
     # ---- session lifecycle ------------------------------------------------
 
-    def start_session(self, *, mtu: int, max_payload: int, tx_context_id: int, rx_context_id: int) -> None:
+    def start_session(self, *, mtu: int, max_payload: int, tx_context_id: int, rx_context_id: int,
+                      peer_addresses: Iterable[str] = ()) -> None:
         """Open the data path for a freshly established session."""
+        self.peer_v4 = self.peer_v6 = None
+        for text in peer_addresses:
+            ip = ipaddress.ip_interface(text).ip
+            if ip.version == IP_VERSION_4:
+                self.peer_v4 = ip.packed
+            else:
+                self.peer_v6 = ip.packed
         self.mtu = mtu
         self.max_payload = max_payload
         self.tx_context_id = tx_context_id
@@ -131,6 +165,8 @@ class Datapath:
             reason = check_ip_untrusted(packet, mtu=limit, allowed_src=allowed, direction=Direction.FROM_TUN)
             if reason is not None:
                 drops[reason] += 1
+                if reason is DropReason.TUN_OVERSIZE:
+                    self._too_big(packet, limit)
             elif len(out) >= room:
                 drops[DropReason.QUEUE_FULL] += 1
             else:
@@ -138,6 +174,18 @@ class Datapath:
                 seq = (seq + 1) & _SEQ_MASK
         self._seq = seq
         return out
+
+    def _too_big(self, packet: bytes, limit: int) -> None:
+        now = self._clock()
+        self._icmp_tokens = min(ICMP_TOO_BIG_RATE, self._icmp_tokens + (now - self._icmp_at) * ICMP_TOO_BIG_RATE)
+        self._icmp_at = now
+        if self._icmp_tokens < 1.0:
+            return
+        error = too_big(packet, limit, self.local_sources, self.peer_v4, self.peer_v6)
+        if error is not None:
+            self._icmp_tokens -= 1.0
+            self.icmp_too_big_sent += 1
+            self.to_tun.append(error)
 
     def sent(self, payloads: list[bytes]) -> None:
         """Count payloads handed to the QUIC layer."""

@@ -476,6 +476,7 @@ class Tunnel:
             max_payload=self._budget(peer.conn),
             tx_context_id=est.tx_context_id,
             rx_context_id=est.rx_context_id,
+            peer_addresses=est.peer_tunnel_addresses,
         )
         self.state = SessionState.ESTABLISHED
         self.last_error = ""
@@ -570,6 +571,10 @@ class Tunnel:
         conn = peer.conn
         self.datapath.set_budget(self._budget(conn))
         payloads = self.datapath.from_tun_batch(packets, self._queue_depth(conn))
+        if self.datapath.to_tun:  # ICMP "too big" for oversize packets: back into the TUN
+            for error in self.datapath.to_tun:
+                self._write_tun(error)
+            self.datapath.to_tun.clear()
         send = conn.send_datagram_frame
         for payload in payloads:
             send(payload)

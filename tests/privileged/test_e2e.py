@@ -201,7 +201,10 @@ def mtu_lab() -> Iterator[Lab]:
     yield from _lab(queues=1, config_b={"mtu": 1400, "max_datagram_size": 1500})
 
 
-def test_mtu_1280_with_df_crosses_larger_is_dropped_and_counted(mtu_lab: Lab) -> None:
+def test_mtu_1280_with_df_crosses_larger_is_dropped_counted_and_answered(mtu_lab: Lab) -> None:
+    """b's interface MTU is 1400 but 1280 was agreed: a larger packet is dropped and
+    counted, and b's worker answers it like a router (ICMP "too big", mtu 1280), so
+    b's kernel learns the path MTU instead of sending into a black hole."""
     lab = mtu_lab
     for host in lab.hosts.values():
         assert lab.network(host)["mtu"] == 1280
@@ -213,8 +216,14 @@ def test_mtu_1280_with_df_crosses_larger_is_dropped_and_counted(mtu_lab: Lab) ->
     before = drops(lab, lab.b).get("tun_oversize", 0)
     res = lab.ping(lab.b, lab.a.overlay4, count=3, size=1372, df=True, check=False)  # 1400 bytes
     assert res.returncode != 0 and " 100% packet loss" in res.stdout
-    wait_for("tun_oversize drops counted on b", lambda: drops(lab, lab.b).get("tun_oversize", 0) - before >= 3,
+    assert f"From {lab.a.overlay4} icmp_seq=1 Frag needed and DF set (mtu = 1280)" in res.stdout, res.stdout
+    wait_for("tun_oversize drops counted on b", lambda: drops(lab, lab.b).get("tun_oversize", 0) - before >= 1,
              timeout=10)
+    # IPv6 (no DF): the first one is answered with "packet too big", then b's kernel
+    # fragments to the learnt path MTU and the same pings get through.
+    res = lab.ping(lab.b, lab.a.overlay6, count=3, size=1352, check=False)  # 1400 bytes of IPv6
+    assert f"From {lab.a.overlay6} icmp_seq=1 Packet too big: mtu=1280" in res.stdout, res.stdout
+    assert "1360 bytes from" in res.stdout, res.stdout
 
 
 # ---- anti-spoofing ----------------------------------------------------------------------

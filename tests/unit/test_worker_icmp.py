@@ -1,0 +1,119 @@
+"""ICMP "too big" errors for oversize packets from the TUN (worker/icmp.py, Datapath)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import struct
+
+import pytest
+
+from l3ptp.ipc.counters import DropReason
+from l3ptp.worker.datapath import ICMP_TOO_BIG_RATE, Datapath
+from l3ptp.worker.header import HEADER_LEN
+from l3ptp.worker.icmp import _checksum, too_big
+from l3ptp.worker.ippacket import PrefixSet
+from tests.support.packets import internet_checksum, ipv4, ipv4_icmp_echo, ipv4_udp, ipv6, ipv6_icmp_echo, ipv6_udp
+
+LOCAL = PrefixSet(["198.19.0.1/32", "fd00::1/128"])
+PEER4 = ipaddress.ip_address("198.19.0.2").packed
+PEER6 = ipaddress.ip_address("fd00::2").packed
+
+
+def _v4(**kw):
+    return ipv4_udp("198.19.0.1", "198.19.0.2", b"x" * 1400, **kw)
+
+
+def test_checksum_matches_rfc1071_on_any_buffer() -> None:
+    for n in (0, 1, 2, 3, 20, 57, 1500):
+        for _ in range(20):
+            data = os.urandom(n)
+            assert _checksum(data) == internet_checksum(data)
+    assert _checksum(bytes(8)) == internet_checksum(bytes(8)) == 0xFFFF
+    assert _checksum(b"\xff\xff") == internet_checksum(b"\xff\xff") == 0
+
+
+def test_ipv4_fragmentation_needed_for_a_df_packet() -> None:
+    packet = _v4(df=True)
+    error = too_big(packet, 1280, LOCAL, PEER4, PEER6)
+    assert error is not None
+    ihl = (error[0] & 0x0F) * 4
+    assert error[0] >> 4 == 4 and ihl == 20 and internet_checksum(error[:20]) == 0
+    total, proto = struct.unpack_from("!2xH5xB", error)
+    assert total == len(error) <= 576 and proto == 1
+    assert error[12:16] == PEER4 and error[16:20] == packet[12:16]  # from the peer, to the sender
+    icmp = error[20:]
+    assert internet_checksum(icmp) == 0
+    assert icmp[0] == 3 and icmp[1] == 4 and struct.unpack_from("!H", icmp, 6)[0] == 1280
+    assert icmp[8:] == packet[:len(icmp) - 8] and len(icmp) - 8 >= 28  # the header and more than 8 bytes
+
+
+def test_ipv6_packet_too_big() -> None:
+    packet = ipv6_udp("fd00::1", "fd00::2", b"y" * 1400)
+    error = too_big(packet, 1280, LOCAL, PEER4, PEER6)
+    assert error is not None and len(error) <= 1280
+    payload_length, next_header, hop_limit = struct.unpack_from("!4xHBB", error)
+    assert error[0] >> 4 == 6 and next_header == 58 and hop_limit == 64 and payload_length == len(error) - 40
+    assert error[8:24] == PEER6 and error[24:40] == packet[8:24]
+    icmp = error[40:]
+    pseudo = PEER6 + packet[8:24] + struct.pack("!I3xB", len(icmp), 58)
+    assert internet_checksum(pseudo + icmp) == 0
+    assert icmp[0] == 2 and icmp[1] == 0 and struct.unpack_from("!I", icmp, 4)[0] == 1280
+    assert icmp[8:] == packet[:len(icmp) - 8]
+
+
+@pytest.mark.parametrize("case", ["no df", "foreign source", "bad length", "icmp error", "no peer address",
+                                  "v6 icmp error", "v6 foreign source", "not ip"])
+def test_no_error_is_due(case: str) -> None:
+    peer4: bytes | None = PEER4
+    if case == "no df":
+        packet = _v4()
+    elif case == "foreign source":
+        packet = ipv4_udp("198.19.0.9", "198.19.0.2", b"x" * 1400, df=True)
+    elif case == "bad length":
+        packet = _v4(df=True)[:-1]
+    elif case == "icmp error":  # destination unreachable about something else
+        packet = ipv4("198.19.0.1", "198.19.0.2", 1, b"\x03\x01" + bytes(1400), df=True)
+    elif case == "no peer address":
+        packet, peer4 = _v4(df=True), None
+    elif case == "v6 icmp error":  # destination unreachable (type 1)
+        packet = ipv6("fd00::1", "fd00::2", 58, b"\x01\x00" + bytes(1400))
+    elif case == "v6 foreign source":
+        packet = ipv6_udp("fd00::9", "fd00::2", b"y" * 1400)
+    else:
+        packet = b"\x50" + bytes(1400)
+    assert too_big(packet, 1280, LOCAL, peer4, PEER6) is None
+
+
+def test_echo_requests_do_get_an_error() -> None:
+    v4 = ipv4_icmp_echo("198.19.0.1", "198.19.0.2", payload=bytes(1400))
+    v4 = v4[:6] + b"\x40\x00" + v4[8:]  # DF
+    v4 = v4[:10] + b"\0\0" + v4[12:]
+    v4 = v4[:10] + struct.pack("!H", internet_checksum(v4[:20])) + v4[12:]
+    assert too_big(v4, 1280, LOCAL, PEER4, PEER6) is not None
+    assert too_big(ipv6_icmp_echo("fd00::1", "fd00::2", payload=bytes(1400)), 1280, LOCAL, PEER4, PEER6) is not None
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_datapath_writes_back_errors_rate_limited_and_still_counts_the_drop() -> None:
+    clock = _Clock()
+    dp = Datapath(local_sources=["198.19.0.1/32"], peer_sources=["198.19.0.2/32"], clock=clock)
+    dp.start_session(mtu=1280, max_payload=1280 + HEADER_LEN, tx_context_id=1, rx_context_id=2,
+                     peer_addresses=["198.19.0.2/24", "fd00::2/64"])
+    big = _v4(df=True)
+    n = int(ICMP_TOO_BIG_RATE) + 50
+    assert dp.from_tun_batch([big] * n, 0) == []
+    assert dp.counters.drops[DropReason.TUN_OVERSIZE] == n
+    assert len(dp.to_tun) == dp.icmp_too_big_sent == ICMP_TOO_BIG_RATE  # the burst, no more
+    assert dp.to_tun[0] == too_big(big, 1280, dp.local_sources, PEER4, PEER6)
+    dp.to_tun.clear()
+    clock.now += 0.25
+    dp.from_tun_batch([big] * n, 0)
+    assert len(dp.to_tun) == ICMP_TOO_BIG_RATE * 0.25
