@@ -87,7 +87,9 @@ def _too_big_v6(packet: bytes, mtu: int, allowed: PrefixSet, peer: bytes | None)
         return None
     payload_length, next_header = struct.unpack_from("!4xHB", packet)
     src = packet[8:24]
-    if payload_length + _IPV6_HEADER != len(packet) or not allowed.contains_v6(src) or src[0] == 0xFF:
+    if not payload_length or payload_length + _IPV6_HEADER != len(packet):
+        return None
+    if not allowed.contains_v6(src) or src[0] == 0xFF:
         return None
     if src == bytes(16):
         return None

@@ -7,6 +7,8 @@ import os
 import struct
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from l3ptp.ipc.counters import DropReason
 from l3ptp.worker.datapath import ICMP_TOO_BIG_RATE, Datapath
@@ -83,6 +85,24 @@ def test_no_error_is_due(case: str) -> None:
     else:
         packet = b"\x50" + bytes(1400)
     assert too_big(packet, 1280, LOCAL, peer4, PEER6) is None
+
+
+@pytest.mark.parametrize("size", [0, 1, 19, 20, 39, 40, 41])
+def test_short_or_empty_packets_never_raise(size: int) -> None:
+    for first in (0x45, 0x60, 0x4F):
+        packet = bytes([first]) + bytes(max(0, size - 1)) if size else b""
+        assert too_big(packet, 1280, PrefixSet(["0.0.0.0/0", "::/0"]), PEER4, PEER6) is None
+
+
+def test_a_v6_header_alone_claiming_icmpv6_never_raises() -> None:
+    packet = bytearray(40)
+    packet[0], packet[6], packet[8] = 0x60, 58, 0xFD  # payload length 0, next header ICMPv6
+    assert too_big(bytes(packet), 1280, PrefixSet(["::/0"]), PEER4, PEER6) is None
+
+
+@given(st.binary(max_size=1600), st.sampled_from([0x45, 0x46, 0x60, 0x4F, 0x00]))
+def test_any_bytes_never_raise(tail: bytes, first: int) -> None:
+    too_big(bytes([first]) + tail, 1280, PrefixSet(["0.0.0.0/0", "::/0"]), PEER4, PEER6)
 
 
 def test_echo_requests_do_get_an_error() -> None:
