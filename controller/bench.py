@@ -926,6 +926,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say(f"FAILED: timed out: {exc}")
         code = 1
     except KeyboardInterrupt:
+        code = 130
+    if code == 130 or _interrupts.hit:  # also when it only showed as a failed tool (exception lost in a fork hook)
         _say("interrupted; everything started was stopped and removed")
         code = 130
     report = {

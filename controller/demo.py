@@ -75,7 +75,11 @@ def run(args: argparse.Namespace, interrupts: labmod.Interrupts) -> int:
         interrupts.check()
         code = 0
     except labmod.LabError as exc:
-        _say(f"FAILED: {exc}")
+        if interrupts.hit:  # Ctrl-C reached the tool we were running too, and its exception was lost
+            _say("interrupted")
+            code = 130
+        else:
+            _say(f"FAILED: {exc}")
     except KeyboardInterrupt:
         _say("interrupted")
         code = 130

@@ -89,3 +89,40 @@ def test_interrupts_in_a_forked_child_just_exit() -> None:
             os._exit(1)  # not reached: the handler exits with 128 + signum
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 128 + 15
+
+
+class _FailingLab:
+    """A lab whose first tool run fails, as ping does when Ctrl-C hits the whole group."""
+
+    controller_uid = helper_uid = 61234
+
+    def __init__(self, *, queues: int, say) -> None:
+        self.say = say
+
+    def build(self) -> None:
+        pass
+
+    def start(self, wait: float) -> None:
+        raise lab.LabError("host a: ping -n -c 3 198.19.0.2 failed (130)")
+
+    def close_checked(self, pids: list[int]) -> list[str]:
+        return []
+
+
+@pytest.mark.parametrize("hit", [True, False])
+def test_demo_reports_a_lost_ctrl_c_as_interrupted(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str], hit: bool) -> None:
+    """The KeyboardInterrupt was swallowed in a fork hook and the tool it also hit
+    failed: the demo says "interrupted" and exits 130, not "FAILED" and 1."""
+    monkeypatch.setattr(lab, "Lab", _FailingLab)
+    intr = lab.Interrupts()
+    intr.hit = hit
+    args = demo.build_parser().parse_args([])
+    # The progress checkpoint would raise at once with hit set; let the step fail first.
+    monkeypatch.setattr(intr, "check", lambda: None)
+    code = demo.run(args, intr)
+    out = capsys.readouterr().out
+    if hit:
+        assert code == 130 and "interrupted" in out and "FAILED" not in out
+    else:
+        assert code == 1 and "FAILED: host a: ping" in out
