@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -19,10 +22,9 @@ from l3ptp.ipc.control_messages import (
     WorkerStatus,
 )
 from l3ptp.ipc.schema import Message
-from l3ptp.ipc.types import PeerRole
 from l3ptp.worker.app import run_worker
 from tests.support.packets import ipv4_udp
-from tests.support.worker_fixtures import ENGINES, make_config, make_node, new_keys, udp_socket, wait_for
+from tests.support.worker_fixtures import ENGINES, Node, make_node, pair_configs, udp_socket, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -49,21 +51,34 @@ class FakeBus:
         return [m for m in self.sent if isinstance(m, kind)]
 
 
+@contextlib.asynccontextmanager
+async def _worker_and_peer(
+    engine: Engine = Engine.AIOQUIC,
+) -> AsyncIterator[tuple[Node, Node, FakeBus, asyncio.Task[Any]]]:
+    """run_worker (the listener, own node) on a FakeBus, established with a real Tunnel peer.
+
+    Yields (own, peer, bus, the run_worker task); on exit the task is cancelled and everything closed.
+    """
+    lcfg, ccfg, lsock = pair_configs(engine)
+    peer = make_node(ccfg, udp_socket())
+    peer.start()
+    own = make_node(lcfg, lsock)
+    bus = FakeBus()
+    worker = asyncio.create_task(run_worker(lcfg, own.tun.worker_fd, lsock, bus, tunnel=own.tunnel))
+    try:
+        assert await wait_for(lambda: own.tunnel.established and peer.tunnel.established, 10)
+        yield own, peer, bus, worker
+    finally:
+        worker.cancel()
+        await peer.stop()
+        own.tun.close()
+        lsock.close()
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_worker_reports_status_routes_and_exits_on_shutdown(engine: Engine) -> None:
     async def main():
-        lk, ck = new_keys(), new_keys()
-        lsock = udp_socket()
-        port = lsock.getsockname()[1]
-        lcfg = make_config(PeerRole.LISTEN, own=lk, peer_fp=ck.fingerprint, port=port, engine=engine)
-        ccfg = make_config(PeerRole.CONNECT, own=ck, peer_fp=lk.fingerprint, port=port, engine=engine)
-        peer = make_node(ccfg, udp_socket())
-        peer.start()
-        own = make_node(lcfg, lsock)
-        bus = FakeBus()
-        worker = asyncio.create_task(run_worker(lcfg, own.tun.worker_fd, lsock, bus, tunnel=own.tunnel))
-        try:
-            assert await wait_for(lambda: own.tunnel.established and peer.tunnel.established, 10)
+        async with _worker_and_peer(engine) as (own, peer, bus, worker):
             await bus.inbox.put(Heartbeat())
             p = ipv4_udp("198.19.0.2", "198.19.0.1", b"via app")
             peer.tun.inject(p)
@@ -84,11 +99,6 @@ def test_worker_reports_status_routes_and_exits_on_shutdown(engine: Engine) -> N
             assert reason == "shutdown: operator"
             # The peer received CLOSE(SHUTDOWN) and is backing off to reconnect.
             assert await wait_for(lambda: "SHUTDOWN" in peer.tunnel.last_error, 5), peer.tunnel.last_error
-        finally:
-            worker.cancel()
-            await peer.stop()
-            own.tun.close()
-            lsock.close()
         assert isinstance(bus.sent[0], WorkerHello)
         routes = bus.of(PeerRoutes)
         assert routes and routes[0].session == 1 and routes[0].tunnel_addresses == ("198.19.0.2/24", "fd00::2/64")
@@ -106,26 +116,10 @@ def test_worker_ends_when_its_tun_queue_goes_away() -> None:
     """A dead queue fd (the interface deleted under the worker) ends the worker with a reason, non-fatal."""
 
     async def main():
-        lk, ck = new_keys(), new_keys()
-        lsock = udp_socket()
-        port = lsock.getsockname()[1]
-        lcfg = make_config(PeerRole.LISTEN, own=lk, peer_fp=ck.fingerprint, port=port)
-        ccfg = make_config(PeerRole.CONNECT, own=ck, peer_fp=lk.fingerprint, port=port)
-        peer = make_node(ccfg, udp_socket())
-        peer.start()
-        own = make_node(lcfg, lsock)
-        bus = FakeBus()
-        worker = asyncio.create_task(run_worker(lcfg, own.tun.worker_fd, lsock, bus, tunnel=own.tunnel))
-        try:
-            assert await wait_for(lambda: own.tunnel.established and peer.tunnel.established, 10)
+        async with _worker_and_peer() as (own, _, bus, worker):
             own.tun.host.close()  # the kernel side of the queue disappears
             reason = await asyncio.wait_for(worker, 5)
             assert reason.startswith("TUN queue unusable"), reason
-        finally:
-            worker.cancel()
-            await peer.stop()
-            own.tun.close()
-            lsock.close()
         last = bus.sent[-1]
         assert isinstance(last, WorkerExiting) and not last.fatal and last.reason.startswith("TUN queue unusable")
 

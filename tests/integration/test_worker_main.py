@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 
 import pytest
 import zmq
@@ -127,63 +129,58 @@ def _config(tmp_path, **kw):
     )
 
 
-def test_worker_process_claims_fd_reports_and_shuts_down(tmp_path) -> None:
+@contextlib.contextmanager
+def _worker_process(
+    tmp_path, refuse_claim: bool = False
+) -> Iterator[tuple[zmq.Socket, FakeHelper, subprocess.Popen[bytes]]]:
+    """The worker subprocess, its bus (a bound ROUTER) and a FakeHelper serving it a FakeTun; reaped on exit."""
     config = _config(tmp_path)
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
     router.bind(config.bus_endpoint)
     with FakeTun() as tun:
-        helper = FakeHelper(config.helper_socket, tun.worker_fd)
+        helper = FakeHelper(config.helper_socket, tun.worker_fd, refuse_claim=refuse_claim)
         helper.start()
         proc = _spawn(config)
         try:
-            ident, hello = _recv(router)
-            assert isinstance(hello, WorkerHello) and hello.pid == proc.pid
-            _, status = _recv(router)
-            assert isinstance(status, WorkerStatus)
-            assert status.state in ("starting", "handshaking", "backoff", "connecting")
-            router.send_multipart([ident, BUS_DOWN.encode(Shutdown(reason="test"))])
-            last = None
-            for _ in range(50):
-                _, msg = _recv(router, 5000)
-                if msg is None or isinstance(msg, WorkerExiting):
-                    last = msg
-                    break
-            assert isinstance(last, WorkerExiting) and not last.fatal and "test" in last.reason
-            stdout, _ = proc.communicate(timeout=10)
-            assert proc.returncode == 0
+            yield router, helper, proc
         finally:
             _reap(proc)
             router.close()
             ctx.term()
             helper.join(5)
-        out = stdout.decode()
-        assert helper.requests == ["Hello", "ClaimQueue", "ProtectSocket"]
-        assert helper.protected_fd_family in (socket.AF_INET, socket.AF_INET6)
-        assert '"cap_eff": 0' in out and '"no_new_privs": 1' in out
+
+
+def test_worker_process_claims_fd_reports_and_shuts_down(tmp_path) -> None:
+    with _worker_process(tmp_path) as (router, helper, proc):
+        ident, hello = _recv(router)
+        assert isinstance(hello, WorkerHello) and hello.pid == proc.pid
+        _, status = _recv(router)
+        assert isinstance(status, WorkerStatus)
+        assert status.state in ("starting", "handshaking", "backoff", "connecting")
+        router.send_multipart([ident, BUS_DOWN.encode(Shutdown(reason="test"))])
+        last = None
+        for _ in range(50):
+            _, msg = _recv(router, 5000)
+            if msg is None or isinstance(msg, WorkerExiting):
+                last = msg
+                break
+        assert isinstance(last, WorkerExiting) and not last.fatal and "test" in last.reason
+        stdout, _ = proc.communicate(timeout=10)
+        assert proc.returncode == 0
+    out = stdout.decode()
+    assert helper.requests == ["Hello", "ClaimQueue", "ProtectSocket"]
+    assert helper.protected_fd_family in (socket.AF_INET, socket.AF_INET6)
+    assert '"cap_eff": 0' in out and '"no_new_privs": 1' in out
 
 
 def test_helper_refusal_is_fatal(tmp_path) -> None:
-    config = _config(tmp_path)
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    router.bind(config.bus_endpoint)
-    with FakeTun() as tun:
-        helper = FakeHelper(config.helper_socket, tun.worker_fd, refuse_claim=True)
-        helper.start()
-        proc = _spawn(config)
-        try:
-            _, msg = _recv(router)
-            assert isinstance(msg, WorkerExiting) and msg.fatal and "EXPIRED" in msg.reason
-            proc.communicate(timeout=10)
-            assert proc.returncode == 2
-        finally:
-            _reap(proc)
-            router.close()
-            ctx.term()
-            helper.join(5)
+    with _worker_process(tmp_path, refuse_claim=True) as (router, _, proc):
+        _, msg = _recv(router)
+        assert isinstance(msg, WorkerExiting) and msg.fatal and "EXPIRED" in msg.reason
+        proc.communicate(timeout=10)
+        assert proc.returncode == 2
 
 
 def test_udp_socket_asks_for_large_buffers() -> None:

@@ -185,29 +185,17 @@ def test_ip_packets_never_sent_on_a_stream(engine: Engine) -> None:
     async def main():
         log: list[tuple[int, int, bytes]] = []
         recording = _recording_engine(log, engine)
-        lk, ck = new_keys(), new_keys()
-        lsock = udp_socket()
-        port = lsock.getsockname()[1]
-        listener = make_node(make_config(PeerRole.LISTEN, own=lk, peer_fp=ck.fingerprint, port=port, engine=engine), lsock,
-                             engine=recording)
-        connector = make_node(make_config(PeerRole.CONNECT, own=ck, peer_fp=lk.fingerprint, port=port, engine=engine),
-                              udp_socket(), engine=recording)
-        listener.start()
-        connector.start()
-        try:
-            assert await wait_for(lambda: listener.tunnel.established and connector.tunnel.established, 10)
+        async with worker_pair(engine=engine, tunnel_kw={"engine": recording}) as pair:
+            assert await pair.wait_established()
             up = [ipv4_udp("198.19.0.2", "198.19.0.1", b"SECRET-PAYLOAD-%d" % i) for i in range(20)]
             down = [ipv6_udp("fd00::1", "fd00::2", b"SECRET-PAYLOAD-%d" % i) for i in range(20)]
             for p in up:
-                connector.tun.inject(p)
+                pair.connector.tun.inject(p)
             for p in down:
-                listener.tun.inject(p)
-            assert await listener.tun.async_wait_packets(20, 5) == up
-            assert await connector.tun.async_wait_packets(20, 5) == down
+                pair.listener.tun.inject(p)
+            assert await pair.listener.tun.async_wait_packets(20, 5) == up
+            assert await pair.connector.tun.async_wait_packets(20, 5) == down
             await asyncio.sleep(KEEPALIVE_WAIT)  # let keepalives flow too
-        finally:
-            await connector.stop()
-            await listener.stop()
         assert log, "control messages must have been sent"
         assert {sid for _, sid, _ in log} == {0}
         by_conn: dict[int, bytes] = {}
@@ -227,37 +215,27 @@ KEEPALIVE_WAIT = 0.5
 @pytest.mark.parametrize("engine", ENGINES)
 def test_restart_listener_connector_reconnects_and_traffic_resumes(engine: Engine) -> None:
     async def main():
-        lk, ck = new_keys(), new_keys()
-        lsock = udp_socket()
-        port = lsock.getsockname()[1]
-        lcfg = make_config(PeerRole.LISTEN, own=lk, peer_fp=ck.fingerprint, port=port, engine=engine)
-        ccfg = make_config(PeerRole.CONNECT, own=ck, peer_fp=lk.fingerprint, port=port, engine=engine)
-        listener = make_node(lcfg, lsock)
-        connector = make_node(ccfg, udp_socket())
-        listener.start()
-        connector.start()
-        try:
-            assert await wait_for(lambda: listener.tunnel.established and connector.tunnel.established, 10)
+        async with worker_pair(engine=engine) as pair:
+            connector = pair.connector
+            assert await pair.wait_established()
             p1 = ipv4_udp("198.19.0.2", "198.19.0.1", b"before")
             connector.tun.inject(p1)
-            assert await listener.tun.async_wait_packets(1, 5) == [p1]
+            assert await pair.listener.tun.async_wait_packets(1, 5) == [p1]
             # Kill the listener without a CLOSE (crash), then start a new one on the same port.
-            listener.tunnel.active = None
-            listener.tunnel.candidates.clear()
-            await listener.stop()
-            listener = make_node(lcfg, udp_socket(port))
-            listener.start()
+            old = pair.listener
+            old.tunnel.active = None
+            old.tunnel.candidates.clear()
+            await old.stop()
+            pair.listener = make_node(old.config, udp_socket(old.config.port))
+            pair.listener.start()
             # Dead-peer detection (3 x KEEPALIVE) + backoff, bounded.
             assert await wait_for(lambda: connector.tunnel.sessions >= 2 and connector.tunnel.established
-                                  and listener.tunnel.established, 15)
+                                  and pair.listener.tunnel.established, 15)
             p2 = ipv4_udp("198.19.0.2", "198.19.0.1", b"after")
             connector.tun.inject(p2)
-            assert await listener.tun.async_wait_packets(1, 5) == [p2]
+            assert await pair.listener.tun.async_wait_packets(1, 5) == [p2]
             # Counters survived the reconnect.
             assert connector.tunnel.counters.tun_rx_packets == 2
-        finally:
-            await connector.stop()
-            await listener.stop()
 
     run(main())
 
@@ -265,28 +243,18 @@ def test_restart_listener_connector_reconnects_and_traffic_resumes(engine: Engin
 @pytest.mark.parametrize("engine", ENGINES)
 def test_restart_connector_listener_accepts_new_session(engine: Engine) -> None:
     async def main():
-        lk, ck = new_keys(), new_keys()
-        lsock = udp_socket()
-        port = lsock.getsockname()[1]
-        ccfg = make_config(PeerRole.CONNECT, own=ck, peer_fp=lk.fingerprint, port=port, engine=engine)
-        listener = make_node(make_config(PeerRole.LISTEN, own=lk, peer_fp=ck.fingerprint, port=port, engine=engine), lsock)
-        connector = make_node(ccfg, udp_socket())
-        listener.start()
-        connector.start()
-        try:
-            assert await wait_for(lambda: listener.tunnel.established and connector.tunnel.established, 10)
-            connector.tunnel.active = None  # crash: no CLOSE
-            await connector.stop()
-            connector = make_node(ccfg, udp_socket())
-            connector.start()
+        async with worker_pair(engine=engine) as pair:
+            listener = pair.listener
+            assert await pair.wait_established()
+            pair.connector.tunnel.active = None  # crash: no CLOSE
+            await pair.connector.stop()
+            pair.connector = make_node(pair.connector.config, udp_socket())
+            pair.connector.start()
             assert await wait_for(lambda: listener.tunnel.sessions >= 2 and listener.tunnel.established
-                                  and connector.tunnel.established, 10)
+                                  and pair.connector.tunnel.established, 10)
             p = ipv6_udp("fd00::1", "fd00::2", b"resumed")
             listener.tun.inject(p)
-            assert await connector.tun.async_wait_packets(1, 5) == [p]
-        finally:
-            await connector.stop()
-            await listener.stop()
+            assert await pair.connector.tun.async_wait_packets(1, 5) == [p]
 
     run(main())
 

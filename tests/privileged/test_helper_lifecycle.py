@@ -3,7 +3,6 @@ real inside a test network namespace (the helper reconciles at start: never in t
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -14,8 +13,8 @@ import tempfile
 import pytest
 
 from l3ptp.ipc.helper_messages import ListNetworks, NetworkList, Role, Welcome
-from tests.support.helper_fixtures import Client, HelperProcess
-from tests.support.netns import NetnsRegistry, ip, ip_json, setns
+from tests.support.helper_fixtures import Client, HelperProcess, json_records
+from tests.support.netns import ip, ip_json, setns
 
 pytestmark = pytest.mark.privileged
 
@@ -26,29 +25,11 @@ ACTIVATE = ("import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); os.close(fd)
 
 
 @pytest.fixture
-def netns():
-    reg = NetnsRegistry()
-    yield reg.create()
-    reg.cleanup()
-
-
-@pytest.fixture
 def workdir():
     path = tempfile.mkdtemp(prefix="l3ptp-helper-")
     os.chmod(path, 0o755)
     yield path
     shutil.rmtree(path)
-
-
-def _records(path: str) -> list[dict]:
-    out = []
-    with open(path) as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-    return out
 
 
 def test_socket_activation_serves_on_fd_3(netns, workdir) -> None:
@@ -70,7 +51,8 @@ def test_socket_activation_serves_on_fd_3(netns, workdir) -> None:
         reply, _ = c.request(ListNetworks())
         assert isinstance(reply, NetworkList) and reply.networks == ()
         c.close()
-        ready = [r for r in _records(log) if r.get("event") == "helper_ready"]
+        with open(log) as f:
+            ready = [r for r in json_records(f) if r.get("event") == "helper_ready"]
         assert ready and ready[0]["socket"] == path
         assert not os.path.exists(h.socket_path)  # it bound nothing of its own
         with open(f"/proc/{proc.pid}/status") as f:
@@ -106,17 +88,7 @@ def test_reconcile_only_removes_exactly_our_leftovers(netns, workdir) -> None:
     rules = [(r["priority"], r.get("protocol")) for r in ip_json("-4", "rule", "show", netns=netns)
              if r["priority"] == 5157]
     assert rules == [(5157, "static")]
-    (record,) = [r for r in _records_text(done.stdout + done.stderr) if r.get("action") == "reconcile"]
+    (record,) = [r for r in json_records((done.stdout + done.stderr).splitlines()) if r.get("action") == "reconcile"]
     assert record["links"] == ["l3p-old"] and sorted(record["routes"]) == ["198.19.6.0/24", "198.19.7.0/24"]
     assert record["rules"] == ["inet 5157: fwmark 0x4c33 lookup 254"]
     assert not os.path.exists(h.socket_path)  # it never listened
-
-
-def _records_text(text: str) -> list[dict]:
-    out = []
-    for line in text.splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            pass
-    return out

@@ -16,27 +16,9 @@ import pytest
 import pytun
 
 from l3ptp.ipc.errors import ErrorCode
-from l3ptp.ipc.helper_messages import (
-    HELPER_PROTOCOL,
-    AddRoutes,
-    ClaimQueue,
-    CreateNetwork,
-    DestroyNetwork,
-    Failed,
-    Hello,
-    ListNetworks,
-    NetworkCreated,
-    NetworkDestroyed,
-    NetworkList,
-    ProtectSocket,
-    QueueGranted,
-    RemoveRoutes,
-    Role,
-    RoutesChanged,
-    SocketProtected,
-)
+from l3ptp.ipc import helper_messages as hm
 from tests.support.helper_fixtures import Client, HelperProcess
-from tests.support.netns import NetnsRegistry, ip, ip_json, run_as
+from tests.support.netns import ip, ip_json, run_as
 from tests.support.packets import ipv4_udp
 
 pytestmark = pytest.mark.privileged
@@ -44,13 +26,6 @@ pytestmark = pytest.mark.privileged
 NOBODY = 65534
 PROTO = 157
 TUNSETIFF = 0x400454CA
-
-
-@pytest.fixture
-def netns():
-    reg = NetnsRegistry()
-    yield reg.create()
-    reg.cleanup()
 
 
 @pytest.fixture
@@ -65,22 +40,22 @@ def helper(netns):
     os.rmdir(workdir)
 
 
-def _create(ifname: str = "l3p-t", queues: int = 2, worker_uid: int = NOBODY, name: str = "t") -> CreateNetwork:
-    return CreateNetwork(name=name, ifname=ifname, mtu=1280, addresses=("198.19.1.1/24", "fd00:1::1/64"),
+def _create(ifname: str = "l3p-t", queues: int = 2, worker_uid: int = NOBODY, name: str = "t") -> hm.CreateNetwork:
+    return hm.CreateNetwork(name=name, ifname=ifname, mtu=1280, addresses=("198.19.1.1/24", "fd00:1::1/64"),
                          queues=queues, worker_uid=worker_uid, adopt=False)
 
 
 def _controller(h: HelperProcess) -> Client:
     c = Client.connect(h.socket_path)
-    assert c.hello(Role.CONTROLLER) is not None
+    assert c.hello(hm.Role.CONTROLLER) is not None
     return c
 
 
 def _claim(h: HelperProcess, ticket: str) -> tuple[Any, list[int]]:
     w = Client.connect(h.socket_path)
     try:
-        w.hello(Role.WORKER)
-        return w.request(ClaimQueue(ticket=ticket))
+        w.hello(hm.Role.WORKER)
+        return w.request(hm.ClaimQueue(ticket=ticket))
     finally:
         w.close()
 
@@ -114,13 +89,13 @@ def test_non_root_client_gets_queues_and_traffic_flows_both_ways(helper, netns) 
         tun_fd, open_fd = tun_fds
         assert os.getuid() == NOBODY
         c = Client.connect(helper.socket_path)
-        c.hello(Role.CONTROLLER)
+        c.hello(hm.Role.CONTROLLER)
         created, _ = c.request(_create())
-        assert isinstance(created, NetworkCreated), created
+        assert isinstance(created, hm.NetworkCreated), created
         fds = []
         for q, ticket in enumerate(created.tickets):
             reply, got = _claim(helper, ticket)
-            assert isinstance(reply, QueueGranted) and reply.queue == q and len(got) == 1, reply
+            assert isinstance(reply, hm.QueueGranted) and reply.queue == q and len(got) == 1, reply
             fds.append(got[0])
         udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         udp.bind(("198.19.1.1", 5000))
@@ -159,7 +134,7 @@ def test_non_root_client_gets_queues_and_traffic_flows_both_ways(helper, netns) 
 def test_wrong_uid_is_refused_and_audited(helper, netns) -> None:
     def client() -> Any:
         c = Client.connect(helper.socket_path)
-        reply, _ = c.request(Hello(role=Role.CONTROLLER, protocol=HELPER_PROTOCOL))
+        reply, _ = c.request(hm.Hello(role=hm.Role.CONTROLLER, protocol=hm.HELPER_PROTOCOL))
         return reply is None
 
     h2 = helper
@@ -182,10 +157,10 @@ def test_tickets_single_use_expired_and_bound_to_uid(helper, netns) -> None:
     c = _controller(helper)
     created, _ = c.request(_create(worker_uid=0))
     reply, fds = _claim(helper, created.tickets[0])
-    assert isinstance(reply, QueueGranted) and len(fds) == 1
+    assert isinstance(reply, hm.QueueGranted) and len(fds) == 1
     os.close(fds[0])
     reply, fds = _claim(helper, created.tickets[0])
-    assert isinstance(reply, Failed) and reply.code is ErrorCode.NOT_FOUND and fds == []
+    assert isinstance(reply, hm.Failed) and reply.code is ErrorCode.NOT_FOUND and fds == []
     # ticket for uid 0 presented by nobody
     assert run_as(lambda: _claim(helper, created.tickets[1])[0].code.name, uid=NOBODY) == "NOT_PERMITTED"
     results = [(a["action"], a["result"], a.get("code")) for a in helper.audits() if a["action"] == "ClaimQueue"]
@@ -198,11 +173,11 @@ def test_existing_interface_is_not_adopted(helper, netns) -> None:
     ip("tuntap", "add", "dev", "l3p-busy", "mode", "tun", "multi_queue", netns=netns)
     c = _controller(helper)
     reply, _ = c.request(_create(ifname="l3p-busy"))
-    assert isinstance(reply, Failed) and reply.code is ErrorCode.BUSY
+    assert isinstance(reply, hm.Failed) and reply.code is ErrorCode.BUSY
     link = ip_json("addr", "show", "l3p-busy", netns=netns)[0]
     assert link["addr_info"] == [] and link["mtu"] == 1500 and "UP" not in link["flags"]
     assert [a["result"] for a in helper.audits() if a["action"] == "CreateNetwork"] == ["refused"]
-    assert isinstance(c.request(ListNetworks())[0], NetworkList)
+    assert isinstance(c.request(hm.ListNetworks())[0], hm.NetworkList)
     c.close()
 
 
@@ -211,22 +186,23 @@ def test_routes_policy_and_ownership(helper, netns) -> None:
     ip("route", "add", "198.19.20.0/24", "dev", "d0", "proto", "static", netns=netns)
     c = _controller(helper)
     c.request(_create())
-    ok, _ = c.request(AddRoutes(name="t", routes=("198.19.10.0/24", "fd00:10::/64"), metric=50, allow_default=False))
-    assert isinstance(ok, RoutesChanged)
+    ok, _ = c.request(hm.AddRoutes(name="t", routes=("198.19.10.0/24", "fd00:10::/64"), metric=50, allow_default=False))
+    assert isinstance(ok, hm.RoutesChanged)
     ours = [r for r in _routes(netns) if r["dst"] == "198.19.10.0/24"]
     assert ours and ours[0]["protocol"] in ("157", PROTO) and ours[0]["dev"] == "l3p-t"
     assert any(r["dst"] == "fd00:10::/64" for r in _routes(netns, "-6"))
     before = _routes(netns)
     for routes, allow in [(("10.0.0.0/8",), False), (("0.0.0.0/0",), True), (("198.18.0.0/24",), False)]:
-        reply, _ = c.request(AddRoutes(name="t", routes=routes, metric=50, allow_default=allow))
-        assert isinstance(reply, Failed) and reply.code is ErrorCode.OUT_OF_POLICY
-    reply, _ = c.request(RemoveRoutes(name="t", routes=("198.19.20.0/24",)))
-    assert isinstance(reply, Failed) and reply.code is ErrorCode.NOT_FOUND
+        reply, _ = c.request(hm.AddRoutes(name="t", routes=routes, metric=50, allow_default=allow))
+        assert isinstance(reply, hm.Failed) and reply.code is ErrorCode.OUT_OF_POLICY
+    reply, _ = c.request(hm.RemoveRoutes(name="t", routes=("198.19.20.0/24",)))
+    assert isinstance(reply, hm.Failed) and reply.code is ErrorCode.NOT_FOUND
     assert _routes(netns) == before
     refusals = [a for a in helper.audits() if a["result"] == "refused"]
     assert len(refusals) == 4
-    destroyed, _ = c.request(DestroyNetwork(name="t"))
-    assert isinstance(destroyed, NetworkDestroyed) and set(destroyed.routes_removed) == {"198.19.10.0/24", "fd00:10::/64"}
+    destroyed, _ = c.request(hm.DestroyNetwork(name="t"))
+    assert isinstance(destroyed, hm.NetworkDestroyed)
+    assert set(destroyed.routes_removed) == {"198.19.10.0/24", "fd00:10::/64"}
     assert not [r for r in _routes(netns) if r.get("dev") == "l3p-t"]
     assert [r["dst"] for r in _routes(netns) if r.get("dev") == "d0"] == ["198.19.20.0/24"]
     assert ip("link", "show", "l3p-t", netns=netns, check=False) == ""
@@ -240,10 +216,10 @@ def test_default_route_needs_policy_permission(netns) -> None:
     try:
         c = _controller(h)
         c.request(_create(worker_uid=0))
-        reply, _ = c.request(AddRoutes(name="t", routes=("0.0.0.0/0",), metric=50, allow_default=False))
-        assert isinstance(reply, Failed) and reply.code is ErrorCode.OUT_OF_POLICY
-        reply, _ = c.request(AddRoutes(name="t", routes=("0.0.0.0/0",), metric=50, allow_default=True))
-        assert isinstance(reply, RoutesChanged)
+        reply, _ = c.request(hm.AddRoutes(name="t", routes=("0.0.0.0/0",), metric=50, allow_default=False))
+        assert isinstance(reply, hm.Failed) and reply.code is ErrorCode.OUT_OF_POLICY
+        reply, _ = c.request(hm.AddRoutes(name="t", routes=("0.0.0.0/0",), metric=50, allow_default=True))
+        assert isinstance(reply, hm.RoutesChanged)
         assert [r["dev"] for r in _routes(netns, table="100") if r["dst"] == "default"] == ["l3p-t"]
         assert not [r for r in _routes(netns) if r["dst"] == "default"]  # never in main
         c.close()
@@ -261,15 +237,15 @@ def test_default_route_needs_policy_permission(netns) -> None:
 
 def test_protect_socket_marks_and_installs_rules(helper, netns) -> None:
     w = Client.connect(helper.socket_path)
-    w.hello(Role.WORKER)
+    w.hello(hm.Role.WORKER)
     udp = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
     tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        reply, _ = w.request(ProtectSocket(), [udp.fileno()])
-        assert isinstance(reply, SocketProtected)
+        reply, _ = w.request(hm.ProtectSocket(), [udp.fileno()])
+        assert isinstance(reply, hm.SocketProtected)
         assert udp.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == reply.mark
-        reply, _ = w.request(ProtectSocket(), [tcp.fileno()])
-        assert isinstance(reply, Failed) and reply.code is ErrorCode.BAD_REQUEST
+        reply, _ = w.request(hm.ProtectSocket(), [tcp.fileno()])
+        assert isinstance(reply, hm.Failed) and reply.code is ErrorCode.BAD_REQUEST
         assert tcp.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == 0
         for family in ("-4", "-6"):
             rules = [r for r in ip_json(family, "rule", "show", netns=netns) if r.get("priority") == 5157]
@@ -285,7 +261,7 @@ def test_kill_9_then_reconcile_removes_exactly_the_stale_objects(helper, netns) 
     ip("route", "add", "198.19.20.0/24", "dev", "d0", "proto", "static", netns=netns)
     c = _controller(helper)
     created, _ = c.request(_create(worker_uid=0))
-    c.request(AddRoutes(name="t", routes=("198.19.10.0/24", "fd00:10::/64"), metric=50, allow_default=False))
+    c.request(hm.AddRoutes(name="t", routes=("198.19.10.0/24", "fd00:10::/64"), metric=50, allow_default=False))
     _, fds = _claim(helper, created.tickets[0])  # a "worker" keeps the device alive
     c.close()
     helper.stop(9)
@@ -302,18 +278,18 @@ def test_kill_9_then_reconcile_removes_exactly_the_stale_objects(helper, netns) 
 
 def test_fd_count_returns_to_baseline_after_50_cycles(helper, netns) -> None:
     c = _controller(helper)
-    c.request(ListNetworks())
+    c.request(hm.ListNetworks())
     baseline = helper.fd_count()
     for i in range(50):
         created, _ = c.request(_create(worker_uid=0, queues=2))
-        assert isinstance(created, NetworkCreated), created
+        assert isinstance(created, hm.NetworkCreated), created
         for ticket in created.tickets:
             _, fds = _claim(helper, ticket)
             for fd in fds:
                 os.close(fd)
-        destroyed, _ = c.request(DestroyNetwork(name="t"))
-        assert isinstance(destroyed, NetworkDestroyed)
-    c.request(ListNetworks())  # the helper has processed every earlier disconnect by now
+        destroyed, _ = c.request(hm.DestroyNetwork(name="t"))
+        assert isinstance(destroyed, hm.NetworkDestroyed)
+    c.request(hm.ListNetworks())  # the helper has processed every earlier disconnect by now
     deadline = time.monotonic() + 5
     while helper.fd_count() != baseline and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -323,7 +299,7 @@ def test_fd_count_returns_to_baseline_after_50_cycles(helper, netns) -> None:
 
 def test_ipv6_address_is_usable_at_once(helper, netns) -> None:
     c = _controller(helper)
-    assert isinstance(c.request(_create(worker_uid=0))[0], NetworkCreated)
+    assert isinstance(c.request(_create(worker_uid=0))[0], hm.NetworkCreated)
     (v6,) = [a for a in ip_json("-6", "addr", "show", "dev", "l3p-t", netns=netns)[0]["addr_info"]
              if a["local"] == "fd00:1::1"]
     # added with IFA_F_NODAD: never "tentative", so a worker may bind it right away
@@ -341,7 +317,7 @@ def test_ipv6_address_is_usable_at_once(helper, netns) -> None:
 def test_no_ipv6_link_local_address_on_the_tunnel(helper, netns) -> None:
     """addr_gen_mode none: no fe80:: address, so the kernel sends no RS/MLD from it into the tunnel."""
     c = _controller(helper)
-    assert isinstance(c.request(_create(worker_uid=0))[0], NetworkCreated)
+    assert isinstance(c.request(_create(worker_uid=0))[0], hm.NetworkCreated)
     addrs = [a["local"] for a in ip_json("-6", "addr", "show", "dev", "l3p-t", netns=netns)[0]["addr_info"]]
     assert addrs == ["fd00:1::1"], addrs
     link = ip_json("-d", "link", "show", "dev", "l3p-t", netns=netns)[0]

@@ -34,29 +34,7 @@ from typing import Any
 from l3ptp.ipc import seqpacket
 from l3ptp.ipc.constants import HELPER_MESSAGE_MAX, SOCKET_MARK_DEFAULT, TICKET_BYTES, TICKET_TTL
 from l3ptp.ipc.errors import DecodeError, ErrorCode
-from l3ptp.ipc.helper_messages import (
-    HELPER_PROTOCOL,
-    HELPER_REPLIES,
-    HELPER_REQUESTS,
-    AddRoutes,
-    ClaimQueue,
-    CreateNetwork,
-    DestroyNetwork,
-    Failed,
-    Hello,
-    ListNetworks,
-    NetworkCreated,
-    NetworkDestroyed,
-    NetworkInfo,
-    NetworkList,
-    ProtectSocket,
-    QueueGranted,
-    RemoveRoutes,
-    Role,
-    RoutesChanged,
-    SocketProtected,
-    Welcome,
-)
+from l3ptp.ipc import helper_messages as hm
 from l3ptp.ipc.schema import Message
 
 from .fake_tun import FakeTun
@@ -64,7 +42,7 @@ from .fake_tun import FakeTun
 
 @dataclasses.dataclass
 class FakeNetwork:
-    spec: CreateNetwork
+    spec: hm.CreateNetwork
     ifindex: int
     routes: list[str] = dataclasses.field(default_factory=list)
     tuns: list[FakeTun] = dataclasses.field(default_factory=list)
@@ -73,9 +51,9 @@ class FakeNetwork:
         for tun in self.tuns:
             tun.close()
 
-    def info(self) -> NetworkInfo:
+    def info(self) -> hm.NetworkInfo:
         s = self.spec
-        return NetworkInfo(
+        return hm.NetworkInfo(
             name=s.name,
             ifname=s.ifname,
             ifindex=self.ifindex,
@@ -110,37 +88,37 @@ class FakeHelper:
         self.requests.append(req)
         fail = self.fail_next.pop(type(req), None)
         if fail is not None:
-            return Failed(code=fail[0], reason=fail[1])
-        if isinstance(req, Hello):
-            return Welcome(role=req.role, protocol=HELPER_PROTOCOL, uid=self.uid)
-        if isinstance(req, CreateNetwork):
+            return hm.Failed(code=fail[0], reason=fail[1])
+        if isinstance(req, hm.Hello):
+            return hm.Welcome(role=req.role, protocol=hm.HELPER_PROTOCOL, uid=self.uid)
+        if isinstance(req, hm.CreateNetwork):
             return self._create(req)
-        if isinstance(req, AddRoutes | RemoveRoutes):
+        if isinstance(req, hm.AddRoutes | hm.RemoveRoutes):
             net = self.networks.get(req.name)
             if net is None:
-                return Failed(code=ErrorCode.NOT_FOUND, reason=f"no network {req.name}")
-            if isinstance(req, AddRoutes):
+                return hm.Failed(code=ErrorCode.NOT_FOUND, reason=f"no network {req.name}")
+            if isinstance(req, hm.AddRoutes):
                 net.routes.extend(r for r in req.routes if r not in net.routes)
             else:
                 net.routes[:] = [r for r in net.routes if r not in req.routes]
-            return RoutesChanged(name=req.name, routes=tuple(net.routes))
-        if isinstance(req, DestroyNetwork):
+            return hm.RoutesChanged(name=req.name, routes=tuple(net.routes))
+        if isinstance(req, hm.DestroyNetwork):
             net = self.networks.pop(req.name, None)
             if net is None:
-                return Failed(code=ErrorCode.NOT_FOUND, reason=f"no network {req.name}")
+                return hm.Failed(code=ErrorCode.NOT_FOUND, reason=f"no network {req.name}")
             net.close()
             self.tickets = {t: nq for t, nq in self.tickets.items() if nq[0] != req.name}
-            return NetworkDestroyed(name=req.name, routes_removed=tuple(net.routes))
-        if isinstance(req, ListNetworks):
-            return NetworkList(networks=tuple(n.info() for n in self.networks.values()))
-        return Failed(code=ErrorCode.NOT_PERMITTED, reason=f"{type(req).__name__} not allowed for the controller")
+            return hm.NetworkDestroyed(name=req.name, routes_removed=tuple(net.routes))
+        if isinstance(req, hm.ListNetworks):
+            return hm.NetworkList(networks=tuple(n.info() for n in self.networks.values()))
+        return hm.Failed(code=ErrorCode.NOT_PERMITTED, reason=f"{type(req).__name__} not allowed for the controller")
 
-    def _create(self, req: CreateNetwork) -> Message:
+    def _create(self, req: hm.CreateNetwork) -> Message:
         old = self.networks.get(req.name)
         adopted = False
         if old is not None:
             if not (req.adopt and dataclasses.replace(old.spec, adopt=req.adopt) == req):
-                return Failed(code=ErrorCode.EXISTS, reason=f"network {req.name} exists")
+                return hm.Failed(code=ErrorCode.EXISTS, reason=f"network {req.name} exists")
             adopted = True
         else:
             self._ifindex += 1
@@ -150,7 +128,7 @@ class FakeHelper:
         tickets = tuple(secrets.token_urlsafe(TICKET_BYTES) for _ in range(req.queues))
         for queue, ticket in enumerate(tickets):
             self.tickets[ticket] = (req.name, queue)
-        return NetworkCreated(
+        return hm.NetworkCreated(
             name=req.name,
             ifname=req.ifname,
             ifindex=net.ifindex,
@@ -162,20 +140,20 @@ class FakeHelper:
     def handle_worker(self, req: Message) -> tuple[Message, list[int]]:
         """A request on a connection that said Hello(role=worker): reply and fds to pass."""
         self.requests.append(req)
-        if isinstance(req, Hello):
-            return Welcome(role=req.role, protocol=HELPER_PROTOCOL, uid=self.uid), []
-        if isinstance(req, ClaimQueue):
+        if isinstance(req, hm.Hello):
+            return hm.Welcome(role=req.role, protocol=hm.HELPER_PROTOCOL, uid=self.uid), []
+        if isinstance(req, hm.ClaimQueue):
             claim = self.tickets.pop(req.ticket, None)
             net = self.networks.get(claim[0]) if claim is not None else None
             if claim is None or net is None or not net.tuns:
-                return Failed(code=ErrorCode.EXPIRED, reason="unknown or used ticket"), []
+                return hm.Failed(code=ErrorCode.EXPIRED, reason="unknown or used ticket"), []
             name, queue = claim
             self.claims.append(claim)
-            granted = QueueGranted(name=name, ifname=net.spec.ifname, queue=queue, mtu=net.spec.mtu)
+            granted = hm.QueueGranted(name=name, ifname=net.spec.ifname, queue=queue, mtu=net.spec.mtu)
             return granted, [net.tuns[queue].worker_fd]
-        if isinstance(req, ProtectSocket):
-            return SocketProtected(mark=SOCKET_MARK_DEFAULT), []
-        return Failed(code=ErrorCode.NOT_PERMITTED, reason=f"{type(req).__name__} not allowed for a worker"), []
+        if isinstance(req, hm.ProtectSocket):
+            return hm.SocketProtected(mark=SOCKET_MARK_DEFAULT), []
+        return hm.Failed(code=ErrorCode.NOT_PERMITTED, reason=f"{type(req).__name__} not allowed for a worker"), []
 
     # ---- transport ---------------------------------------------------------------
 
@@ -183,29 +161,29 @@ class FakeHelper:
         """Answer requests on one connected socket until EOF."""
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
-        role: Role | None = None
+        role: hm.Role | None = None
         try:
             while True:
                 try:
                     data, got = await seqpacket.recv_async(loop, sock, HELPER_MESSAGE_MAX, 4)
                     seqpacket.close_fds(got)  # ProtectSocket's: not looked at
-                    req = HELPER_REQUESTS.decode_untrusted(data)
+                    req = hm.HELPER_REQUESTS.decode_untrusted(data)
                 except seqpacket.PeerClosed:
                     return
                 except DecodeError:
                     self.bad_frames += 1
                     return  # like the real helper: a bad client is dropped
-                if role is None and isinstance(req, Hello):
+                if role is None and isinstance(req, hm.Hello):
                     role = req.role
                 fds: list[int] = []
-                if role is Role.WORKER:
+                if role is hm.Role.WORKER:
                     reply, fds = self.handle_worker(req)
                 else:
                     reply = self.handle(req)
                 if self.mute:
                     continue
                 raw, self.raw_next = self.raw_next, None
-                out = raw if raw is not None else HELPER_REPLIES.encode(reply)
+                out = raw if raw is not None else hm.HELPER_REPLIES.encode(reply)
                 if fds:
                     seqpacket.send(sock, out, fds)  # one small packet: never EAGAIN in practice
                 else:

@@ -9,8 +9,10 @@ over any connected SOCK_SEQPACKET socket.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import socket
+from collections.abc import Iterable
 from typing import Any
 
 from l3ptp.helper.policy import Policy, parse_policy
@@ -21,6 +23,17 @@ from l3ptp.ipc.schema import Message
 
 CONTROLLER_UID = 1000
 WORKER_UID = 1001
+
+
+def json_records(lines: Iterable[str]) -> list[dict[str, Any]]:
+    """What each line holding JSON decodes to (a JSON log's records); other lines are skipped."""
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass
+    return out
 
 
 def make_policy(**overrides: Any) -> Policy:
@@ -218,16 +231,8 @@ class HelperProcess:
         return any(r.get("event") == "helper_ready" for r in self.records())
 
     def records(self) -> list[dict[str, Any]]:
-        import json
-
-        out = []
         with open(self.log_path) as f:
-            for line in f:
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    pass
-        return out
+            return json_records(f)
 
     def audits(self) -> list[dict[str, Any]]:
         return [r for r in self.records() if r.get("event") == "audit"]

@@ -123,6 +123,17 @@ def udp_socket(port: int = 0) -> socket.socket:
     return s
 
 
+def pair_configs(engine: Engine = Engine.AIOQUIC) -> tuple[WorkerConfig, WorkerConfig, socket.socket]:
+    """A listener's and a connector's config, pinning each other's new keys, and the listener's
+    bound UDP socket (the port of both)."""
+    lkeys, ckeys = new_keys(), new_keys()
+    lsock = udp_socket()
+    port = lsock.getsockname()[1]
+    lcfg = make_config(PeerRole.LISTEN, own=lkeys, peer_fp=ckeys.fingerprint, port=port, engine=engine)
+    ccfg = make_config(PeerRole.CONNECT, own=ckeys, peer_fp=lkeys.fingerprint, port=port, engine=engine)
+    return lcfg, ccfg, lsock
+
+
 @dataclasses.dataclass
 class Node:
     config: WorkerConfig
@@ -187,7 +198,8 @@ async def worker_pair(
 
     `engine` is the default of both sides; ``listener_kw``/``connector_kw``
     (make_config arguments) may override it per side. `tunnel_kw` goes to
-    both `Tunnel`s (e.g. ``gso=False``).
+    both `Tunnel`s (e.g. ``gso=False``). A node the test puts into the
+    `Pair` in place of another (a restart) is the one stopped on exit.
     """
     listener_kw = {"engine": engine, **(listener_kw or {})}
     connector_kw = {"engine": engine, **(connector_kw or {})}
@@ -203,8 +215,9 @@ async def worker_pair(
     connector = make_node(ccfg, udp_socket(), **(tunnel_kw or {}))
     listener.start()
     connector.start()
+    pair = Pair(listener, connector, lkeys, ckeys)
     try:
-        yield Pair(listener, connector, lkeys, ckeys)
+        yield pair
     finally:
-        await connector.stop()
-        await listener.stop()
+        await pair.connector.stop()
+        await pair.listener.stop()

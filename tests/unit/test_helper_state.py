@@ -19,48 +19,43 @@ def _net(queues: int = 2, uid: int = 1001) -> Network:
                    fds=[100 + q for q in range(queues)])
 
 
-def test_one_ticket_per_queue_single_use() -> None:
+def _issued() -> tuple[State, Network, tuple[str, ...]]:
+    """A state holding one network (`_net()`) whose tickets were issued at time 0."""
     s = _state()
     net = _net()
     s.add(net)
-    tickets = s.issue(net, now=0.0)
+    return s, net, s.issue(net, now=0.0)
+
+
+def _refusal(s: State, ticket: str, uid: int, now: float) -> ErrorCode:
+    """The code `claim` refuses with (it must refuse)."""
+    with pytest.raises(Refused) as info:
+        s.claim(ticket, uid, now=now)
+    return info.value.code
+
+
+def test_one_ticket_per_queue_single_use() -> None:
+    s, net, tickets = _issued()
     assert tickets == ("t0", "t1")
     assert s.claim("t1", 1001, now=1.0) == (net, 1)
-    with pytest.raises(Refused) as info:
-        s.claim("t1", 1001, now=1.0)
-    assert info.value.code is ErrorCode.NOT_FOUND
+    assert _refusal(s, "t1", 1001, now=1.0) is ErrorCode.NOT_FOUND
     assert s.claim("t0", 1001, now=29.9) == (net, 0)
 
 
 def test_ticket_expires() -> None:
-    s = _state()
-    net = _net()
-    s.add(net)
-    s.issue(net, now=0.0)
-    with pytest.raises(Refused) as info:
-        s.claim("t0", 1001, now=30.0)
-    assert info.value.code is ErrorCode.EXPIRED
-    with pytest.raises(Refused) as info:
-        s.claim("t0", 1001, now=30.0)
-    assert info.value.code is ErrorCode.NOT_FOUND
+    s, _, _ = _issued()
+    assert _refusal(s, "t0", 1001, now=30.0) is ErrorCode.EXPIRED
+    assert _refusal(s, "t0", 1001, now=30.0) is ErrorCode.NOT_FOUND
 
 
 def test_ticket_bound_to_uid_and_not_consumed_by_wrong_uid() -> None:
-    s = _state()
-    net = _net()
-    s.add(net)
-    s.issue(net, now=0.0)
-    with pytest.raises(Refused) as info:
-        s.claim("t0", 65534, now=1.0)
-    assert info.value.code is ErrorCode.NOT_PERMITTED
+    s, net, _ = _issued()
+    assert _refusal(s, "t0", 65534, now=1.0) is ErrorCode.NOT_PERMITTED
     assert s.claim("t0", 1001, now=1.0) == (net, 0)
 
 
 def test_reissue_revokes_and_forget_drops_tickets() -> None:
-    s = _state()
-    net = _net()
-    s.add(net)
-    s.issue(net, now=0.0)
+    s, net, _ = _issued()
     assert s.issue(net, now=1.0) == ("t2", "t3")
     assert set(s.tickets) == {"t2", "t3"}
     assert s.by_ifname("l3p-n") is net

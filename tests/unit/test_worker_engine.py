@@ -149,6 +149,12 @@ class Link:
     def received(self, events: list[Any], engine: EngineClasses) -> list[bytes]:
         return [e.data for e in events if isinstance(e, engine.events.DatagramFrameReceived)]
 
+    def fire_due_timers(self, *conns: Any) -> None:
+        for conn in conns:
+            timer = conn.get_timer()
+            if timer is not None and timer <= self.now:
+                conn.handle_timer(now=self.now)
+
 
 def _names(events: list[Any]) -> set[str]:
     return {type(e).__name__ for e in events}
@@ -207,9 +213,15 @@ OFFERED = 3000
 PAYLOAD = 1200
 
 
-def _flood(link: Link, engine: EngineClasses) -> None:
+def _flooded(name: Engine) -> tuple[EngineClasses, Link, int]:
+    """A handshaken link whose client was just offered OFFERED datagrams; its congestion window before that."""
+    engine = load_engine(name)
+    link = Link(engine, engine)
+    link.handshake()
+    cwnd = _cwnd(engine, link.client)
     for i in range(OFFERED):
         link.client.send_datagram_frame(i.to_bytes(4, "big") + b"x" * (PAYLOAD - 4))
+    return engine, link, cwnd
 
 
 @pytest.mark.parametrize("name", ENGINES)
@@ -220,18 +232,12 @@ def test_datagrams_wait_for_the_congestion_window_when_nothing_is_acked(name: En
     the sender: the bytes it put on the wire stay within a few congestion
     windows, and the rest stays queued (visible as queue depth).
     """
-    engine = load_engine(name)
-    link = Link(engine, engine)
-    link.handshake()
-    cwnd = _cwnd(engine, link.client)
-    _flood(link, engine)
+    engine, link, cwnd = _flooded(name)
     sent_bytes = 0
     for _ in range(2000):
         link.now += 0.001
         sent_bytes += sum(len(d) for d, _ in link.client.datagrams_to_send(now=link.now))
-        timer = link.client.get_timer()
-        if timer is not None and timer <= link.now:
-            link.client.handle_timer(now=link.now)
+        link.fire_due_timers(link.client)
     offered_bytes = OFFERED * PAYLOAD
     assert sent_bytes <= 3 * cwnd, (sent_bytes, cwnd)
     assert sent_bytes < offered_bytes // 20
@@ -248,11 +254,7 @@ def test_datagram_rate_follows_a_lossy_path(name: Engine) -> None:
     sender emits a small fraction of the offered load and its window ends
     below where it started.
     """
-    engine = load_engine(name)
-    link = Link(engine, engine)
-    link.handshake()
-    start_cwnd = _cwnd(engine, link.client)
-    _flood(link, engine)
+    engine, link, start_cwnd = _flooded(name)
     sent = 0
     delivered = 0
     flip = False
@@ -276,10 +278,7 @@ def test_datagram_rate_follows_a_lossy_path(name: Engine) -> None:
         for data in due:
             link.client.receive_datagram(data, SERVER_ADDR, now=link.now)
         link._drain()
-        for conn in (link.client, link.server):
-            timer = conn.get_timer()
-            if timer is not None and timer <= link.now:
-                conn.handle_timer(now=link.now)
+        link.fire_due_timers(link.client, link.server)
     assert delivered > 0
     assert sent < OFFERED // 2, sent
     assert _cwnd(engine, link.client) < start_cwnd
