@@ -9,10 +9,13 @@ Pipeline (the shell in worker/tunnel.py moves the bytes)::
            check_ip_untrusted(FROM_TUN, mtu=min(MTU, live budget))
                                        -> tun_bad_packet / tun_bad_ip_version /
                                           tun_oversize / tun_src_not_allowed
-           tun_oversize, well-formed, allowed source, DF (IPv4):
+           tun_oversize, IPv4 without DF or options, allowed source:
+                                       -> fragments that fit, queued instead
+                                          (worker/oversize.py, `fragmented`)
+           other tun_oversize, well-formed, allowed source:
                                        -> ICMP "too big" with the limit in
-                                          `to_tun` (worker/icmp.py; at most
-                                          ICMP_TOO_BIG_RATE per second)
+                                          `to_tun` (at most ICMP_TOO_BIG_RATE
+                                          per second)
            queue_depth + queued >= DATAGRAM_QUEUE_MAX
                                        -> queue_full
            header + packet             -> returned payloads
@@ -45,7 +48,7 @@ from l3ptp.ipc.constants import DATAGRAM_QUEUE_MAX, HEADER_LEN, IP_VERSION_4
 from l3ptp.ipc.counters import Counters, DropReason
 
 from .header import BadPacket, encode_datagram, parse_header_untrusted
-from .icmp import too_big
+from .oversize import fragment_v4, too_big
 from .ippacket import Direction, PrefixSet, check_ip_untrusted
 
 __all__ = ["Datapath"]
@@ -73,6 +76,7 @@ class Datapath:
         "peer_v6",
         "to_tun",
         "icmp_too_big_sent",
+        "fragmented",
         "_icmp_tokens",
         "_icmp_at",
         "_clock",
@@ -103,6 +107,8 @@ class Datapath:
         #: ICMP errors to write to the TUN (the caller writes and clears them).
         self.to_tun: list[bytes] = []
         self.icmp_too_big_sent = 0
+        #: IPv4 packets (DF clear) over the limit sent as fragments.
+        self.fragmented = 0
         self._clock = clock
         self._icmp_tokens = ICMP_TOO_BIG_RATE
         self._icmp_at = clock()
@@ -163,7 +169,15 @@ class Datapath:
             c.tun_rx_packets += 1
             c.tun_rx_bytes += len(packet)
             reason = check_ip_untrusted(packet, mtu=limit, allowed_src=allowed, direction=Direction.FROM_TUN)
-            if reason is not None:
+            if reason is DropReason.TUN_OVERSIZE and (pieces := fragment_v4(packet, limit, allowed)) is not None:
+                if len(out) + len(pieces) > room:
+                    drops[DropReason.QUEUE_FULL] += 1
+                else:  # IPv4 without DF: fragments that fit, like a router
+                    self.fragmented += 1
+                    for piece in pieces:
+                        out.append(encode_datagram(context, seq, piece))
+                        seq = (seq + 1) & _SEQ_MASK
+            elif reason is not None:
                 drops[reason] += 1
                 if reason is DropReason.TUN_OVERSIZE:
                     self._too_big(packet, limit)

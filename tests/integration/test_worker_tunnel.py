@@ -152,7 +152,7 @@ def test_oversized_datagram_does_not_block_later_packets(engine: Engine) -> None
             ct = pair.connector.tunnel
             budget = ct.engine.datagram_budget(ct.active.conn)
             assert ct.datapath.packet_limit == min(ct.datapath.mtu, budget - 16)
-            big = ipv4_udp("198.19.0.2", "198.19.0.1", b"B" * (ct.datapath.packet_limit - 28 + 1))
+            big = ipv4_udp("198.19.0.2", "198.19.0.1", b"B" * (ct.datapath.packet_limit - 28 + 1), df=True)
             small = [ipv4_udp("198.19.0.2", "198.19.0.1", bytes([i]) * 10) for i in range(5)]
             pair.connector.tun.inject(big)
             for p in small:
@@ -163,6 +163,11 @@ def test_oversized_datagram_does_not_block_later_packets(engine: Engine) -> None
             fits = ipv4_udp("198.19.0.2", "198.19.0.1", b"F" * (ct.datapath.packet_limit - 28))
             pair.connector.tun.inject(fits)
             assert await pair.listener.tun.async_wait_packets(1, 5) == [fits]
+            # Without DF the big one goes as two fragments that each fit.
+            pair.connector.tun.inject(ipv4_udp("198.19.0.2", "198.19.0.1", b"B" * (ct.datapath.packet_limit - 28 + 1)))
+            pieces = await pair.listener.tun.async_wait_packets(2, 5)
+            assert len(pieces) == 2 and all(len(p) <= ct.datapath.packet_limit for p in pieces)
+            assert ct.datapath.fragmented == 1 and ct.counters.drops[DropReason.TUN_OVERSIZE] == 1
 
     run(main())
 

@@ -201,9 +201,10 @@ def mtu_lab() -> Iterator[Lab]:
     yield from _lab(queues=1, config_b={"mtu": 1400, "max_datagram_size": 1500})
 
 
-def test_mtu_1280_with_df_crosses_larger_is_dropped_counted_and_answered(mtu_lab: Lab) -> None:
-    """b's interface MTU is 1400 but 1280 was agreed: a larger packet is dropped and
-    counted, and b's worker answers it like a router (ICMP "too big", mtu 1280), so
+def test_mtu_1280_crosses_larger_is_fragmented_or_answered_with_icmp(mtu_lab: Lab) -> None:
+    """b's interface MTU is 1400 but 1280 was agreed. b's worker handles a larger
+    packet like a router: IPv4 without DF is fragmented and crosses; with DF (and
+    IPv6) it is dropped, counted and answered with ICMP "too big" (mtu 1280), so
     b's kernel learns the path MTU instead of sending into a black hole."""
     lab = mtu_lab
     for host in lab.hosts.values():
@@ -214,6 +215,12 @@ def test_mtu_1280_with_df_crosses_larger_is_dropped_counted_and_answered(mtu_lab
         res = lab.ping(src, dst.overlay4, count=3, size=1252, df=True)
         assert " 0% packet loss" in res.stdout
     before = drops(lab, lab.b).get("tun_oversize", 0)
+    # Without DF (before any DF ping teaches b's kernel the path MTU): b's worker
+    # fragments the 1400-byte packets to fit, like a router; a reassembles and answers.
+    res = lab.run(lab.b, ["ping", "-n", "-c", "3", "-i", "0.2", "-W", "2", "-M", "dont", "-s", "1372",
+                          lab.a.overlay4], timeout=20)
+    assert " 0% packet loss" in res.stdout and "1380 bytes from" in res.stdout, res.stdout
+    assert drops(lab, lab.b).get("tun_oversize", 0) == before
     res = lab.ping(lab.b, lab.a.overlay4, count=3, size=1372, df=True, check=False)  # 1400 bytes
     assert res.returncode != 0 and " 100% packet loss" in res.stdout
     assert f"From {lab.a.overlay4} icmp_seq=1 Frag needed and DF set (mtu = 1280)" in res.stdout, res.stdout

@@ -49,7 +49,8 @@ def test_tun_drops_by_reason() -> None:
         (b"", DropReason.TUN_BAD_PACKET),
         (b"\x50" + b"\0" * 30, DropReason.TUN_BAD_IP_VERSION),
         (ipv4_udp("198.19.0.3", "198.19.0.2", b"x"), DropReason.TUN_SRC_NOT_ALLOWED),
-        (ipv4_udp("198.19.0.1", "198.19.0.2", b"x" * 1300), DropReason.TUN_OVERSIZE),
+        (ipv4_udp("198.19.0.1", "198.19.0.2", b"x" * 1300, df=True), DropReason.TUN_OVERSIZE),
+        (ipv6_udp("fd00::1", "fd00::2", b"x" * 1300), DropReason.TUN_OVERSIZE),
     ]
     for packet, reason in cases:
         dp = _dp()
@@ -60,7 +61,7 @@ def test_tun_drops_by_reason() -> None:
 def test_budget_smaller_than_mtu_is_oversize_never_queued() -> None:
     dp = _dp()
     dp.set_budget(1000 + HEADER_LEN)  # live DATAGRAM budget below the MTU
-    big = ipv4_udp("198.19.0.1", "198.19.0.2", b"x" * 1000)
+    big = ipv4_udp("198.19.0.1", "198.19.0.2", b"x" * 1000, df=True)
     small = ipv4_udp("198.19.0.1", "198.19.0.2", b"y")
     out = dp.from_tun_batch([big, small], 0)
     assert out == [encode_datagram(TX_CTX, 0, small)]

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from l3ptp.ipc.counters import DropReason
 from l3ptp.worker.datapath import ICMP_TOO_BIG_RATE, Datapath
 from l3ptp.worker.header import HEADER_LEN
-from l3ptp.worker.icmp import _checksum, too_big
+from l3ptp.worker.oversize import _checksum, fragment_v4, too_big
 from l3ptp.worker.ippacket import PrefixSet
 from tests.support.packets import internet_checksum, ipv4, ipv4_icmp_echo, ipv4_udp, ipv6, ipv6_icmp_echo, ipv6_udp
 
@@ -137,3 +137,71 @@ def test_datapath_writes_back_errors_rate_limited_and_still_counts_the_drop() ->
     clock.now += 0.25
     dp.from_tun_batch([big] * n, 0)
     assert len(dp.to_tun) == ICMP_TOO_BIG_RATE * 0.25
+
+
+# ---- IPv4 fragmentation (DF clear) ------------------------------------------------
+
+
+def _reassemble(fragments: list[bytes]) -> tuple[bytes, list[tuple[int, bool, int]]]:
+    """(payload, [(offset in bytes, more fragments, total length)]) of IPv4 fragments, checked."""
+    parts, meta = {}, []
+    for f in fragments:
+        assert internet_checksum(f[:20]) == 0
+        total, frag = struct.unpack_from("!2xH2xH", f)
+        assert total == len(f)
+        offset, more = (frag & 0x1FFF) * 8, bool(frag & 0x2000)
+        assert not frag & 0x4000
+        parts[offset] = f[20:]
+        meta.append((offset, more, total))
+    payload = b"".join(parts[k] for k in sorted(parts))
+    return payload, meta
+
+
+def test_fragments_fit_the_limit_and_reassemble_exactly() -> None:
+    packet = _v4()  # 1428 bytes, DF clear
+    pieces = fragment_v4(packet, 1280, LOCAL)
+    assert pieces is not None and len(pieces) == 2
+    assert all(len(p) <= 1280 for p in pieces)
+    payload, meta = _reassemble(pieces)
+    assert payload == packet[20:]
+    assert [(o, m) for o, m, _ in meta] == [(0, True), (1256, False)]  # 1260 - 20 rounded down to 8
+    for p in pieces:  # same identity: id, protocol, addresses, TTL
+        assert p[4:6] == packet[4:6] and p[8:10] == packet[8:10] and p[12:20] == packet[12:20]
+
+
+def test_a_fragment_is_fragmented_again_keeping_its_offset_and_more_flag() -> None:
+    packet = bytearray(_v4())
+    struct.pack_into("!H", packet, 6, 0x2000 | 100)  # MF, offset 800 bytes
+    struct.pack_into("!H", packet, 10, 0)
+    struct.pack_into("!H", packet, 10, internet_checksum(bytes(packet[:20])))
+    pieces = fragment_v4(bytes(packet), 600, LOCAL)
+    assert pieces is not None
+    _payload, meta = _reassemble(pieces)
+    assert meta[0][0] == 800 and all(m for _, m, _ in meta)  # the last one keeps MF: more follow elsewhere
+
+
+@pytest.mark.parametrize("case", ["df", "options", "foreign source", "bad length", "v6"])
+def test_not_fragmented(case: str) -> None:
+    packet = {
+        "df": lambda: _v4(df=True),
+        "options": lambda: ipv4("198.19.0.1", "198.19.0.2", 17, bytes(1400), options=b"\x01\x01\x01\x01"),
+        "foreign source": lambda: ipv4_udp("198.19.0.9", "198.19.0.2", b"x" * 1400),
+        "bad length": lambda: _v4()[:-1],
+        "v6": lambda: ipv6_udp("fd00::1", "fd00::2", b"y" * 1400),
+    }[case]()
+    assert fragment_v4(packet, 1280, LOCAL) is None
+
+
+def test_datapath_sends_fragments_instead_of_dropping() -> None:
+    dp = Datapath(local_sources=["198.19.0.1/32"], peer_sources=["198.19.0.2/32"])
+    dp.start_session(mtu=1280, max_payload=1280 + HEADER_LEN, tx_context_id=1, rx_context_id=2,
+                     peer_addresses=["198.19.0.2/24"])
+    out = dp.from_tun_batch([_v4(), ipv4_udp("198.19.0.1", "198.19.0.2", b"after")], 0)
+    assert len(out) == 3 and dp.fragmented == 1 and dp.counters.total_drops() == 0 and dp.to_tun == []
+    assert out[2][HEADER_LEN:] == ipv4_udp("198.19.0.1", "198.19.0.2", b"after")
+    assert [len(p) - HEADER_LEN <= 1280 for p in out] == [True] * 3
+    payload, _ = _reassemble([p[HEADER_LEN:] for p in out[:2]])
+    assert payload == _v4()[20:]
+    full = Datapath(local_sources=["198.19.0.1/32"], peer_sources=[], queue_max=1)
+    full.start_session(mtu=1280, max_payload=1280 + HEADER_LEN, tx_context_id=1, rx_context_id=2)
+    assert full.from_tun_batch([_v4()], 0) == [] and full.counters.drops[DropReason.QUEUE_FULL] == 1

@@ -1,17 +1,21 @@
-"""ICMP "too big" errors for packets the tunnel cannot carry (pure).
+"""Packets too big for the tunnel: fragment or answer, like a router (pure).
 
-A packet from the TUN larger than the session's packet limit is dropped
-(`tun_oversize`). The interface MTU can be larger than that limit (the peer
-accepted less than we asked for), and a silent drop is a path-MTU black hole:
-TCP with DF set would retry the same size forever. So, like a router, the
-worker answers such a packet with an ICMPv4 "fragmentation needed" (DF set)
-or an ICMPv6 "packet too big" carrying the limit, written back into the TUN
-as if it came from the peer's tunnel address (the next hop; a source that is
-one of our own addresses would be a martian to the kernel). The local stack
-and, through forwarding, hosts behind us then lower their path MTU.
+A packet from the TUN larger than the session's packet limit is not queued
+(it would stall the QUIC DATAGRAM queue). The interface MTU can be larger than
+that limit (the peer accepted less than we asked for), and a silent drop is a
+path-MTU black hole. So the worker does what a router on that hop would:
 
-Only for a well-formed packet from an allowed local source; never about an
-ICMP error (RFC 1812, 4.3.2.7; RFC 4443, 2.4); the caller rate-limits.
+* IPv4 without DF (and without options): `fragment_v4` splits it into
+  fragments that fit (RFC 791); the peer's kernel reassembles them.
+* IPv4 with DF, and IPv6: `too_big` builds an ICMPv4 "fragmentation needed"
+  or ICMPv6 "packet too big" carrying the limit, written back into the TUN as
+  if it came from the peer's tunnel address (the next hop; a source that is
+  one of our own addresses would be a martian to the kernel). The local stack
+  and, through forwarding, hosts behind us then lower their path MTU.
+
+Only for a well-formed packet from an allowed local source; never an ICMP
+error about an ICMP error (RFC 1812, 4.3.2.7; RFC 4443, 2.4); the caller
+rate-limits the errors and counts what it does.
 """
 
 from __future__ import annotations
@@ -22,12 +26,14 @@ from l3ptp.ipc.constants import IP_VERSION_4, IP_VERSION_6
 
 from .ippacket import PrefixSet
 
-__all__ = ["too_big"]
+__all__ = ["fragment_v4", "too_big"]
 
 _IPV4_HEADER = 20
 _IPV6_HEADER = 40
 _ICMP_HEADER = 8
 _DF = 0x4000
+_MF = 0x2000
+_OFFSET_MASK = 0x1FFF
 _PROTO_ICMP = 1
 _PROTO_ICMPV6 = 58
 #: ICMPv4 error types (destination unreachable, source quench, redirect, time exceeded, parameter problem).
@@ -101,3 +107,29 @@ def _too_big_v6(packet: bytes, mtu: int, allowed: PrefixSet, peer: bytes | None)
     icmp = icmp[:2] + struct.pack("!H", _checksum(pseudo + icmp)) + icmp[4:]
     header = struct.pack("!IHBB16s16s", 0x60000000, len(icmp), _PROTO_ICMPV6, _TTL, peer, src)
     return header + icmp
+
+
+def fragment_v4(packet: bytes, limit: int, allowed_src: PrefixSet) -> list[bytes] | None:
+    """`packet` (IPv4, DF clear, no options) as fragments of at most `limit` bytes, or None."""
+    if len(packet) < _IPV4_HEADER or packet[0] != 0x45:  # version 4, no options
+        return None
+    total, frag = struct.unpack_from("!2xH2xH", packet)
+    if total != len(packet) or frag & _DF or not allowed_src.contains_v4(packet[12:16]):
+        return None
+    step = (limit - _IPV4_HEADER) // 8 * 8
+    if step <= 0:
+        return None
+    payload = memoryview(packet)[_IPV4_HEADER:]
+    more, offset = frag & _MF, frag & _OFFSET_MASK
+    fragments = []
+    for start in range(0, len(payload), step):
+        chunk = payload[start:start + step]
+        last = start + step >= len(payload)
+        flags = (0 if last else _MF) | (more if last else 0) | (offset + start // 8)
+        header = bytearray(packet[:_IPV4_HEADER])
+        struct.pack_into("!H", header, 2, _IPV4_HEADER + len(chunk))
+        struct.pack_into("!H", header, 6, flags)
+        struct.pack_into("!H", header, 10, 0)
+        struct.pack_into("!H", header, 10, _checksum(bytes(header)))
+        fragments.append(bytes(header) + chunk)
+    return fragments
