@@ -90,7 +90,9 @@ def status_message(config: WorkerConfig, tunnel: Tunnel) -> WorkerStatus:
         peer=st["peer"][:64],
         rtt_ms=min(st["rtt_ms"], 3600_000.0),
         mtu=st["mtu"],
-        counters=c.snapshot(),
+        # Traffic counters plus what the data path did with packets over the MTU.
+        counters={**c.snapshot(), "tun_fragmented": tunnel.datapath.fragmented,
+                  "icmp_too_big_sent": tunnel.datapath.icmp_too_big_sent},
         drops=c.drops_snapshot(),
         queue_depth=st["queue_depth"],
         seq_lost=c.seq_lost,

@@ -94,6 +94,12 @@ def test_worker_reports_status_routes_and_exits_on_shutdown(engine: Engine) -> N
                                           local_sources=sources))
             assert await wait_for(lambda: bool(changes), 5)
             assert [c.routes for c in changes] == [("198.19.30.0/24",)]
+            # Over the MTU: one without DF goes as fragments, one with DF is answered with ICMP.
+            for df in (False, True):
+                own.tun.inject(ipv4_udp("198.19.0.1", "198.19.0.2", b"M" * 1300, df=df))
+            assert await wait_for(lambda: any(s.counters.get("tun_fragmented") == 1
+                                              and s.counters.get("icmp_too_big_sent") == 1
+                                              for s in bus.of(WorkerStatus)), 5)
             await bus.inbox.put(Shutdown(reason="operator"))
             reason = await asyncio.wait_for(worker, 5)
             assert reason == "shutdown: operator"
