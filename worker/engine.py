@@ -91,8 +91,8 @@ class EngineClasses:
 
 def _aioquic_update_keys(conn: Any) -> bool:
     # RFC 9001, 6.1: no new update before a packet sent with the current keys
-    # is acknowledged. aioquic does not check this (and keeps no old keys), so
-    # two quick updates would leave the peer unable to decrypt anything: we
+    # is acknowledged. aioquic does not check this, and two quick updates
+    # would leave a peer one key phase behind, unable to decrypt anything: we
     # remember the first packet number of each update and wait for its ACK.
     from aioquic import tls
 
