@@ -37,11 +37,16 @@ IPV6_HEADER = 40
 MAX_DATAGRAM_SIZE_DEFAULT = 1350
 MAX_DATAGRAM_SIZE_MIN = 1200
 MAX_DATAGRAM_SIZE_MAX = 9216
-#: Worst-case per-packet QUIC overhead for one DATAGRAM frame in a 1-RTT
-#: packet: 1 flags byte + 20-byte DCID (the maximum) + 4-byte packet number +
-#: 16-byte AEAD tag + 1 frame type + 2-byte length varint. Config validation
-#: uses this bound; the worker computes the exact figure per connection.
-QUIC_DATAGRAM_OVERHEAD_MAX = 1 + 20 + 4 + 16 + 1 + 2
+#: QUIC overhead of a 1-RTT packet with one DATAGRAM frame, apart from the
+#: DCID: 1 flags byte + 4-byte packet number (both engines send 2) + 16-byte
+#: AEAD tag + 1 frame type + 2-byte length varint.
+QUIC_OVERHEAD_NO_CID = 1 + 4 + 16 + 1 + 2
+#: Longest connection ID (RFC 9000), assumed when the engine hides the peer's.
+MAX_CID_LEN = 20
+#: Worst-case per-packet QUIC overhead for one DATAGRAM frame (the longest
+#: DCID). Config validation uses this bound; the worker computes the exact
+#: figure per connection.
+QUIC_DATAGRAM_OVERHEAD_MAX = QUIC_OVERHEAD_NO_CID + MAX_CID_LEN
 #: Advertised max_datagram_frame_size (RFC 9221 recommends 65535).
 MAX_DATAGRAM_FRAME_SIZE = 65536
 

@@ -48,17 +48,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from l3ptp.ipc.constants import QUIC_DATAGRAM_OVERHEAD_MAX
+from l3ptp.ipc.constants import MAX_CID_LEN, QUIC_DATAGRAM_OVERHEAD_MAX, QUIC_OVERHEAD_NO_CID
 from l3ptp.ipc.control_messages import Engine
 
 __all__ = ["EngineClasses", "EngineUnavailable", "available_engines", "initial_dcid", "load_engine"]
 
-#: QUIC overhead of a 1-RTT packet with one DATAGRAM frame, apart from the
-#: DCID: flags(1) + packet number(4; both engines send 2) + AEAD tag(16) +
-#: frame type(1) + length varint(2).
-QUIC_OVERHEAD_NO_CID = 1 + 4 + 16 + 1 + 2
-#: Longest connection ID (RFC 9000), assumed when the engine hides the peer's.
-MAX_CID_LEN = 20
 
 
 class EngineUnavailable(RuntimeError):
