@@ -140,23 +140,21 @@ class UdpIO:
         """Send every datagram, in order; failures are counted in `send_errors`."""
         if not datagrams:
             return
-        sendto = self.sock.sendto
         if not self.gso or len(datagrams) == 1:
-            for data, addr in datagrams:
-                try:
-                    sendto(data, addr)
-                except OSError:
-                    self.send_errors += 1
+            self._send_each(datagrams)
             return
         for addr, size, group in plan_sends(datagrams):
-            if len(group) > 1 and self.gso:
-                if self._send_gso(addr, size, group):
-                    continue
-            for data in group:
-                try:
-                    sendto(data, addr)
-                except OSError:
-                    self.send_errors += 1
+            if len(group) > 1 and self.gso and self._send_gso(addr, size, group):
+                continue
+            self._send_each([(data, addr) for data in group])
+
+    def _send_each(self, datagrams: Iterable[tuple[bytes, Any]]) -> None:
+        sendto = self.sock.sendto
+        for data, addr in datagrams:
+            try:
+                sendto(data, addr)
+            except OSError:
+                self.send_errors += 1
 
     def _send_gso(self, addr: Any, size: int, group: list[bytes]) -> bool:
         """One sendmsg for the group; False if it must be resent one by one."""
