@@ -5,7 +5,7 @@ fail, kill), `plan` (reload), `routes` (what to install), `status` (what to
 report). This module carries out their actions:
 
 * at start (`serve`): PR_SET_NO_NEW_PRIVS=1 (inherited by the workers) and
-  PR_SET_DUMPABLE=0 (`harden_process`);
+  PR_SET_DUMPABLE=0 (`l3ptp.ipc.hardening.harden_process`);
 * then: create the runtime directory (0711: searchable, not listable),
   bind the worker bus (``workers.sock``, 0600) and the CLI socket
   (``control.sock``, 0660, group ``admin_group``; 0666 with ``polkit = true``,
@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import grp
 import os
 import pwd
@@ -74,6 +72,7 @@ from l3ptp.ipc.control_messages import (
     WorkerStatus,
 )
 from l3ptp.ipc.errors import ErrorCode
+from l3ptp.ipc.hardening import harden_process
 from l3ptp.ipc.types import PeerRole
 
 __all__ = ["Controller", "WORKERS_SOCKET", "CONTROL_SOCKET", "RUNTIME_DIR_MODE", "harden_process"]
@@ -93,30 +92,11 @@ CONTROL_SOCKET_MODE = 0o660
 CONTROL_SOCKET_MODE_POLKIT = 0o666
 WORKERS_SOCKET_MODE = 0o600
 
-_PR_SET_DUMPABLE = 4
-_PR_SET_NO_NEW_PRIVS = 38
-
 log = structlog.get_logger("l3ptp.controller")
 
 KeyLoader = Callable[[str], bytes]
 HelperConnect = Callable[[str], Any]  # async (path) -> HelperClient
 SpawnerFactory = Callable[[ExitCallback], Spawner]
-
-
-def harden_process() -> None:
-    """PR_SET_NO_NEW_PRIVS=1 and PR_SET_DUMPABLE=0 for this process.
-
-    no_new_privs survives fork and execve, so every worker starts with it
-    (the worker sets it again itself). Not dumpable: no core file with keys,
-    and other processes of the same user cannot ptrace the controller or
-    read its /proc/<pid>/mem, environ or fds. Raises OSError if refused.
-    """
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    for option, value in ((_PR_SET_NO_NEW_PRIVS, 1), (_PR_SET_DUMPABLE, 0)):
-        args = [ctypes.c_ulong(a) for a in (option, value, 0, 0, 0)]
-        if libc.prctl(*args) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"prctl({option}, {value}) failed: {os.strerror(err)}")
 
 
 def load_key_raw(path: str) -> bytes:

@@ -44,13 +44,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+from l3ptp.ipc.hardening import PR_CAP_AMBIENT, PR_CAPBSET_DROP, libc, prctl
+
 __all__ = ["Host", "Interrupts", "Lab", "LabError", "free_ids"]
 
 CLONE_NEWNET = 0x40000000
 CAP_NET_ADMIN = 12
 PR_SET_KEEPCAPS = 8
-PR_CAPBSET_DROP = 24
-PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_RAISE = 2
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 #: systemd's range for dynamic users: never in /etc/passwd.
@@ -86,10 +86,6 @@ class _CapData(ctypes.Structure):
     _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
 
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
 def _check(rc: int, what: str) -> None:
     if rc != 0:
         err = ctypes.get_errno()
@@ -100,7 +96,7 @@ def setns(netns: str) -> None:
     """Move the calling (single-threaded) process into network namespace `netns`."""
     fd = os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        _check(_libc().setns(fd, CLONE_NEWNET), f"setns {netns}")
+        _check(libc().setns(fd, CLONE_NEWNET), f"setns {netns}")
     finally:
         os.close(fd)
 
@@ -130,13 +126,12 @@ def _enter(netns: str, uid: int | None = None, gid: int | None = None, net_admin
         setns(netns)
         if uid is None:
             return
-        libc = _libc()
         if net_admin_only:
             last = int(open("/proc/sys/kernel/cap_last_cap").read())
             for cap in range(last + 1):
                 if cap != CAP_NET_ADMIN:
-                    _check(libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), "drop bounding capability")
-            _check(libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0), "keepcaps")
+                    prctl(PR_CAPBSET_DROP, cap)
+            prctl(PR_SET_KEEPCAPS, 1)
         os.setgroups([])
         os.setgid(gid if gid is not None else uid)
         os.setuid(uid)
@@ -145,9 +140,9 @@ def _enter(netns: str, uid: int | None = None, gid: int | None = None, net_admin
             data = (_CapData * 2)()
             bit = 1 << CAP_NET_ADMIN
             data[0].effective = data[0].permitted = data[0].inheritable = bit
-            _check(libc.capset(ctypes.byref(hdr), ctypes.byref(data)), "capset")
+            _check(libc().capset(ctypes.byref(hdr), ctypes.byref(data)), "capset")
             if uid != 0:
-                _check(libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAP_NET_ADMIN, 0, 0), "ambient CAP_NET_ADMIN")
+                prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAP_NET_ADMIN)
 
     return run
 

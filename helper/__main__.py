@@ -1,12 +1,12 @@
 """`l3ptp-helper`: argv, policy, capability check, hardening, reconcile, serve. Nothing else."""
 
 import argparse
-import ctypes
 import signal
 import sys
 import time
 
 from l3ptp.ipc.constants import HELPER_POLICY_DEFAULT
+from l3ptp.ipc.hardening import harden_process
 from l3ptp.ipc.logsetup import configure
 
 from .dispatch import Dispatcher, audit
@@ -15,7 +15,7 @@ from .policy import PolicyError, load_policy
 from .server import Server, open_listener, systemd_listener
 from .state import State
 
-CAP_NET_ADMIN, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 12, 4, 38
+CAP_NET_ADMIN = 12
 
 
 def missing_capabilities(status_path: str = "/proc/self/status") -> str | None:
@@ -28,14 +28,6 @@ def missing_capabilities(status_path: str = "/proc/self/status") -> str | None:
     if not capeff & (1 << CAP_NET_ADMIN):
         return "missing capability CAP_NET_ADMIN (run as root or with AmbientCapabilities=CAP_NET_ADMIN)"
     return None
-
-
-def harden() -> None:
-    """no_new_privs (nothing we exec gains privilege); not dumpable (no core, no ptrace or /proc access by our uid)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    for option, value in ((PR_SET_NO_NEW_PRIVS, 1), (PR_SET_DUMPABLE, 0)):
-        if libc.prctl(option, value, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), f"prctl({option}, {value}) failed")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("policy_invalid" if policy is None else "capability_missing", reason=missing)
         print(f"l3ptp-helper: {missing}", file=sys.stderr)
         return 2 if policy is None else 1
-    harden()
+    harden_process()
     host = Host(policy)
     audit("reconcile", result="ok", when="start", **host.reconcile())
     if args.reconcile_only:

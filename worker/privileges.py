@@ -8,15 +8,14 @@ all of effective/permitted/inheritable to zero, then verify from
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
-import ctypes.util
 import os
+
+from l3ptp.ipc.hardening import PR_CAP_AMBIENT, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG, libc, prctl
 
 __all__ = ["PrivilegeError", "drop_privileges", "read_status_caps"]
 
-_PR_CAPBSET_DROP = 24
-_PR_SET_NO_NEW_PRIVS = 38
-_PR_CAP_AMBIENT = 47
 _PR_CAP_AMBIENT_CLEAR_ALL = 4
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 _CAP_LAST_FALLBACK = 40
@@ -32,14 +31,6 @@ class _CapHeader(ctypes.Structure):
 
 class _CapData(ctypes.Structure):
     _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
-
-
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-def _prctl(libc: ctypes.CDLL, *args: int) -> int:
-    return libc.prctl(*[ctypes.c_ulong(a) for a in args])
 
 
 def _cap_last() -> int:
@@ -79,20 +70,24 @@ def _switch_user(user: str) -> None:
 
 def drop_privileges(user: str = "") -> dict[str, int]:
     """Drop everything; return the verified /proc/self/status values."""
-    libc = _libc()
     if os.geteuid() == 0 and user:
         _switch_user(user)
-    if _prctl(libc, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0:
-        raise PrivilegeError(f"clearing ambient capabilities failed: errno {ctypes.get_errno()}")
+    try:
+        prctl(PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL)
+    except OSError as exc:
+        raise PrivilegeError(f"clearing ambient capabilities failed: errno {exc.errno}") from None
     # Dropping the bounding set needs CAP_SETPCAP; without it, no_new_privs
     # plus empty permitted/inheritable sets already prevent regaining caps.
     for cap in range(_cap_last() + 1):
-        _prctl(libc, _PR_CAPBSET_DROP, cap, 0, 0, 0)
-    if _prctl(libc, _PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        raise PrivilegeError(f"PR_SET_NO_NEW_PRIVS failed: errno {ctypes.get_errno()}")
+        with contextlib.suppress(OSError):
+            prctl(PR_CAPBSET_DROP, cap)
+    try:
+        prctl(PR_SET_NO_NEW_PRIVS, 1)
+    except OSError as exc:
+        raise PrivilegeError(f"PR_SET_NO_NEW_PRIVS failed: errno {exc.errno}") from None
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
-    if libc.capset(ctypes.byref(header), ctypes.byref(data)) != 0:
+    if libc().capset(ctypes.byref(header), ctypes.byref(data)) != 0:
         raise PrivilegeError(f"capset failed: errno {ctypes.get_errno()}")
     status = read_status_caps()
     for key in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
@@ -101,9 +96,6 @@ def drop_privileges(user: str = "") -> dict[str, int]:
     if status.get("NoNewPrivs") != 1:
         raise PrivilegeError("NoNewPrivs is not set")
     return status
-
-
-PR_SET_PDEATHSIG = 1
 
 
 def exit_with_parent(parent_pid: int) -> bool:
@@ -116,8 +108,5 @@ def exit_with_parent(parent_pid: int) -> bool:
     """
     import signal
 
-    libc = _libc()
-    if _prctl(libc, PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
+    prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
     return os.getppid() == parent_pid

@@ -26,8 +26,8 @@ def test_harden_sets_no_new_privs_and_not_dumpable() -> None:
     import subprocess
     import sys
 
-    probe = ("import ctypes; from l3ptp.helper.__main__ import harden; libc = ctypes.CDLL(None); "
-             "before = (libc.prctl(39, 0, 0, 0, 0), libc.prctl(3, 0, 0, 0, 0)); harden(); "
+    probe = ("import ctypes; from l3ptp.helper.__main__ import harden_process; libc = ctypes.CDLL(None); "
+             "before = (libc.prctl(39, 0, 0, 0, 0), libc.prctl(3, 0, 0, 0, 0)); harden_process(); "
              "print(before, (libc.prctl(39, 0, 0, 0, 0), libc.prctl(3, 0, 0, 0, 0)))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
     # PR_GET_NO_NEW_PRIVS (39), PR_GET_DUMPABLE (3): off/dumpable before, on/not dumpable after
