@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from l3ptp.ipc.hardening import PR_CAP_AMBIENT, PR_CAPBSET_DROP, libc, prctl
+from l3ptp.ipc.hardening import PR_CAP_AMBIENT, PR_CAPBSET_DROP, capset, libc, prctl
 
 __all__ = ["Host", "Interrupts", "Lab", "LabError", "free_ids"]
 
@@ -52,7 +52,6 @@ CLONE_NEWNET = 0x40000000
 CAP_NET_ADMIN = 12
 PR_SET_KEEPCAPS = 8
 PR_CAP_AMBIENT_RAISE = 2
-_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 #: systemd's range for dynamic users: never in /etc/passwd.
 DYNAMIC_ID_RANGE = range(61184, 65520)
 NETLINK_CHILD_TIMEOUT = 15  # seconds; see netlink()
@@ -76,14 +75,6 @@ NETWORK = "demo"
 
 class LabError(RuntimeError):
     """A lab step failed; the message says which and why."""
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
 
 def _check(rc: int, what: str) -> None:
@@ -136,11 +127,7 @@ def _enter(netns: str, uid: int | None = None, gid: int | None = None, net_admin
         os.setgid(gid if gid is not None else uid)
         os.setuid(uid)
         if net_admin_only:
-            hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-            data = (_CapData * 2)()
-            bit = 1 << CAP_NET_ADMIN
-            data[0].effective = data[0].permitted = data[0].inheritable = bit
-            _check(libc().capset(ctypes.byref(hdr), ctypes.byref(data)), "capset")
+            capset(1 << CAP_NET_ADMIN)
             if uid != 0:
                 prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAP_NET_ADMIN)
 

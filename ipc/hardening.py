@@ -14,13 +14,22 @@ import functools
 import os
 
 __all__ = ["PR_CAPBSET_DROP", "PR_CAP_AMBIENT", "PR_SET_DUMPABLE", "PR_SET_NO_NEW_PRIVS", "PR_SET_PDEATHSIG",
-           "harden_process", "libc", "prctl"]
+           "capset", "harden_process", "libc", "prctl"]
 
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
 
 @functools.cache
@@ -35,6 +44,17 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
     if libc().prctl(*args) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl({option}, {arg2}) failed: {os.strerror(err)}")
+
+
+def capset(mask: int) -> None:
+    """capset(2): effective, permitted and inheritable all `mask` (capabilities 0..31);
+    raises OSError (with errno) if the kernel refuses."""
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    data[0].effective = data[0].permitted = data[0].inheritable = mask
+    if libc().capset(ctypes.byref(header), ctypes.byref(data)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capset failed: {os.strerror(err)}")
 
 
 def harden_process() -> None:

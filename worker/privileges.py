@@ -9,28 +9,18 @@ all of effective/permitted/inheritable to zero, then verify from
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 
-from l3ptp.ipc.hardening import PR_CAP_AMBIENT, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG, libc, prctl
+from l3ptp.ipc.hardening import PR_CAP_AMBIENT, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG, capset, prctl
 
 __all__ = ["PrivilegeError", "drop_privileges", "read_status_caps"]
 
 _PR_CAP_AMBIENT_CLEAR_ALL = 4
-_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 _CAP_LAST_FALLBACK = 40
 
 
 class PrivilegeError(RuntimeError):
     pass
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
 
 def _cap_last() -> int:
@@ -85,10 +75,10 @@ def drop_privileges(user: str = "") -> dict[str, int]:
         prctl(PR_SET_NO_NEW_PRIVS, 1)
     except OSError as exc:
         raise PrivilegeError(f"PR_SET_NO_NEW_PRIVS failed: errno {exc.errno}") from None
-    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_CapData * 2)()
-    if libc().capset(ctypes.byref(header), ctypes.byref(data)) != 0:
-        raise PrivilegeError(f"capset failed: errno {ctypes.get_errno()}")
+    try:
+        capset(0)
+    except OSError as exc:
+        raise PrivilegeError(f"capset failed: errno {exc.errno}") from None
     status = read_status_caps()
     for key in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
         if status.get(key, 1) != 0:
