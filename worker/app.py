@@ -92,7 +92,8 @@ def status_message(config: WorkerConfig, tunnel: Tunnel) -> WorkerStatus:
         mtu=st["mtu"],
         # Traffic counters plus what the data path did with packets over the MTU.
         counters={**c.snapshot(), "tun_fragmented": tunnel.datapath.fragmented,
-                  "icmp_too_big_sent": tunnel.datapath.icmp_too_big_sent},
+                  "icmp_too_big_sent": tunnel.datapath.icmp_too_big_sent,
+                  "peer_route_limit": c.peer_route_limit},
         drops=c.drops_snapshot(),
         queue_depth=st["queue_depth"],
         seq_lost=c.seq_lost,

@@ -407,7 +407,9 @@ class Tunnel:
             elif isinstance(event, ev.HandshakeCompleted):
                 self._on_handshake(peer)
             elif isinstance(event, ev.ConnectionTerminated):
-                self._on_terminated(peer, f"connection terminated: {event.reason_phrase or event.error_code}")
+                # The phrase may be the peer's (CONNECTION_CLOSE) or a stranger's.
+                why = peer.session.peer_text(event.reason_phrase) or event.error_code
+                self._on_terminated(peer, f"connection terminated: {why}")
                 return
 
     def _on_handshake(self, peer: _Peer) -> None:
