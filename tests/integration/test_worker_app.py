@@ -130,3 +130,40 @@ def test_worker_ends_when_its_tun_queue_goes_away() -> None:
         assert isinstance(last, WorkerExiting) and not last.fatal and last.reason.startswith("TUN queue unusable")
 
     asyncio.run(asyncio.wait_for(main(), 45))
+
+
+def _send_control(node: Node, msg: Message) -> None:
+    """Put one control message on `node`'s stream 0, as a hostile peer would."""
+    from l3ptp.ipc.codec import frame
+    from l3ptp.ipc.peer_messages import PEER_CONTROL
+
+    peer = node.tunnel.active
+    peer.conn.send_stream_data(peer.stream_id, frame(PEER_CONTROL, msg))
+    node.tunnel._transmit(peer)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_routes_adding_up_past_the_limit_close_the_session_not_the_worker(engine: Engine) -> None:
+    """Legal ROUTE_UPDATEs (200 prefixes each) that add up past 256 routes: the
+    worker closes that session with LIMIT and counts it; it does not raise
+    (SchemaError building PeerRoutes) and end, so the controller never sees a
+    crash. The peer is told, reconnects, and the worker serves it again."""
+    from l3ptp.ipc.peer_messages import RouteUpdate
+
+    async def main():
+        async with _worker_and_peer(engine) as (own, peer, bus, worker):
+            await bus.inbox.put(Heartbeat())
+            for epoch, start in ((10, 0), (11, 200)):
+                routes = tuple(f"10.{(start + i) // 256}.{(start + i) % 256}.0/24" for i in range(200))
+                _send_control(peer, RouteUpdate(add_routes=routes, remove_routes=(), route_epoch=epoch))
+            assert await wait_for(lambda: "LIMIT" in peer.tunnel.last_error, 5), peer.tunnel.last_error
+            assert "more than 256" in peer.tunnel.last_error
+            assert own.tunnel.counters.peer_route_limit == 1
+            assert own.tunnel.exit_reason is None and not worker.done()
+            assert await wait_for(lambda: own.tunnel.established and own.tunnel.sessions >= 2, 10)
+            assert await wait_for(lambda: any(s.counters.get("peer_route_limit") == 1
+                                              for s in bus.of(WorkerStatus)), 5)
+            assert not bus.of(WorkerExiting)
+        assert [len(r.routes) for r in bus.of(PeerRoutes)][:2] == [0, 200]
+
+    asyncio.run(asyncio.wait_for(main(), 45))
