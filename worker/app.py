@@ -30,6 +30,7 @@ from l3ptp.ipc.control_messages import (
 )
 from l3ptp.ipc.errors import DecodeError, ErrorCode
 from l3ptp.ipc.schema import Message
+from l3ptp.ipc.text import printable
 
 from .session import RoutesChanged
 from .tunnel import Tunnel
@@ -115,6 +116,7 @@ async def run_worker(
     """Run one worker queue; return why it stopped."""
     stop_event = stop_event or asyncio.Event()
     reason = "stopped"
+    remote = False
 
     def on_routes(session: int, change: RoutesChanged) -> None:
         if bus is not None:
@@ -182,11 +184,13 @@ async def run_worker(
             reason = f"tunnel failed: {tasks[0].exception()!r}"
         elif tasks[0] in done and tunnel.exit_reason:
             reason = tunnel.exit_reason
+            remote = tunnel.exit_on_network_input
     finally:
         tunnel.stop(ErrorCode.SHUTDOWN, reason[:200])
         for task in [waiter, *tasks]:
             task.cancel()
         await asyncio.gather(waiter, *tasks, return_exceptions=True)
         if bus is not None:
-            bus.send(WorkerExiting(network=config.network, queue=config.queue, reason=reason[:512], fatal=False))
+            bus.send(WorkerExiting(network=config.network, queue=config.queue, reason=printable(reason)[:512],
+                                   fatal=False, remote=remote))
     return reason

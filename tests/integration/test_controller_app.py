@@ -461,3 +461,63 @@ def test_reload_of_advertised_routes_only_tells_the_workers(tmp_path: Any) -> No
             assert env.controller.networks["office"].net.advertised_routes == new.network("office").advertised_routes
 
     asyncio.run(body())
+
+
+def test_exits_from_network_input_never_fail_the_network_and_status_says_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker that ends again and again because of what the network sent it
+    (WorkerExiting.remote) is restarted each time, more than the crash limit,
+    and the network never becomes `failed`; `l3ptp status` shows the reason the
+    worker gave (escaped: it may quote a peer), not just "exited with status 0",
+    and `status --json` stays valid JSON with the same escaped text."""
+    from l3ptp.controller import supervision
+    from l3ptp.ipc.constants import RESTART_MAX_IN_WINDOW
+    from l3ptp.ipc.control_messages import WorkerExiting
+
+    monkeypatch.setattr(supervision, "RESTART_BACKOFF_MIN", 0.02)
+    reason = "internal error in _on_udp_readable: boom \x1b]0;owned\x07\x1b[2J\r"
+    shown = "internal error in _on_udp_readable: boom \\x1b]0;owned\\x07\\x1b[2J\\x0d (exit status 0)"
+
+    async def body() -> None:
+        async with running({"office": office(queues=1)}) as env:
+            rt = env.controller.networks["office"]
+            for _ in range(RESTART_MAX_IN_WINDOW + 2):
+                (proc,) = env.spawner.live("office")
+                await env.say(proc.pid, WorkerHello(network="office", queue=0, pid=proc.pid))
+                await env.say(proc.pid, WorkerExiting(network="office", queue=0, reason=reason, fatal=False,
+                                                      remote=True))
+                await until(lambda: rt.sup.slots[0].exit_reason == reason)
+                env.spawner.crash(proc.pid, 0)
+                await until(lambda: rt.sup.slots[0].pid not in (None, proc.pid) or rt.sup.failed)
+                assert not rt.sup.failed, rt.sup.failed_reason
+            rc, out, err = await env.cli("status", "-v")
+            assert rc == 0, err
+            assert "state: failed" not in out and f"last error: {shown}" in out, out
+            assert "\x1b" not in out and "\x07" not in out and "\r" not in out
+            rc, out, _ = await env.cli("status", "--json")
+            net = json.loads(out)["networks"][0]
+            assert net["state"] != "failed" and net["restarts"] == RESTART_MAX_IN_WINDOW + 2
+            assert net["queues"][0]["last_error"] == shown
+
+    run(body)
+
+
+def test_a_local_crash_reason_survives_into_status() -> None:
+    from l3ptp.ipc.control_messages import WorkerExiting
+
+    async def body() -> None:
+        async with running({"office": office(queues=1)}) as env:
+            rt = env.controller.networks["office"]
+            (proc,) = env.spawner.live("office")
+            await env.say(proc.pid, WorkerHello(network="office", queue=0, pid=proc.pid))
+            await env.say(proc.pid, WorkerExiting(network="office", queue=0, reason="TUN queue unusable: end of file",
+                                                  fatal=False, remote=False))
+            await until(lambda: rt.sup.slots[0].exit_reason != "")
+            env.spawner.crash(proc.pid, 0)
+            await until(lambda: rt.sup.slots[0].pid != proc.pid)
+            rc, out, _ = await env.cli("status")
+            assert "last error: TUN queue unusable: end of file (exit status 0)" in out, out
+            assert len(rt.sup.slots[0].crashes) == 1
+
+    run(body)

@@ -128,6 +128,29 @@ def test_worker_ends_when_its_tun_queue_goes_away() -> None:
             assert reason.startswith("TUN queue unusable"), reason
         last = bus.sent[-1]
         assert isinstance(last, WorkerExiting) and not last.fatal and last.reason.startswith("TUN queue unusable")
+        assert not last.remote  # a local fault: the controller counts it as a crash
+
+    asyncio.run(asyncio.wait_for(main(), 45))
+
+
+def test_worker_ending_on_network_input_says_so() -> None:
+    """An exception while handling a received datagram ends the worker (clean
+    state on restart), and its last words say the cause came from the network,
+    so the controller does not count it toward FAILED."""
+
+    async def main():
+        async with _worker_and_peer() as (own, peer, bus, worker):
+            def boom(*_a, **_kw):
+                raise RuntimeError("\x1b[2Jboom")
+
+            asyncio.get_running_loop().set_exception_handler(lambda _loop, _ctx: None)
+            own.tunnel._write_tun = boom
+            peer.tun.inject(ipv4_udp("198.19.0.2", "198.19.0.1", b"x"))
+            reason = await asyncio.wait_for(worker, 5)
+            assert reason.startswith("internal error in _on_udp_readable"), reason
+        last = bus.sent[-1]
+        assert isinstance(last, WorkerExiting) and not last.fatal and last.remote
+        assert last.reason == "internal error in _on_udp_readable: RuntimeError('\\x1b[2Jboom')"
 
     asyncio.run(asyncio.wait_for(main(), 45))
 

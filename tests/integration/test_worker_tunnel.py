@@ -505,3 +505,84 @@ def test_advertise_sends_route_update_and_widens_local_sources(engine: Engine) -
             assert lt.sessions == ct.sessions == 1
 
     run(main())
+
+
+HOSTILE = "\x1b]0;owned\x07\x1b[2J\rroot# \u202e"
+
+
+def _closing_stranger_engine(engine: Engine, how: str):
+    """A connector engine that, before any AUTH, sends CLOSE(hostile reason)
+    on stream 0 (as soon as TLS completes) or a QUIC CONNECTION_CLOSE with a
+    hostile reason phrase (once the listener's HELLO is in: in 1-RTT packets,
+    where the phrase is carried; RFC 9000, 10.2.3)."""
+    import dataclasses
+
+    from l3ptp.ipc.codec import frame
+    from l3ptp.ipc.peer_messages import Close
+
+    base = load_engine(engine)
+
+    class ClosingConnection(base.QuicConnection):
+        def next_event(self):
+            event = super().next_event()
+            if how == "close" and isinstance(event, base.events.HandshakeCompleted):
+                sid = self.get_next_available_stream_id()
+                self.send_stream_data(sid, frame(PEER_CONTROL, Close(code=int(ErrorCode.SHUTDOWN), reason=HOSTILE)))
+            elif how == "connection_close" and isinstance(event, base.events.StreamDataReceived):
+                self.close(error_code=int(ErrorCode.SHUTDOWN), reason_phrase=HOSTILE)
+                return None
+            return event
+
+    return dataclasses.replace(base, QuicConnection=ClosingConnection)
+
+
+@pytest.mark.parametrize("how", ["close", "connection_close"])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_strangers_close_reason_never_reaches_status(engine: Engine, how: str) -> None:
+    """While the real peer is away, a client with a wrong key closes with a
+    reason full of terminal escapes: the listener's last_error (what status
+    shows) records that a peer closed, never the stranger's words."""
+    from l3ptp.worker.app import status_message
+
+    async def main():
+        lk, ck, stranger = new_keys(), new_keys(), new_keys()
+        lsock = udp_socket()
+        port = lsock.getsockname()[1]
+        lcfg = make_config(PeerRole.LISTEN, own=lk, peer_fp=ck.fingerprint, port=port, engine=engine)
+        listener = make_node(lcfg, lsock)
+        intruder = make_node(make_config(PeerRole.CONNECT, own=stranger, peer_fp=lk.fingerprint, port=port,
+                                         engine=engine), udp_socket(), engine=_closing_stranger_engine(engine, how))
+        listener.start()
+        intruder.start()
+        try:
+            lt = listener.tunnel
+            assert await wait_for(lambda: "withheld" in lt.last_error, 10), lt.last_error
+            for text in (lt.last_error, status_message(lcfg, lt).last_error):
+                assert "owned" not in text and "\x1b" not in text and "\\x1b" not in text
+            assert lt.sessions == 0
+        finally:
+            await intruder.stop()
+            await listener.stop()
+
+    run(main())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_an_authenticated_peers_close_reason_is_kept_escaped(engine: Engine) -> None:
+    from l3ptp.ipc.codec import frame
+    from l3ptp.ipc.peer_messages import Close
+
+    async def main():
+        async with worker_pair(engine=engine) as pair:
+            assert await pair.wait_established()
+            ct, lt = pair.connector.tunnel, pair.listener.tunnel
+            peer = ct.active
+            peer.conn.send_stream_data(peer.stream_id, frame(PEER_CONTROL, Close(code=int(ErrorCode.SHUTDOWN),
+                                                                                   reason=HOSTILE)))
+            ct._transmit(peer)
+            shown = "\\x1b]0;owned\\x07\\x1b[2J\\x0droot# \\u202e"
+            assert await wait_for(lambda: shown in lt.last_error, 5), lt.last_error
+            assert lt.last_error == f"peer closed: SHUTDOWN: {shown}"
+            assert lt.last_error.isprintable()
+
+    run(main())
