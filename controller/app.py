@@ -511,7 +511,11 @@ class Controller:
             if got is None:
                 continue
             ident, msg = got
-            await self._on_bus(ident, msg)
+            try:
+                await self._on_bus(ident, msg)
+            except Exception as exc:  # noqa: BLE001 - one worker's message must never stop the controller
+                log.error("bus_message_failed", network=msg.network, queue=msg.queue, message=type(msg).__name__,
+                          error=repr(exc))
 
     async def _on_bus(self, ident: bytes, msg: Any) -> None:
         rt = self.networks.get(msg.network)

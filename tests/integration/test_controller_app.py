@@ -521,3 +521,55 @@ def test_a_local_crash_reason_survives_into_status() -> None:
             assert len(rt.sup.slots[0].crashes) == 1
 
     run(body)
+
+
+def test_peer_routes_over_every_queue_never_stop_the_controller() -> None:
+    """Two queues whose peer advertises 256 distinct accepted routes each: the
+    union would be 512, more than one helper request carries (the first
+    request is refused, as a helper policy with a lower max_routes would, so
+    nothing is installed when the second queue's routes come). The controller
+    asks for 256, refuses the rest with a reason and keeps serving."""
+    from l3ptp.ipc.errors import ErrorCode
+    from l3ptp.ipc.helper_messages import AddRoutes as AddRoutesReq
+
+    prefixes = [f"198.19.{64 + i // 16}.{i % 16 * 16}/28" for i in range(512)]
+
+    async def body() -> None:
+        async with running({"office": office(queues=2, accepted_routes=["198.19.64.0/18"])}) as env:
+            env.helper.fail_next[AddRoutesReq] = (ErrorCode.LIMIT, "at most 100 routes per network")
+            procs = env.spawner.live("office")
+            for p in procs:
+                await env.say(p.pid, WorkerHello(network="office", queue=p.queue, pid=p.pid))
+            for p in procs:
+                await env.say(p.pid, PeerRoutes(network="office", queue=p.queue, session=1, epoch=1,
+                                                routes=tuple(prefixes[p.queue * 256:(p.queue + 1) * 256]),
+                                                tunnel_addresses=()))
+            await until(lambda: len(env.helper.networks["office"].routes) == 256)
+            await asyncio.sleep(0.2)
+            assert not env.controller._stop.is_set()
+            rc, out, err = await env.cli("status", "--json")
+            assert rc == 0, err
+            assert len(json.loads(out)["networks"][0]["routes"]) == 256
+
+    run(body)
+
+
+def test_a_bus_message_that_fails_to_apply_does_not_stop_the_controller() -> None:
+    async def body() -> None:
+        async with running({"office": office(queues=1)}) as env:
+            (proc,) = env.spawner.live("office")
+            await env.say(proc.pid, WorkerHello(network="office", queue=0, pid=proc.pid))
+
+            async def broken(_rt: Any) -> None:
+                raise RuntimeError("a bug while applying routes")
+
+            env.controller._apply_routes = broken  # type: ignore[method-assign]
+            await env.say(proc.pid, PeerRoutes(network="office", queue=0, session=1, epoch=1,
+                                               routes=("198.19.8.0/24",), tunnel_addresses=()))
+            await env.report(proc.pid)
+            await until(lambda: 0 in env.controller.networks["office"].reports)
+            assert not env.controller._stop.is_set()
+            rc, out, err = await env.cli("status")
+            assert rc == 0 and "network: office" in out, err
+
+    run(body)
