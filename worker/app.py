@@ -37,6 +37,9 @@ from .tunnel import Tunnel
 
 __all__ = ["Bus", "ZmqBus", "run_worker", "status_message"]
 
+_U32_MAX = 2**32 - 1
+_U64_MAX = 2**64 - 1
+
 
 class Bus(Protocol):
     """The worker's side of the controller bus."""
@@ -97,8 +100,10 @@ def status_message(config: WorkerConfig, tunnel: Tunnel) -> WorkerStatus:
                   "peer_route_limit": c.peer_route_limit},
         drops=c.drops_snapshot(),
         queue_depth=st["queue_depth"],
-        seq_lost=c.seq_lost,
-        sessions=st["sessions"],
+        # Both grow with what the peer does (sequence numbers, reconnects):
+        # saturate at the wire limits rather than fail to build the report.
+        seq_lost=min(c.seq_lost, _U64_MAX),
+        sessions=min(st["sessions"], _U32_MAX),
         key_updates=min(st["key_updates"], 2**32 - 1),
         last_error=st["last_error"][:512],
     )
@@ -124,7 +129,7 @@ async def run_worker(
                 PeerRoutes(
                     network=config.network,
                     queue=config.queue,
-                    session=session,
+                    session=min(session, _U32_MAX),
                     epoch=change.epoch,
                     routes=change.routes,
                     tunnel_addresses=change.tunnel_addresses,

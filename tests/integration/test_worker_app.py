@@ -190,3 +190,23 @@ def test_routes_adding_up_past_the_limit_close_the_session_not_the_worker(engine
         assert [len(r.routes) for r in bus.of(PeerRoutes)][:2] == [0, 200]
 
     asyncio.run(asyncio.wait_for(main(), 45))
+
+
+def test_status_saturates_what_the_peer_makes_grow() -> None:
+    """Sequence-gap loss and the session count grow with what the peer does;
+    the report saturates at the wire limits instead of failing to build."""
+    from l3ptp.worker.app import status_message
+
+    lcfg, _, lsock = pair_configs()
+    node = make_node(lcfg, lsock)
+    try:
+        tracker = node.tunnel.counters.rx_sequence
+        for seq in range(0, 2**32, 2**31 - 1):  # each step just under half the space: all "forward"
+            tracker.observe(seq)
+        tracker._highest += 2**66  # a span no real peer reaches, but nothing stops the arithmetic
+        node.tunnel.sessions = 2**32 + 7
+        status = status_message(lcfg, node.tunnel)
+        assert status.seq_lost == 2**64 - 1 and status.sessions == 2**32 - 1
+    finally:
+        node.tun.close()
+        lsock.close()
