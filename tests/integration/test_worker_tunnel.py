@@ -14,6 +14,7 @@ from l3ptp.ipc.peer_messages import PEER_CONTROL
 from l3ptp.ipc.types import PeerRole
 from l3ptp.worker.engine import load_engine
 from l3ptp.worker.header import encode_datagram
+from tests.support.hostile_peer import HOSTILE, HOSTILE_SHOWN, closing_engine, send_close
 from tests.support.packets import ipv4_icmp_echo, ipv4_udp, ipv6_icmp_echo, ipv6_udp
 from tests.support.worker_fixtures import (
     ENGINE_PAIRS,
@@ -507,35 +508,6 @@ def test_advertise_sends_route_update_and_widens_local_sources(engine: Engine) -
     run(main())
 
 
-HOSTILE = "\x1b]0;owned\x07\x1b[2J\rroot# \u202e"
-
-
-def _closing_stranger_engine(engine: Engine, how: str):
-    """A connector engine that, before any AUTH, sends CLOSE(hostile reason)
-    on stream 0 (as soon as TLS completes) or a QUIC CONNECTION_CLOSE with a
-    hostile reason phrase (once the listener's HELLO is in: in 1-RTT packets,
-    where the phrase is carried; RFC 9000, 10.2.3)."""
-    import dataclasses
-
-    from l3ptp.ipc.codec import frame
-    from l3ptp.ipc.peer_messages import Close
-
-    base = load_engine(engine)
-
-    class ClosingConnection(base.QuicConnection):
-        def next_event(self):
-            event = super().next_event()
-            if how == "close" and isinstance(event, base.events.HandshakeCompleted):
-                sid = self.get_next_available_stream_id()
-                self.send_stream_data(sid, frame(PEER_CONTROL, Close(code=int(ErrorCode.SHUTDOWN), reason=HOSTILE)))
-            elif how == "connection_close" and isinstance(event, base.events.StreamDataReceived):
-                self.close(error_code=int(ErrorCode.SHUTDOWN), reason_phrase=HOSTILE)
-                return None
-            return event
-
-    return dataclasses.replace(base, QuicConnection=ClosingConnection)
-
-
 @pytest.mark.parametrize("how", ["close", "connection_close"])
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_strangers_close_reason_never_reaches_status(engine: Engine, how: str) -> None:
@@ -551,7 +523,7 @@ def test_a_strangers_close_reason_never_reaches_status(engine: Engine, how: str)
         lcfg = make_config(PeerRole.LISTEN, own=lk, peer_fp=ck.fingerprint, port=port, engine=engine)
         listener = make_node(lcfg, lsock)
         intruder = make_node(make_config(PeerRole.CONNECT, own=stranger, peer_fp=lk.fingerprint, port=port,
-                                         engine=engine), udp_socket(), engine=_closing_stranger_engine(engine, how))
+                                         engine=engine), udp_socket(), engine=closing_engine(engine, how))
         listener.start()
         intruder.start()
         try:
@@ -569,20 +541,13 @@ def test_a_strangers_close_reason_never_reaches_status(engine: Engine, how: str)
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_an_authenticated_peers_close_reason_is_kept_escaped(engine: Engine) -> None:
-    from l3ptp.ipc.codec import frame
-    from l3ptp.ipc.peer_messages import Close
-
     async def main():
         async with worker_pair(engine=engine) as pair:
             assert await pair.wait_established()
             ct, lt = pair.connector.tunnel, pair.listener.tunnel
-            peer = ct.active
-            peer.conn.send_stream_data(peer.stream_id, frame(PEER_CONTROL, Close(code=int(ErrorCode.SHUTDOWN),
-                                                                                   reason=HOSTILE)))
-            ct._transmit(peer)
-            shown = "\\x1b]0;owned\\x07\\x1b[2J\\x0droot# \\u202e"
-            assert await wait_for(lambda: shown in lt.last_error, 5), lt.last_error
-            assert lt.last_error == f"peer closed: SHUTDOWN: {shown}"
+            send_close(ct, HOSTILE)
+            assert await wait_for(lambda: HOSTILE_SHOWN in lt.last_error, 5), lt.last_error
+            assert lt.last_error == f"peer closed: SHUTDOWN: {HOSTILE_SHOWN}"
             assert lt.last_error.isprintable()
 
     run(main())
