@@ -8,8 +8,10 @@ for the operator's terminal.
   packets carry the phrase, RFC 9000, 10.2.3).
 * `main(argv)`: run one such peer against a listener for a bounded time, for
   the privileged end-to-end test (run inside the peer's network namespace):
-  ``stranger`` (a fresh key, both ways of closing in turn) or ``authenticated``
-  (the pinned key: establish, then CLOSE with the hostile reason).
+  ``stranger`` (a fresh key, both ways of closing in turn), ``authenticated``
+  (the pinned key: establish, then CLOSE with the hostile reason) or
+  ``routes`` (the pinned key, ``--rounds`` times: establish, then two legal
+  ROUTE_UPDATEs of 200 prefixes each, 400 routes in all; wait for the close).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 from l3ptp.ipc.codec import frame
 from l3ptp.ipc.control_messages import Engine
 from l3ptp.ipc.errors import ErrorCode
-from l3ptp.ipc.peer_messages import PEER_CONTROL, Close
+from l3ptp.ipc.peer_messages import PEER_CONTROL, Close, RouteUpdate
 from l3ptp.ipc.types import PeerRole
 from l3ptp.worker import keys
 from l3ptp.worker.engine import load_engine
@@ -60,16 +62,27 @@ def send_close(tunnel: Any, reason: str = HOSTILE) -> None:
     tunnel._transmit(peer)
 
 
+def send_route_updates(tunnel: Any) -> None:
+    """Two ROUTE_UPDATEs, legal one by one (200 prefixes each), 400 routes together."""
+    peer = tunnel.active
+    epoch = peer.session.params.route_epoch
+    for i in range(2):
+        routes = tuple(f"10.{(i * 200 + j) // 256}.{(i * 200 + j) % 256}.0/24" for j in range(200))
+        peer.conn.send_stream_data(peer.stream_id, frame(PEER_CONTROL, RouteUpdate(
+            add_routes=routes, remove_routes=(), route_epoch=epoch + 1 + i)))
+    tunnel._transmit(peer)
+
+
 async def _run(args: argparse.Namespace) -> int:
     from l3ptp.worker.tunnel import Tunnel
     from tests.support.fake_tun import FakeTun
     from tests.support.worker_fixtures import NodeKeys, make_config, new_keys
 
     engine = Engine(args.engine)
-    if args.mode == "authenticated":
+    if args.mode in ("authenticated", "routes"):
         key = keys.load_private_key(args.key)
         own = NodeKeys(keys.private_key_raw(key), keys.fingerprint(key))
-        runs: list[str | None] = [None]
+        runs: list[str | None] = [None] * (args.rounds if args.mode == "routes" else 1)
     else:
         own = new_keys()
         runs = ["close", "connection_close"]
@@ -92,13 +105,18 @@ async def _run(args: argparse.Namespace) -> int:
                 if not tunnel.established:
                     print(f"not established: {tunnel.last_error}")
                     return 1
-                send_close(tunnel)
-                await asyncio.sleep(0.5)
+                if args.mode == "routes":
+                    send_route_updates(tunnel)
+                    while tunnel.established and loop.time() < deadline:
+                        await asyncio.sleep(0.05)
+                else:
+                    send_close(tunnel)
+                    await asyncio.sleep(0.5)
             else:  # long enough for a handshake and the close
                 while tunnel.sessions == 0 and not tunnel.last_error and loop.time() < deadline:
                     await asyncio.sleep(0.05)
                 await asyncio.sleep(0.5)
-            print(f"{how or 'authenticated'}: {tunnel.last_error!r}")
+            print(f"{how or args.mode}: {tunnel.last_error!r}")
         finally:
             tunnel.stop()
             await asyncio.wait_for(task, 5)
@@ -109,7 +127,7 @@ async def _run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="hostile_peer")
-    parser.add_argument("mode", choices=["stranger", "authenticated"])
+    parser.add_argument("mode", choices=["stranger", "authenticated", "routes"])
     parser.add_argument("--peer", required=True, help="listener's underlay address")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--pin", required=True, help="listener's key fingerprint")
@@ -118,5 +136,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--address", action="append", default=[], help="our tunnel address (repeat)")
     parser.add_argument("--engine", default="aioquic")
     parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args(argv)
-    return asyncio.run(asyncio.wait_for(_run(args), args.seconds * 3 + 10))
+    return asyncio.run(asyncio.wait_for(_run(args), args.seconds * (2 + args.rounds) + 10))
