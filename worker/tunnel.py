@@ -411,7 +411,7 @@ class Tunnel:
                 self._on_handshake(peer)
             elif isinstance(event, ev.ConnectionTerminated):
                 # The phrase may be the peer's (CONNECTION_CLOSE) or a stranger's.
-                why = peer.session.peer_text(event.reason_phrase) or event.error_code
+                why = peer.session.peer_text(event.reason_phrase or "") or event.error_code
                 self._on_terminated(peer, f"connection terminated: {why}")
                 return
 

@@ -455,8 +455,16 @@ def test_words_of_a_stranger_stay_out_of_status_and_a_peers_are_shown_escaped(en
             assert "owned" not in text and "\x1b" not in text, text
         out = _hostile_peer(lab, "authenticated", engine)
         assert "authenticated:" in out, out
-        wait_for("a to report the peer's close", lambda: HOSTILE_SHOWN in lab.network(lab.a)["last_error"],
-                 timeout=10, lab=lab)
+        seen: list[Any] = []
+
+        def reported() -> bool:
+            seen[:] = [lab.network(lab.a)]
+            return HOSTILE_SHOWN in seen[0]["last_error"]
+
+        try:
+            wait_for("a to report the peer's close", reported, timeout=20, lab=lab)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- hostile peer ---\n{out}\n--- a's status ---\n{seen}") from None
         rc, text, err = lab.cli(lab.a, "status", "-v")
         assert rc == 0, err
         assert f"peer closed: SHUTDOWN: {HOSTILE_SHOWN}" in text

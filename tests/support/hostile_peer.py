@@ -60,6 +60,7 @@ def send_close(tunnel: Any, reason: str = HOSTILE) -> None:
     peer.conn.send_stream_data(peer.stream_id, frame(PEER_CONTROL, Close(code=int(ErrorCode.SHUTDOWN),
                                                                            reason=reason)))
     tunnel._transmit(peer)
+    tunnel._schedule()  # whatever pacing held back goes at the next timer
 
 
 def send_route_updates(tunnel: Any) -> None:
@@ -71,6 +72,7 @@ def send_route_updates(tunnel: Any) -> None:
         peer.conn.send_stream_data(peer.stream_id, frame(PEER_CONTROL, RouteUpdate(
             add_routes=routes, remove_routes=(), route_epoch=epoch + 1 + i)))
     tunnel._transmit(peer)
+    tunnel._schedule()
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -105,13 +107,14 @@ async def _run(args: argparse.Namespace) -> int:
                 if not tunnel.established:
                     print(f"not established: {tunnel.last_error}")
                     return 1
+                # Then wait for the listener to end the session, and stop before
+                # the reconnect (>= 0.25 s later) could start another one.
                 if args.mode == "routes":
                     send_route_updates(tunnel)
-                    while tunnel.established and loop.time() < deadline:
-                        await asyncio.sleep(0.05)
                 else:
                     send_close(tunnel)
-                    await asyncio.sleep(0.5)
+                while tunnel.established and loop.time() < deadline:
+                    await asyncio.sleep(0.02)
             else:  # long enough for a handshake and the close
                 while tunnel.sessions == 0 and not tunnel.last_error and loop.time() < deadline:
                     await asyncio.sleep(0.05)
