@@ -5,6 +5,9 @@ stream is not a terminal, which is the case under systemd and in tests;
 readable console output when it is. Each process binds its role (and, for
 workers, network and queue) once, so every line says who wrote it.
 Events are canonical names (``event="worker_ready"``) with fields, not prose.
+Every string field passes through `ipc.text.printable` (`escape_fields`), so
+text from outside (a peer's close reason) cannot put control sequences on
+an operator's terminal in either format; tracebacks keep their line breaks.
 """
 
 from __future__ import annotations
@@ -15,6 +18,30 @@ import sys
 from typing import Any, TextIO
 
 import structlog
+
+from l3ptp.ipc.text import printable
+
+#: Fields whose line breaks are kept (each line is escaped on its own).
+_MULTILINE = ("exception", "stack")
+
+
+def _escape(value: Any) -> Any:
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, list | tuple):
+        return [_escape(v) for v in value]
+    return value
+
+
+def escape_fields(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """structlog processor: every string field shown with `printable`."""
+    for key, value in event_dict.items():
+        if key in _MULTILINE and isinstance(value, str):
+            event_dict[key] = "\n".join(printable(line) for line in value.split("\n"))
+        else:
+            event_dict[key] = _escape(value)
+    return event_dict
+
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -70,6 +97,7 @@ def configure(
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
+            escape_fields,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.INFO)),

@@ -50,3 +50,28 @@ def test_level_filters_lower_events() -> None:
     log.info("quiet")
     log.warning("loud")
     assert [json.loads(x)["event"] for x in out.getvalue().splitlines()] == ["loud"]
+
+
+@pytest.mark.parametrize("as_json", [True, False], ids=["json", "console"])
+def test_text_from_outside_is_escaped_in_log_lines(as_json: bool) -> None:
+    """A peer's close reason with ESC/BEL/CR/bidi lands in the log escaped,
+    in both formats; a traceback keeps its line breaks."""
+    out = io.StringIO()
+    log = logsetup.configure("worker", stream=out, json=as_json)
+    log.warning("peer_closed", reason="\x1b]0;owned\x07\x1b[2J\rroot\u202e", codes=["\x9b1m"])
+    try:
+        raise ValueError("bad \x1b[31m value")
+    except ValueError:
+        log.exception("internal_error")
+    text = out.getvalue()
+    for raw in ("\x1b", "\x07", "\r", "\u202e", "\x9b"):
+        assert raw not in text
+    if as_json:
+        first, second = (json.loads(x) for x in text.splitlines())
+        assert first["reason"] == "\\x1b]0;owned\\x07\\x1b[2J\\x0droot\\u202e"
+        assert first["codes"] == ["\\x9b1m"]
+        assert "Traceback" in second["exception"] and "\n" in second["exception"]
+        assert "bad \\x1b[31m value" in second["exception"]
+    else:
+        assert "\\x1b]0;owned\\x07\\x1b[2J\\x0droot\\u202e" in text
+        assert "bad \\x1b[31m value" in text
