@@ -201,10 +201,18 @@ class Machine:
                 raise BootError(f"{self.name}: no init process after {timeout:.0f} s: {self.console_tail()}")
             self.leader = self._find_init()
             time.sleep(0.2)
-        left = max(5.0, deadline - time.monotonic())
-        state = self.run("systemctl is-system-running --wait", check=False, timeout=left).stdout.strip()
-        if state not in ("running", "degraded"):
-            raise BootError(f"{self.name}: system state {state!r}: {self.console_tail()}")
+        # Until the guest's manager listens, systemctl fails at once: ask again.
+        state = ""
+        while state not in ("running", "degraded"):
+            left = deadline - time.monotonic()
+            if left <= 0 or self.proc.poll() is not None:
+                raise BootError(f"{self.name}: system state {state!r}: {self.console_tail()}")
+            try:
+                state = self.run("systemctl is-system-running --wait", check=False, timeout=left).stdout.strip()
+            except subprocess.TimeoutExpired:
+                state = "timeout"
+            if state not in ("running", "degraded"):
+                time.sleep(0.5)
         return self
 
     def _find_init(self) -> int:
