@@ -127,8 +127,15 @@ def pings(src: Site, dst: Site) -> bool:
 
 
 def carries_traffic(a: Site, b: Site, timeout: float = TRAFFIC_WAIT) -> None:
-    wait_for(f"ping {a.me} <-> {b.me} (v4 and v6) through {IFNAME}",
-             lambda: pings(a, b) and pings(b, a), timeout=timeout)
+    try:
+        wait_for(f"ping {a.me} <-> {b.me} (v4 and v6) through {IFNAME}",
+                 lambda: pings(a, b) and pings(b, a), timeout=timeout)
+    except AssertionError as exc:
+        journals = "\n".join(f"--- {s.me}:\n" + s.m.run(
+            "systemctl --no-pager status l3ptp-helper l3ptp-controller; "
+            "journalctl -q --no-pager -o cat -n 25 -u l3ptp-helper -u l3ptp-controller", check=False).stdout
+            for s in (a, b))
+        raise AssertionError(f"{exc}\n{journals[-6000:]}") from None
 
 
 @pytest.fixture(scope="module")
@@ -295,4 +302,7 @@ def test_purge_leaves_nothing_behind(sites: tuple[Site, Site]) -> None:
             f"ip -br link show | grep -E '^l3p-' ; ip route show proto 157 ; ip -6 route show proto 157 ; "
             "getent passwd l3ptp l3ptp-helper ; getent group l3ptp l3ptp-admin ; true")
         assert leftovers.strip() == "", f"{s.me}: {leftovers}"
-        assert s.run("systemctl list-units --all --no-legend 'l3ptp*'").strip() == ""
+        assert s.run("systemctl list-unit-files --no-legend 'l3ptp*'").strip() == ""
+        # systemd may still list the removed units as "not-found" until it forgets them; none is loaded.
+        units = s.run("systemctl list-units --all --plain --no-legend 'l3ptp*'").splitlines()
+        assert all(line.split()[1] == "not-found" and line.split()[2] == "inactive" for line in units), units

@@ -253,14 +253,25 @@ class Machine:
 
     # -- stopping ----------------------------------------------------------------------------
 
-    def close(self) -> None:
+    def request_stop(self) -> None:
+        """Ask the guest to power off (nspawn forwards SIGTERM to its init as a halt request)."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # nspawn asks the guest's init to power off
+            self.proc.send_signal(signal.SIGTERM)
+
+    def close(self, grace: float = 10.0) -> None:
+        """Stop the machine (a clean halt for `grace` s, then nspawn's immediate termination) and remove it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.request_stop()
             try:
-                self.proc.wait(timeout=30)
+                self.proc.wait(timeout=grace)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
+                # A second SIGTERM: nspawn terminates the container at once and still cleans up.
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(timeout=30)
         self.proc = None
         self.leader = 0
         # nspawn's mounts live in its own mount namespace and end with it;
@@ -301,6 +312,8 @@ def machine_pair(*, tun_modes: tuple[int, int] = (0o666, 0o666), tarball: Path |
             m.boot(boot_timeout)
         yield Pair(machines[0], machines[1], underlay)
     finally:
+        for m in machines:
+            m.request_stop()  # both halt in parallel
         for m in reversed(machines):
             m.close()
         underlay.close()
