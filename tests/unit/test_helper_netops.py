@@ -10,23 +10,14 @@ import pytun
 from l3ptp.helper import netops
 
 
-def test_tun_node_not_accessible_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("code", "hint"), [(errno.EACCES, True), (errno.EBUSY, False)])
+def test_only_an_inaccessible_tun_node_names_the_fix(monkeypatch: pytest.MonkeyPatch, code: int, hint: bool) -> None:
     def refuse(**_: object) -> None:
-        raise pytun.Error(errno.EACCES, "Permission denied")
+        raise pytun.Error(code, "refused")
 
     monkeypatch.setattr(netops.pytun, "TunTapDevice", refuse)
-    with pytest.raises(PermissionError) as info:
-        netops.open_queues("l3p-x", 2, 1000)
-    assert info.value.errno == errno.EACCES
-    assert "/dev/net/tun" in str(info.value) and "0666" in str(info.value)
-    assert "systemd-tmpfiles --create l3ptp.conf" in str(info.value)
-
-
-def test_other_tun_errors_pass_through(monkeypatch: pytest.MonkeyPatch) -> None:
-    def busy(**_: object) -> None:
-        raise pytun.Error(errno.EBUSY, "Device or resource busy")
-
-    monkeypatch.setattr(netops.pytun, "TunTapDevice", busy)
     with pytest.raises(OSError) as info:
-        netops.open_queues("l3p-x", 1, 1000)
-    assert info.value.errno == errno.EBUSY and "0666" not in str(info.value)
+        netops.open_queues("l3p-x", 2, 1000)
+    assert info.value.errno == code
+    text = str(info.value)
+    assert ("/dev/net/tun" in text and "0666" in text and "systemd-tmpfiles --create l3ptp.conf" in text) is hint
