@@ -159,10 +159,10 @@ def sites(l3ptp_deb: Path) -> Iterator[tuple[Site, Site]]:
 def test_installed_units_bring_up_a_dual_stack_two_queue_tunnel(sites: tuple[Site, Site]) -> None:
     alpha, beta = sites
     carries_traffic(alpha, beta, timeout=60)
+    wait_for(f"{NET} up (both queues established) on both", lambda: all(state(s) == "up" for s in sites))
     for s in sites:
         status = json.loads(s.run("l3ptp status --json"))
         (net,) = [n for n in status["networks"] if n["name"] == NET]
-        assert net["state"] == "up", net
         assert len(net["queues"]) == 2, net
         link = json.loads(s.run(f"ip -j -d link show {IFNAME}"))[0]
         assert link["linkinfo"]["info_data"]["multi_queue"] is True
@@ -302,7 +302,16 @@ def test_purge_leaves_nothing_behind(sites: tuple[Site, Site]) -> None:
             f"ip -br link show | grep -E '^l3p-' ; ip route show proto 157 ; ip -6 route show proto 157 ; "
             "getent passwd l3ptp l3ptp-helper ; getent group l3ptp l3ptp-admin ; true")
         assert leftovers.strip() == "", f"{s.me}: {leftovers}"
-        assert s.run("systemctl list-unit-files --no-legend 'l3ptp*'").strip() == ""
+        assert s.m.run("systemctl list-unit-files --no-legend 'l3ptp*'", check=False).stdout.strip() == ""
         # systemd may still list the removed units as "not-found" until it forgets them; none is loaded.
-        units = s.run("systemctl list-units --all --plain --no-legend 'l3ptp*'").splitlines()
-        assert all(line.split()[1] == "not-found" and line.split()[2] == "inactive" for line in units), units
+        for line in s.run("systemctl list-units --all --plain --no-legend 'l3ptp*'").splitlines():
+            unit, load, active = line.split()[:3]
+            assert load == "not-found", line
+            if active == "failed":
+                # Only the nspawn machines' cgroup v1 artefact is tolerated: systemd could not move the
+                # stop-time control process into the unit's cgroup ("Failed to kill control group ...
+                # Input/output error"), reported as 219/CGROUP. Anything else fails the test.
+                why = s.run(f"journalctl -q --no-pager -o cat -u {unit} -g 'Control process exited'").splitlines()
+                assert why and all("status=219/CGROUP" in w for w in why), (line, why)
+            else:
+                assert active == "inactive", line
