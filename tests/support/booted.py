@@ -10,8 +10,7 @@ namespaces joined by one veth pair (the underlay, 198.18.0.1/24 and
 otherwise when the namespace is given by path) and a ``/dev/net/tun`` node of
 its own bound in (mode 0666 like stock Debian, or 0600 like some hosts).
 Everything needed comes from Debian's ``systemd-container`` and
-``mmdebstrap`` packages (docs in /work/shared/docs/booted-machines.md style:
-see docs/packaging.md, "Booted-machine tests").
+``mmdebstrap`` packages (docs/packaging.md, "Booted-machine tests").
 
 Every machine, namespace and temporary tree is removed on success, failure
 and Ctrl-C: the context managers clean up in ``finally``, and an ``atexit``
