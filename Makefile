@@ -24,7 +24,7 @@ PY := $(VENV)/bin/python
 # unprivileged uids, which cannot run an interpreter kept under /root (pyenv).
 PYTHON_BASE ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || command -v python3)
 # Debian packages the test suite and the demo use.
-DEBS := iproute2 iputils-ping iperf3 procps systemd dpkg-dev debhelper lintian fakeroot gcc python3.11-dev python3-pip python3-setuptools python3-wheel python3-venv dbus-daemon polkitd
+DEBS := iproute2 iputils-ping iperf3 procps systemd dpkg-dev debhelper lintian fakeroot gcc python3.11-dev python3-pip python3-setuptools python3-wheel python3-venv dbus-daemon polkitd systemd-container mmdebstrap
 
 .PHONY: test demo bench deps venv clean
 

@@ -1,8 +1,9 @@
 """The one structlog configuration used by every l3ptp process.
 
 JSON lines (one object per event, ISO-8601 UTC timestamps) when the output
-stream is not a terminal, which is the case under systemd and in tests;
-readable console output when it is. Each process binds its role (and, for
+stream is not a terminal, which is the case in tests; ``key=value`` lines
+(logfmt) when it is systemd-journald's stream (the units); readable console
+output on a terminal. Each process binds its role (and, for
 workers, network and queue) once, so every line says who wrote it.
 Events are canonical names (``event="worker_ready"``) with fields, not prose.
 Every string field passes through `ipc.text.printable` (`escape_fields`), so
@@ -63,6 +64,23 @@ class _Stdout:
     def isatty(self) -> bool:
         return sys.stdout.isatty()
 
+    def fileno(self) -> int:
+        return sys.stdout.fileno()
+
+
+#: Keys first on every journal line, in this order (an operator filters on them).
+JOURNAL_KEYS = ["event", "network", "queue", "role", "action", "result"]
+
+
+def on_journal(stream: Any) -> bool:
+    """True when `stream` is systemd-journald's stream (JOURNAL_STREAM names its device:inode)."""
+    dev, _, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(stream.fileno())
+        return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (AttributeError, OSError, ValueError):
+        return False
+
 
 def configure(
     role: str,
@@ -74,19 +92,24 @@ def configure(
 ) -> structlog.typing.FilteringBoundLogger:
     """Configure structlog for this process and return the bound root logger.
 
-    `json=None` picks JSON unless `stream` is a terminal. `L3PTP_LOG_FORMAT`
-    (`json` or `console`) overrides the choice; `L3PTP_LOG_LEVEL` overrides
-    `level`.
+    `json=None` picks JSON unless `stream` is a terminal or the journal: on
+    the journal (a systemd unit's output) each line is ``key=value`` pairs
+    (logfmt) starting with `JOURNAL_KEYS`, so ``journalctl -u UNIT -g
+    'network=office'`` finds them. `L3PTP_LOG_FORMAT` (`json`, `console` or
+    `logfmt`) overrides the choice; `L3PTP_LOG_LEVEL` overrides `level`.
     """
     out = stream if stream is not None else _Stdout()
     env_format = os.environ.get("L3PTP_LOG_FORMAT")
+    logfmt = env_format == "logfmt" or (json is None and env_format not in ("json", "console") and on_journal(out))
     if env_format in ("json", "console"):
         json = env_format == "json"
     if json is None:
         json = not (hasattr(out, "isatty") and out.isatty())
     level = os.environ.get("L3PTP_LOG_LEVEL", level)
     renderer: Any = (
-        structlog.processors.JSONRenderer(sort_keys=False)
+        structlog.processors.LogfmtRenderer(key_order=JOURNAL_KEYS, drop_missing=True)
+        if logfmt
+        else structlog.processors.JSONRenderer(sort_keys=False)
         if json
         else structlog.dev.ConsoleRenderer(colors=False)
     )

@@ -75,3 +75,24 @@ def test_text_from_outside_is_escaped_in_log_lines(as_json: bool) -> None:
     else:
         assert "\\x1b]0;owned\\x07\\x1b[2J\\x0droot\\u202e" in text
         assert "bad \\x1b[31m value" in text
+
+
+def test_journal_stream_gets_key_value_lines(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a unit (JOURNAL_STREAM names stdout's device:inode) lines are logfmt, event/network/queue first."""
+    with open(tmp_path / "journal", "w+") as out:
+        st = __import__("os").fstat(out.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+        monkeypatch.delenv("L3PTP_LOG_FORMAT", raising=False)
+        log = logsetup.configure("worker", stream=out, network="office", queue=1)
+        log.info("worker_ready", reason="peer said \"bye\"")
+        out.seek(0)
+        line = out.read().strip()
+    assert line.startswith("event=worker_ready network=office queue=1 role=worker "), line
+    assert 'reason="peer said \\"bye\\""' in line and "level=info" in line
+
+
+def test_other_stream_with_journal_env_stays_json(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JOURNAL_STREAM", "1:2")
+    out = io.StringIO()
+    logsetup.configure("helper", stream=out).info("audit", action="Hello")
+    assert json.loads(out.getvalue())["action"] == "Hello"
