@@ -23,8 +23,8 @@ from .policy import Policy, Refused
 
 TUNSETOWNER = 0x400454CC
 TUN_FLAGS = pytun.IFF_TUN | pytun.IFF_NO_PI | pytun.IFF_MULTI_QUEUE
-TUN_EACCES = ("cannot open /dev/net/tun: it must be mode 0666 as Debian makes it (the kernel still requires "
-              "CAP_NET_ADMIN); the package's tmpfiles.d/l3ptp.conf sets that at boot, now: systemd-tmpfiles --create l3ptp.conf")
+TUN_EACCES = ("cannot open /dev/net/tun: the helper's user needs read-write access to it (the kernel still requires "
+              "CAP_NET_ADMIN); the package's tmpfiles.d/l3ptp.conf grants it at boot, now: systemd-tmpfiles --create l3ptp.conf")
 IFA_F_NODAD, FIB_RULE_INVERT, UNSET = 0x02, 0x2, 2**32 - 1
 ADDR_GEN_MODE_NONE = 1  # IN6_ADDR_GEN_MODE_NONE
 FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}

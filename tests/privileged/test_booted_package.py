@@ -156,6 +156,17 @@ def sites(l3ptp_deb: Path) -> Iterator[tuple[Site, Site]]:
         yield alpha, beta
 
 
+ACL_USER_TAG = 0x02  # ACL_USER in <linux/posix_acl.h>
+
+
+def acl_entries(site: Site, path: str) -> set[tuple[int, int, int]]:
+    """(tag, permissions, id) of the POSIX ACL on `path` in `site` (minbase has no getfacl)."""
+    raw = bytes.fromhex(site.run(
+        f"python3.11 -c \"import os; print(os.getxattr('{path}', 'system.posix_acl_access').hex())\"").strip())
+    return {(int.from_bytes(raw[i:i + 2], "little"), int.from_bytes(raw[i + 2:i + 4], "little"),
+             int.from_bytes(raw[i + 4:i + 8], "little")) for i in range(4, len(raw), 8)}
+
+
 def test_installed_units_bring_up_a_dual_stack_two_queue_tunnel(sites: tuple[Site, Site]) -> None:
     alpha, beta = sites
     carries_traffic(alpha, beta, timeout=60)
@@ -166,8 +177,12 @@ def test_installed_units_bring_up_a_dual_stack_two_queue_tunnel(sites: tuple[Sit
         assert len(net["queues"]) == 2, net
         link = json.loads(s.run(f"ip -j -d link show {IFNAME}"))[0]
         assert link["linkinfo"]["info_data"]["multi_queue"] is True
-    # beta's node was root 0600: the package's tmpfiles.d rule made it 0666.
-    assert beta.run("stat -c %a /dev/net/tun").strip() == "666"
+    # beta's node is root 0600: the package's tmpfiles.d rule gave the helper's
+    # user, and nobody else, an ACL entry (mode bits for others stay 0).
+    assert beta.run("stat -c %a /dev/net/tun").strip()[-1] == "0"
+    assert (ACL_USER_TAG, 6, int(beta.run("id -u l3ptp-helper"))) in acl_entries(beta, "/dev/net/tun")
+    refused = beta.run("runuser -u nobody -- python3.11 -c \"open('/dev/net/tun', 'r+b')\" 2>&1 || true")
+    assert "Permission denied" in refused, refused
     # A short, bounded iperf3 through the tunnel (TCP, 3 s).
     beta.run(f"iperf3 -s -1 -D -B {ADDR['beta'][0]}")
     time.sleep(0.5)

@@ -20,4 +20,4 @@ def test_only_an_inaccessible_tun_node_names_the_fix(monkeypatch: pytest.MonkeyP
         netops.open_queues("l3p-x", 2, 1000)
     assert info.value.errno == code
     text = str(info.value)
-    assert ("/dev/net/tun" in text and "0666" in text and "systemd-tmpfiles --create l3ptp.conf" in text) is hint
+    assert ("/dev/net/tun" in text and "read-write access" in text and "systemd-tmpfiles --create l3ptp.conf" in text) is hint
