@@ -187,4 +187,15 @@ class HelperClient:
         return await self.request_expect(DestroyNetwork(name=name), NetworkDestroyed)
 
     async def list_networks(self) -> tuple[NetworkInfo, ...]:
-        return (await self.request_expect(ListNetworks(), NetworkList)).networks
+        """Every network, page by page (a page holds what fits in one reply); names must keep increasing."""
+        out: list[NetworkInfo] = []
+        after: str | None = None
+        while True:
+            page = await self.request_expect(ListNetworks(after=after), NetworkList)
+            if any(after is not None and n.name <= after for n in page.networks) or (page.more and not page.networks):
+                self.close()
+                raise HelperUnavailable("helper answered ListNetworks with pages out of order")
+            out.extend(page.networks)
+            if not page.more:
+                return tuple(out)
+            after = page.networks[-1].name

@@ -14,7 +14,7 @@ import array
 import contextlib
 import os
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from .errors import DecodeError
@@ -53,8 +53,12 @@ def send(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:
     sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else [])
 
 
-def recv(sock: socket.socket, max_size: int, max_fds: int) -> tuple[bytes, list[int]]:
-    """One packet of at most `max_size` bytes and the at most `max_fds` fds that came with it."""
+def recv(sock: socket.socket, max_size: int, max_fds: int,
+         close: Callable[[Iterable[int]], None] = close_fds) -> tuple[bytes, list[int]]:
+    """One packet of at most `max_size` bytes and the at most `max_fds` fds that came with it.
+
+    On a `FramingError` the fds that came are given to `close` (the helper closes them off its loop).
+    """
     # CMSG_LEN (as socket.recv_fds): room for exactly `max_fds`; one more fd sets MSG_CTRUNC.
     data, anc, flags, _ = sock.recvmsg(max_size, socket.CMSG_LEN(max_fds * _FD))
     fds: list[int] = []
@@ -70,7 +74,7 @@ def recv(sock: socket.socket, max_size: int, max_fds: int) -> tuple[bytes, list[
              else PeerClosed() if not data and not fds
              else None)
     if error is not None:
-        close_fds(fds)
+        close(fds)
         raise error
     return data, fds
 
