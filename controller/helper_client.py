@@ -83,14 +83,11 @@ class HelperClient:
     @classmethod
     async def connect(cls, path: str | os.PathLike[str], *, timeout: float = HELPER_TIMEOUT) -> HelperClient:
         """Connect to the helper socket at `path` and say Hello as the controller."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        sock.setblocking(False)
         loop = asyncio.get_running_loop()
-        try:
-            await asyncio.wait_for(loop.sock_connect(sock, os.fspath(path)), timeout)
-        except (OSError, TimeoutError) as exc:
-            sock.close()
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        try:  # a blocking connect, on a thread: it waits its turn while others flood the helper's backlog
+            sock = await loop.run_in_executor(None, seqpacket.connect, os.fspath(path), timeout)
+        except OSError as exc:
+            why = exc.strerror or str(exc) or type(exc).__name__
             raise HelperUnavailable(f"cannot connect to the helper at {os.fspath(path)}: {why}") from exc
         client = cls(sock, timeout=timeout)
         try:

@@ -14,6 +14,7 @@ import array
 import contextlib
 import os
 import socket
+import struct
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,7 @@ from .errors import DecodeError
 if TYPE_CHECKING:
     from asyncio import AbstractEventLoop, Future
 
-__all__ = ["FramingError", "PeerClosed", "close_fds", "recv", "recv_async", "send"]
+__all__ = ["FramingError", "PeerClosed", "close_fds", "connect", "recv", "recv_async", "send"]
 
 _FD = array.array("i").itemsize
 
@@ -46,6 +47,27 @@ def close_fds(fds: Iterable[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+def connect(path: str, timeout: float) -> socket.socket:
+    """A connected blocking SOCK_SEQPACKET socket; raises OSError (TimeoutError past `timeout` s).
+
+    While the listener's backlog is full a non-blocking connect fails at once with EAGAIN (and asyncio's
+    sock_connect then wrongly reports success); a blocking one waits in the kernel's queue with everyone else
+    connecting, for at most SO_SNDTIMEO, which is what a client needs when others flood the listener.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(timeout), int(timeout % 1 * 1e6)))
+        try:
+            sock.connect(path)
+        except BlockingIOError:
+            raise TimeoutError(f"{path}: backlog still full after {timeout} s") from None
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, 0))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def send(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:

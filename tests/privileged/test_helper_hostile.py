@@ -7,6 +7,7 @@ attack. Every attack is bounded in time and its processes are killed by pid at t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import select
@@ -20,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from l3ptp.controller.helper_client import HelperClient, HelperError
 from l3ptp.controller.lab import setns
 from l3ptp.ipc import helper_messages as hm
 from l3ptp.ipc import seqpacket
@@ -35,10 +37,14 @@ SERVED_WITHIN = 2.0
 
 @pytest.fixture
 def helper(netns) -> Iterator[HelperProcess]:
+    """The helper, with the running controller's own session open (as in production) during the attack."""
     workdir = tempfile.mkdtemp(prefix="l3ptp-hostile-")
     h = HelperProcess(netns, workdir, controller_uids=[0], worker_uids=[NOBODY], socket_group=GROUP)
     h.start()
+    controller = Client.connect(h.socket_path)
+    assert isinstance(controller.hello(hm.Role.CONTROLLER), hm.Welcome)
     yield h
+    controller.close()
     h.stop()
     for name in os.listdir(workdir):
         os.unlink(os.path.join(workdir, name))
@@ -95,9 +101,7 @@ def attackers() -> Iterator[Attackers]:
 
 
 def _connect(path: str) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    s.connect(path)
-    return s
+    return seqpacket.connect(path, 10)
 
 
 def hold(path: str, count: int, until: float, hello: hm.Role | None = None) -> Callable[[Callable[[], None]], None]:
@@ -125,21 +129,25 @@ def hold(path: str, count: int, until: float, hello: hm.Role | None = None) -> C
 
 
 def served(path: str) -> float:
-    """Seconds for a fresh controller connection to get Welcome and a NetworkList (inf if it did not)."""
+    """Seconds for the controller's client to connect, get Welcome and every network (inf if it did not)."""
+    async def run() -> None:
+        client = await HelperClient.connect(path, timeout=SERVED_WITHIN + 3)
+        try:
+            await client.list_networks()
+        finally:
+            client.close()
+
     t0 = time.monotonic()
     try:
-        c = Client(socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET), timeout=SERVED_WITHIN + 3)
-        c.sock.connect(path)
-        ok = isinstance(c.hello(hm.Role.CONTROLLER), hm.Welcome)
-        ok = ok and isinstance(c.request(hm.ListNetworks())[0], hm.NetworkList)
-        c.close()
-    except OSError:
-        ok = False
-    return time.monotonic() - t0 if ok else float("inf")
+        asyncio.run(run())
+    except HelperError:
+        return float("inf")
+    return time.monotonic() - t0
 
 
 def test_idle_connections_of_an_outsider_do_not_starve_the_controller(helper, attackers) -> None:
     attackers.start(hold(helper.socket_path, HELPER_MAX_SESSIONS - 1, time.monotonic() + 12), uid=OUTSIDER)
+    time.sleep(0.5)
     times = [served(helper.socket_path) for _ in range(3)]
     assert max(times) < SERVED_WITHIN, times
     refused = [a for a in helper.audits() if a["action"] == "accept" and a["result"] == "refused"]
@@ -149,7 +157,7 @@ def test_idle_connections_of_an_outsider_do_not_starve_the_controller(helper, at
 def test_a_reconnect_flood_leaves_the_controller_served_and_the_audit_small(helper, attackers) -> None:
     until = time.monotonic() + 6
     for _ in range(3):
-        attackers.start(hold(helper.socket_path, 8, until), uid=OUTSIDER)
+        attackers.start(hold(helper.socket_path, HELPER_MAX_SESSIONS, until), uid=OUTSIDER)
     times = []
     while time.monotonic() < until - 0.5:
         times.append(served(helper.socket_path))
@@ -174,6 +182,7 @@ def test_worker_uid_holding_sessions_does_not_block_controller_or_a_new_worker(h
     c.close()
     attackers.start(hold(helper.socket_path, HELPER_MAX_SESSIONS - 1, time.monotonic() + 8, hello=hm.Role.WORKER),
                     uid=NOBODY)
+    time.sleep(0.5)
     assert max(served(helper.socket_path) for _ in range(3)) < SERVED_WITHIN
 
     def claim(ready: Callable[[], None]) -> None:
