@@ -13,9 +13,10 @@ from typing import Any, NamedTuple
 import structlog
 
 from l3ptp.ipc.constants import HELPER_AUDIT_KEYS, HELPER_AUDIT_WINDOW, HELPER_MESSAGE_MAX
+from l3ptp.ipc.logsetup import LineLimiter
 from l3ptp.ipc.errors import ErrorCode
-from l3ptp.ipc.helper_messages import (HELPER_PROTOCOL, HELPER_REPLIES, AddRoutes, ClaimQueue, CreateNetwork, DestroyNetwork, Failed,
-                                       Hello, ListNetworks, NetworkCreated, NetworkDestroyed, NetworkInfo, NetworkList,
+from l3ptp.ipc.helper_messages import (HELPER_PROTOCOL, HELPER_REPLIES, AddRoutes, ClaimQueue, CreateNetwork,
+                                       DestroyNetwork, Failed, Hello, ListNetworks, NetworkCreated, NetworkDestroyed, NetworkInfo, NetworkList,
                                        ProtectSocket, QueueGranted, RemoveRoutes, Role, RoutesChanged,
                                        SocketProtected, Welcome)
 from l3ptp.ipc.schema import Message
@@ -72,39 +73,6 @@ TABLE: dict[type, Rule] = {
     ClaimQueue: Rule("handle_claim_queue", _W, once=True),
     ProtectSocket: Rule("handle_protect_socket", _W),
 }
-class AuditLimiter:
-    """Repeated lines of one kind (uid, action, result, code): the first of a window in full, the rest counted.
-
-    `allow` says whether to write a line now; `due` returns the kinds whose window ended with lines held back, with
-    their count, for one summary line each. At most `max_keys` kinds: past that, uids share the kind of uid None.
-    """
-
-    def __init__(self, window: float = HELPER_AUDIT_WINDOW, max_keys: int = HELPER_AUDIT_KEYS) -> None:
-        self.window, self.max_keys = window, max_keys
-        self.windows: dict[tuple[Any, ...], list[float]] = {}  # kind -> [window start, lines held back]
-
-    def allow(self, key: tuple[Any, ...], now: float) -> bool:
-        if key not in self.windows and len(self.windows) >= self.max_keys:
-            key = (None, *key[1:])
-        held = self.windows.get(key)
-        if held is None:
-            self.windows[key] = [now, 0]
-            return True
-        held[1] += 1
-        return False
-
-    def due(self, now: float) -> list[tuple[tuple[Any, ...], int]]:
-        ended = [(key, int(held[1])) for key, held in self.windows.items() if now - held[0] >= self.window]
-        for key, _ in ended:
-            del self.windows[key]
-        return [(key, n) for key, n in ended if n]
-
-
-class _Uid(NamedTuple):
-    uid: int | None
-    pid: None = None
-
-
 _ERRNO_CODES = {errno.EBUSY: ErrorCode.BUSY, errno.EEXIST: ErrorCode.EXISTS, errno.ENOENT: ErrorCode.NOT_FOUND,
                 errno.ESRCH: ErrorCode.NOT_FOUND, errno.EPERM: ErrorCode.NOT_PERMITTED,
                 errno.EACCES: ErrorCode.NOT_PERMITTED}
@@ -119,7 +87,7 @@ class Dispatcher:
     def __init__(self, policy: Policy, state: State, kernel: Any, audit: Callable[..., None],
                  clock: Callable[[], float]) -> None:
         self.policy, self.state, self.kernel, self.audit, self.clock = policy, state, kernel, audit, clock
-        self.limiter = AuditLimiter()
+        self.limiter = LineLimiter(HELPER_AUDIT_WINDOW, HELPER_AUDIT_KEYS)
 
     def _audit(self, s: Session, action: str, result: str, **fields: Any) -> None:
         """Write an audit line; anything but a privileged action done (a Hello too) goes through the limiter."""
@@ -131,7 +99,7 @@ class Dispatcher:
     def flush_audit(self) -> None:
         """One summary line per kind of audit line held back in a window that has ended."""
         for (uid, action, result, code), n in self.limiter.due(self.clock()):
-            self.audit(action, peer=_Uid(uid), result=result, suppressed=n, window=self.limiter.window,
+            self.audit(action, peer=Peer(None, uid, None), result=result, suppressed=n, window=self.limiter.window,
                        **({} if code is None else {"code": code}),
                        summary=f"{result} {n} more from uid {uid} in the last {self.limiter.window:g} s")
 
@@ -280,12 +248,8 @@ class Dispatcher:
         return Outcome(NetworkDestroyed(name=net.name, routes_removed=tuple(routes)))
 
     def handle_list_networks(self, s: Session, req: ListNetworks) -> Outcome:
-        """The networks after `req.after` in name order, as many as fit under HELPER_MESSAGE_MAX (at least one).
-
-        A page's size is bounded by the sum of each network's size on a page of its own (a record encodes the same
-        anywhere) plus the array header's growth; tests/unit/test_helper_limits.py shows the largest network the
-        policy allows fits a page of its own.
-        """
+        """The networks after `req.after` in name order, as many as fit under HELPER_MESSAGE_MAX (at least one:
+        tests/unit/test_helper_limits.py). A page is at most the sum of each network's size on a page of its own."""
         names = sorted(n for n in self.state.networks if req.after is None or n > req.after)
         page: list[NetworkInfo] = []
         size = _EMPTY_PAGE + 2  # msgpack's array header grows by 2 bytes past 15 items (fixarray -> array16)
@@ -300,4 +264,4 @@ class Dispatcher:
         return Outcome(NetworkList(networks=tuple(page), more=len(page) < len(names)))
 
 
-_EMPTY_PAGE = len(HELPER_REPLIES.encode(NetworkList(networks=(), more=True))) + 2
+_EMPTY_PAGE = len(HELPER_REPLIES.encode(NetworkList(networks=(), more=True)))

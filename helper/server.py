@@ -11,13 +11,11 @@ Received fds, and connections we drop, are closed on `Closer` threads; a queue f
 import contextlib
 import grp
 import os
-import queue
+import resource
 import selectors
 import socket
 import stat
 import struct
-import threading
-from collections.abc import Iterable
 
 from l3ptp.ipc import seqpacket
 from l3ptp.ipc.constants import (HELPER_ACCEPT_BATCH, HELPER_CLOSE_BACKLOG, HELPER_CLOSE_THREADS,
@@ -28,10 +26,12 @@ from l3ptp.ipc.errors import DecodeError
 from l3ptp.ipc.helper_messages import HELPER_REPLIES, HELPER_REQUESTS, Role
 
 from .dispatch import Dispatcher, Peer, Session, Violation
+from .policy import Policy
 
 MAX_FDS_PER_MESSAGE = HELPER_MAX_FDS_PER_MESSAGE
 _CRED = struct.Struct("iII")
 _HELPER = Session(Peer(None, None, None))  # type: ignore[arg-type]  # audit lines about no peer
+_IDLE = {Role.CONTROLLER: HELPER_IDLE_TIMEOUT_CONTROLLER, Role.WORKER: HELPER_IDLE_TIMEOUT_WORKER}
 
 
 def peer_of(conn: socket.socket) -> Peer:
@@ -70,63 +70,26 @@ def systemd_listener() -> socket.socket | None:
     return sock
 
 
-class Closer:
-    """Closes fds on up to `threads` daemon threads, never on the loop.
-
-    The last close of a file can block as long as whoever made it likes (a TCP socket with SO_LINGER and unsent
-    data, a FUSE file's flush, a tty draining), and so can closing a connection that holds such fds in its queue.
-    Resetting SO_LINGER first would race a sender that kept a copy and covers sockets only. A thread is started when
-    none is idle; past `backlog` fds waiting (every thread stuck) the caller's thread closes.
-    """
-
-    def __init__(self, threads: int = HELPER_CLOSE_THREADS, backlog: int = HELPER_CLOSE_BACKLOG) -> None:
-        self.max_threads, self.backlog = threads, backlog
-        self._queue: queue.SimpleQueue[int] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self.pending = self._idle = self._threads = 0
-
-    def close(self, fds: Iterable[int]) -> None:
-        for fd in fds:
-            with self._lock:
-                inline = self.pending >= self.backlog
-                self.pending += not inline
-                start = not inline and self._idle < self.pending and self._threads < self.max_threads
-                self._threads += start
-            if inline:
-                seqpacket.close_fds([fd])
-                continue
-            if start:
-                threading.Thread(target=self._run, name="l3ptp-close", daemon=True).start()
-            self._queue.put(fd)
-
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                self._idle += 1
-            fd = self._queue.get()
-            with self._lock:
-                self._idle -= 1
-            if fd < 0:
-                return
-            seqpacket.close_fds([fd])
-            with self._lock:
-                self.pending -= 1
-
-    def stop(self) -> None:
-        """Let idle threads end (a stuck close keeps its thread until it returns)."""
-        for _ in range(self._threads):
-            self._queue.put(-1)
+def raise_fd_limit(policy: Policy) -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE (up to the hard one) to what the policy's limits can hold open: (limit, need)."""
+    need = policy.max_networks * policy.max_queues + HELPER_MAX_SESSIONS + HELPER_CLOSE_BACKLOG + SCM_MAX_FD + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < need:
+        soft = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return soft, need
 
 
 class Server:
-    def __init__(self, dispatcher: Dispatcher, listener: socket.socket, hello_timeout: float = HELPER_HELLO_TIMEOUT,
-                 idle_timeout: dict[Role, float] | None = None) -> None:
+    def __init__(self, dispatcher: Dispatcher, listener: socket.socket, hello_timeout: float = HELPER_HELLO_TIMEOUT
+                 ) -> None:
         self.dispatcher, self.listener, self.hello_timeout = dispatcher, listener, hello_timeout
-        self.idle_timeout = idle_timeout or {Role.CONTROLLER: HELPER_IDLE_TIMEOUT_CONTROLLER,
-                                             Role.WORKER: HELPER_IDLE_TIMEOUT_WORKER}
         self.sel = selectors.DefaultSelector()
         self.sessions: dict[socket.socket, Session] = {}
-        self.closer = Closer()
+        self.closer = seqpacket.Closer(HELPER_CLOSE_THREADS, HELPER_CLOSE_BACKLOG)
+        limit, need = raise_fd_limit(dispatcher.policy)
+        if limit < need:
+            dispatcher.violation(_HELPER, "start", f"RLIMIT_NOFILE {limit} is below the {need} the policy needs", "error")
         listener.setblocking(False)
         self.sel.register(listener, selectors.EVENT_READ)
 
@@ -144,18 +107,16 @@ class Server:
                 elif conn in self.sessions:
                     self._read(conn, self.sessions[conn])  # type: ignore[arg-type, index]
             except Exception as exc:  # a bug: that connection goes, every other one and every network stays
-                if conn is not self.listener and conn in self.sessions:
-                    self.dispatcher.failure(self.sessions[conn], "receive", exc)  # type: ignore[index]
+                self.dispatcher.failure(self.sessions.get(conn, _HELPER), "step", exc)  # type: ignore[call-overload]
+                if conn in self.sessions:
                     self.drop(conn)  # type: ignore[arg-type]
-                else:
-                    self.dispatcher.failure(_HELPER, "accept", exc)
         now = self.dispatcher.clock()
         for conn, s in list(self.sessions.items()):
             if s.role is None and now - s.since >= self.hello_timeout:
                 self.dispatcher.violation(s, "Hello", f"no Hello within {self.hello_timeout} s")
                 self.drop(conn)
-            elif s.role is not None and now - s.last >= self.idle_timeout[s.role]:
-                self.dispatcher.violation(s, "idle", f"no request within {self.idle_timeout[s.role]} s", "timeout")
+            elif s.role is not None and now - s.last >= _IDLE[s.role]:
+                self.dispatcher.violation(s, "idle", f"no request within {_IDLE[s.role]} s", "timeout")
                 self.drop(conn)
         self.dispatcher.flush_audit()
 
@@ -204,7 +165,7 @@ class Server:
         return None
 
     def _read(self, conn: socket.socket, session: Session) -> None:
-        try:
+        try:  # every fd that came is received (none closed inside recvmsg, on this thread), then given to the closer
             data, fds = seqpacket.recv(conn, HELPER_MESSAGE_MAX, SCM_MAX_FD, self.closer.close)
         except (BlockingIOError, InterruptedError):
             return
@@ -218,20 +179,19 @@ class Server:
             answer = self._answer(session, data, fds)
         finally:
             self.closer.close(fds)
-        if answer is None:
-            return self.drop(conn)  # a violation, already audited
         try:
-            seqpacket.send(conn, *answer)
+            if answer is not None:
+                return seqpacket.send(conn, *answer)
         except OSError:
-            self.drop(conn)  # a client that does not read its replies is dropped
+            pass  # a client that does not read its replies is dropped
+        self.drop(conn)
 
     def _answer(self, session: Session, data: bytes, fds: list[int]) -> tuple[bytes, list[int]] | None:
-        """The encoded reply and its fds, or None to close the connection. Raises nothing."""
-        if len(fds) > MAX_FDS_PER_MESSAGE:
-            self.dispatcher.violation(session, "receive", f"{len(fds)} fds, at most {MAX_FDS_PER_MESSAGE}")
-            return None
+        """The encoded reply and its fds, or None to close the connection (audited). Raises nothing."""
         action = "decode"
         try:
+            if len(fds) > MAX_FDS_PER_MESSAGE:
+                return self.dispatcher.violation(session, "receive", f"{len(fds)} fds, at most {MAX_FDS_PER_MESSAGE}")
             request = HELPER_REQUESTS.decode_untrusted(data)
             action = type(request).__name__
             outcome = self.dispatcher.handle(session, request, fds)

@@ -13,8 +13,10 @@ from __future__ import annotations
 import array
 import contextlib
 import os
+import queue
 import socket
 import struct
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -23,7 +25,7 @@ from .errors import DecodeError
 if TYPE_CHECKING:
     from asyncio import AbstractEventLoop, Future
 
-__all__ = ["FramingError", "PeerClosed", "close_fds", "connect", "recv", "recv_async", "send"]
+__all__ = ["Closer", "FramingError", "PeerClosed", "close_fds", "connect", "recv", "recv_async", "send"]
 
 _FD = array.array("i").itemsize
 
@@ -68,6 +70,43 @@ def connect(path: str, timeout: float) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+class Closer:
+    """Closes fds on up to `threads` daemon threads, never on the caller's (the helper's loop).
+
+    A last close can block as long as the file's sender likes (a TCP socket with SO_LINGER and unsent data, a FUSE
+    flush, a tty draining), and so can closing a connection with such fds queued. (Resetting SO_LINGER first covers
+    sockets only and races a sender that kept a copy.) Past `backlog` fds waiting, the caller closes them itself.
+    """
+
+    def __init__(self, threads: int, backlog: int) -> None:
+        self.max_threads, self.backlog = threads, backlog
+        self._queue: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self.pending = self._threads = 0  # fds given and not yet closed; threads started
+
+    def close(self, fds: Iterable[int]) -> None:
+        for fd in fds:
+            with self._lock:
+                inline = self.pending >= self.backlog
+                self.pending += not inline
+                start = not inline and self.pending > self._threads < self.max_threads  # every thread has one
+                self._threads += start
+            if start:
+                threading.Thread(target=self._run, name="l3ptp-close", daemon=True).start()
+            close_fds([fd]) if inline else self._queue.put(fd)
+
+    def _run(self) -> None:
+        while (fd := self._queue.get()) >= 0:
+            close_fds([fd])
+            with self._lock:
+                self.pending -= 1
+
+    def stop(self) -> None:
+        """Let the threads end once their close returns."""
+        for _ in range(self._threads):
+            self._queue.put(-1)
 
 
 def send(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:
