@@ -159,3 +159,18 @@ def test_a_policy_can_lower_but_not_raise_the_shared_limits(key: str) -> None:
     assert getattr(parse_policy({**base, key: 1}), key) == 1
     with pytest.raises(ValueError, match=key):
         parse_policy({**base, key: top + 1})
+
+
+def test_the_shipped_policy_keeps_the_shared_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pathlib
+    import pwd
+    import tomllib
+
+    from l3ptp.helper import policy as helper_policy
+
+    monkeypatch.setattr(helper_policy.pwd, "getpwnam",
+                        lambda name: pwd.struct_passwd((name, "x", 998, 998, "", "/", "/usr/sbin/nologin")))
+    path = pathlib.Path(__file__).resolve().parents[2] / "packaging/etc/helper-policy.toml"
+    shipped = parse_policy(tomllib.loads(path.read_text()))
+    assert (shipped.max_networks, shipped.max_queues, shipped.max_routes) == (
+        MAX_NETWORKS, MAX_QUEUES, MAX_ROUTES_PER_NETWORK)
