@@ -249,3 +249,43 @@ def test_a_received_fd_whose_close_lingers_does_not_stall_the_helper(helper, att
     attackers.start(send_fd, uid=uid, netns=netns, prepare=_lingering_tcp_socket(netns))
     times = [served(helper.socket_path) for _ in range(3)]
     assert max(times) < SERVED_WITHIN, times
+
+
+def test_the_largest_route_lists_are_listed_and_the_helper_lives(netns) -> None:
+    """The issue's case: 4 networks of 256 routes, then ListNetworks (the controller's probe) — the helper used to
+    exit over the reply cap and destroy every network."""
+    workdir = tempfile.mkdtemp(prefix="l3ptp-hostile-")
+    h = HelperProcess(netns, workdir, controller_uids=[0], worker_uids=[NOBODY], socket_group=GROUP)
+    with open(h.policy_path) as f:
+        text = f.read().replace("max_routes = 16", "max_routes = 256")
+    with open(h.policy_path, "w") as f:
+        f.write(text)
+    h.start()
+    try:
+        c = Client.connect(h.socket_path)
+        c.hello(hm.Role.CONTROLLER)
+        for n in range(4):
+            created, _ = c.request(hm.CreateNetwork(name=f"n{n}", ifname=f"l3p-n{n}", mtu=1280, queues=1,
+                                                    addresses=(f"fd00:{n + 1}::1/64",), worker_uid=NOBODY, adopt=False))
+            assert isinstance(created, hm.NetworkCreated), created
+            routes = tuple(f"fd00:ffff:ffff:ffff:ffff:{0xf000 + n:x}:ffff:{0xf000 + r:x}/128" for r in range(256))
+            added, _ = c.request(hm.AddRoutes(name=f"n{n}", routes=routes, metric=100, allow_default=False))
+            assert isinstance(added, hm.RoutesChanged) and len(added.routes) == 256, added
+
+        async def listed() -> list[int]:
+            client = await HelperClient.connect(h.socket_path)
+            try:
+                return [len(info.routes) for info in await client.list_networks()]
+            finally:
+                client.close()
+
+        assert asyncio.run(listed()) == [256] * 4
+        assert h.proc.poll() is None
+        assert isinstance(c.request(hm.ListNetworks())[0], hm.NetworkList)  # the old connection too
+        assert len([x for x in ip("-j", "link", "show", netns=netns).split('"ifname"') if '"l3p-n' in x]) == 4
+        c.close()
+    finally:
+        h.stop()
+        for name in os.listdir(workdir):
+            os.unlink(os.path.join(workdir, name))
+        os.rmdir(workdir)
