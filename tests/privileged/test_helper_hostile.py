@@ -58,14 +58,14 @@ class Attackers:
         self.pids: list[int] = []
 
     def start(self, fn: Callable[[Callable[[], None]], None], *, uid: int, netns: str | None = None,
-              prepare: Callable[[], Any] | None = None, timeout: float = 20.0) -> None:
+              prepare: Callable[[], Any] | None = None, timeout: float = 20.0, lifetime: float = 25.0) -> None:
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
                 os.close(r)
-                signal.alarm(int(timeout) + 5)  # never outlives the test, whatever happens
+                signal.alarm(int(max(timeout, lifetime)) + 5)  # never outlives the test, whatever happens
                 if netns:
                     setns(netns)
                 prepared = prepare() if prepare else None
@@ -228,8 +228,8 @@ def test_a_received_fd_whose_close_lingers_does_not_stall_the_helper(helper, att
 
     def send_fd(arg: Any) -> None:
         ready, (lsock, s) = arg
-        # Park the lingering socket in flight inside a socketpair and send that: when the helper closes what it
-        # got, its close is the last reference to the TCP socket, whatever the order of events.
+        # Park the lingering socket in flight inside a socketpair and send that: once this process has closed its
+        # copies, the helper's close of what it got is the last reference to the TCP socket.
         x, y = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         seqpacket.send(x, b"p", [s.fileno()])
         s.close()
@@ -239,14 +239,21 @@ def test_a_received_fd_whose_close_lingers_does_not_stall_the_helper(helper, att
                 seqpacket.send(conn, b"\x91", [y.fileno()])  # before Hello; garbage: the helper closes at once
                 break
         else:
-            return  # never sent: not ready, the test fails
-        y.close()
+            return  # never sent: not ready
+        y.close()  # lingers here instead if the helper was quicker: then not ready, and the test tries again
         x.close()
-        time.sleep(0.5)
         ready()
         time.sleep(30)  # keep the listener (and so the lingering connection) alive
 
-    attackers.start(send_fd, uid=uid, netns=netns, prepare=_lingering_tcp_socket(netns))
+    for _ in range(5):
+        try:
+            attackers.start(send_fd, uid=uid, netns=netns, prepare=_lingering_tcp_socket(netns), timeout=3,
+                            lifetime=15)
+            break
+        except AssertionError:
+            attackers.stop()
+    else:
+        pytest.fail("the helper closed its copy before the attacker every time")
     times = [served(helper.socket_path) for _ in range(3)]
     assert max(times) < SERVED_WITHIN, times
 
