@@ -90,8 +90,8 @@ class Dispatcher:
         self.limiter = LineLimiter(HELPER_AUDIT_WINDOW, HELPER_AUDIT_KEYS)
 
     def _audit(self, s: Session, action: str, result: str, **fields: Any) -> None:
-        """Write an audit line; anything but a privileged action done (a Hello too) goes through the limiter."""
-        if (result != "ok" or action == "Hello") and not self.limiter.allow(
+        """Write an audit line; but the controller's and privileged actions done, lines go through the limiter."""
+        if s.role is not Role.CONTROLLER and (result != "ok" or action == "Hello") and not self.limiter.allow(
                 (s.peer.uid, action, result, fields.get("code")), self.clock()):
             return
         self.audit(action, peer=s.peer, role=s.role, result=result, **fields)
