@@ -43,11 +43,12 @@ def _fd_count() -> int:
 
 
 class Rig:
-    def __init__(self, path: str) -> None:
-        self.kernel = FakeKernel()
+    def __init__(self, path: str, policy: Any = None, kernel: Any = None) -> None:
+        self.kernel = kernel or FakeKernel()
         self.records: list[dict[str, Any]] = []
-        policy = make_policy(controller_uids=[UID], worker_uids=[UID])
-        self.dispatcher = Dispatcher(policy, State(), self.kernel, self._audit, FakeClock())
+        self.policy = policy or make_policy(controller_uids=[UID], worker_uids=[UID])
+        self.clock = FakeClock()
+        self.dispatcher = Dispatcher(self.policy, State(), self.kernel, self._audit, self.clock)
         self.path = path
         self.server = Server(self.dispatcher, open_listener(path, None))
         self.clients: list[Client] = []

@@ -18,16 +18,15 @@ from typing import Any
 import pytest
 
 from l3ptp.helper import server as server_mod
-from l3ptp.helper.dispatch import Dispatcher, Outcome, Peer
-from l3ptp.helper.server import Server, open_listener
-from l3ptp.helper.state import State
+from l3ptp.helper.dispatch import Outcome, Peer
 from l3ptp.ipc import helper_messages as hm
 from l3ptp.ipc import seqpacket
 from l3ptp.ipc.constants import (HELPER_AUDIT_WINDOW, HELPER_CONTROLLER_RESERVED, HELPER_IDLE_TIMEOUT_CONTROLLER,
                                  HELPER_IDLE_TIMEOUT_WORKER, HELPER_MAX_SESSIONS, HELPER_MAX_SESSIONS_PER_UID,
                                  MAX_NETWORKS, MAX_QUEUES, MAX_ROUTES_PER_NETWORK, MTU_MAX)
 from l3ptp.ipc.errors import ErrorCode
-from tests.support.helper_fixtures import Client, FakeClock, FakeKernel, make_policy
+from tests.integration import test_helper_server as server_test
+from tests.support.helper_fixtures import Client, FakeKernel, make_policy
 from tests.unit.test_helper_limits import worst_info
 
 CONTROLLER, WORKER, WORKER2, WORKER3, OUTSIDER = 2000, 2001, 2002, 2003, 2999
@@ -53,50 +52,21 @@ class OneFdKernel(FakeKernel):
         self.b.close()
 
 
-class Rig:
-    """A Server whose peers have the uids the test says (`as_uid`), in the order they connect."""
+class Rig(server_test.Rig):
+    """A Server whose peers have the uids the test says (`client(uid)`), in the order they connect."""
 
     def __init__(self, path: str, monkeypatch: pytest.MonkeyPatch, **policy: Any) -> None:
-        self.records: list[dict[str, Any]] = []
-        self.kernel = OneFdKernel()
-        self.clock = FakeClock()
-        self.policy = make_policy(controller_uids=[CONTROLLER], worker_uids=[WORKER, WORKER2, WORKER3], **policy)
-        self.dispatcher = Dispatcher(self.policy, State(), self.kernel, self._audit, self.clock)
         self.uids: list[int] = []
         monkeypatch.setattr(server_mod, "peer_of", lambda conn: Peer(os.getpid(), self.uids.pop(0), 0))
-        self.path = path
-        self.server = Server(self.dispatcher, open_listener(path, None))
-        self.clients: list[Client] = []
+        super().__init__(path, make_policy(controller_uids=[CONTROLLER], worker_uids=[WORKER, WORKER2, WORKER3],
+                                           **policy), OneFdKernel())
 
-    def _audit(self, action: str, **fields: Any) -> None:
-        self.records.append({"action": action, **fields})
-
-    def pump(self, rounds: int = 3) -> None:
-        for _ in range(rounds):
-            self.server.step(0)
-
-    def client(self, uid: int, role: hm.Role | None = None) -> Client:
+    def client(self, uid: int, role: hm.Role | None = None) -> Client:  # type: ignore[override]
         self.uids.append(uid)
-        c = Client.connect(self.path)
-        self.clients.append(c)
-        self.pump()
+        c = super().client()
         if role is not None:
             assert isinstance(self.call(c, hm.Hello(role=role, protocol=hm.HELPER_PROTOCOL))[0], hm.Welcome)
         return c
-
-    def call(self, c: Client, msg: Any, fds: list[int] | None = None) -> tuple[Any, list[int]]:
-        c.send(msg, fds)
-        self.pump()
-        return c.receive()
-
-    def closed(self, c: Client) -> bool:
-        self.pump()
-        try:
-            reply, fds = c.receive()
-        except (ConnectionResetError, BrokenPipeError):
-            return True
-        seqpacket.close_fds(fds)
-        return reply is None
 
     def open(self, c: Client) -> bool:
         """Neither a reply nor EOF waiting."""
@@ -105,12 +75,6 @@ class Rig:
 
     def audits(self, action: str, result: str | None = None) -> list[dict[str, Any]]:
         return [r for r in self.records if r["action"] == action and result in (None, r["result"])]
-
-    def close(self) -> None:
-        for c in self.clients:
-            c.close()
-        self.server.close()
-        self.kernel.close()
 
 
 @pytest.fixture

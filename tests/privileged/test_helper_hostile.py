@@ -45,10 +45,7 @@ def helper(netns) -> Iterator[HelperProcess]:
     assert isinstance(controller.hello(hm.Role.CONTROLLER), hm.Welcome)
     yield h
     controller.close()
-    h.stop()
-    for name in os.listdir(workdir):
-        os.unlink(os.path.join(workdir, name))
-    os.rmdir(workdir)
+    h.remove()
 
 
 class Attackers:
@@ -292,7 +289,4 @@ def test_the_largest_route_lists_are_listed_and_the_helper_lives(netns) -> None:
         assert len([x for x in ip("-j", "link", "show", netns=netns).split('"ifname"') if '"l3p-n' in x]) == 4
         c.close()
     finally:
-        h.stop()
-        for name in os.listdir(workdir):
-            os.unlink(os.path.join(workdir, name))
-        os.rmdir(workdir)
+        h.remove()
