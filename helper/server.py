@@ -99,6 +99,13 @@ class Server:
         self.closer.close([conn.detach()])
 
     def step(self, timeout: float | None) -> None:
+        """One turn of the loop. Raises nothing: the caller's shutdown path would tear every network down."""
+        try:
+            self._step(timeout)
+        except Exception as exc:  # a bug outside any one connection: audited, the loop and every network go on
+            self.dispatcher.failure(_HELPER, "step", exc)
+
+    def _step(self, timeout: float | None) -> None:
         for key, _ in self.sel.select(timeout):
             conn = key.fileobj
             try:

@@ -159,6 +159,19 @@ def test_a_bug_inside_a_request_is_answered_and_tears_nothing_down(rig: Rig, mon
     assert rig.kernel.links == {"l3p-a": rig.dispatcher.state.networks["a"].ifindex}
 
 
+def test_a_bug_outside_any_connection_does_not_leave_the_loop(rig: Rig, monkeypatch) -> None:
+    c = rig.client(CONTROLLER, hm.Role.CONTROLLER)
+
+    def boom() -> None:
+        raise RuntimeError("a bug in the sweep")
+
+    monkeypatch.setattr(rig.dispatcher, "flush_audit", boom)
+    rig.server.step(0)  # does not raise: the caller's shutdown path would destroy every network
+    assert rig.audits("step", "error")[-1]["error"] == "RuntimeError: a bug in the sweep"
+    monkeypatch.undo()
+    assert isinstance(rig.call(c, hm.ListNetworks())[0], hm.NetworkList)
+
+
 def test_a_uid_outside_the_policy_is_refused_at_accept_and_summarised(rig: Rig) -> None:
     for _ in range(50):
         assert rig.closed(rig.client(OUTSIDER))
