@@ -59,6 +59,7 @@ def connect(path: str, timeout: float) -> socket.socket:
     connecting, for at most SO_SNDTIMEO, which is what a client needs when others flood the listener.
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    timeout = max(timeout, 1e-3)  # SO_SNDTIMEO 0 would wait for ever
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(timeout), int(timeout % 1 * 1e6)))
         try:
@@ -95,7 +96,10 @@ class Closer:
                 self._threads += start
             if start:
                 threading.Thread(target=self._run, name="l3ptp-close", daemon=True).start()
-            close_fds([fd]) if inline else self._queue.put(fd)
+            if inline:
+                close_fds([fd])
+            else:
+                self._queue.put(fd)
 
     def _run(self) -> None:
         while (fd := self._queue.get()) >= 0:
