@@ -167,7 +167,7 @@ class Server:
         if not mine:
             return "too many clients"
         oldest = min(mine)[2]
-        self.dispatcher.violation(self.sessions[oldest], "evict", "a newer connection of this uid", "timeout")
+        self.dispatcher.violation(self.sessions[oldest], "evict", "a newer connection of this uid", "evicted")
         self.drop(oldest)
         return None
 

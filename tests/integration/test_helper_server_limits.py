@@ -199,7 +199,7 @@ def test_a_uid_at_its_limit_loses_its_least_recently_active_session(rig: Rig) ->
     assert rig.closed(held[1]) and all(rig.open(c) for c in (held[0], *held[2:]))
     assert isinstance(rig.call(new, hm.ClaimQueue(ticket="B" * 32))[0], hm.Failed)  # served
     evicted = rig.audits("evict")
-    assert len(evicted) == 1 and evicted[0]["peer"].uid == WORKER and evicted[0]["result"] == "timeout"
+    assert len(evicted) == 1 and evicted[0]["peer"].uid == WORKER and evicted[0]["result"] == "evicted"
 
 
 def test_workers_cannot_take_the_room_kept_for_the_controller(rig: Rig) -> None:
