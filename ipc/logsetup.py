@@ -130,3 +130,29 @@ def configure(
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(role=role, pid=os.getpid(), **bind)
     return structlog.get_logger()
+
+
+class LineLimiter:
+    """Repeated log lines: per kind (a tuple), the first of a window is written, the rest counted for one summary.
+
+    At most `max_keys` kinds are tracked; past that, new kinds share the one whose first item is None (in the
+    helper's audit, kinds are (uid, action, result, code): more uids than that share one summary).
+    """
+
+    def __init__(self, window: float, max_keys: int) -> None:
+        self.window, self.max_keys = window, max_keys
+        self.windows: dict[tuple[Any, ...], list[float]] = {}  # kind -> [window start, lines held back]
+
+    def allow(self, key: tuple[Any, ...], now: float) -> bool:
+        if key not in self.windows and len(self.windows) >= self.max_keys:
+            key = (None, *key[1:])
+        held = self.windows.setdefault(key, [now, -1])
+        held[1] += 1
+        return held[1] == 0
+
+    def due(self, now: float) -> list[tuple[tuple[Any, ...], int]]:
+        """The kinds whose window ended with lines held back, and how many (their windows close)."""
+        ended = [(key, int(held[1])) for key, held in self.windows.items() if now - held[0] >= self.window]
+        for key, _ in ended:
+            del self.windows[key]
+        return [(key, n) for key, n in ended if n]
