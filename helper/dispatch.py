@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import structlog
 
+from l3ptp.ipc.constants import KILL_SWITCH_METRIC
 from l3ptp.ipc.errors import ErrorCode
 from l3ptp.ipc.helper_messages import (HELPER_PROTOCOL, AddRoutes, ClaimQueue, CreateNetwork, DestroyNetwork, Failed,
                                        Hello, ListNetworks, NetworkCreated, NetworkDestroyed, NetworkInfo, NetworkList,
@@ -84,6 +85,7 @@ class Dispatcher:
     def __init__(self, policy: Policy, state: State, kernel: Any, audit: Callable[..., None],
                  clock: Callable[[], float]) -> None:
         self.policy, self.state, self.kernel, self.audit, self.clock = policy, state, kernel, audit, clock
+        self.guards: set[str] = set()  # the kill-switch routes in the kernel
 
     def _audit(self, s: Session, action: str, result: str, **fields: Any) -> None:
         self.audit(action, peer=s.peer, role=s.role, result=result, **fields)
@@ -157,9 +159,28 @@ class Dispatcher:
         if len(self.state.networks) >= p.max_networks:
             raise Refused(ErrorCode.LIMIT, f"at most {p.max_networks} networks")
         net.ifindex, net.fds = self._kernel(f"create {req.ifname}", self.kernel.create_network, req.ifname, req.mtu,
-                                            net.addresses, req.queues)
+                                            net.addresses, req.queues, f"{req.name}:{req.queues}:{req.worker_uid}")
         self.state.add(net)
+        try:
+            self._guard(net.guarded())
+        except Refused:
+            self.destroy(net)
+            raise
         return self._created(s, net, adopted=False)
+
+    def _guard(self, prefixes: set[str]) -> None:
+        """Kill-switch routes for `prefixes` (before their tunnel routes: no window without either)."""
+        for p in sorted(prefixes - self.guards):
+            self._kernel(f"kill switch {p}", self.kernel.kill_switch, "add", p)
+            self.guards.add(p)
+
+    def _unguard(self) -> list[str]:
+        """Drop the kill-switch routes no live network needs any more (a route or network explicitly removed)."""
+        gone = sorted(self.guards - self.state.guarded())
+        for p in gone:
+            self.kernel.kill_switch("del", p)
+        self.guards -= set(gone)
+        return gone
 
     def _network(self, name: str) -> Network:
         if name in self.state.networks:
@@ -168,6 +189,9 @@ class Dispatcher:
 
     def handle_claim_queue(self, s: Session, req: ClaimQueue) -> Outcome:
         net, queue = self.state.claim(req.ticket, s.peer.uid, self.clock())
+        if queue in net.detached:  # adopted: its packets went to the old worker's queue until now
+            self._kernel("attach queue", self.kernel.attach, net.fds[queue])
+            net.detached.discard(queue)
         self._audit(s, "ClaimQueue", "ok", network=net.name, ifname=net.ifname, queue=queue)
         return Outcome(QueueGranted(name=net.name, ifname=net.ifname, queue=queue, mtu=net.mtu), fd=net.fds[queue])
 
@@ -183,15 +207,22 @@ class Dispatcher:
             check_prefix(r, self.policy, allow_default=req.allow_default)
         if len(net.routes) + len(new) > self.policy.max_routes:
             raise Refused(ErrorCode.LIMIT, f"at most {self.policy.max_routes} routes per network")
+        if req.metric >= KILL_SWITCH_METRIC:
+            raise Refused(ErrorCode.OUT_OF_POLICY, f"metric {KILL_SWITCH_METRIC} is the kill switch's")
         if new:
             self._ensure_rules(s)
-        for i, r in enumerate(new):
-            try:
-                self.kernel.add_route(net.ifindex, r, req.metric)
-            except OSError as exc:
-                for done in new[:i]:  # all or nothing
-                    self.kernel.remove_route(net.ifindex, done)
-                raise _os_refusal(exc, f"add route {r}") from None
+        try:
+            self._guard(set(new))
+            for i, r in enumerate(new):
+                try:
+                    self.kernel.add_route(net.ifindex, r, req.metric)
+                except OSError as exc:
+                    for done in new[:i]:  # all or nothing
+                        self.kernel.remove_route(net.ifindex, done)
+                    raise _os_refusal(exc, f"add route {r}") from None
+        except Refused:
+            self._unguard()
+            raise
         net.routes.update((r, req.metric) for r in new)
         self._audit(s, "AddRoutes", "ok", network=net.name, ifname=net.ifname, added=new)
         return Outcome(RoutesChanged(name=net.name, routes=tuple(net.routes)))
@@ -205,6 +236,7 @@ class Dispatcher:
         for r in gone:
             self._kernel(f"remove route {r}", self.kernel.remove_route, net.ifindex, r)
             del net.routes[r]
+        self._kernel("kill switch", self._unguard)
         self._audit(s, "RemoveRoutes", "ok", network=net.name, ifname=net.ifname, removed=gone)
         return Outcome(RoutesChanged(name=net.name, routes=tuple(net.routes)))
 
@@ -219,7 +251,33 @@ class Dispatcher:
         self.state.forget(net.name)
         routes = list(net.routes)
         self.kernel.destroy_network(net.ifname, net.ifindex, net.fds, routes)
+        self._unguard()
         return routes
+
+    def adopt(self, found: list[dict[str, Any]], guards: list[str]) -> dict[str, list[str]]:
+        """At start: take over the networks a previous helper left (`Host.adopt`) and their kill switch.
+
+        A network outside today's policy is destroyed; kill-switch routes no adopted network needs are orphans
+        (their device was deleted behind our back, or a destroy was cut short) and go too."""
+        self.guards = set(guards)
+        done: dict[str, list[str]] = {"adopted": [], "destroyed": []}
+        for fields in found:
+            net = Network(**fields)
+            try:
+                check_ifname(net.ifname, self.policy.interface_prefix)
+                if (net.worker_uid not in self.policy.worker_uids or net.name in self.state.networks
+                        or len(self.state.networks) >= self.policy.max_networks):
+                    raise Refused(ErrorCode.OUT_OF_POLICY, "not adoptable")
+                self.state.add(net)
+                self._guard(net.guarded())
+                done["adopted"].append(net.name)
+            except (Refused, OSError):
+                if self.state.networks.get(net.name) is net:
+                    self.state.forget(net.name)
+                self.kernel.destroy_network(net.ifname, net.ifindex, net.fds, list(net.routes))
+                done["destroyed"].append(net.ifname)
+        done["kill_switch_removed"] = self._unguard()
+        return done
 
     def handle_destroy_network(self, s: Session, req: DestroyNetwork) -> Outcome:
         net = self._network(req.name)

@@ -4,6 +4,7 @@ Tickets are single use, bound to one worker uid and expire `ticket_ttl` seconds 
 """
 
 import dataclasses
+import ipaddress
 import secrets
 from collections.abc import Callable
 from typing import NamedTuple
@@ -25,9 +26,14 @@ class Network:
     worker_uid: int
     fds: list[int]
     routes: dict[str, int] = dataclasses.field(default_factory=dict)  # prefix -> metric
+    detached: set[int] = dataclasses.field(default_factory=set)  # adopted queues not yet handed out
 
     def spec(self) -> tuple[object, ...]:
         return (self.ifname, self.mtu, tuple(sorted(self.addresses)), self.queues, self.worker_uid)
+
+    def guarded(self) -> set[str]:
+        """The prefixes its kill switch covers: its routes and the networks of its addresses."""
+        return {*self.routes, *(str(ipaddress.ip_interface(a).network) for a in self.addresses)}
 
 
 class TicketEntry(NamedTuple):
@@ -43,6 +49,9 @@ class State:
         self.networks: dict[str, Network] = {}
         self.tickets: dict[str, TicketEntry] = {}
         self.ticket_ttl, self._token = ticket_ttl, token
+
+    def guarded(self) -> set[str]:
+        return {p for n in self.networks.values() for p in n.guarded()}
 
     def by_ifname(self, ifname: str) -> Network | None:
         return next((n for n in self.networks.values() if n.ifname == ifname), None)
