@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -48,6 +49,26 @@ class ProcessSpawner:
         self._argv = argv
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._reapers: set[asyncio.Task[None]] = set()
+        #: Adopted workers (children of an earlier controller): pid -> pidfd, readable once it exited.
+        self._adopted: dict[int, int] = {}
+
+    def adopt(self, pid: int) -> bool:
+        """Watch `pid`, a worker that outlived the previous controller; False if it is gone already."""
+        if pid in self._procs or pid in self._adopted:
+            return False
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            return False
+        self._adopted[pid] = fd
+        asyncio.get_running_loop().add_reader(fd, self._adopted_exit, pid)
+        return True
+
+    def _adopted_exit(self, pid: int) -> None:
+        fd = self._adopted.pop(pid)
+        asyncio.get_running_loop().remove_reader(fd)
+        os.close(fd)
+        self._on_exit(pid, None)  # not our child: its status went to whoever reaps it
 
     async def spawn(self, network: str, queue: int, stdin_data: bytes) -> int:
         proc = await asyncio.create_subprocess_exec(
@@ -73,6 +94,10 @@ class ProcessSpawner:
         self._on_exit(proc.pid, rc)
 
     def signal(self, pid: int, sig: int) -> None:
+        if pid in self._adopted:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._adopted[pid], sig)
+            return
         proc = self._procs.get(pid)
         if proc is None or proc.returncode is not None:
             return
@@ -80,11 +105,13 @@ class ProcessSpawner:
             proc.send_signal(sig)
 
     def live_pids(self) -> set[int]:
-        return set(self._procs)
+        return set(self._procs) | set(self._adopted)
 
     async def kill_all(self) -> None:
         """Last resort at exit: SIGKILL what is left and reap it."""
-        for pid in list(self._procs):
+        for pid in [*self._procs, *self._adopted]:
             self.signal(pid, signal.SIGKILL)
+        for pid in list(self._adopted):
+            self._adopted_exit(pid)
         if self._reapers:
             await asyncio.gather(*self._reapers, return_exceptions=True)

@@ -89,6 +89,7 @@ _S = WorkerState
 _TRANSITIONS: Final[frozenset[tuple[WorkerState, WorkerState]]] = frozenset(
     {
         (_S.STOPPED, _S.STARTING),
+        (_S.STOPPED, _S.RUNNING),  # adopt: a worker that outlived the previous controller
         (_S.FATAL, _S.STARTING),
         (_S.STARTING, _S.RUNNING),
         (_S.STARTING, _S.BACKOFF),
@@ -242,6 +243,12 @@ class NetworkSupervisor:
                 s.pid, s.killed, s.deadline, s.last_seen = None, False, None, now
                 actions.append(Spawn(self.network, s.queue))
         return actions
+
+    def adopt(self, queue: int, pid: int, now: float) -> None:
+        """Take over `pid`, a running worker of `queue` left by the previous controller (before `start`)."""
+        s = self._slot(queue)
+        s.move(_S.RUNNING)
+        s.pid, s.last_seen, s.killed, s.deadline = pid, now, False, None
 
     def stop(self, now: float, reason: str) -> list[Action]:
         """Ask every worker to exit; pending restarts are cancelled."""

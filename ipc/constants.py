@@ -144,8 +144,11 @@ DATAGRAM_QUEUE_MAX = 256
 STATUS_INTERVAL = 1.0
 #: Controller treats a worker silent for this long as dead.
 WORKER_STATUS_TIMEOUT = 10.0
-#: Worker exits when the controller has been silent this long.
-CONTROLLER_SILENCE_TIMEOUT = 15.0
+#: Worker exits when the controller has been silent this long. Long enough
+#: for a crashed controller to be restarted (systemd: RestartSec=2s) and to
+#: adopt it; short enough that a controller that never comes back does not
+#: leave an unsupervised tunnel for long.
+CONTROLLER_SILENCE_TIMEOUT = 30.0
 
 #: Supervision.
 RESTART_BACKOFF_MIN = 0.5

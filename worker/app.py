@@ -114,10 +114,11 @@ async def run_worker(
     """Run one worker queue; return why it stopped."""
     stop_event = stop_event or asyncio.Event()
     reason = "stopped"
+    last_routes: list[PeerRoutes] = []  # the newest, sent again for a controller that adopts us
 
     def on_routes(session: int, change: RoutesChanged) -> None:
         if bus is not None:
-            bus.send(
+            last_routes[:] = [
                 PeerRoutes(
                     network=config.network,
                     queue=config.queue,
@@ -126,7 +127,8 @@ async def run_worker(
                     routes=change.routes,
                     tunnel_addresses=change.tunnel_addresses,
                 )
-            )
+            ]
+            bus.send(last_routes[0])
 
     if tunnel is None:
         tunnel = Tunnel(config, tun_fd, udp_sock, on_routes=on_routes)
@@ -154,6 +156,8 @@ async def run_worker(
             if isinstance(msg, Advertise):
                 if (msg.network, msg.queue) == (config.network, config.queue):
                     tunnel.advertise(msg.advertised_routes, msg.local_sources)
+                    for routes in last_routes:  # a new controller knows nothing of the peer's routes yet
+                        bus.send(routes)
                 continue
             assert isinstance(msg, Heartbeat)
 
