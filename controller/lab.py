@@ -730,7 +730,7 @@ class Lab:
             for what in list(host.procs):
                 with contextlib.suppress(Exception):
                     self.stop_process(host, what, wait=10)
-            for pid in workers_in(host.netns):  # outlived a controller the test killed, never adopted
+            for pid in workers_in(host.netns, spares=True):  # outlived a controller the test killed
                 self._started.append(pid)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
@@ -798,8 +798,9 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def workers_in(netns: str) -> list[int]:
-    """Live l3ptp worker processes inside the network namespace `netns`, from /proc."""
+def workers_in(netns: str, *, spares: bool = False) -> list[int]:
+    """Live l3ptp worker processes inside the network namespace `netns`, from /proc; with `spares`,
+    also the controller's spare (started ahead, waiting for a config: ``--queue -1``)."""
     try:
         ns = os.stat(f"/run/netns/{netns}").st_ino
     except OSError:
@@ -809,6 +810,7 @@ def workers_in(netns: str) -> list[int]:
         with contextlib.suppress(OSError):
             if entry.isdigit() and os.stat(f"/proc/{entry}/ns/net").st_ino == ns and _alive(int(entry)):
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if b"l3ptp.worker" in f.read():
-                        out.append(int(entry))
+                    cmdline = f.read()
+                if b"l3ptp.worker" in cmdline and (spares or b"\0--queue\0-1\0" not in cmdline):
+                    out.append(int(entry))
     return sorted(out)

@@ -13,7 +13,12 @@ pure modules.
   TUN_READ_BATCH); ``Datapath.from_tun_batch``; ``send_datagram_frame`` each;
   ONE transmit.
 * Connector: one connection at a time; after it ends, reconnect after an
-  exponential backoff with jitter. Listener: every QUIC Initial from a new
+  exponential backoff with jitter. Its socket asks for ICMP errors
+  (IP_RECVERR): "port unreachable" from the peer (its worker died and the
+  port is closed until the new one binds) starts a liveness probe, a QUIC
+  PING that must be acknowledged within PROBE_TIMEOUT after the last such
+  error; if it is not, the session is dropped and a new connection starts at
+  once. A forged ICMP error costs one PING: a live peer acknowledges it. Listener: every QUIC Initial from a new
   address (or a new Initial from the current peer's address, i.e. a peer
   restarted on the same port) starts a candidate connection; a candidate that
   becomes ESTABLISHED replaces the active session. At most
@@ -26,6 +31,7 @@ reconnects.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import ipaddress
@@ -64,6 +70,9 @@ from .udp import UdpIO
 __all__ = ["Tunnel"]
 
 MAX_CANDIDATES = 4
+#: Seconds a liveness probe waits for its PING's ACK after the last ICMP error (plus 3 RTTs).
+PROBE_TIMEOUT = 0.15
+IP_RECVERR, IPV6_RECVERR = 11, 25
 _UDP_MAX = 65535
 _SERVER_NAME = "l3ptp"
 _MIN_INITIAL = 1200
@@ -86,7 +95,7 @@ class _Peer:
     """One QUIC connection with its control session."""
 
     __slots__ = ("conn", "session", "addr", "decoder", "stream_id", "closing", "handshake_done", "established_at",
-                 "rekey_packets", "rekey_at")
+                 "rekey_packets", "rekey_at", "probe_at", "probes")
 
     def __init__(self, conn: Any, session: Session, addr: tuple[Any, ...]) -> None:
         self.conn = conn
@@ -100,6 +109,9 @@ class _Peer:
         #: Next key update: when DATAGRAMs sent + received reach this, or at this time.
         self.rekey_packets = 0
         self.rekey_at = 0.0
+        #: Liveness probe: its deadline (None: none running) and the PINGs sent so far.
+        self.probe_at: float | None = None
+        self.probes = 0
 
 
 class Tunnel:
@@ -183,6 +195,10 @@ class Tunnel:
         self._loop.add_reader(self.sock.fileno(), self._guarded, self._on_udp_readable)
         try:
             if self.config.role is PeerRole.CONNECT:
+                for level, opt in ((socket.IPPROTO_IP, IP_RECVERR), (socket.IPPROTO_IPV6, IPV6_RECVERR)):
+                    if level == socket.IPPROTO_IP or self.sock.family == socket.AF_INET6:
+                        with contextlib.suppress(OSError):
+                            self.sock.setsockopt(level, opt, 1)
                 self._peer_addr = await self._resolve_peer()
                 self._connect()
             else:
@@ -353,9 +369,13 @@ class Tunnel:
             try:
                 datagrams, addr = recv()
             except (BlockingIOError, InterruptedError):
+                if count == 0 and self._icmp_errors():  # woken by the error queue alone
+                    self._probe(now)
                 break
             except OSError:
-                # ICMP errors (ECONNREFUSED) surface here; the QUIC timers handle them.
+                # ICMP errors (ECONNREFUSED) surface here.
+                self._icmp_errors()
+                self._probe(now)
                 break
             count += len(datagrams)
             for data in datagrams:
@@ -378,6 +398,30 @@ class Tunnel:
             self._update_keys(active, now)
         for peer in touched.values():
             self._transmit(peer)
+        self._schedule()
+
+    def _icmp_errors(self) -> int:
+        """Drain the socket's error queue (IP_RECVERR); how many errors it held."""
+        n = 0
+        while n < UDP_RECV_BATCH:
+            try:
+                self.sock.recvmsg(1, 512, socket.MSG_ERRQUEUE)
+            except OSError:
+                break
+            n += 1
+        return n
+
+    def _probe(self, now: float) -> None:
+        """The peer's port said unreachable: PING the active session, unless a probe runs already (then
+        its deadline moves: the new worker may still be starting)."""
+        peer = self.active
+        if self.config.role is not PeerRole.CONNECT or peer is None or not peer.session.established:
+            return
+        if peer.probe_at is None:
+            peer.probes += 1
+            peer.conn.send_ping(peer.probes)
+            self._transmit(peer)
+        peer.probe_at = now + PROBE_TIMEOUT + 3 * self.engine.smoothed_rtt(peer.conn)
         self._schedule()
 
     def _transmit(self, peer: _Peer) -> None:
@@ -406,6 +450,9 @@ class Tunnel:
                 self._on_stream(peer, event)
             elif isinstance(event, ev.HandshakeCompleted):
                 self._on_handshake(peer)
+            elif isinstance(event, ev.PingAcknowledged):
+                if event.uid == peer.probes:
+                    peer.probe_at = None  # alive: the ICMP error was stale or forged
             elif isinstance(event, ev.ConnectionTerminated):
                 self._on_terminated(peer, f"connection terminated: {event.reason_phrase or event.error_code}")
                 return
@@ -638,6 +685,8 @@ class Tunnel:
             deadlines.append(peer.session.next_deadline())
         if self.active is not None and self.active.session.established:
             deadlines.append(self.active.rekey_at)
+            if self.active.probe_at is not None:
+                deadlines.append(self.active.probe_at)
         if self._reconnect_at is not None:
             deadlines.append(self._reconnect_at)
         if self._timer is not None:
@@ -659,6 +708,11 @@ class Tunnel:
             if peer is self.active and peer.session.established and (
                     now >= peer.rekey_at or self._packets_under_key() >= peer.rekey_packets):
                 self._update_keys(peer, now)
+            if peer.probe_at is not None and now >= peer.probe_at and peer.session.state is not State.CLOSED:
+                peer.probe_at = None
+                self._apply(peer, peer.session.close(ErrorCode.DEAD_PEER, "peer port unreachable, PING unanswered"))
+                self._reconnect_at = now  # at once: the peer's new worker is listening by now
+                self._backoff = RECONNECT_BACKOFF_MIN
             self._transmit(peer)
         if self._reconnect_at is not None and now >= self._reconnect_at and self.active is None:
             self._connect()
