@@ -34,10 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="l3ptp-helper", description="l3ptp privileged helper")
     parser.add_argument("--policy", default=HELPER_POLICY_DEFAULT, help="root-owned policy file (TOML)")
     parser.add_argument("--socket", help="listen here instead of the policy's socket_path")
-    parser.add_argument("--reconcile-only", action="store_true",
-                        help="adopt what a previous helper left, remove only what protects nothing, and exit")
-    parser.add_argument("--cleanup", action="store_true",
-                        help="remove every interface, route and rule of ours (opens the tunnels' prefixes) and exit")
+    parser.add_argument("--reconcile-only", action="store_true", help="adopt what a previous helper left and exit")
+    parser.add_argument("--cleanup", action="store_true", help="remove all of ours (opens the prefixes) and exit")
     args = parser.parse_args(argv)
     log = configure("helper")
     try:

@@ -176,7 +176,7 @@ class Dispatcher:
 
     def _unguard(self) -> list[str]:
         """Drop the kill-switch routes no live network needs any more (a route or network explicitly removed)."""
-        gone = sorted(self.guards - self.state.guarded())
+        gone = sorted(self.guards.difference(*(n.guarded() for n in self.state.networks.values())))
         for p in gone:
             self.kernel.kill_switch("del", p)
         self.guards -= set(gone)
@@ -255,27 +255,22 @@ class Dispatcher:
         return routes
 
     def adopt(self, found: list[dict[str, Any]], guards: list[str]) -> dict[str, list[str]]:
-        """At start: take over the networks a previous helper left (`Host.adopt`) and their kill switch.
-
-        A network outside today's policy is destroyed; kill-switch routes no adopted network needs are orphans
-        (their device was deleted behind our back, or a destroy was cut short) and go too."""
+        """At start: take over the networks a previous helper left (`Host.adopt`), destroy those outside the
+        policy, and drop kill-switch routes no network needs (their device was deleted behind our back)."""
         self.guards = set(guards)
         done: dict[str, list[str]] = {"adopted": [], "destroyed": []}
-        for fields in found:
-            net = Network(**fields)
-            try:
-                check_ifname(net.ifname, self.policy.interface_prefix)
-                if (net.worker_uid not in self.policy.worker_uids or net.name in self.state.networks
-                        or len(self.state.networks) >= self.policy.max_networks):
-                    raise Refused(ErrorCode.OUT_OF_POLICY, "not adoptable")
+        for net in (Network(**fields) for fields in found):
+            if (net.worker_uid in self.policy.worker_uids and net.name not in self.state.networks
+                    and len(self.state.networks) < self.policy.max_networks):
                 self.state.add(net)
-                self._guard(net.guarded())
-                done["adopted"].append(net.name)
-            except (Refused, OSError):
-                if self.state.networks.get(net.name) is net:
+                try:
+                    self._guard(net.guarded())
+                    done["adopted"].append(net.name)
+                    continue
+                except Refused:
                     self.state.forget(net.name)
-                self.kernel.destroy_network(net.ifname, net.ifindex, net.fds, list(net.routes))
-                done["destroyed"].append(net.ifname)
+            self.kernel.destroy_network(net.ifname, net.ifindex, net.fds, list(net.routes))
+            done["destroyed"].append(net.ifname)
         done["kill_switch_removed"] = self._unguard()
         return done
 

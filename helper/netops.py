@@ -4,10 +4,9 @@ Routes carry the policy's protocol and table, rules its protocol and our priorit
 `cleanup` match exactly those, and links with our prefix that are TUN devices. NetlinkError becomes OSError; `ok`
 lists errnos that count as success.
 
-Kill switch: each TUN is IFF_PERSIST and named in its ifalias (`ALIAS` network:queues:worker_uid), so it outlives
-the helper and every worker, and a restarted helper `adopt`s it (queues re-opened by name, detached until claimed).
-Every prefix a network routes or addresses also has an `unreachable` route of ours at KILL_SWITCH_METRIC, so even
-without the device its packets never take another route.
+Kill switch: each TUN is IFF_PERSIST and named in its ifalias (`ALIAS`name:queues:worker_uid), outlives the helper
+and workers, and a restarted helper `adopt`s it (queues re-opened by name, detached until claimed). Every prefix a
+network routes or addresses also has an `unreachable` route of ours at KILL_SWITCH_METRIC (docs/helper.md).
 """
 
 import errno
@@ -105,29 +104,26 @@ class Host:
 
     def destroy_network(self, ifname: str, ifindex: int, fds: list[int], routes: list[str]) -> None:
         for r in routes:
-            self._route("del", ifindex, r, ok=(errno.ESRCH, errno.ENODEV))
+            self._route("del", r, oif=ifindex, ok=(errno.ESRCH, errno.ENODEV))
         self._drop_link(ifname, fds)
 
-    def _route(self, op: str, ifindex: int, prefix: str, **extra: Any) -> None:
+    def _route(self, op: str, prefix: str, **extra: Any) -> None:
         net = ipaddress.ip_network(prefix)
         _nl(self.ipr.route, op, family=FAMILY[net.version], dst=str(net.network_address), dst_len=net.prefixlen,
-            oif=ifindex, proto=self.policy.route_protocol, table=self.policy.route_table, **extra)
+            proto=self.policy.route_protocol, table=self.policy.route_table, **extra)
 
     def kill_switch(self, op: str, prefix: str) -> None:
-        """Add or delete the `unreachable` route of ours for `prefix` (idempotent)."""
-        net = ipaddress.ip_network(prefix)
-        _nl(self.ipr.route, op, family=FAMILY[net.version], dst=str(net.network_address), dst_len=net.prefixlen,
-            type="unreachable", proto=self.policy.route_protocol, table=self.policy.route_table,
-            priority=KILL_SWITCH_METRIC, ok=(errno.EEXIST, errno.ESRCH, errno.ENOENT))
+        """Add or delete (idempotently) the `unreachable` route of ours for `prefix`."""
+        self._route(op, prefix, type="unreachable", priority=KILL_SWITCH_METRIC, ok=(errno.EEXIST, errno.ESRCH))
 
     def attach(self, fd: int) -> None:
         set_queue(fd, IFF_ATTACH_QUEUE)
 
     def add_route(self, ifindex: int, prefix: str, metric: int) -> None:
-        self._route("add", ifindex, prefix, priority=metric)
+        self._route("add", prefix, oif=ifindex, priority=metric)
 
     def remove_route(self, ifindex: int, prefix: str) -> None:
-        self._route("del", ifindex, prefix, ok=(errno.ESRCH,))
+        self._route("del", prefix, oif=ifindex, ok=(errno.ESRCH,))
 
     def protect_socket(self, fd: int) -> None:
         """Set SO_MARK on an IPv4/IPv6 UDP socket."""
@@ -180,19 +176,10 @@ class Host:
 
     def _our_routes(self) -> list[tuple[int, dict[str, Any], str]]:
         """(family, route, "dst/len") of every route with our protocol in our table."""
-        p, out = self.policy, []
-        for family in FAMILY.values():
-            for r in _nl(self.ipr.get_routes, family=family, table=p.route_table):
-                if r["proto"] == p.route_protocol and r.get("RTA_TABLE") == p.route_table:
-                    dst = r.get("RTA_DST") or ("0.0.0.0" if family == socket.AF_INET else "::")
-                    out.append((family, r, f"{dst}/{r['dst_len']}"))
-        return out
-
-    def _del_route(self, family: int, r: dict[str, Any]) -> None:
-        _nl(self.ipr.route, "del", family=family, dst_len=r["dst_len"], table=self.policy.route_table,
-            scope=r["scope"], proto=self.policy.route_protocol, type=r["type"], ok=(errno.ESRCH,),
-            **{k: v for k, v in (("dst", r.get("RTA_DST")), ("oif", r.get("RTA_OIF")),
-                                 ("priority", r.get("RTA_PRIORITY"))) if v is not None})
+        p = self.policy
+        return [(f, r, f"{r.get('RTA_DST') or ('0.0.0.0' if f == socket.AF_INET else '::')}/{r['dst_len']}")
+                for f in FAMILY.values() for r in _nl(self.ipr.get_routes, family=f, table=p.route_table)
+                if r["proto"] == p.route_protocol and r.get("RTA_TABLE") == p.route_table]
 
     def _our_links(self) -> list[tuple[int, str, str]]:
         """(index, name, ifalias) of the TUN links with our prefix."""
@@ -202,10 +189,8 @@ class Host:
                 and link.get(("IFLA_LINKINFO", "IFLA_INFO_KIND")) == "tun"]
 
     def adopt(self) -> tuple[list[dict[str, Any]], list[str], list[str]]:
-        """Re-open the networks a previous helper left (persistent TUNs named in their ifalias).
-
-        Returns (networks as Network fields, our links deleted because no alias names them, the prefixes of our
-        `unreachable` routes). The caller decides which networks to keep and which kill-switch routes to drop."""
+        """Re-open the networks a previous helper left: (their Network fields, our TUNs deleted as no alias names
+        them, our `unreachable` routes' prefixes). The caller decides what to keep."""
         nets, dropped = [], []
         routes = self._our_routes()
         for index, name, alias in self._our_links():
@@ -233,8 +218,9 @@ class Host:
     def cleanup(self) -> dict[str, list[str]]:
         """Delete everything of ours: our-prefix TUN links, our-protocol routes in our table, our rules."""
         gone: dict[str, list[str]] = {"links": [], "routes": [], "rules": []}
-        for family, r, text in self._our_routes():
-            self._del_route(family, r)
+        for _, r, text in self._our_routes():
+            self._route("del", text, scope=r["scope"], type=r["type"], ok=(errno.ESRCH,), **{k: v for k, v in (
+                ("oif", r.get("RTA_OIF")), ("priority", r.get("RTA_PRIORITY"))) if v is not None})
             gone["routes"].append(text)
         gone["rules"] = self.drop_rules()
         for index, name, _ in self._our_links():

@@ -31,8 +31,7 @@ class Network:
     def spec(self) -> tuple[object, ...]:
         return (self.ifname, self.mtu, tuple(sorted(self.addresses)), self.queues, self.worker_uid)
 
-    def guarded(self) -> set[str]:
-        """The prefixes its kill switch covers: its routes and the networks of its addresses."""
+    def guarded(self) -> set[str]:  # what its kill switch covers: its routes and its addresses' networks
         return {*self.routes, *(str(ipaddress.ip_interface(a).network) for a in self.addresses)}
 
 
@@ -49,9 +48,6 @@ class State:
         self.networks: dict[str, Network] = {}
         self.tickets: dict[str, TicketEntry] = {}
         self.ticket_ttl, self._token = ticket_ttl, token
-
-    def guarded(self) -> set[str]:
-        return {p for n in self.networks.values() for p in n.guarded()}
 
     def by_ifname(self, ifname: str) -> Network | None:
         return next((n for n in self.networks.values() if n.ifname == ifname), None)
