@@ -164,6 +164,7 @@ class Controller:
         #: Immutable status snapshot for the metrics thread (refreshed by the timer loop).
         self.metrics_snapshot: Any = None
         self._metrics_server: Any = None
+        self._predecessor_crashed = False
 
     # ---- paths ---------------------------------------------------------------
 
@@ -186,6 +187,9 @@ class Controller:
         os.makedirs(self.runtime_dir, mode=RUNTIME_DIR_MODE, exist_ok=True)
         os.chmod(self.runtime_dir, RUNTIME_DIR_MODE)
         self._ctx = zmq.asyncio.Context()
+        # A bus socket left behind means the previous controller died without its orderly stop (which
+        # stops the workers and removes it): its workers may still run, to be adopted.
+        self._predecessor_crashed = os.path.exists(self.bus_path)
         try:
             self.bus = Router(self._ctx, self.bus_path, BUS_UP, BUS_DOWN, mode=WORKERS_SOCKET_MODE)
             admin_gid = self._admin_gid()
@@ -296,14 +300,13 @@ class Controller:
     async def _run_helper_watch(self) -> None:
         """Notice a lost helper, reconnect, and rebuild what a restarted helper no longer has.
 
-        A helper that restarts (crash, upgrade) reconciles at start: it deletes
-        every interface and route no live network owns, so the networks this
-        controller runs are gone from the kernel while their workers still
-        hold dead queue fds. Every HELPER_PROBE_INTERVAL the controller asks
-        the helper for its networks; once the helper answers again, each
-        network of ours it does not know is restarted (workers stopped,
-        network created anew, workers spawned with fresh tickets, routes
-        re-added as the peer re-announces them).
+        A helper that restarts (crash, upgrade) adopts our interfaces and
+        routes, so normally nothing is lost. A network whose interface was
+        deleted meanwhile is unknown to it: every HELPER_PROBE_INTERVAL the
+        controller asks the helper for its networks; once the helper answers
+        again, each network of ours it does not know is restarted (workers
+        stopped, network created anew, workers spawned with fresh tickets,
+        routes re-added as the peer re-announces them).
         """
         lost = False
         while True:
@@ -345,10 +348,12 @@ class Controller:
     async def _collect_survivors(self, present: dict[str, Any]) -> dict[str, dict[int, tuple[int, bytes]]]:
         """Workers of `present` networks that outlived the previous controller: name -> queue -> (pid, ident).
 
-        They reconnect to the bus by themselves and say WorkerStatus every status_interval; wait for that
+        Only after a crash (see `run`). They reconnect to the bus by themselves and say WorkerStatus every status_interval; wait for that
         (at most ADOPT_WAIT_INTERVALS status intervals, less once every queue has been heard)."""
         found: dict[str, dict[int, tuple[int, bytes]]] = {}
         want = {(n.name, q) for n in self.config.networks if n.name in present for q in range(n.queues)}
+        if not self._predecessor_crashed:
+            return found
         deadline = self.clock() + ADOPT_WAIT_INTERVALS * self.config.controller.status_interval
         while want and self.bus is not None and (left := deadline - self.clock()) > 0:
             try:
@@ -379,9 +384,9 @@ class Controller:
         )
         rt.tickets = list(created.tickets)
         if not created.adopted and rt.routes.installed:
-            # The helper built the network anew (it restarted and reconciled
-            # ours away): none of our routes exist any more. Forget them, so
-            # the new sessions' announcements install them again.
+            # The helper built the network anew (its interface was deleted
+            # behind our back): none of our routes exist any more. Forget
+            # them, so the new sessions' announcements install them again.
             log.warning("network_recreated", network=net.name, routes_lost=len(rt.routes.installed))
             rt.routes.set_installed(())
 

@@ -123,6 +123,7 @@ async def running(
     config_path: str | None = None,
     prefill: Callable[[FakeHelper], None] | None = None,
     before_ready: Callable[[Controller], Awaitable[None]] | None = None,
+    crashed: bool = False,
 ) -> AsyncIterator[Env]:
     # Short path: AF_UNIX paths are limited to 107 bytes.
     with tempfile.TemporaryDirectory(prefix="l3c-") as tmp:
@@ -132,6 +133,8 @@ async def running(
         if prefill is not None:
             prefill(helper)
         await helper.serve_path(os.path.join(runtime, "helper.sock"))
+        if crashed:  # the previous controller left its bus socket behind
+            open(os.path.join(runtime, "workers.sock"), "w").close()
         controller = Controller(
             make_config(runtime, networks),
             config_path=config_path,
@@ -359,7 +362,7 @@ def test_workers_of_the_previous_controller_are_adopted_not_respawned() -> None:
         await sock.send(BUS_UP.encode(WorkerHello(network="office", queue=0, pid=survivor_pid)))
 
     async def body() -> None:
-        async with running(prefill=prefill, before_ready=keep_reporting) as env:
+        async with running(prefill=prefill, before_ready=keep_reporting, crashed=True) as env:
             rt = env.controller.networks["office"]
             assert rt.sup.slots[0].pid == survivor_pid and rt.sup.slots[0].state.name == "RUNNING"
             assert [p.queue for p in env.spawner.live("office")] == [1]  # queue 0 was not respawned
@@ -371,6 +374,23 @@ def test_workers_of_the_previous_controller_are_adopted_not_respawned() -> None:
             await until(lambda: [p.queue for p in env.spawner.live("office")] == [1, 0], timeout=5)
         survivor[0].close(linger=0)
         ctx.term()
+
+    run(body)
+
+
+def test_after_an_orderly_stop_nothing_is_awaited_for_adoption() -> None:
+    """No bus socket left behind: the previous controller stopped its workers, so none is waited for."""
+
+    def prefill(helper: FakeHelper) -> None:
+        helper.handle(CreateNetwork(name="office", ifname="l3p-office", mtu=1280, addresses=("198.19.0.1/24",),
+                                    queues=2, worker_uid=os.getuid(), adopt=False))
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        async with running(prefill=prefill) as env:
+            assert loop.time() - t0 < 2.0  # the adoption wait is 2.5 status intervals
+            assert sorted(p.queue for p in env.spawner.live("office")) == [0, 1]
 
     run(body)
 
