@@ -798,9 +798,15 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _holds_tun(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        return any(os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/net/tun" for fd in os.listdir(f"/proc/{pid}/fd"))
+    return False
+
+
 def workers_in(netns: str, *, spares: bool = False) -> list[int]:
     """Live l3ptp worker processes inside the network namespace `netns`, from /proc; with `spares`,
-    also the controller's spare (started ahead, waiting for a config: ``--queue -1``)."""
+    also the controller's spare while it waits for a config (``--queue -1``, holding no TUN queue yet)."""
     try:
         ns = os.stat(f"/run/netns/{netns}").st_ino
     except OSError:
@@ -811,6 +817,7 @@ def workers_in(netns: str, *, spares: bool = False) -> list[int]:
             if entry.isdigit() and os.stat(f"/proc/{entry}/ns/net").st_ino == ns and _alive(int(entry)):
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
                     cmdline = f.read()
-                if b"l3ptp.worker" in cmdline and (spares or b"\0--queue\0-1\0" not in cmdline):
+                if b"l3ptp.worker" in cmdline and (spares or b"\0--queue\0-1\0" not in cmdline
+                                                   or _holds_tun(int(entry))):
                     out.append(int(entry))
     return sorted(out)

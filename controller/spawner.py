@@ -119,7 +119,7 @@ class ProcessSpawner:
 
     def signal(self, pid: int, sig: int) -> None:
         if pid in self._adopted:
-            with contextlib.suppress(ProcessLookupError):
+            with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(self._adopted[pid], sig)
             return
         proc = self._procs.get(pid)
