@@ -27,7 +27,6 @@ from l3ptp.ipc.logsetup import configure
 from l3ptp.ipc.types import PeerRole
 
 from .app import ZmqBus, run_worker
-from .engine import available_engines
 from .helper_client import HelperClient, HelperRefused
 from .privileges import PrivilegeError, drop_privileges
 
@@ -108,7 +107,6 @@ async def _serve(config: WorkerConfig, tun_fd: int, sock: socket.socket) -> str:
 
 
 def main() -> int:
-    available_engines()  # loaded before the config: a spare (controller/spawner.py) waits with them ready
     try:
         config = read_config(sys.stdin.buffer)
     except DecodeError as exc:

@@ -18,7 +18,10 @@ pure modules.
   port is closed until the new one binds) starts a liveness probe, a QUIC
   PING that must be acknowledged within PROBE_TIMEOUT after the last such
   error; if it is not, the session is dropped and a new connection starts at
-  once. A forged ICMP error costs one PING: a live peer acknowledges it. Listener: every QUIC Initial from a new
+  once. A forged ICMP error costs one PING: a live peer acknowledges it.
+  A listener that gets a short-header packet no connection of its own knows
+  (the peer still talks to the worker it replaced) answers with
+  RESTART_HINT, which starts the same probe. Listener: every QUIC Initial from a new
   address (or a new Initial from the current peer's address, i.e. a peer
   restarted on the same port) starts a candidate connection; a candidate that
   becomes ESTABLISHED replaces the active session. At most
@@ -72,6 +75,11 @@ __all__ = ["Tunnel"]
 MAX_CANDIDATES = 4
 #: Seconds a liveness probe waits for its PING's ACK after the last ICMP error (plus 3 RTTs).
 PROBE_TIMEOUT = 0.15
+#: "Unknown connection" hint a listener sends back for a short-header packet it has no connection for
+#: (a restarted worker): shaped as a QUIC Version Negotiation packet with no CIDs, which no QUIC stack
+#: accepts after the handshake; the connector answers it with a liveness probe. At most one per HINT_EVERY s.
+RESTART_HINT = bytes([0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1])  # version 0, no DCID/SCID, "supports" QUIC v1
+HINT_EVERY = 0.1
 IP_RECVERR, IPV6_RECVERR = 11, 25
 _UDP_MAX = 65535
 _SERVER_NAME = "l3ptp"
@@ -180,6 +188,7 @@ class Tunnel:
         self._reconnect_at: float | None = None
         self._peer_addr: tuple[Any, ...] | None = None
         self._peer_ip = _normalize_ip(config.peer_address) if config.peer_address else None
+        self._hint_at = 0.0
 
     # ---- lifecycle ---------------------------------------------------------
 
@@ -379,9 +388,14 @@ class Tunnel:
                 break
             count += len(datagrams)
             for data in datagrams:
+                if data == RESTART_HINT:
+                    if self.active is not None and addr == self.active.addr:
+                        self._probe(now)
+                    continue
                 peer = self._route(data, addr, now)
                 if peer is None:
                     self.udp_ignored += 1
+                    self._hint(data, addr, now)
                     continue
                 if runs and runs[-1][0] is peer and runs[-1][1] == addr:
                     runs[-1][2].append(data)
@@ -399,6 +413,15 @@ class Tunnel:
         for peer in touched.values():
             self._transmit(peer)
         self._schedule()
+
+    def _hint(self, data: bytes, addr: tuple[Any, ...], now: float) -> None:
+        """Listener: a short-header packet from the peer's address that no connection of ours knows (the
+        peer still talks to our predecessor): tell it, at most every HINT_EVERY s (never larger than what came)."""
+        if (self.config.role is PeerRole.LISTEN and data and data[0] & 0xC0 == 0x40 and len(data) >= len(RESTART_HINT)
+                and now >= self._hint_at and (self._peer_ip is None or _normalize_ip(addr[0]) == self._peer_ip)):
+            self._hint_at = now + HINT_EVERY
+            with contextlib.suppress(OSError):
+                self.sock.sendto(RESTART_HINT, addr)
 
     def _icmp_errors(self) -> int:
         """Drain the socket's error queue (IP_RECVERR); how many errors it held."""
