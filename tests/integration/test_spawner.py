@@ -35,15 +35,18 @@ def test_a_spare_takes_the_next_spawn_and_is_ended_with_the_rest(tmp_path) -> No
         assert spare is not None and spare.returncode is None
         second = await sp.spawn("n", 1, b"config 1")
         assert second == spare.pid  # handed the config, not a fresh interpreter
-        for _ in range(200):
-            if os.path.exists(prefix + str(second)):
+        for _ in range(500):  # each child writes what it read
+            if os.path.exists(prefix + str(second)) and os.path.exists(prefix + str(first)):
                 break
             await asyncio.sleep(0.02)
         with open(prefix + str(second), "rb") as f:
             assert f.read() == b"config 1"
         with open(prefix + str(first), "rb") as f:
             assert f.read() == b"config 0"
-        await asyncio.sleep(0.3)  # the next spare starts
+        for _ in range(500):  # the next spare starts
+            if sp._spare is not None:
+                break
+            await asyncio.sleep(0.02)
         left = sp._spare
         assert left is not None
         await sp.kill_all()
