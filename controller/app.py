@@ -12,15 +12,18 @@ report). This module carries out their actions:
   each caller then authorised by `l3ptp.controller.polkit`), connect to the helper,
   reconcile with its list of
   networks (networks no longer configured and enabled are destroyed, the
-  others adopted), then bring every enabled network up;
+  others adopted), adopt the workers that outlived the previous controller
+  (they report on the bus within ADOPT_WAIT_INTERVALS status intervals),
+  then bring every enabled network up (spawning only the missing workers);
 * per network: ``CreateNetwork(adopt=True)`` (which also yields fresh
   tickets for every respawn), spawn one worker per queue with its
   `WorkerConfig` on stdin, supervise, install peer routes via the helper;
 * every second: Heartbeat to each worker, `tick` the supervisors;
 * SIGHUP or `l3ptp reload`: `plan.diff` and apply only the difference; an
   invalid file is refused with every error and nothing changes;
-* SIGTERM/SIGINT: stop every network (Shutdown, SIGTERM, SIGKILL after the
-  grace), destroy them through the helper, exit.
+* SIGTERM/SIGINT: stop every worker (Shutdown, SIGTERM, SIGKILL after the
+  grace) and exit; the networks stay in the helper (fail-closed), for the
+  next controller. `l3ptp down` or a reload without the network destroys it.
 """
 
 from __future__ import annotations
@@ -82,6 +85,9 @@ CONTROL_SOCKET = "control.sock"
 HEARTBEAT_INTERVAL = 1.0
 #: Seconds between liveness probes of the helper (ListNetworks).
 HELPER_PROBE_INTERVAL = 2.0
+#: At start, how many status intervals to wait for the workers of a network
+#: the helper still has (they outlived the previous controller) to report.
+ADOPT_WAIT_INTERVALS = 2.5
 #: The runtime directory: others may reach a socket by name but not list the
 #: directory; each socket's own mode is the gate (control.sock 0660 group
 #: admin_group, workers.sock 0600). Matches the unit's RuntimeDirectoryMode.
@@ -158,6 +164,7 @@ class Controller:
         #: Immutable status snapshot for the metrics thread (refreshed by the timer loop).
         self.metrics_snapshot: Any = None
         self._metrics_server: Any = None
+        self._predecessor_crashed = False
 
     # ---- paths ---------------------------------------------------------------
 
@@ -180,6 +187,9 @@ class Controller:
         os.makedirs(self.runtime_dir, mode=RUNTIME_DIR_MODE, exist_ok=True)
         os.chmod(self.runtime_dir, RUNTIME_DIR_MODE)
         self._ctx = zmq.asyncio.Context()
+        # A bus socket left behind means the previous controller died without its orderly stop (which
+        # stops the workers and removes it): its workers may still run, to be adopted.
+        self._predecessor_crashed = os.path.exists(self.bus_path)
         try:
             self.bus = Router(self._ctx, self.bus_path, BUS_UP, BUS_DOWN, mode=WORKERS_SOCKET_MODE)
             admin_gid = self._admin_gid()
@@ -195,10 +205,11 @@ class Controller:
                 group=admin_gid,
             )
             self.helper = await self._helper_connect(self.config.controller.helper_socket)
-            await self._reconcile()
+            present = await self._reconcile()
+            survivors = await self._collect_survivors(present)
             for net in self.config.networks:
                 if net.enabled:
-                    await self._bring_up(net)
+                    await self._bring_up(net, survivors.get(net.name, {}), present.get(net.name))
             self._spawn_task(self._run_bus())
             self._spawn_task(self._run_cli())
             self._spawn_task(self._run_timers())
@@ -270,9 +281,14 @@ class Controller:
             self._stop.set()
 
     async def _shutdown(self) -> None:
+        """SIGTERM (`systemctl stop` and `restart`): stop the workers, keep the networks in the helper.
+
+        Their interfaces, routes and kill switch stay, so the tunnel's prefixes stay closed while no
+        controller runs (fail-closed); `l3ptp down`, a reload without the network, or `l3ptp-helper
+        --cleanup` removes them."""
         log.info("controller_stopping")
         for name in list(self.networks):
-            await self._bring_down(name, "controller stopping")
+            await self._bring_down(name, "controller stopping", destroy=False)
 
     # ---- helper ------------------------------------------------------------------
 
@@ -284,14 +300,13 @@ class Controller:
     async def _run_helper_watch(self) -> None:
         """Notice a lost helper, reconnect, and rebuild what a restarted helper no longer has.
 
-        A helper that restarts (crash, upgrade) reconciles at start: it deletes
-        every interface and route no live network owns, so the networks this
-        controller runs are gone from the kernel while their workers still
-        hold dead queue fds. Every HELPER_PROBE_INTERVAL the controller asks
-        the helper for its networks; once the helper answers again, each
-        network of ours it does not know is restarted (workers stopped,
-        network created anew, workers spawned with fresh tickets, routes
-        re-added as the peer re-announces them).
+        A helper that restarts (crash, upgrade) adopts our interfaces and
+        routes, so normally nothing is lost. A network whose interface was
+        deleted meanwhile is unknown to it: every HELPER_PROBE_INTERVAL the
+        controller asks the helper for its networks; once the helper answers
+        again, each network of ours it does not know is restarted (workers
+        stopped, network created anew, workers spawned with fresh tickets,
+        routes re-added as the peer re-announces them).
         """
         lost = False
         while True:
@@ -316,14 +331,40 @@ class Controller:
                     await self._bring_down(name, "the helper no longer has this network")
                     await self._bring_up(net)
 
-    async def _reconcile(self) -> None:
+    async def _reconcile(self) -> dict[str, Any]:
+        """Destroy the helper's networks that are no longer wanted; return the others (name -> NetworkInfo)."""
         helper = await self._ensure_helper()
         wanted = {n.name for n in self.config.networks if n.enabled}
+        present = {}
         for info in await helper.list_networks():
             if info.name not in wanted:
                 log.info("reconcile_destroy", network=info.name)
                 with contextlib.suppress(HelperError):
                     await helper.destroy_network(info.name)
+            else:
+                present[info.name] = info
+        return present
+
+    async def _collect_survivors(self, present: dict[str, Any]) -> dict[str, dict[int, tuple[int, bytes]]]:
+        """Workers of `present` networks that outlived the previous controller: name -> queue -> (pid, ident).
+
+        Only after a crash (see `run`). They reconnect to the bus by themselves and say WorkerStatus every status_interval; wait for that
+        (at most ADOPT_WAIT_INTERVALS status intervals, less once every queue has been heard)."""
+        found: dict[str, dict[int, tuple[int, bytes]]] = {}
+        want = {(n.name, q) for n in self.config.networks if n.name in present for q in range(n.queues)}
+        if not self._predecessor_crashed:
+            return found
+        deadline = self.clock() + ADOPT_WAIT_INTERVALS * self.config.controller.status_interval
+        while want and self.bus is not None and (left := deadline - self.clock()) > 0:
+            try:
+                got = await asyncio.wait_for(self.bus.recv(), left)
+            except TimeoutError:
+                break
+            if got is not None and isinstance(got[1], WorkerHello | WorkerStatus) \
+                    and (got[1].network, got[1].queue) in want:
+                want.discard((got[1].network, got[1].queue))
+                found.setdefault(got[1].network, {})[got[1].queue] = (got[1].pid, got[0])
+        return found
 
     def _worker_uid(self) -> int:
         user = self.config.controller.worker_user
@@ -343,15 +384,16 @@ class Controller:
         )
         rt.tickets = list(created.tickets)
         if not created.adopted and rt.routes.installed:
-            # The helper built the network anew (it restarted and reconciled
-            # ours away): none of our routes exist any more. Forget them, so
-            # the new sessions' announcements install them again.
+            # The helper built the network anew (its interface was deleted
+            # behind our back): none of our routes exist any more. Forget
+            # them, so the new sessions' announcements install them again.
             log.warning("network_recreated", network=net.name, routes_lost=len(rt.routes.installed))
             rt.routes.set_installed(())
 
     # ---- networks ----------------------------------------------------------------
 
-    async def _bring_up(self, net: NetworkConfig) -> None:
+    async def _bring_up(self, net: NetworkConfig, survivors: dict[int, tuple[int, bytes]] | None = None,
+                        info: Any = None) -> None:
         rt = _Network(net)
         self.networks[net.name] = rt
         try:
@@ -361,10 +403,19 @@ class Controller:
             rt.sup.failed_reason = rt.last_error
             log.error("network_create_failed", network=net.name, error=str(exc))
             return
+        if info is not None:
+            rt.routes.set_installed(info.routes)  # the helper kept them; the workers' PeerRoutes confirm them
+        adopt = getattr(self.spawner, "adopt", None)
+        for queue, (pid, ident) in sorted((survivors or {}).items()):
+            if adopt is not None and adopt(pid):
+                rt.sup.adopt(queue, pid, self.clock())
+                rt.idents[queue] = ident
+                log.info("worker_adopted", network=net.name, queue=queue, pid=pid)
+                await self._advertise(rt, queue)  # and it repeats the peer's routes for us
         await self._execute(rt, rt.sup.start(self.clock()), fresh=True)
         log.info("network_up", network=net.name, queues=net.queues)
 
-    async def _bring_down(self, name: str, reason: str) -> None:
+    async def _bring_down(self, name: str, reason: str, *, destroy: bool = True) -> None:
         rt = self.networks.get(name)
         if rt is None:
             return
@@ -375,10 +426,11 @@ class Controller:
                 await asyncio.wait_for(self._wake.wait(), 0.2)
             await self._execute(rt, rt.sup.tick(self.clock()))
         del self.networks[name]
-        with contextlib.suppress(HelperError):
-            helper = await self._ensure_helper()
-            await helper.destroy_network(name)
-        log.info("network_down", network=name, reason=reason)
+        if destroy:
+            with contextlib.suppress(HelperError):
+                helper = await self._ensure_helper()
+                await helper.destroy_network(name)
+        log.info("network_down", network=name, reason=reason, destroyed=destroy)
 
     async def _execute(self, rt: _Network, actions: list[Any], *, fresh: bool = False) -> None:
         need_tickets = not fresh

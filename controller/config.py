@@ -43,6 +43,7 @@ from l3ptp.ipc.constants import (
     KEEPALIVE_INTERVAL_DEFAULT,
     KEEPALIVE_INTERVAL_MAX,
     KEEPALIVE_INTERVAL_MIN,
+    KILL_SWITCH_METRIC,
     MAX_DATAGRAM_SIZE_DEFAULT,
     MAX_DATAGRAM_SIZE_MAX,
     MAX_DATAGRAM_SIZE_MIN,
@@ -95,8 +96,8 @@ STATUS_INTERVAL_MIN: Final = 0.1
 STATUS_INTERVAL_MAX: Final = WORKER_STATUS_TIMEOUT / 4  # a worker silent WORKER_STATUS_TIMEOUT is dead
 #: Highest UDP/TCP port number.
 PORT_MAX: Final = 0xFFFF
-#: Route metrics are unsigned 32-bit.
-ROUTE_METRIC_MAX: Final = 0xFFFF_FFFF
+#: Route metrics are unsigned 32-bit; the highest is the helper's kill switch.
+ROUTE_METRIC_MAX: Final = KILL_SWITCH_METRIC - 1
 #: IPv6 minimum link MTU (RFC 8200, section 5). The tunnel MTU default is
 #: defined as exactly this value (see ipc.constants); Linux refuses IPv6
 #: addresses on a link with a smaller MTU.

@@ -461,6 +461,13 @@ class Lab:
             time.sleep(0.05)
         return proc
 
+    def cleanup_helper(self, host: Host, *, timeout: float = 60.0) -> int:
+        """`l3ptp-helper --cleanup` in `host` (what the package's prerm runs on removal): its exit status."""
+        proc = self.spawn(host, "cleanup", [self.python, "-m", "l3ptp.helper", "--policy", host.policy_path,
+                                            "--cleanup"],
+                          preexec=_enter(host.netns, self.helper_uid, self.gid, net_admin_only=True))
+        return proc.wait(timeout)
+
     def start_controller(self, host: Host, *, wait: float = 20.0) -> subprocess.Popen[bytes]:
         """l3ptp-controller (and so its workers) as an unprivileged uid with no capability."""
         with contextlib.suppress(FileNotFoundError):
@@ -571,13 +578,11 @@ class Lab:
         return "\n".join(f"  {host.name}/{what}| {line}" for line in text.splitlines()[-lines:])
 
     def pids(self, host: Host) -> dict[str, Any]:
-        """PIDs of the helper, the controller and the controller's worker children."""
+        """PIDs of the helper, the controller and the workers in `host` (children of this controller or
+        adopted from an earlier one)."""
         ctl = host.procs.get("controller")
-        workers = []
-        if ctl is not None and ctl.poll() is None:
-            workers = children(ctl.pid)
         return {"helper": host.procs["helper"].pid if "helper" in host.procs else None,
-                "controller": ctl.pid if ctl else None, "workers": workers}
+                "controller": ctl.pid if ctl else None, "workers": workers_in(host.netns)}
 
     def cli(self, host: Host, *args: str, timeout: float = 30.0) -> tuple[int, str, str]:
         """Run the real `l3ptp` CLI against `host`'s controller: (exit status, stdout, stderr)."""
@@ -728,6 +733,10 @@ class Lab:
             for what in list(host.procs):
                 with contextlib.suppress(Exception):
                     self.stop_process(host, what, wait=10)
+            for pid in workers_in(host.netns, spares=True):  # outlived a controller the test killed
+                self._started.append(pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         from pyroute2 import netns
 
         for name in self._netns_made:
@@ -792,11 +801,26 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def children(pid: int) -> list[int]:
-    """Direct children of `pid`, from /proc."""
-    out = []
+def _holds_tun(pid: int) -> bool:
     with contextlib.suppress(OSError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as f:
-                out += [int(p) for p in f.read().split()]
-    return sorted(set(out))
+        return any(os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/net/tun" for fd in os.listdir(f"/proc/{pid}/fd"))
+    return False
+
+
+def workers_in(netns: str, *, spares: bool = False) -> list[int]:
+    """Live l3ptp worker processes inside the network namespace `netns`, from /proc; with `spares`,
+    also the controller's spare while it waits for a config (``--queue -1``, holding no TUN queue yet)."""
+    try:
+        ns = os.stat(f"/run/netns/{netns}").st_ino
+    except OSError:
+        return []
+    out = []
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError):
+            if entry.isdigit() and os.stat(f"/proc/{entry}/ns/net").st_ino == ns and _alive(int(entry)):
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read()
+                if b"l3ptp.worker" in cmdline and (spares or b"\0--queue\0-1\0" not in cmdline
+                                                   or _holds_tun(int(entry))):
+                    out.append(int(entry))
+    return sorted(out)

@@ -24,10 +24,11 @@ worker `Shutdown` and SIGTERM), `Kill` (SIGKILL), `NetworkFailed`. They call
 
 Rules
 -----
-* Restart after an unexpected exit waits ``RESTART_BACKOFF_MIN * 2**(n-1)``
-  seconds, capped at ``RESTART_BACKOFF_MAX``, where n is the number of that
-  queue's crashes within the last ``RESTART_WINDOW`` seconds. So a worker
-  that crashes at once is never restarted in a tight loop.
+* Restart after an unexpected exit is immediate for the first crash of a
+  queue within the last ``RESTART_WINDOW`` seconds and waits
+  ``RESTART_BACKOFF_MIN * 2**(n-2)`` seconds, capped at
+  ``RESTART_BACKOFF_MAX``, for the n-th (n >= 2). So a worker that crashes
+  at once is never restarted in a tight loop.
 * The ``RESTART_MAX_IN_WINDOW``-th crash of one queue within
   ``RESTART_WINDOW`` marks the whole network FAILED (with the reason) and
   stops its other workers; so does a worker's ``fatal`` exit (a restart
@@ -97,6 +98,7 @@ _S = WorkerState
 _TRANSITIONS: Final[frozenset[tuple[WorkerState, WorkerState]]] = frozenset(
     {
         (_S.STOPPED, _S.STARTING),
+        (_S.STOPPED, _S.RUNNING),  # adopt: a worker that outlived the previous controller
         (_S.FATAL, _S.STARTING),
         (_S.STARTING, _S.RUNNING),
         (_S.STARTING, _S.BACKOFF),
@@ -157,11 +159,12 @@ Action = Spawn | Terminate | Kill | NetworkFailed
 
 
 def backoff_delay(crashes: int) -> float:
-    """Delay before the restart that follows the `crashes`-th recent crash (>= 1)."""
-    if crashes < 1:
+    """Delay before the restart that follows the `crashes`-th recent crash (>= 1): none for the first
+    (a killed worker is back at once), then RESTART_BACKOFF_MIN doubling up to RESTART_BACKOFF_MAX."""
+    if crashes < 2:
         return 0.0
     # 2**exp overflows nothing: the cap is reached long before large exponents.
-    return min(RESTART_BACKOFF_MIN * 2.0 ** min(crashes - 1, 64), RESTART_BACKOFF_MAX)
+    return min(RESTART_BACKOFF_MIN * 2.0 ** min(crashes - 2, 64), RESTART_BACKOFF_MAX)
 
 
 @dataclasses.dataclass(slots=True)
@@ -256,6 +259,12 @@ class NetworkSupervisor:
                 s.pid, s.killed, s.deadline, s.last_seen = None, False, None, now
                 actions.append(Spawn(self.network, s.queue))
         return actions
+
+    def adopt(self, queue: int, pid: int, now: float) -> None:
+        """Take over `pid`, a running worker of `queue` left by the previous controller (before `start`)."""
+        s = self._slot(queue)
+        s.move(_S.RUNNING)
+        s.pid, s.last_seen, s.killed, s.deadline = pid, now, False, None
 
     def stop(self, now: float, reason: str) -> list[Action]:
         """Ask every worker to exit; pending restarts are cancelled."""

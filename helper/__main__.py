@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="l3ptp-helper", description="l3ptp privileged helper")
     parser.add_argument("--policy", default=HELPER_POLICY_DEFAULT, help="root-owned policy file (TOML)")
     parser.add_argument("--socket", help="listen here instead of the policy's socket_path")
-    parser.add_argument("--reconcile-only", action="store_true", help="remove leftovers and exit")
+    parser.add_argument("--reconcile-only", action="store_true", help="adopt what a previous helper left and exit")
+    parser.add_argument("--cleanup", action="store_true", help="remove all of ours (opens the prefixes) and exit")
     args = parser.parse_args(argv)
     log = configure("helper")
     try:
@@ -47,12 +48,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if policy is None else 1
     harden_process()
     host = Host(policy)
-    audit("reconcile", result="ok", when="start", **host.reconcile())
+    if args.cleanup:
+        audit("cleanup", result="ok", **host.cleanup())
+        host.close()
+        return 0
+    dispatcher = Dispatcher(policy, State(), host, audit, time.monotonic)
+    found, dropped, guards = host.adopt()
+    done = dispatcher.adopt(found, guards)
+    rules = [] if dispatcher.state.networks else host.drop_rules()  # rules only matter while a network exists
+    audit("reconcile", result="ok", when="start", links=dropped, rules=rules, **done)
     if args.reconcile_only:
         host.close()
         return 0
     listener = systemd_listener() or open_listener(args.socket or policy.socket_path, policy.socket_group)
-    dispatcher = Dispatcher(policy, State(), host, audit, time.monotonic)
     server = Server(dispatcher, listener)
     stop: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -62,13 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         while not stop:
             server.step(1.0)  # a signal is seen within this select timeout
     finally:
+        # Networks stay (fail-closed): the next helper adopts them; only DestroyNetwork or --cleanup removes one.
         server.close()
-        for net in list(dispatcher.state.networks.values()):
-            audit("DestroyNetwork", result="ok", when="stop", network=net.name, ifname=net.ifname,
-                  routes_removed=dispatcher.destroy(net))
-        audit("reconcile", result="ok", when="stop", **host.reconcile())
         host.close()
-        log.info("helper_stopped")
+        log.info("helper_stopped", networks_kept=sorted(dispatcher.state.networks))
     return 0
 
 

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 import structlog
 
-from l3ptp.ipc.constants import HELPER_AUDIT_KEYS, HELPER_AUDIT_WINDOW, HELPER_MESSAGE_MAX
+from l3ptp.ipc.constants import HELPER_AUDIT_KEYS, HELPER_AUDIT_WINDOW, HELPER_MESSAGE_MAX, KILL_SWITCH_METRIC
 from l3ptp.ipc.logsetup import LineLimiter
 from l3ptp.ipc.errors import ErrorCode
 from l3ptp.ipc.helper_messages import (HELPER_PROTOCOL, HELPER_REPLIES, AddRoutes, ClaimQueue, CreateNetwork,
@@ -88,6 +88,7 @@ class Dispatcher:
                  clock: Callable[[], float]) -> None:
         self.policy, self.state, self.kernel, self.audit, self.clock = policy, state, kernel, audit, clock
         self.limiter = LineLimiter(HELPER_AUDIT_WINDOW, HELPER_AUDIT_KEYS)
+        self.guards: set[str] = set()  # the kill-switch routes in the kernel
 
     def _audit(self, s: Session, action: str, result: str, **fields: Any) -> None:
         """Write an audit line; but the controller's and privileged actions done, lines go through the limiter."""
@@ -177,9 +178,28 @@ class Dispatcher:
         if len(self.state.networks) >= p.max_networks:
             raise Refused(ErrorCode.LIMIT, f"at most {p.max_networks} networks")
         net.ifindex, net.fds = self._kernel(f"create {req.ifname}", self.kernel.create_network, req.ifname, req.mtu,
-                                            net.addresses, req.queues)
+                                            net.addresses, req.queues, f"{req.name}:{req.queues}:{req.worker_uid}")
         self.state.add(net)
+        try:
+            self._guard(net.guarded())
+        except Refused:
+            self.destroy(net)
+            raise
         return self._created(s, net, adopted=False)
+
+    def _guard(self, prefixes: set[str]) -> None:
+        """Kill-switch routes for `prefixes` (before their tunnel routes: no window without either)."""
+        for p in sorted(prefixes - self.guards):
+            self._kernel(f"kill switch {p}", self.kernel.kill_switch, "add", p)
+            self.guards.add(p)
+
+    def _unguard(self) -> list[str]:
+        """Drop the kill-switch routes no live network needs any more (a route or network explicitly removed)."""
+        gone = sorted(self.guards.difference(*(n.guarded() for n in self.state.networks.values())))
+        for p in gone:
+            self.kernel.kill_switch("del", p)
+        self.guards -= set(gone)
+        return gone
 
     def _network(self, name: str) -> Network:
         if name in self.state.networks:
@@ -188,6 +208,9 @@ class Dispatcher:
 
     def handle_claim_queue(self, s: Session, req: ClaimQueue) -> Outcome:
         net, queue = self.state.claim(req.ticket, s.peer.uid, self.clock())
+        if queue in net.detached:  # adopted: its packets went to the old worker's queue until now
+            self._kernel("attach queue", self.kernel.attach, net.fds[queue])
+            net.detached.discard(queue)
         self._audit(s, "ClaimQueue", "ok", network=net.name, ifname=net.ifname, queue=queue)
         return Outcome(QueueGranted(name=net.name, ifname=net.ifname, queue=queue, mtu=net.mtu), fd=net.fds[queue])
 
@@ -203,15 +226,22 @@ class Dispatcher:
             check_prefix(r, self.policy, allow_default=req.allow_default)
         if len(net.routes) + len(new) > self.policy.max_routes:
             raise Refused(ErrorCode.LIMIT, f"at most {self.policy.max_routes} routes per network")
+        if req.metric >= KILL_SWITCH_METRIC:
+            raise Refused(ErrorCode.OUT_OF_POLICY, f"metric {KILL_SWITCH_METRIC} is the kill switch's")
         if new:
             self._ensure_rules(s)
-        for i, r in enumerate(new):
-            try:
-                self.kernel.add_route(net.ifindex, r, req.metric)
-            except OSError as exc:
-                for done in new[:i]:  # all or nothing
-                    self.kernel.remove_route(net.ifindex, done)
-                raise _os_refusal(exc, f"add route {r}") from None
+        try:
+            self._guard(set(new))
+            for i, r in enumerate(new):
+                try:
+                    self.kernel.add_route(net.ifindex, r, req.metric)
+                except OSError as exc:
+                    for done in new[:i]:  # all or nothing
+                        self.kernel.remove_route(net.ifindex, done)
+                    raise _os_refusal(exc, f"add route {r}") from None
+        except Refused:
+            self._unguard()
+            raise
         net.routes.update((r, req.metric) for r in new)
         self._audit(s, "AddRoutes", "ok", network=net.name, ifname=net.ifname, added=new)
         return Outcome(RoutesChanged(name=net.name, routes=tuple(net.routes)))
@@ -225,6 +255,7 @@ class Dispatcher:
         for r in gone:
             self._kernel(f"remove route {r}", self.kernel.remove_route, net.ifindex, r)
             del net.routes[r]
+        self._kernel("kill switch", self._unguard)
         self._audit(s, "RemoveRoutes", "ok", network=net.name, ifname=net.ifname, removed=gone)
         return Outcome(RoutesChanged(name=net.name, routes=tuple(net.routes)))
 
@@ -239,7 +270,28 @@ class Dispatcher:
         self.state.forget(net.name)
         routes = list(net.routes)
         self.kernel.destroy_network(net.ifname, net.ifindex, net.fds, routes)
+        self._unguard()
         return routes
+
+    def adopt(self, found: list[dict[str, Any]], guards: list[str]) -> dict[str, list[str]]:
+        """At start: take over the networks a previous helper left (`Host.adopt`), destroy those outside the
+        policy, and drop kill-switch routes no network needs (their device was deleted behind our back)."""
+        self.guards = set(guards)
+        done: dict[str, list[str]] = {"adopted": [], "destroyed": []}
+        for net in (Network(**fields) for fields in found):
+            if (net.worker_uid in self.policy.worker_uids and net.name not in self.state.networks
+                    and len(self.state.networks) < self.policy.max_networks):
+                self.state.add(net)
+                try:
+                    self._guard(net.guarded())
+                    done["adopted"].append(net.name)
+                    continue
+                except Refused:
+                    self.state.forget(net.name)
+            self.kernel.destroy_network(net.ifname, net.ifindex, net.fds, list(net.routes))
+            done["destroyed"].append(net.ifname)
+        done["kill_switch_removed"] = self._unguard()
+        return done
 
     def handle_destroy_network(self, s: Session, req: DestroyNetwork) -> Outcome:
         net = self._network(req.name)

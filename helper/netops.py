@@ -1,8 +1,12 @@
 """The kernel side of the helper: TUN ioctls and pyroute2 netlink. A shell; `Host` is dispatch's kernel.
 
-Routes carry the policy's protocol and table, rules its protocol and our priorities: removal and `reconcile`
-match exactly those, and links with our prefix that are TUN devices. NetlinkError becomes OSError; `ok` lists
-errnos that count as success.
+Routes carry the policy's protocol and table, rules its protocol and our priorities: removal, `adopt` and
+`cleanup` match exactly those, and links with our prefix that are TUN devices. NetlinkError becomes OSError; `ok`
+lists errnos that count as success.
+
+Kill switch: each TUN is IFF_PERSIST and named in its ifalias (`ALIAS`name:queues:worker_uid), outlives the helper
+and workers, and a restarted helper `adopt`s it (queues re-opened by name, detached until claimed). Every prefix a
+network routes or addresses also has an `unreachable` route of ours at KILL_SWITCH_METRIC (docs/helper.md).
 """
 
 import errno
@@ -16,12 +20,14 @@ import pytun
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from l3ptp.ipc.constants import KILL_SWITCH_METRIC
 from l3ptp.ipc.constants import ROUTE_TABLE_DEFAULT as RT_MAIN
 from l3ptp.ipc.errors import ErrorCode
 
 from .policy import Policy, Refused
 
-TUNSETOWNER = 0x400454CC
+TUNSETOWNER, TUNSETPERSIST, TUNSETQUEUE = 0x400454CC, 0x400454CB, 0x400454D9
+IFF_ATTACH_QUEUE, IFF_DETACH_QUEUE, RTN_UNICAST, RTN_UNREACHABLE, ALIAS = 0x0200, 0x0400, 1, 7, "l3ptp:"
 TUN_FLAGS = pytun.IFF_TUN | pytun.IFF_NO_PI | pytun.IFF_MULTI_QUEUE
 TUN_EACCES = ("cannot open /dev/net/tun: the helper's user needs read-write access to it (the kernel still requires "
               "CAP_NET_ADMIN); the package's tmpfiles.d/l3ptp.conf grants it at boot, now: systemd-tmpfiles --create l3ptp.conf")
@@ -39,16 +45,25 @@ def _nl(fn: Any, *args: Any, ok: tuple[int, ...] = (), **kwargs: Any) -> Any:
             raise OSError(exc.code, os.strerror(exc.code)) from None
 
 
-def open_queues(ifname: str, queues: int, owner_uid: int) -> list[int]:
-    """Create `ifname` with `queues` queues (close-on-exec fds); queue 0 is IFF_TUN_EXCL: EBUSY if it exists."""
+def set_queue(fd: int, flags: int) -> None:
+    """TUNSETQUEUE: IFF_ATTACH_QUEUE or IFF_DETACH_QUEUE (a detached queue gets no packets)."""
+    fcntl.ioctl(fd, TUNSETQUEUE, bytes(16) + flags.to_bytes(2, "little") + bytes(22))
+
+
+def open_queues(ifname: str, queues: int, owner_uid: int, *, adopt: bool = False) -> list[int]:
+    """Create `ifname` with `queues` queues (close-on-exec fds); queue 0 is IFF_TUN_EXCL: EBUSY if it exists.
+    With `adopt`, open `queues` more queues of the existing device, detached (its workers keep theirs)."""
     fds: list[int] = []
     try:
-        for flags in [TUN_FLAGS | pytun.IFF_TUN_EXCL] + [TUN_FLAGS] * (queues - 1):
+        for flags in [TUN_FLAGS | pytun.IFF_TUN_EXCL * (not adopt)] + [TUN_FLAGS] * (queues - 1):
             dev = pytun.TunTapDevice(name=ifname, flags=flags)
             fds.append(os.dup(dev.fileno()))
             dev.close()
-            if len(fds) == 1:  # at once: any user may attach a queue to an ownerless multi-queue TUN
+            if adopt:
+                set_queue(fds[-1], IFF_DETACH_QUEUE)
+            elif len(fds) == 1:  # at once: any user may attach a queue to an ownerless multi-queue TUN
                 fcntl.ioctl(fds[0], TUNSETOWNER, owner_uid)
+                fcntl.ioctl(fds[0], TUNSETPERSIST, 1)  # outlives every fd: see the module docstring
     except BaseException as exc:
         for fd in fds:
             os.close(fd)
@@ -65,13 +80,14 @@ class Host:
     def close(self) -> None:
         self.ipr.close()
 
-    def create_network(self, ifname: str, mtu: int, addresses: tuple[str, ...], queues: int) -> tuple[int, list[int]]:
+    def create_network(self, ifname: str, mtu: int, addresses: tuple[str, ...], queues: int,
+                       alias: str) -> tuple[int, list[int]]:
         fds = open_queues(ifname, queues, os.geteuid())
         try:
             index = _nl(self.ipr.link_lookup, ifname=ifname)[0]
             # No IPv6 link-local address: a point-to-point L3 tunnel needs none, and
             # without it the kernel sends no RS/MLD from fe80:: into the tunnel.
-            _nl(self.ipr.link, "set", index=index, mtu=mtu,
+            _nl(self.ipr.link, "set", index=index, mtu=mtu, ifalias=ALIAS + alias,
                 IFLA_AF_SPEC={"attrs": [("AF_INET6", {"attrs": [("IFLA_INET6_ADDR_GEN_MODE", ADDR_GEN_MODE_NONE)]})]})
             for a in map(ipaddress.ip_interface, addresses):  # IPv6 without DAD: usable at once
                 _nl(self.ipr.addr, "add", index=index, address=str(a.ip), prefixlen=a.network.prefixlen,
@@ -92,19 +108,26 @@ class Host:
 
     def destroy_network(self, ifname: str, ifindex: int, fds: list[int], routes: list[str]) -> None:
         for r in routes:
-            self._route("del", ifindex, r, ok=(errno.ESRCH, errno.ENODEV))
+            self._route("del", r, oif=ifindex, ok=(errno.ESRCH, errno.ENODEV))
         self._drop_link(ifname, fds)
 
-    def _route(self, op: str, ifindex: int, prefix: str, **extra: Any) -> None:
+    def _route(self, op: str, prefix: str, **extra: Any) -> None:
         net = ipaddress.ip_network(prefix)
         _nl(self.ipr.route, op, family=FAMILY[net.version], dst=str(net.network_address), dst_len=net.prefixlen,
-            oif=ifindex, proto=self.policy.route_protocol, table=self.policy.route_table, **extra)
+            proto=self.policy.route_protocol, table=self.policy.route_table, **extra)
+
+    def kill_switch(self, op: str, prefix: str) -> None:
+        """Add or delete (idempotently) the `unreachable` route of ours for `prefix`."""
+        self._route(op, prefix, type="unreachable", priority=KILL_SWITCH_METRIC, ok=(errno.EEXIST, errno.ESRCH))
+
+    def attach(self, fd: int) -> None:
+        set_queue(fd, IFF_ATTACH_QUEUE)
 
     def add_route(self, ifindex: int, prefix: str, metric: int) -> None:
-        self._route("add", ifindex, prefix, priority=metric)
+        self._route("add", prefix, oif=ifindex, priority=metric)
 
     def remove_route(self, ifindex: int, prefix: str) -> None:
-        self._route("del", ifindex, prefix, ok=(errno.ESRCH,))
+        self._route("del", prefix, oif=ifindex, ok=(errno.ESRCH,))
 
     def protect_socket(self, fd: int) -> None:
         """Set SO_MARK on an IPv4/IPv6 UDP socket."""
@@ -155,22 +178,56 @@ class Host:
         return [self._rule("add", family, k) for family in FAMILY.values()
                 for have in [self._rules(family)] for k in self.wanted_rules() if k not in have]
 
-    def reconcile(self) -> dict[str, list[str]]:
-        """With no network live: delete our-prefix TUN links, our-protocol routes in our table and our rules."""
+    def _our_routes(self) -> list[tuple[int, dict[str, Any], str]]:
+        """(family, route, "dst/len") of every route with our protocol in our table."""
         p = self.policy
+        return [(f, r, f"{r.get('RTA_DST') or ('0.0.0.0' if f == socket.AF_INET else '::')}/{r['dst_len']}")
+                for f in FAMILY.values() for r in _nl(self.ipr.get_routes, family=f, table=p.route_table)
+                if r["proto"] == p.route_protocol and r.get("RTA_TABLE") == p.route_table]
+
+    def _our_links(self) -> list[tuple[int, str, str]]:
+        """(index, name, ifalias) of the TUN links with our prefix."""
+        return [(link["index"], link.get("IFLA_IFNAME") or "", link.get("IFLA_IFALIAS") or "")
+                for link in _nl(self.ipr.get_links)
+                if (link.get("IFLA_IFNAME") or "").startswith(self.policy.interface_prefix)
+                and link.get(("IFLA_LINKINFO", "IFLA_INFO_KIND")) == "tun"]
+
+    def adopt(self) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+        """Re-open the networks a previous helper left: (their Network fields, our TUNs deleted as no alias names
+        them, our `unreachable` routes' prefixes). The caller decides what to keep."""
+        nets, dropped = [], []
+        routes = self._our_routes()
+        for index, name, alias in self._our_links():
+            try:
+                net_name, queues, uid = alias.removeprefix(ALIAS).rsplit(":", 2)
+                if not alias.startswith(ALIAS) or not 1 <= int(queues) <= self.policy.max_queues:
+                    raise ValueError(alias)
+                fds = open_queues(name, int(queues), os.geteuid(), adopt=True)
+            except (ValueError, OSError):
+                _nl(self.ipr.link, "del", index=index, ok=(errno.ENODEV,))
+                dropped.append(name)
+                continue
+            link = _nl(self.ipr.get_links, index)[0]
+            addrs = [f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}" for a in _nl(self.ipr.get_addr, index=index)]
+            nets.append({"name": net_name, "ifname": name, "ifindex": index, "mtu": link.get("IFLA_MTU"),
+                         "addresses": tuple(str(ipaddress.ip_interface(a)) for a in addrs), "queues": int(queues),
+                         "worker_uid": int(uid), "fds": fds, "detached": set(range(int(queues))),
+                         "routes": {text: r.get("RTA_PRIORITY", 0) for _, r, text in routes
+                                    if r["type"] == RTN_UNICAST and r.get("RTA_OIF") == index}})
+        return nets, dropped, [text for _, r, text in routes if r["type"] == RTN_UNREACHABLE]
+
+    def drop_rules(self) -> list[str]:
+        return [self._rule("del", family, k) for family in FAMILY.values() for k in self._rules(family)]
+
+    def cleanup(self) -> dict[str, list[str]]:
+        """Delete everything of ours: our-prefix TUN links, our-protocol routes in our table, our rules."""
         gone: dict[str, list[str]] = {"links": [], "routes": [], "rules": []}
-        for family in FAMILY.values():
-            for r in _nl(self.ipr.get_routes, family=family, table=p.route_table):
-                dst, oif = r.get("RTA_DST"), r.get("RTA_OIF")
-                if r["proto"] == p.route_protocol and r.get("RTA_TABLE") == p.route_table:
-                    _nl(self.ipr.route, "del", family=family, dst_len=r["dst_len"], table=p.route_table,
-                        scope=r["scope"], proto=p.route_protocol, ok=(errno.ESRCH,),
-                        **{k: v for k, v in (("dst", dst), ("oif", oif)) if v})
-                    gone["routes"].append(f"{dst or ('0.0.0.0' if family == socket.AF_INET else '::')}/{r['dst_len']}")
-            gone["rules"] += [self._rule("del", family, k) for k in self._rules(family)]
-        for link in _nl(self.ipr.get_links):
-            name = link.get("IFLA_IFNAME") or ""
-            if name.startswith(p.interface_prefix) and link.get(("IFLA_LINKINFO", "IFLA_INFO_KIND")) == "tun":
-                _nl(self.ipr.link, "del", index=link["index"], ok=(errno.ENODEV,))
-                gone["links"].append(name)
+        for _, r, text in self._our_routes():
+            self._route("del", text, scope=r["scope"], type=r["type"], ok=(errno.ESRCH,), **{k: v for k, v in (
+                ("oif", r.get("RTA_OIF")), ("priority", r.get("RTA_PRIORITY"))) if v is not None})
+            gone["routes"].append(text)
+        gone["rules"] = self.drop_rules()
+        for index, name, _ in self._our_links():
+            _nl(self.ipr.link, "del", index=index, ok=(errno.ENODEV,))
+            gone["links"].append(name)
         return gone

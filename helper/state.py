@@ -4,6 +4,7 @@ Tickets are single use, bound to one worker uid and expire `ticket_ttl` seconds 
 """
 
 import dataclasses
+import ipaddress
 import secrets
 from collections.abc import Callable
 from typing import NamedTuple
@@ -25,9 +26,13 @@ class Network:
     worker_uid: int
     fds: list[int]
     routes: dict[str, int] = dataclasses.field(default_factory=dict)  # prefix -> metric
+    detached: set[int] = dataclasses.field(default_factory=set)  # adopted queues not yet handed out
 
     def spec(self) -> tuple[object, ...]:
         return (self.ifname, self.mtu, tuple(sorted(self.addresses)), self.queues, self.worker_uid)
+
+    def guarded(self) -> set[str]:  # what its kill switch covers: its routes and its addresses' networks
+        return {*self.routes, *(str(ipaddress.ip_interface(a).network) for a in self.addresses)}
 
 
 class TicketEntry(NamedTuple):

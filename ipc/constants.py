@@ -112,6 +112,10 @@ RTPROT_L3PTP = 157
 #: Routing table the helper uses by default (the main table).
 ROUTE_TABLE_DEFAULT = 254
 ROUTE_METRIC_DEFAULT = 100
+#: Metric of the kill-switch routes: `unreachable`, proto l3ptp, one per
+#: prefix a network routes or addresses, behind every tunnel route (whose
+#: metric must be lower), so the prefix never falls through to another route.
+KILL_SWITCH_METRIC = 0xFFFF_FFFF
 #: fwmark set on the workers' UDP sockets and the priority of the policy rule
 #: that sends marked packets to the main table ahead of any tunnel route.
 SOCKET_MARK_DEFAULT = 0x4C33
@@ -172,8 +176,11 @@ DATAGRAM_QUEUE_MAX = 256
 STATUS_INTERVAL = 1.0
 #: Controller treats a worker silent for this long as dead.
 WORKER_STATUS_TIMEOUT = 10.0
-#: Worker exits when the controller has been silent this long.
-CONTROLLER_SILENCE_TIMEOUT = 15.0
+#: Worker exits when the controller has been silent this long. Long enough
+#: for a crashed controller to be restarted (systemd: RestartSec=2s) and to
+#: adopt it; short enough that a controller that never comes back does not
+#: leave an unsupervised tunnel for long.
+CONTROLLER_SILENCE_TIMEOUT = 30.0
 
 #: Supervision.
 RESTART_BACKOFF_MIN = 0.5

@@ -4,7 +4,8 @@ Order (docs/worker.md): read `WorkerConfig` from stdin -> drop privileges
 (switch user if root and configured; clear ambient caps, no_new_privs,
 capset to zero, verify) -> claim the queue fd from the helper -> create and
 bind the UDP socket -> ask the helper to protect it -> run the tunnel and the
-controller bus until Shutdown, controller silence or SIGTERM. A failure
+controller bus until Shutdown, controller silence or SIGTERM. It survives
+its controller's death (the next controller adopts it). A failure
 before the tunnel runs is reported as `WorkerExiting(fatal=True)` when the
 bus is reachable, and exits with status 2.
 """
@@ -27,7 +28,7 @@ from l3ptp.ipc.types import PeerRole
 
 from .app import ZmqBus, run_worker
 from .helper_client import HelperClient, HelperRefused
-from .privileges import PrivilegeError, drop_privileges, exit_with_parent
+from .privileges import PrivilegeError, drop_privileges
 
 EXIT_FATAL = 2
 
@@ -107,7 +108,6 @@ async def _serve(config: WorkerConfig, tun_fd: int, sock: socket.socket) -> str:
 
 
 def main() -> int:
-    parent = os.getppid()
     try:
         config = read_config(sys.stdin.buffer)
     except DecodeError as exc:
@@ -119,11 +119,8 @@ def main() -> int:
     except (PrivilegeError, OSError) as exc:
         return _fatal(config, f"dropping privileges failed: {exc}", log)
     log.info("privileges_dropped", cap_eff=status["CapEff"], no_new_privs=status["NoNewPrivs"])
-    try:
-        if not exit_with_parent(parent):
-            return _fatal(config, "the controller that started this worker is gone", log)
-    except OSError as exc:
-        return _fatal(config, str(exc), log)
+    # No parent-death signal: a worker outlives its controller's crash and is adopted by the next
+    # controller (docs/controller.md, "Restarts"); controller silence for CONTROLLER_SILENCE_TIMEOUT ends it.
     try:
         helper = HelperClient(config.helper_socket)
         grant, tun_fd = helper.claim_queue(config.ticket)

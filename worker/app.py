@@ -122,10 +122,11 @@ async def run_worker(
     stop_event = stop_event or asyncio.Event()
     reason = "stopped"
     remote = False
+    last_routes: list[PeerRoutes] = []  # the newest, sent again for a controller that adopts us
 
     def on_routes(session: int, change: RoutesChanged) -> None:
         if bus is not None:
-            bus.send(
+            last_routes[:] = [
                 PeerRoutes(
                     network=config.network,
                     queue=config.queue,
@@ -134,7 +135,8 @@ async def run_worker(
                     routes=change.routes,
                     tunnel_addresses=change.tunnel_addresses,
                 )
-            )
+            ]
+            bus.send(last_routes[0])
 
     if tunnel is None:
         tunnel = Tunnel(config, tun_fd, udp_sock, on_routes=on_routes)
@@ -162,6 +164,8 @@ async def run_worker(
             if isinstance(msg, Advertise):
                 if (msg.network, msg.queue) == (config.network, config.queue):
                     tunnel.advertise(msg.advertised_routes, msg.local_sources)
+                    for routes in last_routes:  # a new controller knows nothing of the peer's routes yet
+                        bus.send(routes)
                 continue
             assert isinstance(msg, Heartbeat)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from l3ptp.ipc.hardening import PR_CAP_AMBIENT, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG, capset, prctl
+from l3ptp.ipc.hardening import PR_CAP_AMBIENT, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, capset, prctl
 
 __all__ = ["PrivilegeError", "drop_privileges", "read_status_caps"]
 
@@ -90,17 +90,3 @@ def drop_privileges(user: str = "") -> dict[str, int]:
     if status.get("NoNewPrivs") != 1:
         raise PrivilegeError("NoNewPrivs is not set")
     return status
-
-
-def exit_with_parent(parent_pid: int) -> bool:
-    """Ask for SIGTERM when the controller that spawned us dies.
-
-    Called after any uid change (which clears the setting). Returns False
-    when the parent is already gone (we were reparented): exit at once then.
-    A worker whose controller died must not keep a tunnel nobody supervises;
-    the controller-silence timeout is the second line of defence.
-    """
-    import signal
-
-    prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
-    return os.getppid() == parent_pid

@@ -13,7 +13,15 @@ pure modules.
   TUN_READ_BATCH); ``Datapath.from_tun_batch``; ``send_datagram_frame`` each;
   ONE transmit.
 * Connector: one connection at a time; after it ends, reconnect after an
-  exponential backoff with jitter. Listener: every QUIC Initial from a new
+  exponential backoff with jitter. Its socket asks for ICMP errors
+  (IP_RECVERR): "port unreachable" from the peer (its worker died and the
+  port is closed until the new one binds) starts a liveness probe, a QUIC
+  PING that must be acknowledged within PROBE_TIMEOUT after the last such
+  error; if it is not, the session is dropped and a new connection starts at
+  once. A forged ICMP error costs one PING: a live peer acknowledges it.
+  A listener that gets a short-header packet no connection of its own knows
+  (the peer still talks to the worker it replaced) answers with
+  RESTART_HINT, which starts the same probe. Listener: every QUIC Initial from a new
   address (or a new Initial from the current peer's address, i.e. a peer
   restarted on the same port) starts a candidate connection; a candidate that
   becomes ESTABLISHED replaces the active session. At most
@@ -26,6 +34,7 @@ reconnects.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import ipaddress
@@ -64,6 +73,14 @@ from .udp import UdpIO
 __all__ = ["Tunnel"]
 
 MAX_CANDIDATES = 4
+#: Seconds a liveness probe waits for its PING's ACK after the last ICMP error (plus 3 RTTs).
+PROBE_TIMEOUT = 0.15
+#: "Unknown connection" hint a listener sends back for a short-header packet it has no connection for
+#: (a restarted worker): shaped as a QUIC Version Negotiation packet with no CIDs, which no QUIC stack
+#: accepts after the handshake; the connector answers it with a liveness probe. At most one per HINT_EVERY s.
+RESTART_HINT = bytes([0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1])  # version 0, no DCID/SCID, "supports" QUIC v1
+HINT_EVERY = 0.1
+IP_RECVERR, IPV6_RECVERR = 11, 25
 _UDP_MAX = 65535
 _SERVER_NAME = "l3ptp"
 _MIN_INITIAL = 1200
@@ -86,7 +103,7 @@ class _Peer:
     """One QUIC connection with its control session."""
 
     __slots__ = ("conn", "session", "addr", "decoder", "stream_id", "closing", "handshake_done", "established_at",
-                 "rekey_packets", "rekey_at")
+                 "rekey_packets", "rekey_at", "probe_at", "probes")
 
     def __init__(self, conn: Any, session: Session, addr: tuple[Any, ...]) -> None:
         self.conn = conn
@@ -100,6 +117,9 @@ class _Peer:
         #: Next key update: when DATAGRAMs sent + received reach this, or at this time.
         self.rekey_packets = 0
         self.rekey_at = 0.0
+        #: Liveness probe: its deadline (None: none running) and the PINGs sent so far.
+        self.probe_at: float | None = None
+        self.probes = 0
 
 
 class Tunnel:
@@ -171,6 +191,7 @@ class Tunnel:
         self._reconnect_at: float | None = None
         self._peer_addr: tuple[Any, ...] | None = None
         self._peer_ip = _normalize_ip(config.peer_address) if config.peer_address else None
+        self._hint_at = 0.0
 
     # ---- lifecycle ---------------------------------------------------------
 
@@ -186,6 +207,10 @@ class Tunnel:
         self._loop.add_reader(self.sock.fileno(), self._guarded, self._on_udp_readable)
         try:
             if self.config.role is PeerRole.CONNECT:
+                for level, opt in ((socket.IPPROTO_IP, IP_RECVERR), (socket.IPPROTO_IPV6, IPV6_RECVERR)):
+                    if level == socket.IPPROTO_IP or self.sock.family == socket.AF_INET6:
+                        with contextlib.suppress(OSError):
+                            self.sock.setsockopt(level, opt, 1)
                 self._peer_addr = await self._resolve_peer()
                 self._connect()
             else:
@@ -356,15 +381,24 @@ class Tunnel:
             try:
                 datagrams, addr = recv()
             except (BlockingIOError, InterruptedError):
+                if count == 0 and self._icmp_errors():  # woken by the error queue alone
+                    self._probe(now)
                 break
             except OSError:
-                # ICMP errors (ECONNREFUSED) surface here; the QUIC timers handle them.
+                # ICMP errors (ECONNREFUSED) surface here.
+                self._icmp_errors()
+                self._probe(now)
                 break
             count += len(datagrams)
             for data in datagrams:
+                if data == RESTART_HINT:
+                    if self.active is not None and addr == self.active.addr:
+                        self._probe(now)
+                    continue
                 peer = self._route(data, addr, now)
                 if peer is None:
                     self.udp_ignored += 1
+                    self._hint(data, addr, now)
                     continue
                 if runs and runs[-1][0] is peer and runs[-1][1] == addr:
                     runs[-1][2].append(data)
@@ -381,6 +415,39 @@ class Tunnel:
             self._update_keys(active, now)
         for peer in touched.values():
             self._transmit(peer)
+        self._schedule()
+
+    def _hint(self, data: bytes, addr: tuple[Any, ...], now: float) -> None:
+        """Listener: a short-header packet from the peer's address that no connection of ours knows (the
+        peer still talks to our predecessor): tell it, at most every HINT_EVERY s (never larger than what came)."""
+        if (self.config.role is PeerRole.LISTEN and data and data[0] & 0xC0 == 0x40 and len(data) >= len(RESTART_HINT)
+                and now >= self._hint_at and (self._peer_ip is None or _normalize_ip(addr[0]) == self._peer_ip)):
+            self._hint_at = now + HINT_EVERY
+            with contextlib.suppress(OSError):
+                self.sock.sendto(RESTART_HINT, addr)
+
+    def _icmp_errors(self) -> int:
+        """Drain the socket's error queue (IP_RECVERR); how many errors it held."""
+        n = 0
+        while n < UDP_RECV_BATCH:
+            try:
+                self.sock.recvmsg(1, 512, socket.MSG_ERRQUEUE)
+            except OSError:
+                break
+            n += 1
+        return n
+
+    def _probe(self, now: float) -> None:
+        """The peer's port said unreachable: PING the active session, unless a probe runs already (then
+        its deadline moves: the new worker may still be starting)."""
+        peer = self.active
+        if self.config.role is not PeerRole.CONNECT or peer is None or not peer.session.established:
+            return
+        if peer.probe_at is None:
+            peer.probes += 1
+            peer.conn.send_ping(peer.probes)
+            self._transmit(peer)
+        peer.probe_at = now + PROBE_TIMEOUT + 3 * self.engine.smoothed_rtt(peer.conn)
         self._schedule()
 
     def _transmit(self, peer: _Peer) -> None:
@@ -409,6 +476,9 @@ class Tunnel:
                 self._on_stream(peer, event)
             elif isinstance(event, ev.HandshakeCompleted):
                 self._on_handshake(peer)
+            elif isinstance(event, ev.PingAcknowledged):
+                if event.uid == peer.probes:
+                    peer.probe_at = None  # alive: the ICMP error was stale or forged
             elif isinstance(event, ev.ConnectionTerminated):
                 # The phrase may be the peer's (CONNECTION_CLOSE) or a stranger's.
                 why = peer.session.peer_text(event.reason_phrase or "") or event.error_code
@@ -644,6 +714,8 @@ class Tunnel:
             deadlines.append(peer.session.next_deadline())
         if self.active is not None and self.active.session.established:
             deadlines.append(self.active.rekey_at)
+            if self.active.probe_at is not None:
+                deadlines.append(self.active.probe_at)
         if self._reconnect_at is not None:
             deadlines.append(self._reconnect_at)
         if self._timer is not None:
@@ -665,6 +737,11 @@ class Tunnel:
             if peer is self.active and peer.session.established and (
                     now >= peer.rekey_at or self._packets_under_key() >= peer.rekey_packets):
                 self._update_keys(peer, now)
+            if peer.probe_at is not None and now >= peer.probe_at and peer.session.state is not State.CLOSED:
+                peer.probe_at = None
+                self._apply(peer, peer.session.close(ErrorCode.DEAD_PEER, "peer port unreachable, PING unanswered"))
+                self._reconnect_at = now  # at once: the peer's new worker is listening by now
+                self._backoff = RECONNECT_BACKOFF_MIN
             self._transmit(peer)
         if self._reconnect_at is not None and now >= self._reconnect_at and self.active is None:
             self._connect()

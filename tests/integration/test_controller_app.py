@@ -122,6 +122,8 @@ async def running(
     networks: dict[str, Any] | None = None,
     config_path: str | None = None,
     prefill: Callable[[FakeHelper], None] | None = None,
+    before_ready: Callable[[Controller], Awaitable[None]] | None = None,
+    crashed: bool = False,
 ) -> AsyncIterator[Env]:
     # Short path: AF_UNIX paths are limited to 107 bytes.
     with tempfile.TemporaryDirectory(prefix="l3c-") as tmp:
@@ -131,6 +133,8 @@ async def running(
         if prefill is not None:
             prefill(helper)
         await helper.serve_path(os.path.join(runtime, "helper.sock"))
+        if crashed:  # the previous controller left its bus socket behind
+            open(os.path.join(runtime, "workers.sock"), "w").close()
         controller = Controller(
             make_config(runtime, networks),
             config_path=config_path,
@@ -138,6 +142,8 @@ async def running(
             key_loader=lambda path: KEY,
         )
         task = asyncio.create_task(controller.run())
+        if before_ready is not None:
+            await before_ready(controller)
         await asyncio.wait_for(controller.ready.wait(), 5)
         env = Env(controller, helper, runtime)
         try:
@@ -235,9 +241,9 @@ def test_up_status_restart_routes_and_clean_shutdown() -> None:
             rc, _, err = await env.cli("up", "nosuch")
             assert rc == cli.EXIT_FAILED and "no network 'nosuch'" in err
             spawner = env.spawner
-        # after SIGTERM-equivalent stop: nothing left
+        # after SIGTERM-equivalent stop: no worker left, the network stays in the helper (fail-closed)
         assert spawner.live() == []
-        assert env.helper.networks == {}
+        assert set(env.helper.networks) == {"office"}
         assert not os.path.exists(env.controller.control_path)
 
     run(body)
@@ -329,6 +335,62 @@ def test_reconcile_destroys_unknown_networks_and_adopts_known() -> None:
             creates = [r for r in env.helper.requests if isinstance(r, CreateNetwork)]
             assert creates and all(r.adopt for r in creates)
             assert len(env.spawner.live("office")) == 2
+
+    run(body)
+
+
+def test_workers_of_the_previous_controller_are_adopted_not_respawned() -> None:
+    """A restarted controller takes over the workers that outlived its predecessor (they report on the
+    bus by themselves), spawns only the missing queues, keeps the helper's routes, and respawns an
+    adopted worker that exits."""
+    survivor_pid = 4242
+    survivor: list[zmq.asyncio.Socket] = []
+    ctx = zmq.asyncio.Context()
+
+    def prefill(helper: FakeHelper) -> None:
+        helper.handle(CreateNetwork(name="office", ifname="l3p-office", mtu=1280, addresses=("198.19.0.1/24",),
+                                    queues=2, worker_uid=os.getuid(), adopt=False))
+        helper.handle(AddRoutes(name="office", routes=("198.19.8.0/24",), metric=100, allow_default=False))
+
+    async def keep_reporting(controller: Controller) -> None:
+        while controller.bus is None:
+            await asyncio.sleep(0.01)
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(f"ipc://{controller.bus_path}")
+        survivor.append(sock)
+        await sock.send(BUS_UP.encode(WorkerHello(network="office", queue=0, pid=survivor_pid)))
+
+    async def body() -> None:
+        async with running(prefill=prefill, before_ready=keep_reporting, crashed=True) as env:
+            rt = env.controller.networks["office"]
+            assert rt.sup.slots[0].pid == survivor_pid and rt.sup.slots[0].state.name == "RUNNING"
+            assert [p.queue for p in env.spawner.live("office")] == [1]  # queue 0 was not respawned
+            assert {str(r) for r in rt.routes.installed} == {"198.19.8.0/24"}
+            # The adopted worker is told the advertised routes (it then repeats the peer's routes).
+            frames = await asyncio.wait_for(survivor[0].recv_multipart(), 5)
+            assert isinstance(BUS_DOWN.decode_untrusted(frames[-1]), Advertise)
+            env.controller._on_exit(survivor_pid, None)  # it exits: respawned after the back-off
+            await until(lambda: [p.queue for p in env.spawner.live("office")] == [1, 0], timeout=5)
+        survivor[0].close(linger=0)
+        ctx.term()
+
+    run(body)
+
+
+def test_after_an_orderly_stop_nothing_is_awaited_for_adoption() -> None:
+    """No bus socket left behind: the previous controller stopped its workers, so none is waited for."""
+
+    def prefill(helper: FakeHelper) -> None:
+        helper.handle(CreateNetwork(name="office", ifname="l3p-office", mtu=1280, addresses=("198.19.0.1/24",),
+                                    queues=2, worker_uid=os.getuid(), adopt=False))
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        async with running(prefill=prefill) as env:
+            assert loop.time() - t0 < 2.0  # the adoption wait is 2.5 status intervals
+            assert sorted(p.queue for p in env.spawner.live("office")) == [0, 1]
 
     run(body)
 

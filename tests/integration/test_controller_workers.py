@@ -172,7 +172,7 @@ def test_two_controllers_real_workers_traffic_kill9_and_sigterm() -> None:
             assert ctl.terminate() == 0, ctl.log_tail()
         for pid in pids | {a.pid, b.pid}:
             assert not os.path.exists(f"/proc/{pid}"), f"pid {pid} still exists: {proc_status(pid)}"
-        assert alpha.helper.networks() == [] and beta.helper.networks() == []  # destroyed via the helper
+        assert alpha.helper.networks() == ["net0"] and beta.helper.networks() == ["net0"]  # kept: fail-closed
         for ctl in (a, b):
             assert ctl.events("controller_ready") and ctl.events("controller_stopping")
             assert not os.path.exists(os.path.join(ctl.runtime_dir, "control.sock"))

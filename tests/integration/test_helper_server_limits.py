@@ -21,7 +21,7 @@ from l3ptp.helper import server as server_mod
 from l3ptp.helper.dispatch import Outcome, Peer
 from l3ptp.ipc import helper_messages as hm
 from l3ptp.ipc import seqpacket
-from l3ptp.ipc.constants import (HELPER_AUDIT_WINDOW, HELPER_CONTROLLER_RESERVED, HELPER_IDLE_TIMEOUT_CONTROLLER,
+from l3ptp.ipc.constants import (KILL_SWITCH_METRIC, HELPER_AUDIT_WINDOW, HELPER_CONTROLLER_RESERVED, HELPER_IDLE_TIMEOUT_CONTROLLER,
                                  HELPER_IDLE_TIMEOUT_WORKER, HELPER_MAX_SESSIONS, HELPER_MAX_SESSIONS_PER_UID,
                                  MAX_NETWORKS, MAX_QUEUES, MAX_ROUTES_PER_NETWORK, MTU_MAX)
 from l3ptp.ipc.errors import ErrorCode
@@ -39,7 +39,8 @@ class OneFdKernel(FakeKernel):
         super().__init__()
         self.a, self.b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
-    def create_network(self, ifname: str, mtu: int, addresses: tuple[str, ...], queues: int) -> tuple[int, list[int]]:
+    def create_network(self, ifname: str, mtu: int, addresses: tuple[str, ...], queues: int,
+                       alias: str = "") -> tuple[int, list[int]]:
         self._next_index += 1
         self.links[ifname] = self._next_index
         return self._next_index, [self.a.fileno()] * queues
@@ -101,7 +102,7 @@ def test_the_largest_state_goes_through_every_request_type(rig: Rig) -> None:
     for info in infos:
         tickets = call(hm.CreateNetwork(name=info.name, ifname=info.ifname, mtu=MTU_MAX, addresses=info.addresses,
                                         queues=MAX_QUEUES, worker_uid=WORKER, adopt=False), hm.NetworkCreated).tickets
-        assert len(call(hm.AddRoutes(name=info.name, routes=info.routes, metric=2**32 - 1, allow_default=False),
+        assert len(call(hm.AddRoutes(name=info.name, routes=info.routes, metric=KILL_SWITCH_METRIC - 1, allow_default=False),
                         hm.RoutesChanged).routes) == MAX_ROUTES_PER_NETWORK
     failed = call(hm.CreateNetwork(name="z" * 32, ifname="l3p-zzzzzzzzzzz", mtu=MTU_MAX, addresses=infos[0].addresses,
                                    queues=MAX_QUEUES, worker_uid=WORKER, adopt=False), hm.Failed)

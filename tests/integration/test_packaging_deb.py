@@ -143,7 +143,7 @@ def run_entry(tree: Path, exe: str, *args: str, stdin: bytes = b"") -> subproces
 def test_installed_helper_runs(tree: Path) -> None:
     out = run_entry(tree, "usr/libexec/l3ptp/l3ptp-helper", "--help")
     assert out.returncode == 0, out.stderr
-    assert "--reconcile-only" in out.stdout
+    assert "--reconcile-only" in out.stdout and "--cleanup" in out.stdout
     # It imports from the bundled tree, not from the source checkout.
     probe = subprocess.run(
         [str(tree / VENV / "bin/python3"), "-I", "-c", "import l3ptp.helper, aioquic, pytun; print(l3ptp.helper.__file__)"],

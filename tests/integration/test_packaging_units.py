@@ -131,10 +131,9 @@ def test_helper_unit_has_only_cap_net_admin_and_the_tun_device() -> None:
     assert s["RestrictAddressFamilies"] == ["AF_UNIX AF_NETLINK AF_INET AF_INET6"]
     assert "@system-service" in s["SystemCallFilter"]
     assert s["Requires"] == ["l3ptp-helper.socket"]
-    for key in ("ExecStartPre", "ExecStopPost"):
-        (cmd,) = s[key]
-        assert cmd.split()[0] == "/usr/libexec/l3ptp/l3ptp-helper" and "--reconcile-only" in cmd
-    assert "--reconcile-only" not in s["ExecStart"][0]
+    # Nothing cleans up around a start or stop: a restart must not open the tunnels' prefixes.
+    assert "ExecStartPre" not in s and "ExecStopPost" not in s
+    assert "--cleanup" not in s["ExecStart"][0] and "--reconcile-only" not in s["ExecStart"][0]
 
 
 def test_helper_socket_matches_the_constants() -> None:
@@ -155,7 +154,7 @@ def test_controller_unit_is_unprivileged() -> None:
     assert "AF_NETLINK" not in s["RestrictAddressFamilies"][0]
     # Its own directory below the helper's root-owned /run/l3ptp.
     assert s["RuntimeDirectory"] == ["l3ptp/ctl"]
-    assert s["KillMode"] == ["control-group"]  # workers are its children
+    assert s["KillMode"] == ["process"]  # workers outlive a crash; the controller stops them on SIGTERM
     # control.sock is born with the admin group: no chown(2) (refused with @privileged).
     assert s["Group"] == ["l3ptp-admin"] and s["SupplementaryGroups"] == ["l3ptp"]
 

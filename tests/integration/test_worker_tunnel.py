@@ -247,6 +247,63 @@ def test_restart_listener_connector_reconnects_and_traffic_resumes(engine: Engin
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_connector_notices_a_restarted_listener_by_its_closed_port_long_before_dead_peer(engine: Engine) -> None:
+    """While the crashed listener's port is closed, the connector's packets draw ICMP port unreachable:
+    it PINGs its session, and when the new listener (which knows nothing of it) does not answer, it
+    reconnects at once, well before dead-peer detection (3 x 10 s keepalive here)."""
+    async def main():
+        slow = {"keepalive": 10.0}
+        async with worker_pair(engine=engine, listener_kw=slow, connector_kw=slow) as pair:
+            connector = pair.connector
+            assert await pair.wait_established()
+            old = pair.listener
+            old.tunnel.active = None
+            old.tunnel.candidates.clear()
+            await old.stop()  # a crash: no CLOSE
+            t0 = asyncio.get_running_loop().time()
+            for i in range(5):  # traffic meets the closed port
+                connector.tun.inject(ipv4_udp("198.19.0.2", "198.19.0.1", b"lost %d" % i))
+                await asyncio.sleep(0.05)
+            pair.listener = make_node(old.config, udp_socket(old.config.port))
+            pair.listener.start()
+            assert await wait_for(lambda: connector.tunnel.sessions >= 2 and connector.tunnel.established
+                                  and pair.listener.tunnel.established, 5)
+            assert asyncio.get_running_loop().time() - t0 < 5  # dead-peer detection alone takes 30 s
+            p2 = ipv4_udp("198.19.0.2", "198.19.0.1", b"after")
+            connector.tun.inject(p2)
+            assert await pair.listener.tun.async_wait_packets(1, 5) == [p2]
+
+    run(main())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_connector_hinted_by_a_listener_restarted_at_once_reconnects_long_before_dead_peer(engine: Engine) -> None:
+    """The new listener binds before any packet meets a closed port: it answers the old connection's
+    packets with RESTART_HINT, the connector's PING goes unanswered and it reconnects."""
+    async def main():
+        slow = {"keepalive": 10.0}
+        async with worker_pair(engine=engine, listener_kw=slow, connector_kw=slow) as pair:
+            connector = pair.connector
+            assert await pair.wait_established()
+            old = pair.listener
+            old.tunnel.active = None
+            old.tunnel.candidates.clear()
+            port = old.config.port
+            await old.stop()  # a crash: no CLOSE
+            pair.listener = make_node(old.config, udp_socket(port))
+            pair.listener.start()
+            t0 = asyncio.get_running_loop().time()
+            for i in range(5):
+                connector.tun.inject(ipv4_udp("198.19.0.2", "198.19.0.1", b"lost %d" % i))
+                await asyncio.sleep(0.05)
+            assert await wait_for(lambda: connector.tunnel.sessions >= 2 and connector.tunnel.established
+                                  and pair.listener.tunnel.established, 5)
+            assert asyncio.get_running_loop().time() - t0 < 5  # dead-peer detection alone takes 30 s
+
+    run(main())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_restart_connector_listener_accepts_new_session(engine: Engine) -> None:
     async def main():
         async with worker_pair(engine=engine) as pair:

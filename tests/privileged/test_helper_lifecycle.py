@@ -1,4 +1,4 @@
-"""The helper's process life: systemd socket activation and `--reconcile-only`, each run for
+"""The helper's process life: systemd socket activation and `--cleanup`, each run for
 real inside a test network namespace (the helper reconciles at start: never in the host's)."""
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def test_socket_activation_serves_on_fd_3(netns, workdir) -> None:
             proc.wait(timeout=15)
 
 
-def test_reconcile_only_removes_exactly_our_leftovers(netns, workdir) -> None:
+def test_cleanup_removes_exactly_our_leftovers(netns, workdir) -> None:
     ip("tuntap", "add", "dev", "l3p-old", "mode", "tun", netns=netns)          # ours: prefix + tun
     ip("tuntap", "add", "dev", "x-other", "mode", "tun", netns=netns)          # another prefix
     ip("link", "add", "l3p-veth", "type", "veth", "peer", "name", "d1", netns=netns)  # our prefix, not a tun
@@ -78,7 +78,7 @@ def test_reconcile_only_removes_exactly_our_leftovers(netns, workdir) -> None:
     ip("rule", "add", "priority", "5157", "fwmark", "0x4c33", "lookup", "main", "protocol", "157", netns=netns)
     ip("rule", "add", "priority", "5157", "lookup", "main", "protocol", "static", netns=netns)
     h = HelperProcess(netns, workdir, controller_uids=[0], worker_uids=[0])
-    done = subprocess.run([*h.argv, "--reconcile-only"], capture_output=True, text=True, timeout=60,
+    done = subprocess.run([*h.argv, "--cleanup"], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "L3PTP_LOG_FORMAT": "json"})
     assert done.returncode == 0, done.stderr
     links = {link["ifname"] for link in ip_json("link", "show", netns=netns)}
@@ -88,7 +88,7 @@ def test_reconcile_only_removes_exactly_our_leftovers(netns, workdir) -> None:
     rules = [(r["priority"], r.get("protocol")) for r in ip_json("-4", "rule", "show", netns=netns)
              if r["priority"] == 5157]
     assert rules == [(5157, "static")]
-    (record,) = [r for r in json_records((done.stdout + done.stderr).splitlines()) if r.get("action") == "reconcile"]
+    (record,) = [r for r in json_records((done.stdout + done.stderr).splitlines()) if r.get("action") == "cleanup"]
     assert record["links"] == ["l3p-old"] and sorted(record["routes"]) == ["198.19.6.0/24", "198.19.7.0/24"]
     assert record["rules"] == ["inet 5157: fwmark 0x4c33 lookup 254"]
     assert not os.path.exists(h.socket_path)  # it never listened

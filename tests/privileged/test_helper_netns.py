@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import os
 import select
 import socket
 import struct
+import subprocess
 import tempfile
 import time
 from typing import Any
@@ -220,18 +222,21 @@ def test_default_route_needs_policy_permission(netns) -> None:
         assert isinstance(reply, hm.Failed) and reply.code is ErrorCode.OUT_OF_POLICY
         reply, _ = c.request(hm.AddRoutes(name="t", routes=("0.0.0.0/0",), metric=50, allow_default=True))
         assert isinstance(reply, hm.RoutesChanged)
-        assert [r["dev"] for r in _routes(netns, table="100") if r["dst"] == "default"] == ["l3p-t"]
+        defaults = [(r.get("dev"), r.get("type")) for r in _routes(netns, table="100") if r["dst"] == "default"]
+        assert sorted(defaults, key=str) == [("l3p-t", None), (None, "unreachable")]  # and its kill switch
         assert not [r for r in _routes(netns) if r["dst"] == "default"]  # never in main
         c.close()
+        # An orderly stop keeps the network (fail-closed); only --cleanup removes it, and then the rules too.
+        assert h.stop() == 0
+        assert len([r for r in _routes(netns, table="100") if r["dst"] == "default"]) == 2
+        assert subprocess.run([*h.argv, "--cleanup"], capture_output=True, timeout=60).returncode == 0
     finally:
         h.stop()
         for name in os.listdir(workdir):
             os.unlink(os.path.join(workdir, name))
         os.rmdir(workdir)
-    # orderly stop removed the network and its default route
     assert not [r for r in _routes(netns, table="100") if r["dst"] == "default"]
     assert "l3p-t" not in ip("link", "show", netns=netns)
-    # ... and, with nothing left, the policy rules it had installed for the table
     assert not [r for r in ip_json("rule", "show", netns=netns) if r.get("priority") in (5157, 5158, 5159)]
 
 
@@ -256,24 +261,55 @@ def test_protect_socket_marks_and_installs_rules(helper, netns) -> None:
         w.close()
 
 
-def test_kill_9_then_reconcile_removes_exactly_the_stale_objects(helper, netns) -> None:
+def _unreachable(netns: str) -> set[str]:
+    return {r["dst"] for f in ("-4", "-6") for r in _routes(netns, f)
+            if r.get("type") == "unreachable" and r.get("protocol") == str(PROTO)}
+
+
+def test_kill_9_then_restart_adopts_the_network_its_routes_and_kill_switch(helper, netns) -> None:
     _other_link(netns)
     ip("route", "add", "198.19.20.0/24", "dev", "d0", "proto", "static", netns=netns)
+    ip("tuntap", "add", "dev", "l3p-junk", "mode", "tun", netns=netns)  # ours by name, named by no alias
     c = _controller(helper)
     created, _ = c.request(_create(worker_uid=0))
     c.request(hm.AddRoutes(name="t", routes=("198.19.10.0/24", "fd00:10::/64"), metric=50, allow_default=False))
-    _, fds = _claim(helper, created.tickets[0])  # a "worker" keeps the device alive
+    guarded = {"198.19.1.0/24", "fd00:1::/64", "198.19.10.0/24", "fd00:10::/64"}
+    assert _unreachable(netns) == guarded
+    _, fds = _claim(helper, created.tickets[0])  # a "worker" holds queue 0 across the restart
     c.close()
     helper.stop(9)
-    assert "l3p-t" in ip("link", "show", netns=netns)
-    assert any(r["dst"] == "198.19.10.0/24" for r in _routes(netns))
     helper.start()
     start = [a for a in helper.audits() if a["action"] == "reconcile"][0]
-    assert start["links"] == ["l3p-t"]
-    assert sorted(start["routes"]) == ["198.19.10.0/24", "fd00:10::/64"]
-    assert "l3p-t" not in ip("link", "show", netns=netns)
+    assert start["adopted"] == ["t"] and start["links"] == ["l3p-junk"] and start["kill_switch_removed"] == []
+    assert "l3p-t" in ip("link", "show", netns=netns) and "l3p-junk" not in ip("link", "show", netns=netns)
+    assert {r["dst"] for r in _routes(netns) if r.get("dev") == "l3p-t" and r.get("protocol") == str(PROTO)} \
+        == {"198.19.10.0/24"}
+    assert _unreachable(netns) == guarded
     assert [r["dst"] for r in _routes(netns) if r.get("dev") == "d0"] == ["198.19.20.0/24"]
-    os.close(fds[0])
+    # The adopted network answers like before: same spec adopts, the worker's queue still carries packets.
+    c = _controller(helper)
+    (info,) = c.request(hm.ListNetworks())[0].networks
+    assert (info.name, info.ifname, info.queues, set(info.routes)) == ("t", "l3p-t", 2, {"198.19.10.0/24",
+                                                                                        "fd00:10::/64"})
+    again, _ = c.request(dataclasses.replace(_create(worker_uid=0), adopt=True))
+    assert isinstance(again, hm.NetworkCreated) and again.adopted, again
+    _, fds1 = _claim(helper, again.tickets[1])
+
+    def send() -> None:
+        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for port in range(9000, 9032):  # flows spread over the attached queues: the old worker's and the claimed
+            tx.sendto(b"x", ("198.19.1.2", port))
+        tx.close()
+
+    run_as(send, netns=netns)
+    # All 32 arrive: the adopted queues the helper holds are detached, none swallows a flow.
+    assert [_read_ipv4_reply(fds + fds1) for _ in range(32)] == [b"x"] * 32
+    # An explicit destroy removes the kill switch too.
+    assert isinstance(c.request(hm.DestroyNetwork(name="t"))[0], hm.NetworkDestroyed)
+    assert _unreachable(netns) == set() and "l3p-t" not in ip("link", "show", netns=netns)
+    for fd in fds + fds1:
+        os.close(fd)
+    c.close()
 
 
 def test_fd_count_returns_to_baseline_after_50_cycles(helper, netns) -> None:

@@ -88,7 +88,8 @@ def test_marked_udp_bypasses_a_tunnel_default_route(helper, two_netns) -> None:
     assert isinstance(granted, QueueGranted)
 
     # the tunnel's default route went to table 100; main still has only the veth default
-    assert [r["dev"] for r in ip_json("route", "show", "table", str(TABLE), netns=a) if r["dst"] == "default"] == ["l3p-t"]
+    assert [r["dev"] for r in ip_json("route", "show", "table", str(TABLE), netns=a)
+            if r["dst"] == "default" and "dev" in r] == ["l3p-t"]
     assert [r["dev"] for r in ip_json("route", "show", "table", "main", netns=a) if r["dst"] == "default"] == ["a0"]
     for family in ("-4", "-6"):
         rules = {r["priority"]: r for r in _our_rules(a, family)}
@@ -149,8 +150,10 @@ def test_rules_are_removed_only_by_cleanup_and_only_ours(helper, two_netns) -> N
     udp.close()
     assert len(_our_rules(a, "-4")) == 4  # ours (3) and the foreign one
     assert helper.stop() == 0
+    assert len(_our_rules(a, "-4")) == 4  # an orderly stop keeps them (networks and their rules stay)
+    helper.start()  # a start with no network to adopt drops them
     left = [(r["priority"], r.get("protocol")) for r in ip_json("-4", "rule", "show", netns=a)
             if 5157 <= r["priority"] <= 5300]
     assert left == [(5158, "static"), (5300, "157")]
-    stop = [x for x in helper.audits() if x["action"] == "reconcile" and x.get("when") == "stop"]
-    assert len(stop) == 1 and len(stop[0]["rules"]) == 6
+    start = [x for x in helper.audits() if x["action"] == "reconcile" and x.get("when") == "start"]
+    assert len(start) == 1 and len(start[0]["rules"]) == 6

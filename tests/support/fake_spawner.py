@@ -34,6 +34,8 @@ class FakeSpawner:
         self.exit_on_signal = exit_on_signal
         self.processes: dict[int, FakeProcess] = {}
         self.fail_next: OSError | None = None
+        #: pids taken over with `adopt` (workers of an earlier controller) and the signals they got.
+        self.adopted: dict[int, list[int]] = {}
         self._pids = itertools.count(40000)
 
     async def spawn(self, network: str, queue: int, stdin_data: bytes) -> int:
@@ -46,7 +48,18 @@ class FakeSpawner:
         self.processes[pid] = FakeProcess(pid, network, queue, config)
         return pid
 
+    def adopt(self, pid: int) -> bool:
+        if pid in self.processes or pid in self.adopted:
+            return False
+        self.adopted[pid] = []
+        return True
+
     def signal(self, pid: int, sig: int) -> None:
+        if pid in self.adopted:
+            self.adopted[pid].append(sig)
+            if self.exit_on_signal and sig in (signal.SIGTERM, signal.SIGKILL):
+                asyncio.get_running_loop().call_soon(self._on_exit, pid, None)
+            return
         proc = self.processes.get(pid)
         if proc is None or proc.returncode is not None:
             return

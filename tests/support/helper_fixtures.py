@@ -60,6 +60,8 @@ class FakeKernel:
         self.routes: set[tuple[int, str]] = set()
         self.protected: list[int] = []
         self.rules: list[str] = []
+        self.kill_switch_routes: set[str] = set()
+        self.aliases: dict[str, str] = {}
         self.calls: list[tuple[Any, ...]] = []
         self.fail_next: int | None = None  # errno to raise on the next mutating call
         self._peers: dict[int, socket.socket] = {}
@@ -70,11 +72,13 @@ class FakeKernel:
             code, self.fail_next = self.fail_next, None
             raise OSError(code, os.strerror(code))
 
-    def create_network(self, ifname: str, mtu: int, addresses: tuple[str, ...], queues: int) -> tuple[int, list[int]]:
+    def create_network(self, ifname: str, mtu: int, addresses: tuple[str, ...], queues: int,
+                       alias: str = "") -> tuple[int, list[int]]:
         self.calls.append(("create", ifname, mtu, addresses, queues))
         self._maybe_fail()
         if ifname in self.links:
             raise OSError(errno.EBUSY, "Device or resource busy")
+        self.aliases[ifname] = alias
         self._next_index += 1
         self.links[ifname] = self._next_index
         fds = []
@@ -93,6 +97,17 @@ class FakeKernel:
             self._peers.pop(fd).close()
         fds.clear()
         del self.links[ifname]
+
+    def kill_switch(self, op: str, prefix: str) -> None:
+        self.calls.append(("kill_switch", op, prefix))
+        if op == "add":
+            self._maybe_fail()
+            self.kill_switch_routes.add(prefix)
+        else:
+            self.kill_switch_routes.discard(prefix)
+
+    def attach(self, fd: int) -> None:
+        self.calls.append(("attach", fd))
 
     def add_route(self, ifindex: int, prefix: str, metric: int) -> None:
         self.calls.append(("add_route", ifindex, prefix, metric))

@@ -126,7 +126,7 @@ allowed_sources = ["198.19.30.0/24"]
 install_routes = false
 allow_default_route = true
 allow_overlap = true
-route_metric = 4294967295
+route_metric = 4294967294
 keepalive_interval = 5
 peer_key = "{KEY_A}"
 key_file = "/etc/l3ptp/office.key"
@@ -180,7 +180,7 @@ def test_full_config_round_trips_into_expected_values() -> None:
                 install_routes=False,
                 allow_default_route=True,
                 allow_overlap=True,
-                route_metric=4294967295,
+                route_metric=4294967294,
                 keepalive_interval=5.0,
                 engine="auto",
                 event_loop="auto",
@@ -513,8 +513,8 @@ def test_missing_required_keys(data: dict[str, Any], path: str) -> None:
         ("max_datagram_size", MAX_DATAGRAM_SIZE_MAX + 1, MAX_DATAGRAM_SIZE_MIN, MAX_DATAGRAM_SIZE_MAX),
         ("queues", 0, 1, MAX_QUEUES),
         ("queues", MAX_QUEUES + 1, 1, MAX_QUEUES),
-        ("route_metric", -1, 0, 2**32 - 1),
-        ("route_metric", 2**32, 0, 2**32 - 1),
+        ("route_metric", -1, 0, 2**32 - 2),
+        ("route_metric", 2**32 - 1, 0, 2**32 - 2),
     ],
 )
 def test_integer_ranges(key: str, value: int, lo: int, hi: int) -> None:

@@ -56,9 +56,10 @@ def respawn(sup: NetworkSupervisor, clock: FakeClock, queue: int = 0) -> int:
 
 
 def test_backoff_grows_exponentially_and_is_capped() -> None:
-    assert backoff_delay(1) == RESTART_BACKOFF_MIN
-    assert backoff_delay(2) == 2 * RESTART_BACKOFF_MIN
-    assert backoff_delay(3) == 4 * RESTART_BACKOFF_MIN
+    assert backoff_delay(1) == 0.0  # the first crash in the window: back at once
+    assert backoff_delay(2) == RESTART_BACKOFF_MIN
+    assert backoff_delay(3) == 2 * RESTART_BACKOFF_MIN
+    assert backoff_delay(4) == 4 * RESTART_BACKOFF_MIN
     assert backoff_delay(1000) == RESTART_BACKOFF_MAX
     assert backoff_delay(0) == 0.0
 
@@ -115,8 +116,8 @@ def test_crashes_spread_beyond_the_window_do_not_fail() -> None:
     for _ in range(RESTART_MAX_IN_WINDOW * 3):
         clock.advance(RESTART_WINDOW + 1)
         assert sup.on_exit(pid, clock.now, 1) == []
-        # an old crash fell out of the window: delay stays at the minimum
-        assert sup.slots[0].deadline == clock.now + RESTART_BACKOFF_MIN
+        # an old crash fell out of the window: each is a first crash, restarted at once
+        assert sup.slots[0].deadline == clock.now
         pid = respawn(sup, clock)
     assert not sup.failed
 
@@ -235,6 +236,9 @@ def test_transitions_outside_the_table_raise() -> None:
 
 def test_next_deadline_tracks_backoff() -> None:
     sup, clock, (pid,) = started()
+    sup.on_exit(pid, clock.now, 1)
+    assert sup.next_deadline() == clock.now  # first crash: at once
+    pid = respawn(sup, clock)
     sup.on_exit(pid, clock.now, 1)
     assert sup.next_deadline() == clock.now + RESTART_BACKOFF_MIN
     idle = NetworkSupervisor("x", 1)

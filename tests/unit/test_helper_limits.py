@@ -84,8 +84,12 @@ def test_the_worst_case_of_every_request_fits_the_cap() -> None:
 class _Kernel:
     """Just enough kernel for dispatch: no fds (the real server test sends them)."""
 
-    def create_network(self, ifname: str, mtu: int, addresses: tuple[str, ...], queues: int) -> tuple[int, list[int]]:
+    def create_network(self, ifname: str, mtu: int, addresses: tuple[str, ...], queues: int,
+                       alias: str = "") -> tuple[int, list[int]]:
         return U32_MAX, [-1] * queues
+
+    def kill_switch(self, op: str, prefix: str) -> None:
+        pass
 
     def add_route(self, ifindex: int, prefix: str, metric: int) -> None:
         pass
