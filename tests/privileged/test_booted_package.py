@@ -103,7 +103,9 @@ class Site:
         if not main:
             return []
         out = self.m.run(f"cat /proc/{main}/task/*/children", check=False).stdout
-        return [int(p) for p in out.split()]
+        # A worker holds its TUN queue; the spawner's spare (waiting for a job) holds none.
+        return [int(p) for p in out.split()
+                if "/dev/net/tun" in self.m.run(f"ls -l /proc/{p}/fd/", check=False).stdout]
 
     def journal(self, unit: str, since: str = "") -> str:
         return self.run(f"journalctl -q --no-pager -o cat -u {unit} {since}")
