@@ -78,6 +78,10 @@ TRAFFIC_FIELDS: tuple[str, ...] = (
     "dgram_rx_bytes",
     "dgram_tx_packets",
     "dgram_tx_bytes",
+    # DATAGRAMs from connections that have not completed AUTH: never part of
+    # a session's totals (nor of its key-update budget), all dropped.
+    "unauth_rx_packets",
+    "unauth_rx_bytes",
 )
 
 
@@ -160,7 +164,8 @@ class Counters:
     """Every counter of one worker queue.
 
     Traffic counters are plain ints named ``<where>_<rx|tx>_<packets|bytes>``
-    (``tun_rx`` = read from TUN, ``dgram_tx`` = DATAGRAMs sent, ...), bumped in
+    (``tun_rx`` = read from TUN, ``dgram_tx`` = DATAGRAMs sent, ``unauth_rx`` =
+    DATAGRAMs received on a connection that has not authenticated), bumped in
     place by the data path. ``drops`` maps every `DropReason` to a count and
     always holds every reason. ``rx_sequence`` tracks the peer's
     ``packet_sequence`` values for the `seq_lost` estimate.
@@ -177,6 +182,8 @@ class Counters:
         self.dgram_rx_bytes = 0
         self.dgram_tx_packets = 0
         self.dgram_tx_bytes = 0
+        self.unauth_rx_packets = 0
+        self.unauth_rx_bytes = 0
         self.drops: dict[DropReason, int] = dict.fromkeys(DropReason, 0)
         self.rx_sequence = SequenceTracker()
 

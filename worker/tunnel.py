@@ -395,8 +395,10 @@ class Tunnel:
                 return
             if isinstance(event, ev.DatagramFrameReceived):
                 if peer is not self.active or not peer.session.established:
-                    self.counters.dgram_rx_packets += 1
-                    self.counters.dgram_rx_bytes += len(event.data)
+                    # Apart from the session's totals: a stranger's DATAGRAMs
+                    # must not move the active session's key-update budget.
+                    self.counters.unauth_rx_packets += 1
+                    self.counters.unauth_rx_bytes += len(event.data)
                     self.counters.drop(DropReason.DGRAM_NOT_READY)
                     continue
                 packet = datapath.from_peer(event.data)

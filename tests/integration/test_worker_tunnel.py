@@ -360,12 +360,47 @@ def test_no_datagram_accepted_from_an_unauthenticated_connector(engine: Engine) 
             await asyncio.sleep(0.2)
             assert listener.tun.read_all() == []
             assert lt.counters.tun_tx_packets == 0 and lt.sessions == 0
-            assert lt.counters.drops[DropReason.DGRAM_NOT_READY] == lt.counters.dgram_rx_packets
+            # Counted apart from any session's traffic.
+            assert lt.counters.drops[DropReason.DGRAM_NOT_READY] == lt.counters.unauth_rx_packets >= 1
+            assert lt.counters.unauth_rx_bytes >= lt.counters.unauth_rx_packets
+            assert lt.counters.dgram_rx_packets == lt.counters.dgram_rx_bytes == 0
         finally:
             await intruder.stop()
             await listener.stop()
 
     run(main())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_unauthenticated_datagrams_do_not_touch_the_active_sessions_totals_or_key_budget(engine: Engine) -> None:
+    async def main():
+        async with worker_pair(engine=engine) as pair:
+            assert await pair.wait_established()
+            lt = pair.listener.tunnel
+            packet = ipv4_udp("198.19.0.2", "198.19.0.1", b"smuggled")
+            payloads = [encode_datagram(ctx, 0, packet) for ctx in range(20)]
+            cfg = make_config(PeerRole.CONNECT, own=new_keys(), peer_fp=pair.lkeys.fingerprint,
+                              port=pair.listener.config.port, engine=engine)
+            intruder = make_node(cfg, udp_socket(), engine=_eager_engine(payloads, engine))
+            rx_before = (lt.counters.dgram_rx_packets, lt.counters.dgram_rx_bytes)
+            budget_before = lt.active.rekey_packets - lt._packets_under_key()
+            intruder.start()
+            try:
+                assert await wait_for(lambda: lt.counters.unauth_rx_packets >= 1, 10)
+                assert await wait_for(lambda: "AUTH_FAILED" in intruder.tunnel.last_error, 10)
+                await asyncio.sleep(0.2)
+                assert (lt.counters.dgram_rx_packets, lt.counters.dgram_rx_bytes) == rx_before
+                assert lt.active.rekey_packets - lt._packets_under_key() == budget_before
+                assert lt.counters.drops[DropReason.DGRAM_NOT_READY] == lt.counters.unauth_rx_packets
+                assert lt.sessions == 1 and lt.established and listener_tun_empty(pair)
+            finally:
+                await intruder.stop()
+
+    run(main())
+
+
+def listener_tun_empty(pair) -> bool:
+    return pair.listener.tun.read_all() == []
 
 
 @pytest.mark.parametrize(("lengine", "cengine"), ENGINE_PAIRS)

@@ -75,7 +75,7 @@ def test_counters_snapshot_reports_every_traffic_counter_by_name() -> None:
     assert snap == {name: i for i, name in enumerate(TRAFFIC_FIELDS, start=1)}
     assert set(TRAFFIC_FIELDS) == {
         f"{where}_{way}_{what}" for where in ("tun", "dgram") for way in ("rx", "tx") for what in ("packets", "bytes")
-    }
+    } | {"unauth_rx_packets", "unauth_rx_bytes"}
 
 
 def test_counters_snapshot_is_a_copy() -> None:
