@@ -67,6 +67,17 @@ class DropReason(enum.StrEnum):
     #: Any other TUN write failure.
     TUN_WRITE_ERROR = enum.auto()
 
+    # new QUIC connections (listener; worker/admission.py)
+    #: An Initial-looking datagram that is no QUIC v1 Initial.
+    INITIAL_MALFORMED = enum.auto()
+    #: Answered with a stateless Retry instead of a connection (under load).
+    INITIAL_RETRY = enum.auto()
+    #: A Retry token that is forged, expired or made for another address.
+    INITIAL_BAD_TOKEN = enum.auto()
+    #: The budget for new connection attempts (per source, in total) and for
+    #: Retry answers is spent.
+    INITIAL_OVER_BUDGET = enum.auto()
+
 
 #: Names of the traffic counters, in `Counters.snapshot()` order.
 TRAFFIC_FIELDS: tuple[str, ...] = (

@@ -540,3 +540,122 @@ def test_advertise_sends_route_update_and_widens_local_sources(engine: Engine) -
             assert lt.sessions == ct.sessions == 1
 
     run(main())
+
+
+# ---- handshake floods (issue 14) ----------------------------------------------------
+
+
+def _counting_engine(engine: Engine, built: list[object]):
+    """The engine, with every QuicConfiguration it builds recorded."""
+    import dataclasses
+
+    base = load_engine(engine)
+
+    class CountingConfiguration(base.QuicConfiguration):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            built.append(self)
+
+    return dataclasses.replace(base, QuicConfiguration=CountingConfiguration)
+
+
+async def _flood_in_thread(port: int, *, mode: str, seconds: float, ports: int = 32) -> tuple[int, float]:
+    from tests.support.flood import flood
+
+    return await asyncio.to_thread(flood, "127.0.0.1", port, mode=mode, ports=ports, seconds=seconds, templates=16)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("mode", ["junk", "replay"])
+def test_handshake_flood_leaves_the_session_working_and_the_listener_bounded(engine: Engine, mode: str) -> None:
+    """Initial-looking junk, or real Initials replayed, from 32 source ports:
+    the established session keeps carrying packets, the TLS configuration is
+    built once, candidates stay within MAX_CANDIDATES and expire, and the
+    refusals are counted under their names."""
+    from l3ptp.ipc.constants import MAX_CANDIDATES, NEW_CONN_BURST
+
+    async def main():
+        built: list[object] = []
+        async with worker_pair(engine=engine, listener_kw={}, tunnel_kw=None) as pair:
+            assert await pair.wait_established()
+            lt = pair.listener.tunnel
+            lt.engine = _counting_engine(engine, built)
+            lt._configs.clear()
+            peak = 0
+
+            async def watch():
+                nonlocal peak
+                while True:
+                    peak = max(peak, len(lt.candidates))
+                    await asyncio.sleep(0.01)
+
+            watcher = asyncio.create_task(watch())
+            flooding = asyncio.create_task(_flood_in_thread(pair.listener.config.port, mode=mode, seconds=1.5))
+            try:
+                await asyncio.sleep(0.3)
+                await _exchange(pair)  # during the flood
+                sent, _ = await flooding
+            finally:
+                watcher.cancel()
+            assert sent > 1000
+            await _exchange(pair)
+            assert lt.sessions == 1 and lt.established and pair.connector.tunnel.sessions == 1
+            assert peak <= MAX_CANDIDATES
+            assert len(built) == 1  # one server configuration for every attempt
+            d = lt.counters.drops
+            refused = d[DropReason.INITIAL_RETRY] + d[DropReason.INITIAL_OVER_BUDGET]
+            assert refused > 0, d
+            # Junk candidates die with their session timer: the table empties.
+            assert await wait_for(lambda: not lt.candidates, 10), lt.candidates
+            assert lt.counters.dgram_rx_packets == lt.counters.tun_tx_packets  # no stray DATAGRAM counted
+            assert NEW_CONN_BURST >= 1
+
+    run(main())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_restarted_peer_reconnects_through_retry_while_the_candidate_table_is_full(engine: Engine) -> None:
+    """Replayed Initials fill the candidate table; a restarted connector (new
+    port) gets a Retry, comes back with the token and replaces the session."""
+    from l3ptp.ipc.constants import MAX_CANDIDATES
+    from tests.support.flood import real_initials
+
+    async def main():
+        async with worker_pair(engine=engine) as pair:
+            assert await pair.wait_established()
+            lt = pair.listener.tunnel
+            port = pair.listener.config.port
+            socks = [udp_socket() for _ in range(MAX_CANDIDATES)]
+            lt.admission.sources.clear()  # the first session spent one of 127.0.0.1's budget
+            try:
+                for s, data in zip(socks, real_initials(MAX_CANDIDATES, ("127.0.0.1", port)), strict=True):
+                    s.sendto(data, ("127.0.0.1", port))
+                assert await wait_for(lambda: len(lt.candidates) == MAX_CANDIDATES, 5)
+                await pair.connector.stop()
+                retries = lt.counters.drops[DropReason.INITIAL_RETRY]
+                pair.connector = make_node(pair.connector.config, udp_socket())
+                pair.connector.start()
+                assert await wait_for(lambda: lt.sessions == 2 and lt.established, 10), lt.last_error
+                assert lt.counters.drops[DropReason.INITIAL_RETRY] > retries  # it came back with the token
+                await _exchange(pair)
+            finally:
+                for s in socks:
+                    s.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_listener_reveals_no_configured_timer_in_transport_parameters(engine: Engine) -> None:
+    """max_idle_timeout is the fixed QUIC_IDLE_TIMEOUT, whatever the keepalive."""
+    from l3ptp.ipc.constants import QUIC_IDLE_TIMEOUT
+
+    async def main():
+        for keepalive in (0.5, 2.0):
+            # An aioquic connector reads what the listener (either engine) announced.
+            async with worker_pair(listener_kw={"keepalive": keepalive, "engine": engine},
+                                   connector_kw={"engine": Engine.AIOQUIC}) as pair:
+                assert await pair.wait_established()
+                assert pair.connector.tunnel.active.conn._remote_max_idle_timeout == QUIC_IDLE_TIMEOUT
+
+    run(main())
