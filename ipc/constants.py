@@ -156,10 +156,10 @@ DATAGRAM_QUEUE_MAX = 256
 #: are spent. Beyond all of them an Initial is dropped (`initial_over_budget`).
 #: A legitimate peer makes one attempt per reconnect, so the first budget
 #: never delays it unless someone else floods.
-NEW_CONN_RATE, NEW_CONN_BURST = 10.0, 8
-NEW_CONN_PER_SOURCE_RATE, NEW_CONN_PER_SOURCE_BURST = 4.0, 4
+NEW_CONN_RATE, NEW_CONN_BURST = 5.0, 8
+NEW_CONN_PER_SOURCE_RATE, NEW_CONN_PER_SOURCE_BURST = 2.0, 4
 VALIDATED_CONN_RATE, VALIDATED_CONN_BURST = 20.0, 8
-RETRY_RATE, RETRY_BURST = 500.0, 50
+RETRY_RATE, RETRY_BURST = 200.0, 20
 #: Per-source buckets kept at most (the oldest go first).
 ADMISSION_SOURCES_MAX = 1024
 #: Seconds a Retry token is good for.
@@ -168,6 +168,10 @@ RETRY_TOKEN_LIFETIME = 10.0
 #: first Initial to ESTABLISHED before it is dropped.
 MAX_CANDIDATES = 4
 CANDIDATE_LIFETIME = 10.0
+#: Datagrams a candidate may receive before its QUIC handshake completes (a
+#: handshake takes two to six, a few retransmissions more); the rest are
+#: dropped: each one an engine has to try costs it new initial keys.
+CANDIDATE_DATAGRAMS_MAX = 16
 STATUS_INTERVAL = 1.0
 #: Controller treats a worker silent for this long as dead.
 WORKER_STATUS_TIMEOUT = 10.0

@@ -5,7 +5,8 @@ Conventions:
 * Every packet the worker does not forward is counted under exactly one
   `DropReason`. Reasons are named ``<where>_<why>``: ``tun_*`` reasons are
   packets read from the TUN device on their way to the peer, ``dgram_*`` are
-  DATAGRAMs received from the peer on their way to the TUN device, and the
+  DATAGRAMs received from the peer on their way to the TUN device,
+  ``initial_*`` are new QUIC connection attempts a listener refused, and the
   few others name the stage itself (``queue_full``). The enum value is the
   lower-case name and is used verbatim as the exported metric label, so
   renaming a member is a metrics-contract change.
@@ -77,6 +78,10 @@ class DropReason(enum.StrEnum):
     #: The budget for new connection attempts (per source, in total) and for
     #: Retry answers is spent.
     INITIAL_OVER_BUDGET = enum.auto()
+    #: For a candidate connection before its handshake completed: an Initial
+    #: of no handshake in progress there (another destination CID), or more
+    #: datagrams than a handshake needs (CANDIDATE_DATAGRAMS_MAX).
+    INITIAL_TO_CANDIDATE = enum.auto()
 
 
 #: Names of the traffic counters, in `Counters.snapshot()` order.

@@ -42,6 +42,7 @@ from l3ptp.ipc.codec import StreamDecoder, frame
 from l3ptp.ipc.constants import (
     ALPN,
     AUTH_NONCE_LEN,
+    CANDIDATE_DATAGRAMS_MAX,
     CANDIDATE_LIFETIME,
     KEY_UPDATE_INTERVAL,
     KEY_UPDATE_PACKETS,
@@ -60,7 +61,7 @@ from l3ptp.ipc.peer_messages import PEER_CONTROL
 from l3ptp.ipc.types import PeerRole
 
 from . import keys
-from .admission import Admission
+from .admission import Admission, has_token
 from .datapath import Datapath
 from .engine import EngineClasses, load_engine
 from .ippacket import PrefixSet
@@ -91,12 +92,16 @@ class _Peer:
     """One QUIC connection with its control session."""
 
     __slots__ = ("conn", "session", "addr", "decoder", "stream_id", "closing", "handshake_done", "established_at",
-                 "rekey_packets", "rekey_at", "expires")
+                 "rekey_packets", "rekey_at", "expires", "datagrams", "cids")
 
     def __init__(self, conn: Any, session: Session, addr: tuple[Any, ...], expires: float = float("inf")) -> None:
         self.conn = conn
         #: A listener's candidate not ESTABLISHED by then is dropped.
         self.expires = expires
+        #: Datagrams routed to this connection before its handshake completed.
+        self.datagrams = 0
+        #: Listener candidate: the destination CIDs its client's Initials may carry.
+        self.cids: tuple[bytes, ...] = ()
         self.session = session
         self.addr = addr
         self.decoder = StreamDecoder(PEER_CONTROL)
@@ -143,6 +148,7 @@ class Tunnel:
         self._rng = rng or random.SystemRandom()
         self.datapath = Datapath(local_sources=config.local_sources, peer_sources=config.peer_sources)
         self.counters = self.datapath.counters
+        self._drops = self.counters.drops
         self._key = keys.private_key_from_raw(config.private_key)
         self._cert = keys.self_signed_certificate(self._key) if config.role is PeerRole.LISTEN else None
         self.params = SessionParams(
@@ -338,16 +344,17 @@ class Tunnel:
             return None
         if not room:
             # Only an address-validated attempt (Retry token) gets here with
-            # the table full: it evicts the oldest candidate, so that junk
-            # cannot lock a legitimate peer out until the junk expires.
-            old = self.candidates.pop(next(iter(self.candidates)))
-            self._apply(old, old.session.close(ErrorCode.SHUTDOWN, "replaced by a newer connection attempt"))
+            # the table full: it evicts the oldest candidate (dropped without
+            # a word: it has not authenticated), so that junk cannot lock a
+            # legitimate peer out until the junk expires.
+            del self.candidates[next(iter(self.candidates))]
         conn = self.engine.QuicConnection(
             configuration=self._configuration(False),
             original_destination_connection_id=decision.original_dcid,
             retry_source_connection_id=decision.retry_scid,
         )
         peer = _Peer(conn, self._new_session(now), addr, expires=now + CANDIDATE_LIFETIME)
+        peer.cids = (decision.original_dcid, conn.host_cid) + ((decision.retry_scid,) if decision.retry_scid else ())
         self.candidates[addr] = peer
         if self.active is None:
             self.state = SessionState.HANDSHAKING
@@ -368,8 +375,23 @@ class Tunnel:
             return active
         cand = self.candidates.get(addr)
         if cand is not None and not (is_new_initial and cand.handshake_done):
+            if not cand.handshake_done:
+                # Junk sent to a candidate's address costs the engine new
+                # initial keys and a failed decryption each (a millisecond):
+                # only Initials to this handshake's CIDs, and only as many
+                # datagrams as a handshake needs, reach it.
+                cand.datagrams += 1
+                if cand.datagrams > CANDIDATE_DATAGRAMS_MAX or (
+                        (data[0] & 0xF0) == 0xC0 and (len(data) < 7 or data[6:6 + data[5]] not in cand.cids)):
+                    self._drops[DropReason.INITIAL_TO_CANDIDATE] += 1
+                    return None
             return cand
-        if self.config.role is PeerRole.LISTEN and is_new_initial:
+        admission = self.admission
+        if admission is not None and is_new_initial:
+            if now < admission.closed_until and not has_token(data):
+                # Under a flood: the hot path, as cheap as dropping noise.
+                self._drops[DropReason.INITIAL_OVER_BUDGET] += 1
+                return None
             return self._accept(data, addr, now)
         return None
 

@@ -5,6 +5,8 @@ Modes:
 * ``junk``: long-header Initial packets (QUIC v1, random CIDs, 1200 bytes)
   whose payload is random bytes: every one looks like a new connection
   attempt and fails only at decryption;
+* ``noise``: small short-header datagrams, nothing like a connection attempt
+  (the baseline: what merely receiving and dropping costs);
 * ``replay``: real client Initials (one TLS ClientHello each, made by
   aioquic), replayed round-robin: every one can start a TLS handshake.
 
@@ -61,7 +63,12 @@ def flood(host: str, port: int, *, mode: str = "junk", ports: int = 256, seconds
             s.bind((bind, 0))
             s.setblocking(False)
             socks.append(s)
-        packets = [junk_initial() for _ in range(templates)] if mode == "junk" else real_initials(templates, (host, port))
+        if mode == "junk":
+            packets = [junk_initial() for _ in range(templates)]
+        elif mode == "noise":  # not QUIC at all (short header, small): the cheapest thing to drop
+            packets = [b"\x40" + os.urandom(99) for _ in range(templates)]
+        else:
+            packets = real_initials(templates, (host, port))
         target = (host, port)
         sent = 0
         start = time.monotonic()
@@ -88,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("host")
     ap.add_argument("port", type=int)
-    ap.add_argument("--mode", choices=("junk", "replay"), default="junk")
+    ap.add_argument("--mode", choices=("junk", "replay", "noise"), default="junk")
     ap.add_argument("--ports", type=int, default=256)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--bind", default="")

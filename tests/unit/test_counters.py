@@ -44,7 +44,7 @@ def test_drop_reason_value_is_lower_case_name(reason: DropReason) -> None:
 @pytest.mark.parametrize("reason", list(DropReason))
 def test_drop_reason_named_where_why(reason: DropReason) -> None:
     where, _, why = reason.value.partition("_")
-    assert where in {"tun", "dgram", "queue"}
+    assert where in {"tun", "dgram", "queue", "initial"}
     assert why
 
 

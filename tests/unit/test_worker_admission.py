@@ -94,11 +94,13 @@ def test_budgets_per_source_then_retry_then_drop() -> None:
     rest = [a.decide(data, (PEER[0], 50000 + i), 0.0, room=True) for i in range(RETRY_BURST + 10)]
     assert DropReason.INITIAL_OVER_BUDGET in rest
     assert sum(isinstance(d, bytes) for d in rest) + sum(isinstance(d, bytes) for d in out + more) == RETRY_BURST
-    # Junk is parsed while a tokened Initial could still pass ...
-    assert a.decide(b"\xc3" + os.urandom(1300), PEER, 0.0, room=True) is DropReason.INITIAL_MALFORMED
-    # ... and once every budget is spent, not even that (no work at all).
-    a.validated.tokens = 0.0
-    assert a.decide(b"\xc3" + os.urandom(1300), PEER, 0.0, room=True) is DropReason.INITIAL_OVER_BUDGET
+    # Then, until the next Retry token is due, Initials without a token are not
+    # even parsed (junk counts as over budget, not as malformed) ...
+    junk = b"\xc3\x00\x00\x00\x02\x00\x00\x00" + os.urandom(1300)
+    assert a.decide(junk, PEER, 0.001, room=True) is DropReason.INITIAL_OVER_BUDGET
+    # ... while one with a token is still looked at (a validated peer may pass).
+    assert a.decide(junk[:7] + b"\x01" + junk[8:], PEER, 0.001, room=True) is DropReason.INITIAL_MALFORMED
+    assert a.decide(junk, PEER, 1.0, room=True) is DropReason.INITIAL_MALFORMED  # the gate opened again
     # Budgets come back with time.
     assert isinstance(a.decide(data, ("198.18.9.9", 1), 10.0, room=True), Admit)
 
