@@ -572,11 +572,11 @@ def test_handshake_flood_leaves_the_session_working_and_the_listener_bounded(eng
     the established session keeps carrying packets, the TLS configuration is
     built once, candidates stay within MAX_CANDIDATES and expire, and the
     refusals are counted under their names."""
-    from l3ptp.ipc.constants import MAX_CANDIDATES, NEW_CONN_BURST
+    from l3ptp.ipc.constants import MAX_CANDIDATES
 
     async def main():
         built: list[object] = []
-        async with worker_pair(engine=engine, listener_kw={}, tunnel_kw=None) as pair:
+        async with worker_pair(engine=engine) as pair:
             assert await pair.wait_established()
             lt = pair.listener.tunnel
             lt.engine = _counting_engine(engine, built)
@@ -608,7 +608,6 @@ def test_handshake_flood_leaves_the_session_working_and_the_listener_bounded(eng
             # Junk candidates die with their session timer: the table empties.
             assert await wait_for(lambda: not lt.candidates, 10), lt.candidates
             assert lt.counters.dgram_rx_packets == lt.counters.tun_tx_packets  # no stray DATAGRAM counted
-            assert NEW_CONN_BURST >= 1
 
     run(main())
 
@@ -659,3 +658,48 @@ def test_listener_reveals_no_configured_timer_in_transport_parameters(engine: En
                 assert pair.connector.tunnel.active.conn._remote_max_idle_timeout == QUIC_IDLE_TIMEOUT
 
     run(main())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("failure", ["unpinned key", "network", "endpoint"])
+def test_a_stranger_learns_only_authentication_failed(engine: Engine, failure: str) -> None:
+    """Whatever is wrong, the stranger hears one code and one reason, on the
+    stream and in the QUIC close; the listener keeps the detail for its log."""
+    async def main():
+        async with worker_pair(engine=engine) as pair:
+            assert await pair.wait_established()
+            lt = pair.listener.tunnel
+            own = new_keys() if failure == "unpinned key" else pair.ckeys
+            cfg = make_config(PeerRole.CONNECT, own=own, peer_fp=pair.lkeys.fingerprint,
+                              port=pair.listener.config.port, engine=engine,
+                              network="other" if failure == "network" else "net0",
+                              queue=1 if failure == "endpoint" else 0, queues=2)
+            stranger = make_node(cfg, udp_socket())
+            heard: list[object] = []
+            stranger.tunnel._new_session = _recording_sessions(stranger.tunnel._new_session, heard)
+            stranger.start()
+            try:
+                assert await wait_for(lambda: "AUTH_FAILED" in stranger.tunnel.last_error, 10)
+                assert stranger.tunnel.last_error.endswith("authentication failed"), stranger.tunnel.last_error
+                assert [type(m).__name__ for m in heard if type(m).__name__ != "Close"] == ["Challenge"]
+                assert lt.sessions == 1 and lt.established
+            finally:
+                await stranger.stop()
+
+    run(main())
+
+
+def _recording_sessions(new_session, heard: list[object]):
+    """Wrap Tunnel._new_session so that every message a session receives is recorded."""
+    def make(now):
+        session = new_session(now)
+        receive = session.receive
+
+        def recording(msg, t):
+            heard.append(msg)
+            return receive(msg, t)
+
+        session.receive = recording
+        return session
+
+    return make
