@@ -382,7 +382,7 @@ class Tunnel:
                 # datagrams as a handshake needs, reach it.
                 cand.datagrams += 1
                 if cand.datagrams > CANDIDATE_DATAGRAMS_MAX or (
-                        (data[0] & 0xF0) == 0xC0 and (len(data) < 7 or data[6:6 + data[5]] not in cand.cids)):
+                        data and (data[0] & 0xF0) == 0xC0 and (len(data) < 7 or data[6:6 + data[5]] not in cand.cids)):
                     self._drops[DropReason.INITIAL_TO_CANDIDATE] += 1
                     return None
             return cand

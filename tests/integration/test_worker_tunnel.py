@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from l3ptp.ipc.codec import StreamDecoder
-from l3ptp.ipc.control_messages import Engine
+from l3ptp.ipc.control_messages import Engine, SessionState
 from l3ptp.ipc.counters import DropReason
 from l3ptp.ipc.errors import ErrorCode
 from l3ptp.ipc.peer_messages import PEER_CONTROL
@@ -703,3 +703,41 @@ def _recording_sessions(new_session, heard: list[object]):
         return session
 
     return make
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_candidates_expire_and_junk_at_a_candidates_address_is_bounded(engine: Engine, monkeypatch) -> None:
+    """A candidate that does not reach ESTABLISHED is gone after
+    CANDIDATE_LIFETIME even when the dead-peer timer is far away; datagrams
+    to its address beyond what a handshake needs, Initials with another DCID,
+    an empty datagram: all handled without harm and counted."""
+    from l3ptp.ipc.constants import CANDIDATE_DATAGRAMS_MAX
+    from l3ptp.worker import tunnel as tunnel_mod
+    from tests.support.flood import junk_initial, real_initials
+
+    monkeypatch.setattr(tunnel_mod, "CANDIDATE_LIFETIME", 0.5)
+
+    async def main():
+        lk, ck = new_keys(), new_keys()
+        lsock = udp_socket()
+        port = lsock.getsockname()[1]
+        listener = make_node(make_config(PeerRole.LISTEN, own=lk, peer_fp=ck.fingerprint, port=port, engine=engine,
+                                         keepalive=20.0), lsock)
+        listener.start()
+        sock = udp_socket()
+        try:
+            lt = listener.tunnel
+            (initial,) = real_initials(1, ("127.0.0.1", port))
+            sock.sendto(initial, ("127.0.0.1", port))
+            assert await wait_for(lambda: len(lt.candidates) == 1, 5)
+            sock.sendto(b"", ("127.0.0.1", port))
+            for _ in range(CANDIDATE_DATAGRAMS_MAX + 5):
+                sock.sendto(junk_initial(), ("127.0.0.1", port))  # another DCID each
+            assert await wait_for(lambda: lt.counters.drops[DropReason.INITIAL_TO_CANDIDATE] >= CANDIDATE_DATAGRAMS_MAX, 5)
+            assert await wait_for(lambda: not lt.candidates, 3), "the candidate did not expire"
+            assert lt.exit_reason is None and lt.state is not SessionState.STOPPED
+        finally:
+            sock.close()
+            await listener.stop()
+
+    run(main())
