@@ -28,7 +28,8 @@ from tests.support import flood as flood_mod
 
 pytestmark = [pytest.mark.privileged, pytest.mark.slow]
 
-FLOOD_SECONDS = 5.0
+#: Bounded load; L3PTP_FLOOD_SECONDS=10 measures the issue's 10 s flood.
+FLOOD_SECONDS = float(os.environ.get("L3PTP_FLOOD_SECONDS", "5"))
 PING_INTERVAL = 0.05  # 20/s
 #: Share of pings that must be answered during the flood. The target is 90%
 #: and runs here answer 95-100% (docs/threat-model.md); the margin below it is
