@@ -511,7 +511,11 @@ class Controller:
             if got is None:
                 continue
             ident, msg = got
-            await self._on_bus(ident, msg)
+            try:
+                await self._on_bus(ident, msg)
+            except Exception as exc:  # noqa: BLE001 - one worker's message must never stop the controller
+                log.error("bus_message_failed", network=msg.network, queue=msg.queue, message=type(msg).__name__,
+                          error=repr(exc))
 
     async def _on_bus(self, ident: bytes, msg: Any) -> None:
         rt = self.networks.get(msg.network)
@@ -539,9 +543,12 @@ class Controller:
                 log.warning("route_refused", network=msg.network, route=refused.route, reason=refused.reason)
             await self._apply_routes(rt)
         elif isinstance(msg, WorkerExiting):
-            rt.sup.slots[msg.queue].last_error = msg.reason
+            log.info("worker_exiting", network=msg.network, queue=msg.queue, reason=msg.reason, fatal=msg.fatal,
+                     remote=msg.remote)
             if msg.fatal:
                 await self._execute(rt, rt.sup.on_fatal(msg.queue, None, now, msg.reason))
+            else:
+                rt.sup.on_exiting(msg.queue, msg.reason, remote=msg.remote)
 
     async def _run_timers(self) -> None:
         while True:

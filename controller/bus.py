@@ -57,7 +57,10 @@ class Router:
             self.sock.bind(f"ipc://{path}")
         finally:
             os.umask(old_umask)
-        if group is not None:
+        # Under the controller unit the socket is born with the admin group
+        # (its primary group) and chown(2) is refused by the system call
+        # filter: only chgrp when the group differs.
+        if group is not None and os.stat(path).st_gid != group:
             try:
                 os.chown(path, -1, group)
             except OSError as exc:

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from l3ptp.ipc.constants import CONFIG_DEFAULT, RUNTIME_DIR_DEFAULT
+from l3ptp.ipc.text import printable
 
 __all__ = [
     "ControllerUnreachable",
@@ -107,7 +108,9 @@ def _plain(value: Any) -> Any:
     if isinstance(value, tuple | list):
         return [_plain(v) for v in value]
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {printable(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, str):
+        return printable(value)
     return value
 
 
@@ -131,40 +134,45 @@ def _traffic(counters: dict[str, int]) -> str:
 
 
 def format_status(reply: Any, *, verbose: bool = False) -> str:
-    """A `wg show`-like text view of a StatusReply."""
-    lines = [f"controller: pid {reply.controller_pid}, node {reply.node_id}, up {reply.uptime:.0f}s"]
+    """A `wg show`-like text view of a StatusReply.
+
+    Every text field is shown through `printable`: errors may quote a peer,
+    and a terminal must never receive its control characters.
+    """
+    p = printable
+    lines = [f"controller: pid {reply.controller_pid}, node {p(reply.node_id)}, up {reply.uptime:.0f}s"]
     if not reply.networks:
         lines.append("no networks configured")
     for n in reply.networks:
         lines.append("")
-        lines.append(f"network: {n.name}")
+        lines.append(f"network: {p(n.name)}")
         lines.append(f"  state: {n.state.value}")
-        lines.append(f"  interface: {n.interface}")
-        peer = f"{n.peer}:{n.port}" if n.peer else f"port {n.port}"
+        lines.append(f"  interface: {p(n.interface)}")
+        peer = f"{p(n.peer)}:{n.port}" if n.peer else f"port {n.port}"
         lines.append(f"  role: {n.role.value}, underlay peer: {peer}")
         lines.append(f"  tunnel: {', '.join(n.addresses)} -> {', '.join(n.peer_addresses)}")
         lines.append(f"  mtu: {n.mtu}")
         lines.append(f"  rtt: {n.rtt_ms:.1f} ms")
         lines.append(f"  transfer: {_traffic(n.counters)}")
-        drops = ", ".join(f"{k} {v}" for k, v in n.drops.items() if v) or "none"
+        drops = ", ".join(f"{p(k)} {v}" for k, v in n.drops.items() if v) or "none"
         lines.append(f"  drops: {drops}")
         lines.append(f"  routes: {', '.join(n.routes) or 'none'}")
         lines.append(f"  restarts: {n.restarts}")
         if n.last_error:
-            lines.append(f"  last error: {n.last_error}")
+            lines.append(f"  last error: {p(n.last_error)}")
         if verbose:
             for q in n.queues:
                 lines.append(
-                    f"  queue {q.queue}: pid {q.pid or '-'}, {q.state.value}, peer {q.peer or '-'},"
+                    f"  queue {q.queue}: pid {q.pid or '-'}, {q.state.value}, peer {p(q.peer) or '-'},"
                     f" rtt {q.rtt_ms:.1f} ms, mtu {q.mtu}, restarts {q.restarts}, depth {q.queue_depth},"
                     f" lost {q.seq_lost}, key updates {q.key_updates}"
                 )
                 lines.append(f"    transfer: {_traffic(q.counters)}")
-                qdrops = ", ".join(f"{k} {v}" for k, v in q.drops.items() if v)
+                qdrops = ", ".join(f"{p(k)} {v}" for k, v in q.drops.items() if v)
                 if qdrops:
                     lines.append(f"    drops: {qdrops}")
                 if q.last_error:
-                    lines.append(f"    last error: {q.last_error}")
+                    lines.append(f"    last error: {p(q.last_error)}")
     return "\n".join(lines)
 
 
@@ -216,12 +224,12 @@ def _result(reply: Any, out: TextIO, err: TextIO) -> int:
     from l3ptp.ipc.control_messages import CommandFailed, CommandResult
 
     if isinstance(reply, CommandFailed):
-        print(f"l3ptp: {reply.reason} ({reply.code.name})", file=err)
+        print(f"l3ptp: {printable(reply.reason)} ({reply.code.name})", file=err)
         return EXIT_FAILED
     if isinstance(reply, CommandResult):
-        print(reply.message, file=out if reply.ok else err)
+        print(printable(reply.message), file=out if reply.ok else err)
         for error in reply.errors:
-            print(f"  {error}", file=err)
+            print(f"  {printable(error)}", file=err)
         return EXIT_OK if reply.ok else EXIT_FAILED
     print(f"l3ptp: unexpected reply {type(reply).__name__}", file=err)
     return EXIT_FAILED

@@ -83,14 +83,11 @@ class HelperClient:
     @classmethod
     async def connect(cls, path: str | os.PathLike[str], *, timeout: float = HELPER_TIMEOUT) -> HelperClient:
         """Connect to the helper socket at `path` and say Hello as the controller."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        sock.setblocking(False)
         loop = asyncio.get_running_loop()
-        try:
-            await asyncio.wait_for(loop.sock_connect(sock, os.fspath(path)), timeout)
-        except (OSError, TimeoutError) as exc:
-            sock.close()
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        try:  # a blocking connect, on a thread: it waits its turn while others flood the helper's backlog
+            sock = await loop.run_in_executor(None, seqpacket.connect, os.fspath(path), timeout)
+        except OSError as exc:
+            why = exc.strerror or str(exc) or type(exc).__name__
             raise HelperUnavailable(f"cannot connect to the helper at {os.fspath(path)}: {why}") from exc
         client = cls(sock, timeout=timeout)
         try:
@@ -187,4 +184,15 @@ class HelperClient:
         return await self.request_expect(DestroyNetwork(name=name), NetworkDestroyed)
 
     async def list_networks(self) -> tuple[NetworkInfo, ...]:
-        return (await self.request_expect(ListNetworks(), NetworkList)).networks
+        """Every network, page by page (a page holds what fits in one reply); names must keep increasing."""
+        out: list[NetworkInfo] = []
+        after: str | None = None
+        while True:
+            page = await self.request_expect(ListNetworks(after=after), NetworkList)
+            if any(after is not None and n.name <= after for n in page.networks) or (page.more and not page.networks):
+                self.close()
+                raise HelperUnavailable("helper answered ListNetworks with pages out of order")
+            out.extend(page.networks)
+            if not page.more:
+                return tuple(out)
+            after = page.networks[-1].name

@@ -306,16 +306,19 @@ class Lab:
     def _check_python_reachable(self) -> None:
         """The unprivileged uids must be able to run our interpreter and import the package."""
         probe = [self.python, "-c", "import l3ptp.controller.app, l3ptp.worker.app, l3ptp.helper.dispatch"]
-        res = subprocess.run(
-            probe, capture_output=True, text=True, timeout=60,
-            user=self.controller_uid, group=self.gid, extra_groups=[], cwd="/",
-        )
-        if res.returncode != 0:
-            raise LabError(
-                f"an unprivileged uid cannot run {self.python} with the l3ptp package "
-                f"(is the virtual environment or checkout inside a private directory such as /root?): "
-                f"{res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}"
+        hint = ("the virtual environment or the checkout is in a directory other users cannot read "
+                "(such as /root): run it through `make demo` / `make test`, which then put the "
+                "environment under /var/lib/l3ptp-dev, or clone into a directory others can read")
+        try:
+            res = subprocess.run(
+                probe, capture_output=True, text=True, timeout=60,
+                user=self.controller_uid, group=self.gid, extra_groups=[], cwd="/",
             )
+        except OSError as exc:  # exec itself refused: the interpreter's path is not traversable
+            raise LabError(f"an unprivileged uid cannot run {self.python} ({exc.strerror}): {hint}") from None
+        if res.returncode != 0:
+            last = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"exit status {res.returncode}"
+            raise LabError(f"an unprivileged uid cannot import l3ptp with {self.python} ({last}): {hint}")
 
     def _make_namespaces(self) -> None:
         from pyroute2 import netns

@@ -7,7 +7,8 @@ totals since each worker started, so they are exported as gauges
 (``l3ptp_*``), not counters: a restarted worker starts again from zero.
 
 Labels: ``network``; per-queue series also ``queue``; drops ``reason``
-(the `DropReason` value); state series ``state``.
+(the `DropReason` value); state series ``state``. Label values pass
+through `ipc.text.printable` like every other text l3ptp shows.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from l3ptp.ipc.control_messages import NetworkState
+from l3ptp.ipc.text import printable
 
 __all__ = ["StatusCollector", "make_registry", "start_server"]
 
@@ -40,19 +42,20 @@ class StatusCollector(Collector):
         )
         drops = GaugeMetricFamily("l3ptp_drops", "Dropped packets by reason", labels=["network", "queue", "reason"])
         for n in reply.networks:
+            name = printable(n.name)
             for s in NetworkState:
-                state.add_metric([n.name, s.value], 1.0 if n.state is s else 0.0)
+                state.add_metric([name, s.value], 1.0 if n.state is s else 0.0)
             for q in n.queues:
-                labels = [n.name, str(q.queue)]
+                labels = [name, str(q.queue)]
                 restarts.add_metric(labels, q.restarts)
                 rtt.add_metric(labels, q.rtt_ms)
                 depth.add_metric(labels, q.queue_depth)
                 lost.add_metric(labels, q.seq_lost)
                 rekeys.add_metric(labels, q.key_updates)
                 for key, value in q.counters.items():
-                    traffic.add_metric([*labels, key], value)
+                    traffic.add_metric([*labels, printable(key)], value)
                 for key, value in q.drops.items():
-                    drops.add_metric([*labels, key], value)
+                    drops.add_metric([*labels, printable(key)], value)
         yield from (state, restarts, rtt, depth, lost, rekeys, traffic, drops)
 
 

@@ -14,7 +14,12 @@ Rules
   inside one of ``accepted_routes`` and, for a default route (``/0``), only
   with ``allow_default_route``. Refused routes are reported with a reason.
 * What should be installed is the union of the accepted routes of every
-  queue. `RouteTable.changes` compares it with what the helper says is
+  queue, at most ``MAX_ROUTES_PER_NETWORK`` (256, what one helper request
+  carries). Each queue's peer may advertise 256 routes, so the union over
+  queues could grow past it: a queue's routes that would take the union
+  beyond the limit are refused ("network route limit ...") and stay so
+  until room is made, never sent to the helper in a request its schema
+  cannot carry. `RouteTable.changes` compares it with what the helper says is
   installed and returns the routes to add and to remove: a route the peer
   withdrew is removed; `withdraw_all` (network going down) removes all.
 """
@@ -26,6 +31,7 @@ import ipaddress
 from collections.abc import Iterable
 
 from l3ptp.controller.config import IPNetwork, NetworkConfig
+from l3ptp.ipc.constants import MAX_ROUTES_PER_NETWORK
 
 __all__ = ["Refused", "RouteChanges", "RouteTable", "RouteUpdate", "accept_routes"]
 
@@ -103,6 +109,17 @@ class RouteTable:
         if q.key is not None and key <= q.key:
             return None
         update = accept_routes(self.net, routes)
+        others: set[IPNetwork] = set()
+        for other, qr in self._queues.items():
+            if other != queue:
+                others |= qr.routes
+        room = MAX_ROUTES_PER_NETWORK - len(others)
+        new = sorted(update.accepted - others, key=_sort_key)
+        if len(new) > room:
+            over = new[max(room, 0):]
+            reason = f"network route limit ({MAX_ROUTES_PER_NETWORK}) reached"
+            update = RouteUpdate(update.accepted - frozenset(over),
+                                 update.refused + tuple(Refused(str(r), reason) for r in over))
         q.key, q.routes = key, update.accepted
         self.refused[queue] = update.refused
         return update

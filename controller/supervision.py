@@ -33,6 +33,14 @@ Rules
   stops its other workers; so does a worker's ``fatal`` exit (a restart
   cannot help: bad ticket, bad key, refused config). A failed network stays
   failed until it is started again (``up``, reload with a change, restart).
+* Not a crash: an exit the worker announced as ``remote``
+  (`WorkerExiting.remote`: it ended on input from the network, what a peer
+  or a stranger sent). It is restarted after the same growing delay
+  (counted apart, in ``remote_exits``) but never fails the network: a
+  remote party alone cannot put a network into FAILED, which is for local
+  faults an operator must fix.
+* The reason a worker gave when it ended (`on_exiting`) is kept as the
+  slot's ``last_error`` with the exit status, so status says why.
 * A STARTING or RUNNING worker that has sent nothing (hello or status) for
   more than ``WORKER_STATUS_TIMEOUT`` is dead: it is killed once, and its
   exit then counts as a crash.
@@ -171,6 +179,11 @@ class WorkerSlot:
     killed: bool = False
     #: Crash times within the window, oldest first.
     crashes: deque[float] = dataclasses.field(default_factory=deque)
+    #: Times of exits caused by network input within the window (not crashes).
+    remote_exits: deque[float] = dataclasses.field(default_factory=deque)
+    #: What the running worker said when it ended (`on_exiting`), until its exit.
+    exit_reason: str = ""
+    exit_remote: bool = False
     #: Restarts since the network was started (shown in status).
     restarts: int = 0
     last_error: str = ""
@@ -238,6 +251,7 @@ class NetworkSupervisor:
         for s in self.slots:
             if s.state in (_S.STOPPED, _S.FATAL):
                 s.crashes.clear()
+                s.remote_exits.clear()
                 s.move(_S.STARTING)
                 s.pid, s.killed, s.deadline, s.last_seen = None, False, None, now
                 actions.append(Spawn(self.network, s.queue))
@@ -283,13 +297,25 @@ class NetworkSupervisor:
         s.last_error = reason
         return self._give_up(now, f"queue {queue}: {reason}")
 
+    def on_exiting(self, queue: int, reason: str, *, remote: bool) -> None:
+        """The worker's last words (`WorkerExiting`, not fatal): kept for its exit.
+
+        They normally arrive before the exit is reaped; words arriving after
+        it (the slot has no process) only update ``last_error``.
+        """
+        s = self._slot(queue)
+        s.last_error = reason
+        if s.pid is not None:
+            s.exit_reason, s.exit_remote = reason, remote
+
     def on_exit(self, pid: int, now: float, returncode: int | None) -> list[Action]:
         """Process `pid` exited (reaped). Unknown pids are ignored."""
         s = self.slot_by_pid(pid)
         if s is None:
             return []
         was_killed = s.killed
-        s.pid, s.killed = None, False
+        reported, remote = s.exit_reason, s.exit_remote
+        s.pid, s.killed, s.exit_reason, s.exit_remote = None, False, "", False
         if s.state is _S.STOPPING:
             s.move(_S.FATAL if self.failed else _S.STOPPED)
             s.deadline = None
@@ -298,7 +324,14 @@ class NetworkSupervisor:
             return []
         if self._stopping:
             raise SupervisionError(f"queue {s.queue}: {s.state.name} while the network is stopping")
-        why = s.last_error if was_killed else f"exited with status {returncode}"
+        if was_killed:
+            why = s.last_error
+        elif reported:
+            why = f"{reported} (exit status {returncode})"
+        else:
+            why = f"exited with status {returncode}"
+        if remote and not was_killed:
+            return self._restart_later(s, now, why)
         return self._crashed(s, now, why)
 
     def tick(self, now: float) -> list[Action]:
@@ -341,6 +374,16 @@ class NetworkSupervisor:
             )
         s.move(_S.BACKOFF)
         s.deadline = now + backoff_delay(len(s.crashes))
+        return []
+
+    def _restart_later(self, s: WorkerSlot, now: float, why: str) -> list[Action]:
+        """An exit caused from the network: restart after a growing delay, never give up."""
+        s.last_error = why
+        while s.remote_exits and now - s.remote_exits[0] > RESTART_WINDOW:
+            s.remote_exits.popleft()
+        s.remote_exits.append(now)
+        s.move(_S.BACKOFF)
+        s.deadline = now + backoff_delay(len(s.remote_exits))
         return []
 
     def _give_up(self, now: float, reason: str) -> list[Action]:

@@ -12,9 +12,11 @@ from typing import Any, NamedTuple
 
 import structlog
 
+from l3ptp.ipc.constants import HELPER_AUDIT_KEYS, HELPER_AUDIT_WINDOW, HELPER_MESSAGE_MAX
+from l3ptp.ipc.logsetup import LineLimiter
 from l3ptp.ipc.errors import ErrorCode
-from l3ptp.ipc.helper_messages import (HELPER_PROTOCOL, AddRoutes, ClaimQueue, CreateNetwork, DestroyNetwork, Failed,
-                                       Hello, ListNetworks, NetworkCreated, NetworkDestroyed, NetworkInfo, NetworkList,
+from l3ptp.ipc.helper_messages import (HELPER_PROTOCOL, HELPER_REPLIES, AddRoutes, ClaimQueue, CreateNetwork,
+                                       DestroyNetwork, Failed, Hello, ListNetworks, NetworkCreated, NetworkDestroyed, NetworkInfo, NetworkList,
                                        ProtectSocket, QueueGranted, RemoveRoutes, Role, RoutesChanged,
                                        SocketProtected, Welcome)
 from l3ptp.ipc.schema import Message
@@ -40,6 +42,7 @@ class Peer(NamedTuple):
 class Session:
     peer: Peer
     since: float = 0.0  # when the connection was accepted (for the Hello timeout)
+    last: float = 0.0  # when its last request came (for the idle time-out and eviction)
     role: Role | None = None
     used: set[type] = dataclasses.field(default_factory=set)
 
@@ -84,13 +87,30 @@ class Dispatcher:
     def __init__(self, policy: Policy, state: State, kernel: Any, audit: Callable[..., None],
                  clock: Callable[[], float]) -> None:
         self.policy, self.state, self.kernel, self.audit, self.clock = policy, state, kernel, audit, clock
+        self.limiter = LineLimiter(HELPER_AUDIT_WINDOW, HELPER_AUDIT_KEYS)
 
     def _audit(self, s: Session, action: str, result: str, **fields: Any) -> None:
+        """Write an audit line; but the controller's and privileged actions done, lines go through the limiter."""
+        if s.role is not Role.CONTROLLER and (result != "ok" or action == "Hello") and not self.limiter.allow(
+                (s.peer.uid, action, result, fields.get("code")), self.clock()):
+            return
         self.audit(action, peer=s.peer, role=s.role, result=result, **fields)
 
-    def violation(self, s: Session, action: str, reason: str) -> None:
-        """Audit a protocol violation; the caller closes the connection."""
-        self._audit(s, action, "violation", reason=reason)
+    def flush_audit(self) -> None:
+        """One summary line per kind of audit line held back in a window that has ended."""
+        for (uid, action, result, code), n in self.limiter.due(self.clock()):
+            self.audit(action, peer=Peer(None, uid, None), result=result, suppressed=n, window=self.limiter.window,
+                       **({} if code is None else {"code": code}),
+                       summary=f"{result} {n} more from uid {uid} in the last {self.limiter.window:g} s")
+
+    def violation(self, s: Session, action: str, reason: str, result: str = "violation") -> None:
+        """Audit a protocol violation (or a refused or timed-out connection); the caller closes the connection."""
+        self._audit(s, action, result, reason=reason)
+
+    def failure(self, s: Session, action: str, exc: BaseException) -> Outcome:
+        """A request that failed inside the helper (a bug): audited, answered `Failed(INTERNAL)`, state kept."""
+        self._audit(s, action, "error", code=ErrorCode.INTERNAL.name, error=f"{type(exc).__name__}: {exc}"[:300])
+        return Outcome(Failed(code=ErrorCode.INTERNAL, reason=f"helper internal error: {type(exc).__name__}"))
 
     def _kernel(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
         try:
@@ -228,6 +248,20 @@ class Dispatcher:
         return Outcome(NetworkDestroyed(name=net.name, routes_removed=tuple(routes)))
 
     def handle_list_networks(self, s: Session, req: ListNetworks) -> Outcome:
-        return Outcome(NetworkList(networks=tuple(NetworkInfo(
-            name=n.name, ifname=n.ifname, ifindex=n.ifindex, mtu=n.mtu, queues=n.queues, addresses=n.addresses,
-            routes=tuple(n.routes), worker_uid=n.worker_uid) for n in self.state.networks.values())))
+        """The networks after `req.after` in name order, as many as fit under HELPER_MESSAGE_MAX (at least one:
+        tests/unit/test_helper_limits.py). A page is at most the sum of each network's size on a page of its own."""
+        names = sorted(n for n in self.state.networks if req.after is None or n > req.after)
+        page: list[NetworkInfo] = []
+        size = _EMPTY_PAGE + 2  # msgpack's array header grows by 2 bytes past 15 items (fixarray -> array16)
+        for name in names:
+            n = self.state.networks[name]
+            info = NetworkInfo(name=n.name, ifname=n.ifname, ifindex=n.ifindex, mtu=n.mtu, queues=n.queues,
+                               addresses=n.addresses, routes=tuple(n.routes), worker_uid=n.worker_uid)
+            size += len(HELPER_REPLIES.encode(NetworkList(networks=(info,), more=True))) - _EMPTY_PAGE
+            if page and size > HELPER_MESSAGE_MAX:
+                break
+            page.append(info)
+        return Outcome(NetworkList(networks=tuple(page), more=len(page) < len(names)))
+
+
+_EMPTY_PAGE = len(HELPER_REPLIES.encode(NetworkList(networks=(), more=True)))

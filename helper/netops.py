@@ -23,6 +23,8 @@ from .policy import Policy, Refused
 
 TUNSETOWNER = 0x400454CC
 TUN_FLAGS = pytun.IFF_TUN | pytun.IFF_NO_PI | pytun.IFF_MULTI_QUEUE
+TUN_EACCES = ("cannot open /dev/net/tun: the helper's user needs read-write access to it (the kernel still requires "
+              "CAP_NET_ADMIN); the package's tmpfiles.d/l3ptp.conf grants it at boot, now: systemd-tmpfiles --create l3ptp.conf")
 IFA_F_NODAD, FIB_RULE_INVERT, UNSET = 0x02, 0x2, 2**32 - 1
 ADDR_GEN_MODE_NONE = 1  # IN6_ADDR_GEN_MODE_NONE
 FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
@@ -47,9 +49,11 @@ def open_queues(ifname: str, queues: int, owner_uid: int) -> list[int]:
             dev.close()
             if len(fds) == 1:  # at once: any user may attach a queue to an ownerless multi-queue TUN
                 fcntl.ioctl(fds[0], TUNSETOWNER, owner_uid)
-    except BaseException:
+    except BaseException as exc:
         for fd in fds:
             os.close(fd)
+        if isinstance(exc, OSError) and exc.errno == errno.EACCES and not fds:
+            raise PermissionError(errno.EACCES, TUN_EACCES) from None
         raise
     return fds
 

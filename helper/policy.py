@@ -31,8 +31,10 @@ class Policy:
     socket_group: str | int | None = None
     socket_path: str = HELPER_SOCKET_DEFAULT
     interface_prefix: str = IFNAME_PREFIX_DEFAULT
-    max_networks: int = 8
-    max_queues: int = 16
+    # Defaults are the configuration's own maxima (ipc.constants), so a configuration the controller
+    # accepts never meets "helper: LIMIT" on these counts; a policy may only lower them.
+    max_networks: int = MAX_NETWORKS
+    max_queues: int = MAX_QUEUES
     max_routes: int = MAX_ROUTES_PER_NETWORK
     allowed_prefixes: tuple[IpNetwork, ...] = ()
     allow_default_route: bool = False

@@ -131,6 +131,38 @@ RULE_PRIORITY_DEFAULT = 5157
 #: A helper client that has not sent Hello this many seconds after connecting
 #: is dropped (and audited); everyone else keeps being served.
 HELPER_HELLO_TIMEOUT = 5.0
+#: After Hello, a session silent this long is dropped (audited): a worker
+#: needs two requests within milliseconds of each other; the controller asks
+#: ListNetworks every 2 s and reconnects when dropped.
+HELPER_IDLE_TIMEOUT_WORKER = 10.0
+HELPER_IDLE_TIMEOUT_CONTROLLER = 60.0
+#: Helper sessions: at most this many in all, at most HELPER_MAX_SESSIONS_PER_UID
+#: per uid, and the last HELPER_CONTROLLER_RESERVED only for the policy's
+#: controller uids. A uid at its limit gets its least recently active session
+#: closed for the new one; a uid in neither uid list of the policy is refused
+#: at accept.
+HELPER_MAX_SESSIONS = 128
+HELPER_MAX_SESSIONS_PER_UID = 64
+HELPER_CONTROLLER_RESERVED = 8
+HELPER_LISTEN_BACKLOG = 128
+#: Connections accepted per turn of the helper's loop.
+HELPER_ACCEPT_BATCH = 64
+#: Fds a request may carry (ProtectSocket needs one). The helper receives up
+#: to the kernel's SCM_MAX_FD so that none is dropped (closed) inside recvmsg.
+HELPER_MAX_FDS_PER_MESSAGE = 4
+SCM_MAX_FD = 253
+#: Received fds (and dropped connections, which may hold queued fds) are
+#: closed on at most this many threads, never on the loop: a close blocks
+#: as long as the sender likes (SO_LINGER, a FUSE flush, a tty draining).
+#: Past HELPER_CLOSE_BACKLOG fds waiting, the loop closes inline.
+HELPER_CLOSE_THREADS = 16
+HELPER_CLOSE_BACKLOG = 1024
+#: Repeated audit lines of one kind (uid, action, result, code) other than a
+#: privileged action done: the first in a window is written in full, the
+#: rest counted and summarised in one line when the window ends. At most
+#: HELPER_AUDIT_KEYS kinds are tracked; more uids share one summary.
+HELPER_AUDIT_WINDOW = 10.0
+HELPER_AUDIT_KEYS = 256
 
 #: Single-use fd tickets.
 TICKET_BYTES = 24

@@ -190,12 +190,16 @@ class WorkerExiting(Message):
     """Last words of a worker that stops on purpose or on a fatal error.
 
     `fatal` means a restart cannot help (bad ticket, bad key, config refused).
+    `remote` means the worker ended on input from the network (an exception
+    while handling a received datagram): what a peer or a stranger sent, not
+    a local fault, so the controller restarts it without counting a crash.
     """
 
     network: NetworkName
     queue: QueueIndex
     reason: Reason
     fatal: bool
+    remote: bool
 
 
 # ---- controller -> worker (bus) -------------------------------------------

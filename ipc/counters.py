@@ -185,9 +185,11 @@ class Counters:
     place by the data path. ``drops`` maps every `DropReason` to a count and
     always holds every reason. ``rx_sequence`` tracks the peer's
     ``packet_sequence`` values for the `seq_lost` estimate.
+    ``peer_route_limit`` counts sessions closed with LIMIT because the peer's
+    ROUTE_UPDATEs added up to more routes than one READY can carry.
     """
 
-    __slots__ = (*TRAFFIC_FIELDS, "drops", "rx_sequence")
+    __slots__ = (*TRAFFIC_FIELDS, "drops", "rx_sequence", "peer_route_limit")
 
     def __init__(self) -> None:
         self.tun_rx_packets = 0
@@ -202,6 +204,7 @@ class Counters:
         self.unauth_rx_bytes = 0
         self.drops: dict[DropReason, int] = dict.fromkeys(DropReason, 0)
         self.rx_sequence = SequenceTracker()
+        self.peer_route_limit = 0
 
     def drop(self, reason: DropReason, n: int = 1) -> None:
         """Count `n` packets dropped for `reason`."""

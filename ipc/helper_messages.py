@@ -11,13 +11,13 @@ from __future__ import annotations
 import enum
 from typing import Annotated
 
-from .constants import HELPER_MESSAGE_MAX, MAX_QUEUES, MAX_ROUTES_PER_NETWORK, MTU_MAX, MTU_MIN
+from .constants import HELPER_MESSAGE_MAX, MAX_NETWORKS, MAX_QUEUES, MAX_ROUTES_PER_NETWORK, MTU_MAX, MTU_MIN
 from .codec import Channel
 from .errors import ErrorCode
 from .schema import U16, U32, Items, Message, PrefixStr, Range, Record, message, record
 from .types import IfName, Interfaces, NetworkName, Reason, Ticket
 
-HELPER_PROTOCOL = 1
+HELPER_PROTOCOL = 2  # 2: ListNetworks pages (after / more)
 
 Mtu = Annotated[int, Range(MTU_MIN, MTU_MAX)]
 QueueCount = Annotated[int, Range(1, MAX_QUEUES)]
@@ -90,7 +90,9 @@ class DestroyNetwork(Message):
 
 @message("helper.list_networks")
 class ListNetworks(Message):
-    pass
+    """One page of the helper's networks, in name order: those named after `after` (None: from the first)."""
+
+    after: NetworkName | None = None
 
 
 # ---- replies ----------------------------------------------------------------
@@ -156,7 +158,10 @@ class NetworkInfo(Record):
 
 @message("helper.network_list")
 class NetworkList(Message):
-    networks: Annotated[tuple[NetworkInfo, ...], Items(256)]
+    """As many networks as fit under HELPER_MESSAGE_MAX; with `more`, ask again after the last one."""
+
+    networks: Annotated[tuple[NetworkInfo, ...], Items(MAX_NETWORKS)]
+    more: bool = False
 
 
 @message("helper.failed")

@@ -13,8 +13,11 @@ from __future__ import annotations
 import array
 import contextlib
 import os
+import queue
 import socket
-from collections.abc import Iterable, Sequence
+import struct
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from .errors import DecodeError
@@ -22,7 +25,7 @@ from .errors import DecodeError
 if TYPE_CHECKING:
     from asyncio import AbstractEventLoop, Future
 
-__all__ = ["FramingError", "PeerClosed", "close_fds", "recv", "recv_async", "send"]
+__all__ = ["Closer", "FramingError", "PeerClosed", "close_fds", "connect", "recv", "recv_async", "send"]
 
 _FD = array.array("i").itemsize
 
@@ -48,13 +51,79 @@ def close_fds(fds: Iterable[int]) -> None:
             os.close(fd)
 
 
+def connect(path: str, timeout: float) -> socket.socket:
+    """A connected blocking SOCK_SEQPACKET socket; raises OSError (TimeoutError past `timeout` s).
+
+    While the listener's backlog is full a non-blocking connect fails at once with EAGAIN (and asyncio's
+    sock_connect then wrongly reports success); a blocking one waits in the kernel's queue with everyone else
+    connecting, for at most SO_SNDTIMEO, which is what a client needs when others flood the listener.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    timeout = max(timeout, 1e-3)  # SO_SNDTIMEO 0 would wait for ever
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(timeout), int(timeout % 1 * 1e6)))
+        try:
+            sock.connect(path)
+        except BlockingIOError:
+            raise TimeoutError(f"{path}: backlog still full after {timeout} s") from None
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, 0))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class Closer:
+    """Closes fds on up to `threads` daemon threads, never on the caller's (the helper's loop).
+
+    A last close can block as long as the file's sender likes (a TCP socket with SO_LINGER and unsent data, a FUSE
+    flush, a tty draining), and so can closing a connection with such fds queued. (Resetting SO_LINGER first covers
+    sockets only and races a sender that kept a copy.) Past `backlog` fds waiting, the caller closes them itself.
+    """
+
+    def __init__(self, threads: int, backlog: int) -> None:
+        self.max_threads, self.backlog = threads, backlog
+        self._queue: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self.pending = self._threads = 0  # fds given and not yet closed; threads started
+
+    def close(self, fds: Iterable[int]) -> None:
+        for fd in fds:
+            with self._lock:
+                inline = self.pending >= self.backlog
+                self.pending += not inline
+                start = not inline and self.pending > self._threads < self.max_threads  # every thread has one
+                self._threads += start
+            if start:
+                threading.Thread(target=self._run, name="l3ptp-close", daemon=True).start()
+            if inline:
+                close_fds([fd])
+            else:
+                self._queue.put(fd)
+
+    def _run(self) -> None:
+        while (fd := self._queue.get()) >= 0:
+            close_fds([fd])
+            with self._lock:
+                self.pending -= 1
+
+    def stop(self) -> None:
+        """Let the threads end once their close returns."""
+        for _ in range(self._threads):
+            self._queue.put(-1)
+
+
 def send(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:
     """Send `data` as one packet, with `fds` (not closed here) as SCM_RIGHTS."""
     sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else [])
 
 
-def recv(sock: socket.socket, max_size: int, max_fds: int) -> tuple[bytes, list[int]]:
-    """One packet of at most `max_size` bytes and the at most `max_fds` fds that came with it."""
+def recv(sock: socket.socket, max_size: int, max_fds: int,
+         close: Callable[[Iterable[int]], None] = close_fds) -> tuple[bytes, list[int]]:
+    """One packet of at most `max_size` bytes and the at most `max_fds` fds that came with it.
+
+    On a `FramingError` the fds that came are given to `close` (the helper closes them off its loop).
+    """
     # CMSG_LEN (as socket.recv_fds): room for exactly `max_fds`; one more fd sets MSG_CTRUNC.
     data, anc, flags, _ = sock.recvmsg(max_size, socket.CMSG_LEN(max_fds * _FD))
     fds: list[int] = []
@@ -70,7 +139,7 @@ def recv(sock: socket.socket, max_size: int, max_fds: int) -> tuple[bytes, list[
              else PeerClosed() if not data and not fds
              else None)
     if error is not None:
-        close_fds(fds)
+        close(fds)
         raise error
     return data, fds
 

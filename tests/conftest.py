@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +44,17 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # "No tests collected" must never pass.
     if session.testscollected == 0 and exitstatus == 0:
         session.exitstatus = pytest.ExitCode.NO_TESTS_COLLECTED
+
+
+@pytest.fixture(scope="session")
+def l3ptp_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The .deb built from this checkout by packaging/build-deb.sh, once per session.
+
+    `L3PTP_TEST_DEB=path` reuses a package built before (for example while
+    iterating on the booted-machine tests).
+    """
+    if prebuilt := os.environ.get("L3PTP_TEST_DEB"):
+        return Path(prebuilt)
+    from tests.support.booted import build_deb
+
+    return build_deb(tmp_path_factory.mktemp("deb"))

@@ -67,7 +67,8 @@ def _fatal(config: WorkerConfig, reason: str, log) -> int:  # type: ignore[no-un
     log.error("worker_fatal", reason=reason)
     with contextlib.suppress(Exception):
         bus = ZmqBus(config.bus_endpoint)
-        bus.send(WorkerExiting(network=config.network, queue=config.queue, reason=reason[:512], fatal=True))
+        bus.send(WorkerExiting(network=config.network, queue=config.queue, reason=reason[:512], fatal=True,
+                               remote=False))
         bus.close()
     return EXIT_FATAL
 

@@ -30,11 +30,15 @@ from l3ptp.ipc.control_messages import (
 )
 from l3ptp.ipc.errors import DecodeError, ErrorCode
 from l3ptp.ipc.schema import Message
+from l3ptp.ipc.text import printable
 
 from .session import RoutesChanged
 from .tunnel import Tunnel
 
 __all__ = ["Bus", "ZmqBus", "run_worker", "status_message"]
+
+_U32_MAX = 2**32 - 1
+_U64_MAX = 2**64 - 1
 
 
 class Bus(Protocol):
@@ -92,11 +96,14 @@ def status_message(config: WorkerConfig, tunnel: Tunnel) -> WorkerStatus:
         mtu=st["mtu"],
         # Traffic counters plus what the data path did with packets over the MTU.
         counters={**c.snapshot(), "tun_fragmented": tunnel.datapath.fragmented,
-                  "icmp_too_big_sent": tunnel.datapath.icmp_too_big_sent},
+                  "icmp_too_big_sent": tunnel.datapath.icmp_too_big_sent,
+                  "peer_route_limit": c.peer_route_limit},
         drops=c.drops_snapshot(),
         queue_depth=st["queue_depth"],
-        seq_lost=c.seq_lost,
-        sessions=st["sessions"],
+        # Both grow with what the peer does (sequence numbers, reconnects):
+        # saturate at the wire limits rather than fail to build the report.
+        seq_lost=min(c.seq_lost, _U64_MAX),
+        sessions=min(st["sessions"], _U32_MAX),
         key_updates=min(st["key_updates"], 2**32 - 1),
         last_error=st["last_error"][:512],
     )
@@ -114,6 +121,7 @@ async def run_worker(
     """Run one worker queue; return why it stopped."""
     stop_event = stop_event or asyncio.Event()
     reason = "stopped"
+    remote = False
 
     def on_routes(session: int, change: RoutesChanged) -> None:
         if bus is not None:
@@ -121,7 +129,7 @@ async def run_worker(
                 PeerRoutes(
                     network=config.network,
                     queue=config.queue,
-                    session=session,
+                    session=min(session, _U32_MAX),
                     epoch=change.epoch,
                     routes=change.routes,
                     tunnel_addresses=change.tunnel_addresses,
@@ -181,11 +189,13 @@ async def run_worker(
             reason = f"tunnel failed: {tasks[0].exception()!r}"
         elif tasks[0] in done and tunnel.exit_reason:
             reason = tunnel.exit_reason
+            remote = tunnel.exit_on_network_input
     finally:
         tunnel.stop(ErrorCode.SHUTDOWN, reason[:200])
         for task in [waiter, *tasks]:
             task.cancel()
         await asyncio.gather(waiter, *tasks, return_exceptions=True)
         if bus is not None:
-            bus.send(WorkerExiting(network=config.network, queue=config.queue, reason=reason[:512], fatal=False))
+            bus.send(WorkerExiting(network=config.network, queue=config.queue, reason=printable(reason)[:512],
+                                   fatal=False, remote=remote))
     return reason

@@ -40,10 +40,9 @@ class HelperRefused(RuntimeError):
 class HelperClient:
     def __init__(self, path: str | None = None, *, sock: socket.socket | None = None) -> None:
         if sock is None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            sock.settimeout(_TIMEOUT)
             assert path is not None
-            sock.connect(path)
+            sock = seqpacket.connect(path, _TIMEOUT)
+            sock.settimeout(_TIMEOUT)
         self.sock = sock
         self._request(Hello(role=Role.WORKER, protocol=HELPER_PROTOCOL), Welcome)
 

@@ -2,7 +2,7 @@
 
 Called before the worker touches the network. In every case: clear the
 ambient set, set no_new_privs, drop the bounding set when allowed, capset
-all of effective/permitted/inheritable to zero, then verify from
+all of effective/permitted/inheritable to zero (unless they already are), then verify from
 /proc/self/status. Any failure raises `PrivilegeError` (fatal).
 """
 
@@ -75,10 +75,14 @@ def drop_privileges(user: str = "") -> dict[str, int]:
         prctl(PR_SET_NO_NEW_PRIVS, 1)
     except OSError as exc:
         raise PrivilegeError(f"PR_SET_NO_NEW_PRIVS failed: errno {exc.errno}") from None
-    try:
-        capset(0)
-    except OSError as exc:
-        raise PrivilegeError(f"capset failed: errno {exc.errno}") from None
+    # Only when there is something to clear: under the controller unit
+    # (empty bounding set, seccomp filter without @privileged) the sets are
+    # already empty and capset(2) is refused with EPERM. Verified below either way.
+    if any(read_status_caps().get(key, 1) for key in ("CapInh", "CapPrm", "CapEff")):
+        try:
+            capset(0)
+        except OSError as exc:
+            raise PrivilegeError(f"capset failed: errno {exc.errno}") from None
     status = read_status_caps()
     for key in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
         if status.get(key, 1) != 0:

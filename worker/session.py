@@ -55,13 +55,16 @@ from l3ptp.ipc.constants import (
     HEADER_LEN,
     IP_VERSION_4,
     IP_VERSION_6,
+    MAX_PREFIXES_PER_LIST,
     MTU_MIN,
     PROTOCOL_VERSION,
+    REASON_MAX,
 )
 from l3ptp.ipc.counters import Counters
 from l3ptp.ipc.errors import ErrorCode
 from l3ptp.ipc.peer_messages import Auth, Challenge, Close, Hello, Keepalive, Ready, RouteUpdate
 from l3ptp.ipc.schema import Message
+from l3ptp.ipc.text import printable
 from l3ptp.ipc.types import PeerRole
 
 from . import keys
@@ -159,6 +162,10 @@ def accepted_mtu(mtu_a: int, mtu_b: int, payload_a: int, payload_b: int) -> int:
     return min(mtu_a, mtu_b, payload_a - HEADER_LEN, payload_b - HEADER_LEN)
 
 
+#: Most routes a peer may advertise at once: what one READY can carry.
+MAX_PEER_ROUTES = MAX_PREFIXES_PER_LIST
+
+
 class SessionClosed(Exception):
     """Internal: raised by handlers to end the session with a code."""
 
@@ -215,6 +222,8 @@ class Session:
         self.mtu = 0
         self._max_payload = 0
         self._peer_hello: Hello | None = None
+        #: The peer proved its key (connector: pinned TLS certificate; listener: AUTH).
+        self.authenticated = False
         self.peer_routes: set[str] = set()
         self.peer_tunnel_addresses: tuple[str, ...] = ()
         self.route_epoch = -1
@@ -250,6 +259,7 @@ class Session:
             if peer_cert_fingerprint != self.params.peer_key:
                 return self._fail(ErrorCode.AUTH_FAILED, "listener key does not match the pinned fingerprint",
                                   AUTH_FAILED_REASON)
+            self.authenticated = True
             self.state = State.AWAIT_CHALLENGE
             return [Send(self._hello())]
         return []
@@ -262,8 +272,8 @@ class Session:
         if isinstance(msg, Close):
             self.state = State.CLOSED
             self.close_code = _error_code(msg.code)
-            self.close_reason = msg.reason
-            return [Closed(self.close_code, msg.reason, local=False)]
+            self.close_reason = self.peer_text(msg.reason)
+            return [Closed(self.close_code, self.close_reason, local=False)]
         entry = TRANSITIONS.get((self.params.role, self.state, type(msg)))
         if entry is None:
             return self._fail(
@@ -274,6 +284,8 @@ class Session:
             actions: list[Action] = getattr(self, handler)(msg, now)
         except SessionClosed as exc:
             return self._fail(exc.code, exc.reason, exc.peer_reason)
+        if handler == "_on_auth":
+            self.authenticated = True
         self.state = next_state
         if next_state is State.ESTABLISHED and handler == "_on_ready":
             self.next_keepalive = now + self.params.keepalive_interval
@@ -307,6 +319,15 @@ class Session:
             return []
         return [Send(RouteUpdate(add_routes=tuple(sorted(new - old)), remove_routes=tuple(sorted(old - new)),
                                  route_epoch=self.params.route_epoch))]
+
+    def peer_text(self, text: str) -> str:
+        """Text the peer sent (a CLOSE reason, a QUIC reason phrase), fit to
+        keep in status and logs: escaped (`printable`) once the peer has
+        proven its key; before that, whoever sent it is a stranger whose
+        words are not repeated to the operator."""
+        if not self.authenticated:
+            return "(reason withheld: peer not authenticated)" if text else ""
+        return printable(text)[:REASON_MAX]
 
     def protocol_error(self, reason: str) -> list[Action]:
         """The control stream carried something undecodable or forbidden."""
@@ -415,9 +436,15 @@ class Session:
         if msg.route_epoch <= self.route_epoch:
             self.stale_route_updates += 1
             return []
+        routes = self.peer_routes.difference(msg.remove_routes)
+        routes.update(msg.add_routes)
+        if len(routes) > MAX_PEER_ROUTES:
+            # Each ROUTE_UPDATE is legal on its own; their sum must still fit
+            # one READY (and the PeerRoutes report to the controller).
+            self.counters.peer_route_limit += 1
+            raise SessionClosed(ErrorCode.LIMIT, f"peer advertises {len(routes)} routes, more than {MAX_PEER_ROUTES}")
         self.route_epoch = msg.route_epoch
-        self.peer_routes.difference_update(msg.remove_routes)
-        self.peer_routes.update(msg.add_routes)
+        self.peer_routes = routes
         return [RoutesChanged(self.route_epoch, tuple(sorted(self.peer_routes)), self.peer_tunnel_addresses)]
 
     def _on_keepalive(self, msg: Keepalive, now: float) -> list[Action]:
@@ -456,6 +483,8 @@ class Session:
         )
 
     def _fail(self, code: ErrorCode, reason: str, peer_reason: str | None = None) -> list[Action]:
+        # Our reasons may quote what the peer sent (a decode error's value).
+        reason = printable(reason)[:REASON_MAX]
         self.state = State.CLOSED
         self.close_code = code
         self.close_reason = reason

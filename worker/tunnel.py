@@ -177,6 +177,9 @@ class Tunnel:
         self._stop_requested = False
         #: Set when the tunnel ended itself (e.g. its TUN queue went away).
         self.exit_reason: str | None = None
+        #: It ended on an exception while handling a received datagram (input
+        #: from the network, not a local fault: see WorkerExiting.remote).
+        self.exit_on_network_input = False
         self._backoff = RECONNECT_BACKOFF_MIN
         self._reconnect_at: float | None = None
         self._peer_addr: tuple[Any, ...] | None = None
@@ -469,7 +472,9 @@ class Tunnel:
             elif isinstance(event, ev.HandshakeCompleted):
                 self._on_handshake(peer)
             elif isinstance(event, ev.ConnectionTerminated):
-                self._on_terminated(peer, f"connection terminated: {event.reason_phrase or event.error_code}")
+                # The phrase may be the peer's (CONNECTION_CLOSE) or a stranger's.
+                why = peer.session.peer_text(event.reason_phrase or "") or event.error_code
+                self._on_terminated(peer, f"connection terminated: {why}")
                 return
 
     def _on_handshake(self, peer: _Peer) -> None:
@@ -660,6 +665,7 @@ class Tunnel:
                     {"message": f"l3ptp worker: internal error in {callback.__name__}", "exception": exc})
             if self.exit_reason is None:
                 self.exit_reason = f"internal error in {callback.__name__}: {exc!r}"[:400]
+                self.exit_on_network_input = callback == self._on_udp_readable
             try:
                 self.stop(ErrorCode.INTERNAL, "internal error")
             except Exception:  # noqa: BLE001 - closing is best effort; ending is not

@@ -461,3 +461,115 @@ def test_reload_of_advertised_routes_only_tells_the_workers(tmp_path: Any) -> No
             assert env.controller.networks["office"].net.advertised_routes == new.network("office").advertised_routes
 
     asyncio.run(body())
+
+
+def test_exits_from_network_input_never_fail_the_network_and_status_says_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker that ends again and again because of what the network sent it
+    (WorkerExiting.remote) is restarted each time, more than the crash limit,
+    and the network never becomes `failed`; `l3ptp status` shows the reason the
+    worker gave (escaped: it may quote a peer), not just "exited with status 0",
+    and `status --json` stays valid JSON with the same escaped text."""
+    from l3ptp.controller import supervision
+    from l3ptp.ipc.constants import RESTART_MAX_IN_WINDOW
+    from l3ptp.ipc.control_messages import WorkerExiting
+
+    monkeypatch.setattr(supervision, "RESTART_BACKOFF_MIN", 0.02)
+    reason = "internal error in _on_udp_readable: boom \x1b]0;owned\x07\x1b[2J\r"
+    shown = "internal error in _on_udp_readable: boom \\x1b]0;owned\\x07\\x1b[2J\\x0d (exit status 0)"
+
+    async def body() -> None:
+        async with running({"office": office(queues=1)}) as env:
+            rt = env.controller.networks["office"]
+            for _ in range(RESTART_MAX_IN_WINDOW + 2):
+                (proc,) = env.spawner.live("office")
+                await env.say(proc.pid, WorkerHello(network="office", queue=0, pid=proc.pid))
+                await env.say(proc.pid, WorkerExiting(network="office", queue=0, reason=reason, fatal=False,
+                                                      remote=True))
+                await until(lambda: rt.sup.slots[0].exit_reason == reason)
+                env.spawner.crash(proc.pid, 0)
+                await until(lambda: rt.sup.slots[0].pid not in (None, proc.pid) or rt.sup.failed)
+                assert not rt.sup.failed, rt.sup.failed_reason
+            rc, out, err = await env.cli("status", "-v")
+            assert rc == 0, err
+            assert "state: failed" not in out and f"last error: {shown}" in out, out
+            assert "\x1b" not in out and "\x07" not in out and "\r" not in out
+            rc, out, _ = await env.cli("status", "--json")
+            net = json.loads(out)["networks"][0]
+            assert net["state"] != "failed" and net["restarts"] == RESTART_MAX_IN_WINDOW + 2
+            assert net["queues"][0]["last_error"] == shown
+
+    run(body)
+
+
+def test_a_local_crash_reason_survives_into_status() -> None:
+    from l3ptp.ipc.control_messages import WorkerExiting
+
+    async def body() -> None:
+        async with running({"office": office(queues=1)}) as env:
+            rt = env.controller.networks["office"]
+            (proc,) = env.spawner.live("office")
+            await env.say(proc.pid, WorkerHello(network="office", queue=0, pid=proc.pid))
+            await env.say(proc.pid, WorkerExiting(network="office", queue=0, reason="TUN queue unusable: end of file",
+                                                  fatal=False, remote=False))
+            await until(lambda: rt.sup.slots[0].exit_reason != "")
+            env.spawner.crash(proc.pid, 0)
+            await until(lambda: rt.sup.slots[0].pid != proc.pid)
+            rc, out, _ = await env.cli("status")
+            assert "last error: TUN queue unusable: end of file (exit status 0)" in out, out
+            assert len(rt.sup.slots[0].crashes) == 1
+
+    run(body)
+
+
+def test_peer_routes_over_every_queue_never_stop_the_controller() -> None:
+    """Two queues whose peer advertises 256 distinct accepted routes each: the
+    union would be 512, more than one helper request carries (the first
+    request is refused, as a helper policy with a lower max_routes would, so
+    nothing is installed when the second queue's routes come). The controller
+    asks for 256, refuses the rest with a reason and keeps serving."""
+    from l3ptp.ipc.errors import ErrorCode
+    from l3ptp.ipc.helper_messages import AddRoutes as AddRoutesReq
+
+    prefixes = [f"198.19.{64 + i // 16}.{i % 16 * 16}/28" for i in range(512)]
+
+    async def body() -> None:
+        async with running({"office": office(queues=2, accepted_routes=["198.19.64.0/18"])}) as env:
+            env.helper.fail_next[AddRoutesReq] = (ErrorCode.LIMIT, "at most 100 routes per network")
+            procs = env.spawner.live("office")
+            for p in procs:
+                await env.say(p.pid, WorkerHello(network="office", queue=p.queue, pid=p.pid))
+            for p in procs:
+                await env.say(p.pid, PeerRoutes(network="office", queue=p.queue, session=1, epoch=1,
+                                                routes=tuple(prefixes[p.queue * 256:(p.queue + 1) * 256]),
+                                                tunnel_addresses=()))
+            await until(lambda: len(env.helper.networks["office"].routes) == 256)
+            await asyncio.sleep(0.2)
+            assert not env.controller._stop.is_set()
+            rc, out, err = await env.cli("status", "--json")
+            assert rc == 0, err
+            assert len(json.loads(out)["networks"][0]["routes"]) == 256
+
+    run(body)
+
+
+def test_a_bus_message_that_fails_to_apply_does_not_stop_the_controller() -> None:
+    async def body() -> None:
+        async with running({"office": office(queues=1)}) as env:
+            (proc,) = env.spawner.live("office")
+            await env.say(proc.pid, WorkerHello(network="office", queue=0, pid=proc.pid))
+
+            async def broken(_rt: Any) -> None:
+                raise RuntimeError("a bug while applying routes")
+
+            env.controller._apply_routes = broken  # type: ignore[method-assign]
+            await env.say(proc.pid, PeerRoutes(network="office", queue=0, session=1, epoch=1,
+                                               routes=("198.19.8.0/24",), tunnel_addresses=()))
+            await env.report(proc.pid)
+            await until(lambda: 0 in env.controller.networks["office"].reports)
+            assert not env.controller._stop.is_set()
+            rc, out, err = await env.cli("status")
+            assert rc == 0 and "network: office" in out, err
+
+    run(body)

@@ -13,12 +13,14 @@ import pytest
 from l3ptp.controller.helper_client import HelperClient, HelperFailed, HelperUnavailable
 from l3ptp.ipc.errors import ErrorCode
 from l3ptp.ipc.helper_messages import (
+    HELPER_REPLIES,
     CreateNetwork,
     DestroyNetwork,
     Hello,
     ListNetworks,
     NetworkCreated,
     NetworkDestroyed,
+    NetworkList,
 )
 from tests.support.fake_helper import FakeHelper
 
@@ -70,6 +72,32 @@ def test_hello_create_routes_list_destroy() -> None:
         assert await client.list_networks() == ()
         assert isinstance(helper.requests[0], Hello)
         client.close()
+        assert client.closed
+
+    run(body)
+
+
+def test_list_networks_reads_every_page() -> None:
+    async def body(helper: FakeHelper) -> None:
+        client = await connected(helper)
+        names = [f"n{i:02d}" for i in range(11)]
+        for name in reversed(names):
+            await create(client, name, queues=1)
+        assert [info.name for info in await client.list_networks()] == names
+        pages = [r for r in helper.requests if isinstance(r, ListNetworks)]
+        assert [p.after for p in pages] == [None, "n03", "n07"]  # 4 a page
+        client.close()
+
+    run(body)
+
+
+def test_list_networks_pages_that_do_not_advance_are_refused() -> None:
+    async def body(helper: FakeHelper) -> None:
+        client = await connected(helper)
+        await create(client, "a", queues=1)
+        helper.raw_next = HELPER_REPLIES.encode(NetworkList(networks=(), more=True))
+        with pytest.raises(HelperUnavailable, match="out of order"):
+            await client.list_networks()
         assert client.closed
 
     run(body)

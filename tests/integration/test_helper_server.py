@@ -7,6 +7,7 @@ import random
 import select
 import socket
 import struct
+import time
 from typing import Any
 
 import pytest
@@ -42,11 +43,12 @@ def _fd_count() -> int:
 
 
 class Rig:
-    def __init__(self, path: str) -> None:
-        self.kernel = FakeKernel()
+    def __init__(self, path: str, policy: Any = None, kernel: Any = None) -> None:
+        self.kernel = kernel or FakeKernel()
         self.records: list[dict[str, Any]] = []
-        policy = make_policy(controller_uids=[UID], worker_uids=[UID])
-        self.dispatcher = Dispatcher(policy, State(), self.kernel, self._audit, FakeClock())
+        self.policy = policy or make_policy(controller_uids=[UID], worker_uids=[UID])
+        self.clock = FakeClock()
+        self.dispatcher = Dispatcher(self.policy, State(), self.kernel, self._audit, self.clock)
         self.path = path
         self.server = Server(self.dispatcher, open_listener(path, None))
         self.clients: list[Client] = []
@@ -63,6 +65,13 @@ class Rig:
     def pump(self, rounds: int = 3) -> None:
         for _ in range(rounds):
             self.server.step(0)
+
+    def settle(self, timeout: float = 5.0) -> None:
+        """Wait until the closer threads have closed every fd given to them."""
+        deadline = time.monotonic() + timeout
+        while self.server.closer.pending and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert self.server.closer.pending == 0
 
     def call(self, c: Client, msg: Any, fds: list[int] | None = None):
         c.send(msg, fds)
@@ -183,20 +192,23 @@ def test_unexpected_fds_are_closed_by_the_helper(rig: Rig) -> None:
     base = _fd_count()
     reply, _ = rig.call(c, ListNetworks(), [a.fileno(), b.fileno()])
     assert isinstance(reply, NetworkList)
+    rig.settle()
     assert _fd_count() == base
     assert rig.records[-1]["result"] == "fds_discarded"
     a.close()
     b.close()
 
 
-def test_truncated_control_data_is_refused_and_fds_closed(rig: Rig) -> None:
+def test_too_many_fds_close_the_connection_and_every_fd(rig: Rig) -> None:
     c = rig.client()
     rig.call(c, Hello(role=Role.CONTROLLER, protocol=HELPER_PROTOCOL))
     pairs = [socket.socketpair() for _ in range(MAX_FDS_PER_MESSAGE + 2)]
     base = _fd_count()
     c.send(ListNetworks(), [p[0].fileno() for p in pairs])
     assert rig.closed(c)
-    assert rig.records[-1]["reason"] == "truncated control data"
+    # all of them received (none dropped inside recvmsg, which would close them on the loop), then refused
+    assert rig.records[-1]["reason"] == f"{MAX_FDS_PER_MESSAGE + 2} fds, at most {MAX_FDS_PER_MESSAGE}"
+    rig.settle()
     assert _fd_count() == base - 1  # every received fd closed, and the helper's end of `c`
     for a, b in pairs:
         a.close()

@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-BUILD = ROOT / "packaging/build-deb.sh"
 VENV = "usr/lib/l3ptp/venv"
 SITE = f"{VENV}/lib/python3.11/site-packages"
 
@@ -36,13 +35,9 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("dist")
-    env = dict(os.environ, TMPDIR=str(tmp_path_factory.mktemp("build")))
-    proc = subprocess.run([str(BUILD), str(out)], capture_output=True, text=True, timeout=1100, env=env)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    (pkg,) = out.glob("l3ptp_*.deb")
-    return pkg
+def deb(l3ptp_deb: Path) -> Path:
+    """packaging/build-deb.sh's package (lintian included), shared with the booted-machine tests."""
+    return l3ptp_deb
 
 
 @pytest.fixture(scope="module")
@@ -324,7 +319,7 @@ def test_maintainer_scripts_in_a_throwaway_root(deb: Path, tmp_path: Path) -> No
     uid = installed["users"]["l3ptp"]
     assert uid not in (None, 0) and installed["users"]["l3ptp-helper"] not in (None, 0, uid)
     assert installed["groups"]["l3ptp"] is not None and installed["groups"]["l3ptp-admin"] is not None
-    assert installed["etc_l3ptp"] == {"uid": 0, "gid": installed["groups"]["l3ptp"], "mode": "0o750"}
+    assert installed["etc_l3ptp"] == {"uid": 0, "gid": installed["groups"]["l3ptp"], "mode": "0o751"}
     assert installed["policy"] == {"uid": 0, "gid": 0, "mode": "0o644"}
     # The helper's own loader (owner check included) resolves "l3ptp" to the new user.
     assert installed["policy_loaded"] == f"[{uid}] [{uid}]"
@@ -346,5 +341,6 @@ def test_maintainer_scripts_in_a_throwaway_root(deb: Path, tmp_path: Path) -> No
     purged = result("purge")
     assert purged["status"] == ""
     assert purged["policy"] is None and purged["etc_l3ptp"] is None and purged["wants"] == []
-    # Users and groups stay (Debian practice).
-    assert purged["users"] == installed["users"]
+    # Nothing of l3ptp stays on purge: users and groups go too.
+    assert purged["users"] == {"l3ptp": None, "l3ptp-helper": None}
+    assert purged["groups"] == {"l3ptp": None, "l3ptp-admin": None}

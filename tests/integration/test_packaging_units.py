@@ -156,6 +156,17 @@ def test_controller_unit_is_unprivileged() -> None:
     # Its own directory below the helper's root-owned /run/l3ptp.
     assert s["RuntimeDirectory"] == ["l3ptp/ctl"]
     assert s["KillMode"] == ["control-group"]  # workers are its children
+    # control.sock is born with the admin group: no chown(2) (refused with @privileged).
+    assert s["Group"] == ["l3ptp-admin"] and s["SupplementaryGroups"] == ["l3ptp"]
+
+
+def test_controller_filter_allows_back_only_what_libzmq_and_cpus_need() -> None:
+    """The booted tests prove the filter works; this pins it: @privileged stays refused
+    (capset, chown), and of @resources only sched_setscheduler (libzmq's I/O threads call
+    pthread_setschedparam and abort on EPERM) and sched_setaffinity (`cpus`) are allowed."""
+    s = unit_settings(PKG / "systemd/l3ptp-controller.service")
+    assert s["SystemCallFilter"] == ["@system-service", "~@resources @privileged",
+                                     "sched_setscheduler sched_setaffinity"]
 
 
 def test_system_files() -> None:

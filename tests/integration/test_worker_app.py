@@ -128,5 +128,85 @@ def test_worker_ends_when_its_tun_queue_goes_away() -> None:
             assert reason.startswith("TUN queue unusable"), reason
         last = bus.sent[-1]
         assert isinstance(last, WorkerExiting) and not last.fatal and last.reason.startswith("TUN queue unusable")
+        assert not last.remote  # a local fault: the controller counts it as a crash
 
     asyncio.run(asyncio.wait_for(main(), 45))
+
+
+def test_worker_ending_on_network_input_says_so() -> None:
+    """An exception while handling a received datagram ends the worker (clean
+    state on restart), and its last words say the cause came from the network,
+    so the controller does not count it toward FAILED."""
+
+    async def main():
+        async with _worker_and_peer() as (own, peer, bus, worker):
+            def boom(*_a, **_kw):
+                raise RuntimeError("\x1b[2Jboom")
+
+            asyncio.get_running_loop().set_exception_handler(lambda _loop, _ctx: None)
+            own.tunnel._write_tun = boom
+            peer.tun.inject(ipv4_udp("198.19.0.2", "198.19.0.1", b"x"))
+            reason = await asyncio.wait_for(worker, 5)
+            assert reason.startswith("internal error in _on_udp_readable"), reason
+        last = bus.sent[-1]
+        assert isinstance(last, WorkerExiting) and not last.fatal and last.remote
+        assert last.reason == "internal error in _on_udp_readable: RuntimeError('\\x1b[2Jboom')"
+
+    asyncio.run(asyncio.wait_for(main(), 45))
+
+
+def _send_control(node: Node, msg: Message) -> None:
+    """Put one control message on `node`'s stream 0, as a hostile peer would."""
+    from l3ptp.ipc.codec import frame
+    from l3ptp.ipc.peer_messages import PEER_CONTROL
+
+    peer = node.tunnel.active
+    peer.conn.send_stream_data(peer.stream_id, frame(PEER_CONTROL, msg))
+    node.tunnel._transmit(peer)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_routes_adding_up_past_the_limit_close_the_session_not_the_worker(engine: Engine) -> None:
+    """Legal ROUTE_UPDATEs (200 prefixes each) that add up past 256 routes: the
+    worker closes that session with LIMIT and counts it; it does not raise
+    (SchemaError building PeerRoutes) and end, so the controller never sees a
+    crash. The peer is told, reconnects, and the worker serves it again."""
+    from l3ptp.ipc.peer_messages import RouteUpdate
+
+    async def main():
+        async with _worker_and_peer(engine) as (own, peer, bus, worker):
+            await bus.inbox.put(Heartbeat())
+            for epoch, start in ((10, 0), (11, 200)):
+                routes = tuple(f"10.{(start + i) // 256}.{(start + i) % 256}.0/24" for i in range(200))
+                _send_control(peer, RouteUpdate(add_routes=routes, remove_routes=(), route_epoch=epoch))
+            assert await wait_for(lambda: "LIMIT" in peer.tunnel.last_error, 5), peer.tunnel.last_error
+            assert "more than 256" in peer.tunnel.last_error
+            assert own.tunnel.counters.peer_route_limit == 1
+            assert own.tunnel.exit_reason is None and not worker.done()
+            assert await wait_for(lambda: own.tunnel.established and own.tunnel.sessions >= 2, 10)
+            assert await wait_for(lambda: any(s.counters.get("peer_route_limit") == 1
+                                              for s in bus.of(WorkerStatus)), 5)
+            assert not bus.of(WorkerExiting)
+        assert [len(r.routes) for r in bus.of(PeerRoutes)][:2] == [0, 200]
+
+    asyncio.run(asyncio.wait_for(main(), 45))
+
+
+def test_status_saturates_what_the_peer_makes_grow() -> None:
+    """Sequence-gap loss and the session count grow with what the peer does;
+    the report saturates at the wire limits instead of failing to build."""
+    from l3ptp.worker.app import status_message
+
+    lcfg, _, lsock = pair_configs()
+    node = make_node(lcfg, lsock)
+    try:
+        tracker = node.tunnel.counters.rx_sequence
+        for seq in range(0, 2**32, 2**31 - 1):  # each step just under half the space: all "forward"
+            tracker.observe(seq)
+        tracker._highest += 2**66  # a span no real peer reaches, but nothing stops the arithmetic
+        node.tunnel.sessions = 2**32 + 7
+        status = status_message(lcfg, node.tunnel)
+        assert status.seq_lost == 2**64 - 1 and status.sessions == 2**32 - 1
+    finally:
+        node.tun.close()
+        lsock.close()

@@ -14,6 +14,7 @@ from l3ptp.ipc.peer_messages import PEER_CONTROL
 from l3ptp.ipc.types import PeerRole
 from l3ptp.worker.engine import load_engine
 from l3ptp.worker.header import encode_datagram
+from tests.support.hostile_peer import HOSTILE, HOSTILE_SHOWN, closing_engine, send_close
 from tests.support.packets import ipv4_icmp_echo, ipv4_udp, ipv6_icmp_echo, ipv6_udp
 from tests.support.worker_fixtures import (
     ENGINE_PAIRS,
@@ -538,6 +539,51 @@ def test_advertise_sends_route_update_and_widens_local_sources(engine: Engine) -
             assert await wait_for(lambda: lt.counters.dgram_tx_packets == sent + 1, 5)
             assert lt.counters.drops[DropReason.TUN_SRC_NOT_ALLOWED] == 1
             assert lt.sessions == ct.sessions == 1
+
+    run(main())
+
+
+@pytest.mark.parametrize("how", ["close", "connection_close"])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_strangers_close_reason_never_reaches_status(engine: Engine, how: str) -> None:
+    """While the real peer is away, a client with a wrong key closes with a
+    reason full of terminal escapes: the listener's last_error (what status
+    shows) records that a peer closed, never the stranger's words."""
+    from l3ptp.worker.app import status_message
+
+    async def main():
+        lk, ck, stranger = new_keys(), new_keys(), new_keys()
+        lsock = udp_socket()
+        port = lsock.getsockname()[1]
+        lcfg = make_config(PeerRole.LISTEN, own=lk, peer_fp=ck.fingerprint, port=port, engine=engine)
+        listener = make_node(lcfg, lsock)
+        intruder = make_node(make_config(PeerRole.CONNECT, own=stranger, peer_fp=lk.fingerprint, port=port,
+                                         engine=engine), udp_socket(), engine=closing_engine(engine, how))
+        listener.start()
+        intruder.start()
+        try:
+            lt = listener.tunnel
+            assert await wait_for(lambda: "withheld" in lt.last_error, 10), lt.last_error
+            for text in (lt.last_error, status_message(lcfg, lt).last_error):
+                assert "owned" not in text and "\x1b" not in text and "\\x1b" not in text
+            assert lt.sessions == 0
+        finally:
+            await intruder.stop()
+            await listener.stop()
+
+    run(main())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_an_authenticated_peers_close_reason_is_kept_escaped(engine: Engine) -> None:
+    async def main():
+        async with worker_pair(engine=engine) as pair:
+            assert await pair.wait_established()
+            ct, lt = pair.connector.tunnel, pair.listener.tunnel
+            send_close(ct, HOSTILE)
+            assert await wait_for(lambda: HOSTILE_SHOWN in lt.last_error, 5), lt.last_error
+            assert lt.last_error == f"peer closed: SHUTDOWN: {HOSTILE_SHOWN}"
+            assert lt.last_error.isprintable()
 
     run(main())
 

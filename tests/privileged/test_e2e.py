@@ -8,6 +8,7 @@ unprivileged uid), real traffic from ping and iperf3. Everything through
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -414,3 +415,91 @@ def test_reload_of_advertised_routes_reaches_the_peer_without_a_restart() -> Non
         src, dst = BEHIND["b"][0], BEHIND["a"][0]
         res = lab.run(lab.b, ["ping", "-n", "-c", "2", "-i", "0.2", "-W", "2", "-I", src, dst], timeout=20)
         assert " 0% packet loss" in res.stdout
+
+
+def _hostile_peer(lab: Lab, mode: str, engine: str, rounds: int = 1) -> str:
+    """Run tests/support/hostile_peer.py inside b's namespace against a's listener."""
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    args = [mode, "--peer", lab.a.underlay, "--port", str(labmod.BASE_PORT), "--pin", lab.a.fingerprint,
+            "--network", labmod.NETWORK, "--engine", engine, "--seconds", "10",
+            "--address", f"{lab.b.overlay4}/30", "--address", f"{lab.b.overlay6}/64", "--rounds", str(rounds)]
+    if mode != "stranger":
+        args += ["--key", os.path.join(lab.b.dir, "etc", "node.key")]
+    code = (f"import sys; sys.path.insert(0, {root!r}); from tests.support.hostile_peer import main; "
+            f"sys.exit(main({args!r}))")
+    return lab.run(lab.b, [sys.executable, "-c", code], timeout=30 + 15 * rounds).stdout
+
+
+@pytest.mark.parametrize("engine", ["aioquic", "qh3"])
+def test_words_of_a_stranger_stay_out_of_status_and_a_peers_are_shown_escaped(engine: str) -> None:
+    """While b's controller is down, a client with a wrong key closes (CLOSE and
+    QUIC CONNECTION_CLOSE) with ESC/BEL/CR and a bidi override in the reason:
+    none of it reaches a's `l3ptp status`. Then a client holding b's pinned key
+    establishes and closes with the same reason: `l3ptp status` prints it
+    escaped and `status --json` stays valid JSON with the escaped text."""
+    from tests.support.hostile_peer import HOSTILE_SHOWN
+
+    if engine == "qh3":
+        pytest.importorskip("qh3")
+    for lab in _lab(queues=1, config_a={"engine": engine}, config_b={"engine": engine}):
+        lab.stop_process(lab.b, "controller")
+        wait_for("a to notice b is gone", lambda: lab.network(lab.a)["queues"][0]["state"] != "established",
+                 timeout=20, lab=lab)
+        out = _hostile_peer(lab, "stranger", engine)
+        assert "close:" in out and "connection_close:" in out, out
+        wait_for("a to report the stranger's close",
+                 lambda: "withheld" in lab.network(lab.a)["queues"][0]["last_error"], timeout=10, lab=lab)
+        for text in (lab.status_text(lab.a, verbose=True), json.dumps(lab.status(lab.a))):
+            assert "owned" not in text and "\x1b" not in text, text
+        out = _hostile_peer(lab, "authenticated", engine)
+        assert "authenticated:" in out, out
+        seen: list[Any] = []
+
+        def reported() -> bool:
+            seen[:] = [lab.network(lab.a)]
+            return HOSTILE_SHOWN in seen[0]["last_error"]
+
+        try:
+            wait_for("a to report the peer's close", reported, timeout=20, lab=lab)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- hostile peer ---\n{out}\n--- a's status ---\n{seen}") from None
+        rc, text, err = lab.cli(lab.a, "status", "-v")
+        assert rc == 0, err
+        assert f"peer closed: SHUTDOWN: {HOSTILE_SHOWN}" in text
+        for raw in ("\x1b", "\x07", "\r", "\u202e"):
+            assert raw not in text
+        rc, text, err = lab.cli(lab.a, "status", "--json")
+        assert rc == 0 and HOSTILE_SHOWN in json.loads(text)["networks"][0]["last_error"], err
+        assert lab.network(lab.a)["state"] != "failed"
+
+
+@pytest.mark.parametrize("engine", ["aioquic", "qh3"])
+def test_routes_adding_up_past_the_limit_never_fail_the_network(engine: str) -> None:
+    """The issue's attack: a peer holding the pinned key sends legal ROUTE_UPDATEs
+    (200 prefixes each) adding up to 400 routes, again and again, more often
+    than the crash limit. a's worker closes each such session with LIMIT and
+    counts it; it never ends, so the network never becomes `failed`, and the
+    real peer is served again afterwards."""
+    from l3ptp.ipc.constants import RESTART_MAX_IN_WINDOW
+
+    if engine == "qh3":
+        pytest.importorskip("qh3")
+    rounds = RESTART_MAX_IN_WINDOW + 1
+    for lab in _lab(queues=1, config_a={"engine": engine}, config_b={"engine": engine}):
+        (worker,) = lab.pids(lab.a)["workers"]
+        lab.stop_process(lab.b, "controller")
+        wait_for("a to notice b is gone", lambda: lab.network(lab.a)["queues"][0]["state"] != "established",
+                 timeout=20, lab=lab)
+        out = _hostile_peer(lab, "routes", engine, rounds=rounds)
+        assert out.count("more than 256") == rounds, out
+        wait_for("a to count every refusal",
+                 lambda: lab.network(lab.a)["counters"].get("peer_route_limit") == rounds, timeout=10, lab=lab)
+        net = lab.network(lab.a)
+        assert net["state"] != "failed" and net["restarts"] == 0, net
+        assert lab.pids(lab.a)["workers"] == [worker]
+        assert not [r for r in lab.routes(lab.a, proto=RTPROT_L3PTP) if r["dst"].startswith("10.")]
+        lab.start_controller(lab.b)
+        lab.wait_established()
+        assert " 0% packet loss" in lab.ping(lab.b, lab.a.overlay4, count=2).stdout

@@ -78,6 +78,7 @@ class FakeHelper:
         self.raw_next: bytes | None = None
         self.mute = False
         self.bad_frames = 0
+        self.page_size = 4
         self._ifindex = 100
         self._tasks: set[asyncio.Task[None]] = set()
         self._listener: socket.socket | None = None
@@ -109,8 +110,10 @@ class FakeHelper:
             net.close()
             self.tickets = {t: nq for t, nq in self.tickets.items() if nq[0] != req.name}
             return hm.NetworkDestroyed(name=req.name, routes_removed=tuple(net.routes))
-        if isinstance(req, hm.ListNetworks):
-            return hm.NetworkList(networks=tuple(n.info() for n in self.networks.values()))
+        if isinstance(req, hm.ListNetworks):  # pages of `page_size` networks in name order, like the helper
+            names = sorted(n for n in self.networks if req.after is None or n > req.after)
+            page = names[: self.page_size]
+            return hm.NetworkList(networks=tuple(self.networks[n].info() for n in page), more=len(page) < len(names))
         return hm.Failed(code=ErrorCode.NOT_PERMITTED, reason=f"{type(req).__name__} not allowed for the controller")
 
     def _create(self, req: hm.CreateNetwork) -> Message:

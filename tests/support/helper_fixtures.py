@@ -240,6 +240,13 @@ class HelperProcess:
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
 
+    def remove(self) -> None:
+        """Stop, then delete the work directory and everything in it (policy, socket, logs)."""
+        self.stop()
+        for name in os.listdir(self.workdir):
+            os.unlink(os.path.join(self.workdir, name))
+        os.rmdir(self.workdir)
+
     def stop(self, sig: int = 15) -> int:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0

@@ -111,3 +111,29 @@ def test_refusals_are_kept_for_status() -> None:
     up = table.on_peer_routes(0, 1, 1, ["10.0.0.0/8"])
     assert up is not None and up.refused
     assert table.refused[0] == up.refused
+
+
+def _slash28(start: int, n: int) -> list[str]:
+    """n distinct /28 prefixes inside 198.19.64.0/18."""
+    return [f"198.19.{64 + (start + i) // 16}.{(start + i) % 16 * 16}/28" for i in range(n)]
+
+
+def test_union_over_queues_is_capped_at_the_network_route_limit() -> None:
+    """Each queue's peer may advertise 256 routes; the union over queues stays
+    within 256 (one helper request), the rest is refused with a reason."""
+    from l3ptp.ipc.constants import MAX_ROUTES_PER_NETWORK
+    from l3ptp.ipc.helper_messages import AddRoutes
+
+    table = RouteTable(network(accepted_routes=["198.19.64.0/18"]))
+    first = table.on_peer_routes(0, 1, 1, _slash28(0, 256))
+    assert len(first.accepted) == 256 and first.refused == ()
+    second = table.on_peer_routes(1, 1, 1, _slash28(200, 256))  # 56 shared, 200 new
+    assert len(second.accepted) == 56
+    assert len(second.refused) == 200 and {r.reason for r in second.refused} == {"network route limit (256) reached"}
+    assert len(table.desired()) == MAX_ROUTES_PER_NETWORK
+    add = table.changes().add
+    AddRoutes(name="office", routes=tuple(str(r) for r in add), metric=100, allow_default=False)  # fits
+    table.on_peer_routes(0, 1, 2, _slash28(0, 100))  # queue 0 withdraws 156 of its routes
+    third = table.on_peer_routes(1, 1, 2, _slash28(200, 256))
+    assert len(third.accepted) == 156 and len(third.refused) == 100
+    assert len(table.desired()) == 256

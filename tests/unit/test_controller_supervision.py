@@ -239,3 +239,48 @@ def test_next_deadline_tracks_backoff() -> None:
     assert sup.next_deadline() == clock.now + RESTART_BACKOFF_MIN
     idle = NetworkSupervisor("x", 1)
     assert idle.next_deadline() is None
+
+
+def test_the_reason_a_worker_gave_survives_its_exit() -> None:
+    sup, clock, (pid,) = started()
+    sup.on_exiting(0, "TUN queue unusable: end of file", remote=False)
+    assert sup.on_exit(pid, clock.now, 0) == []
+    assert sup.slots[0].last_error == "TUN queue unusable: end of file (exit status 0)"
+    assert len(sup.slots[0].crashes) == 1  # a local fault: a crash
+    pid = respawn(sup, clock)
+    assert sup.on_exit(pid, clock.now, 1) == []  # said nothing this time
+    assert sup.slots[0].last_error == "exited with status 1"
+
+
+def test_exits_caused_from_the_network_never_fail_the_network() -> None:
+    """A peer (or a stranger) that makes the worker end again and again gets it
+    restarted with the growing delay, but the network never becomes FAILED:
+    that state is for local faults. Local crashes still count as before."""
+    sup, clock, (pid,) = started()
+    delays = []
+    for _ in range(RESTART_MAX_IN_WINDOW * 3):
+        sup.on_exiting(0, "internal error in _on_udp_readable: SchemaError()", remote=True)
+        assert sup.on_exit(pid, clock.now, 0) == []
+        slot = sup.slots[0]
+        assert slot.state is WorkerState.BACKOFF and not sup.failed
+        assert slot.last_error == "internal error in _on_udp_readable: SchemaError() (exit status 0)"
+        delays.append(slot.deadline - clock.now)
+        pid = respawn(sup, clock)
+    assert delays[:4] == [backoff_delay(n) for n in range(1, 5)] and max(delays) <= RESTART_BACKOFF_MAX
+    assert not sup.slots[0].crashes and sup.slots[0].restarts == RESTART_MAX_IN_WINDOW * 3
+    for _ in range(RESTART_MAX_IN_WINDOW - 1):
+        sup.on_exit(pid, clock.now, 1)
+        pid = respawn(sup, clock)
+    sup.on_exit(pid, clock.now, 1)
+    assert sup.failed and "exited with status 1" in sup.failed_reason
+
+
+def test_last_words_after_the_exit_are_not_kept_for_the_next_worker() -> None:
+    sup, clock, (pid,) = started()
+    sup.on_exit(pid, clock.now, 0)  # reaped before its WorkerExiting was read
+    sup.on_exiting(0, "internal error in _on_udp_readable: X()", remote=True)
+    assert sup.slots[0].last_error == "internal error in _on_udp_readable: X()"
+    pid = respawn(sup, clock)
+    sup.on_alive(0, pid, clock.now)
+    sup.on_exit(pid, clock.now, 1)
+    assert sup.slots[0].last_error == "exited with status 1" and len(sup.slots[0].crashes) == 2

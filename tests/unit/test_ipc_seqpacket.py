@@ -142,3 +142,35 @@ def test_recv_async_waits_for_the_packet_and_cleans_up_when_cancelled(pair, pipe
             await asyncio.wait_for(seqpacket.recv_async(loop, b, 64, 1), 5)
 
     asyncio.run(main())
+
+
+def test_connect_waits_its_turn_in_a_full_backlog_for_at_most_the_timeout(tmp_path) -> None:
+    import threading
+    import time
+
+    path = str(tmp_path / "s")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(path)
+    listener.listen(1)
+    queued = []
+    try:
+        with pytest.raises(BlockingIOError):  # what a non-blocking connect gets: the backlog is full at once
+            for _ in range(10):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                queued.append(s)
+                s.setblocking(False)
+                s.connect(path)
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            seqpacket.connect(path, 0.3)
+        assert 0.25 < time.monotonic() - t0 < 3
+        accept = threading.Timer(0.2, lambda: queued.append(listener.accept()[0]))
+        accept.start()
+        sock = seqpacket.connect(path, 5)  # room is made 0.2 s later: it gets in
+        accept.join()
+        assert sock.getpeername() == path and sock.gettimeout() is None
+        sock.close()
+    finally:
+        for s in queued:
+            s.close()
+        listener.close()

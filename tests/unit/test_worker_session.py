@@ -337,5 +337,84 @@ def test_peer_close_accepted_in_any_state() -> None:
     s = _session(_params(PeerRole.LISTEN, raw, fp))
     s.handshake_completed(0.0, None, PAYLOAD)
     actions = s.receive(Close(code=int(ErrorCode.SHUTDOWN), reason="bye"), 0.5)
-    assert actions == [Closed(ErrorCode.SHUTDOWN, "bye", local=False)]
+    # Not authenticated yet: the stranger's words are not kept (see below).
+    assert actions == [Closed(ErrorCode.SHUTDOWN, "(reason withheld: peer not authenticated)", local=False)]
     assert s.receive(Close(code=99, reason="again"), 0.6) == []
+
+
+HOSTILE = "\x1b]0;owned\x07\x1b[2J\rroot# \u202egnp.exe\x9b"
+HOSTILE_SHOWN = "\\x1b]0;owned\\x07\\x1b[2J\\x0droot# \\u202egnp.exe\\x9b"
+
+
+def test_close_reason_of_an_unauthenticated_peer_is_withheld() -> None:
+    """A stranger's CLOSE reason (listener before AUTH verified, connector
+    before the pinned certificate matched) never reaches close_reason, and
+    neither does a QUIC reason phrase passed through `peer_text`."""
+    _, stranger_fp = _keys()
+    for state_reached in ("await_hello", "await_auth"):
+        listener, connector, lfp, _ = _pair()
+        listener.handshake_completed(0.0, None, PAYLOAD)
+        if state_reached == "await_auth":
+            hello = _sends(connector.handshake_completed(0.0, lfp, PAYLOAD))
+            listener.receive(hello[0], 0.1)
+            assert listener.state is State.AWAIT_AUTH
+        assert not listener.authenticated
+        assert listener.peer_text(HOSTILE) == "(reason withheld: peer not authenticated)"
+        out = listener.receive(Close(code=int(ErrorCode.SHUTDOWN), reason=HOSTILE), 0.2)
+        assert out[-1].reason == listener.close_reason == "(reason withheld: peer not authenticated)"
+        assert "\x1b" not in listener.close_reason
+    _, connector, _, _ = _pair()
+    assert not connector.authenticated
+    assert connector.peer_text(HOSTILE) == "(reason withheld: peer not authenticated)"
+    connector.handshake_completed(0.0, stranger_fp, PAYLOAD)  # wrong pin
+    assert not connector.authenticated
+    assert connector.peer_text("") == ""
+
+
+def test_close_reason_of_an_authenticated_peer_is_escaped() -> None:
+    listener, connector, lfp, _ = _pair()
+    _run(listener, connector, lfp)
+    assert listener.authenticated and connector.authenticated
+    out = connector.receive(Close(code=int(ErrorCode.SHUTDOWN), reason=HOSTILE), 1.0)
+    assert out == [Closed(ErrorCode.SHUTDOWN, HOSTILE_SHOWN, local=False)]
+    assert connector.close_reason == HOSTILE_SHOWN
+    assert listener.peer_text(HOSTILE) == HOSTILE_SHOWN
+
+
+def test_own_close_reason_is_bounded_and_escaped() -> None:
+    """A reason of ours quoting the peer (a decode error) cannot break the
+    CLOSE message's schema (Reason: 512 characters) nor carry controls."""
+    listener, connector, lfp, _ = _pair()
+    _run(listener, connector, lfp)
+    out = listener.protocol_error("bad control message: " + HOSTILE * 100)
+    close = _sends(out)[0]
+    assert isinstance(close, Close) and len(close.reason) == 512 and "\x1b" not in close.reason
+    assert close.reason.startswith("bad control message: \\x1b]0;owned")
+
+
+def _prefixes(start: int, n: int) -> tuple[str, ...]:
+    return tuple(f"10.{(start + i) // 256}.{(start + i) % 256}.0/24" for i in range(n))
+
+
+def test_routes_adding_up_beyond_one_ready_close_with_limit() -> None:
+    """Each ROUTE_UPDATE is legal (<= 256 prefixes), but the peer's route set
+    must stay within what one READY carries: the update that would pass 256
+    closes the session with LIMIT (not an internal error), is counted, and
+    changes nothing."""
+    listener, connector, lfp, _ = _pair()
+    _run(listener, connector, lfp)
+    out = listener.receive(RouteUpdate(add_routes=_prefixes(0, 200), remove_routes=(), route_epoch=2), 1.0)
+    assert out[-1] == RoutesChanged(2, tuple(sorted(_prefixes(0, 200))), ("198.19.0.2/24",))
+    # Removing 100 and adding 156 lands exactly on the limit: fine.
+    out = listener.receive(RouteUpdate(add_routes=_prefixes(200, 156), remove_routes=_prefixes(0, 100),
+                                       route_epoch=3), 1.1)
+    assert len(out[-1].routes) == 256 and listener.state is State.ESTABLISHED
+    before = set(listener.peer_routes)
+    out = listener.receive(RouteUpdate(add_routes=_prefixes(356, 1), remove_routes=(), route_epoch=4), 1.2)
+    assert listener.state is State.CLOSED and listener.close_code is ErrorCode.LIMIT
+    assert _sends(out) == [Close(code=int(ErrorCode.LIMIT), reason="peer advertises 257 routes, more than 256")]
+    assert out[-1] == Closed(ErrorCode.LIMIT, "peer advertises 257 routes, more than 256", local=True)
+    assert not any(isinstance(a, RoutesChanged) for a in out)
+    assert listener.peer_routes == before and listener.route_epoch == 3
+    assert listener.counters.peer_route_limit == 1
+
