@@ -12,7 +12,9 @@ from __future__ import annotations
 # Protocol: L3PTP over QUIC
 # --------------------------------------------------------------------------
 
-PROTOCOL_VERSION = 1
+#: 2: the listener sends CHALLENGE, and its HELLO only after the connector's
+#: AUTH (version 1 sent its HELLO, with the nonce, before AUTH).
+PROTOCOL_VERSION = 2
 #: ALPN token offered and required on every QUIC connection.
 ALPN = "l3ptp/1"
 
@@ -57,6 +59,10 @@ CONTROL_FRAME_MAX = 64 * 1024
 AUTH_NONCE_LEN = 32
 #: Domain separation label signed in the connector's proof.
 AUTH_LABEL = b"l3ptp auth v1"
+#: The one code-and-reason every authentication failure is closed with on the
+#: wire (wrong key, bad signature, wrong network or endpoint): a prober learns
+#: nothing from which check failed. The local log keeps the detail.
+AUTH_FAILED_REASON = "authentication failed"
 
 #: Defaults for liveness (seconds).
 KEEPALIVE_INTERVAL_DEFAULT = 10.0
@@ -64,6 +70,11 @@ KEEPALIVE_INTERVAL_MIN = 0.2
 KEEPALIVE_INTERVAL_MAX = 60.0
 #: A peer silent for this many keepalive intervals is dead.
 DEAD_PEER_INTERVALS = 3
+#: QUIC idle timeout (transport parameter max_idle_timeout), the same for
+#: every configuration so that it tells nothing about keepalive_interval;
+#: above the longest dead-peer bound (KEEPALIVE_INTERVAL_MAX *
+#: DEAD_PEER_INTERVALS), so the session notices a dead peer first.
+QUIC_IDLE_TIMEOUT = KEEPALIVE_INTERVAL_MAX * (DEAD_PEER_INTERVALS + 2)
 RECONNECT_BACKOFF_MIN = 0.5
 RECONNECT_BACKOFF_MAX = 30.0
 
@@ -173,6 +184,30 @@ UDP_GSO_MAX_BYTES = 65000
 #: kernel at net.core.rmem_max / wmem_max).
 UDP_SOCKET_BUFFER = 4 * 1024 * 1024
 DATAGRAM_QUEUE_MAX = 256
+
+#: Listener admission of new QUIC connections (worker/admission.py). Token
+#: buckets (rate per second, burst): Initials that would build a connection
+#: without address validation, in total and per source address; Initials that
+#: carry a valid Retry token; stateless Retry answers sent when the first two
+#: are spent. Beyond all of them an Initial is dropped (`initial_over_budget`).
+#: A legitimate peer makes one attempt per reconnect, so the first budget
+#: never delays it unless someone else floods.
+NEW_CONN_RATE, NEW_CONN_BURST = 5.0, 8
+NEW_CONN_PER_SOURCE_RATE, NEW_CONN_PER_SOURCE_BURST = 2.0, 4
+VALIDATED_CONN_RATE, VALIDATED_CONN_BURST = 20.0, 8
+RETRY_RATE, RETRY_BURST = 200.0, 20
+#: Per-source buckets kept at most (the oldest go first).
+ADMISSION_SOURCES_MAX = 1024
+#: Seconds a Retry token is good for.
+RETRY_TOKEN_LIFETIME = 10.0
+#: Listener candidate connections at most, and seconds one may take from its
+#: first Initial to ESTABLISHED before it is dropped.
+MAX_CANDIDATES = 4
+CANDIDATE_LIFETIME = 10.0
+#: Datagrams a candidate may receive before its QUIC handshake completes (a
+#: handshake takes two to six, a few retransmissions more); the rest are
+#: dropped: each one an engine has to try costs it new initial keys.
+CANDIDATE_DATAGRAMS_MAX = 16
 STATUS_INTERVAL = 1.0
 #: Controller treats a worker silent for this long as dead.
 WORKER_STATUS_TIMEOUT = 10.0

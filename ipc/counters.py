@@ -5,7 +5,8 @@ Conventions:
 * Every packet the worker does not forward is counted under exactly one
   `DropReason`. Reasons are named ``<where>_<why>``: ``tun_*`` reasons are
   packets read from the TUN device on their way to the peer, ``dgram_*`` are
-  DATAGRAMs received from the peer on their way to the TUN device, and the
+  DATAGRAMs received from the peer on their way to the TUN device,
+  ``initial_*`` are new QUIC connection attempts a listener refused, and the
   few others name the stage itself (``queue_full``). The enum value is the
   lower-case name and is used verbatim as the exported metric label, so
   renaming a member is a metrics-contract change.
@@ -67,6 +68,21 @@ class DropReason(enum.StrEnum):
     #: Any other TUN write failure.
     TUN_WRITE_ERROR = enum.auto()
 
+    # new QUIC connections (listener; worker/admission.py)
+    #: An Initial-looking datagram that is no QUIC v1 Initial.
+    INITIAL_MALFORMED = enum.auto()
+    #: Answered with a stateless Retry instead of a connection (under load).
+    INITIAL_RETRY = enum.auto()
+    #: A Retry token that is forged, expired or made for another address.
+    INITIAL_BAD_TOKEN = enum.auto()
+    #: The budget for new connection attempts (per source, in total) and for
+    #: Retry answers is spent.
+    INITIAL_OVER_BUDGET = enum.auto()
+    #: For a candidate connection before its handshake completed: an Initial
+    #: of no handshake in progress there (another destination CID), or more
+    #: datagrams than a handshake needs (CANDIDATE_DATAGRAMS_MAX).
+    INITIAL_TO_CANDIDATE = enum.auto()
+
 
 #: Names of the traffic counters, in `Counters.snapshot()` order.
 TRAFFIC_FIELDS: tuple[str, ...] = (
@@ -78,6 +94,10 @@ TRAFFIC_FIELDS: tuple[str, ...] = (
     "dgram_rx_bytes",
     "dgram_tx_packets",
     "dgram_tx_bytes",
+    # DATAGRAMs from connections that have not completed AUTH: never part of
+    # a session's totals (nor of its key-update budget), all dropped.
+    "unauth_rx_packets",
+    "unauth_rx_bytes",
 )
 
 
@@ -160,7 +180,8 @@ class Counters:
     """Every counter of one worker queue.
 
     Traffic counters are plain ints named ``<where>_<rx|tx>_<packets|bytes>``
-    (``tun_rx`` = read from TUN, ``dgram_tx`` = DATAGRAMs sent, ...), bumped in
+    (``tun_rx`` = read from TUN, ``dgram_tx`` = DATAGRAMs sent, ``unauth_rx`` =
+    DATAGRAMs received on a connection that has not authenticated), bumped in
     place by the data path. ``drops`` maps every `DropReason` to a count and
     always holds every reason. ``rx_sequence`` tracks the peer's
     ``packet_sequence`` values for the `seq_lost` estimate.
@@ -179,6 +200,8 @@ class Counters:
         self.dgram_rx_bytes = 0
         self.dgram_tx_packets = 0
         self.dgram_tx_bytes = 0
+        self.unauth_rx_packets = 0
+        self.unauth_rx_bytes = 0
         self.drops: dict[DropReason, int] = dict.fromkeys(DropReason, 0)
         self.rx_sequence = SequenceTracker()
         self.peer_route_limit = 0

@@ -32,8 +32,18 @@ class Hello(Message):
     max_datagram_payload: U16
     requested_mtu: Mtu
     supported_address_families: Annotated[tuple[U8, ...], Items(2)]
-    #: Listener: fresh random challenge the connector must sign. Connector: empty.
+    #: Always empty since protocol version 2 (the challenge is `Challenge`);
+    #: kept so that a version-1 HELLO still decodes and is refused with
+    #: VERSION_MISMATCH rather than as an undecodable message.
     auth_nonce: Annotated[bytes, Blob(AUTH_NONCE_LEN, 0)]
+
+
+@message("challenge")
+class Challenge(Message):
+    """Listener's first message: the fresh nonce the connector must sign.
+    Nothing else about the listener is told before the connector's AUTH."""
+
+    auth_nonce: Annotated[bytes, Blob(AUTH_NONCE_LEN, AUTH_NONCE_LEN)]
 
 
 @message("auth")
@@ -78,4 +88,4 @@ class Close(Message):
     reason: Reason
 
 
-PEER_CONTROL = Channel("peer-control", CONTROL_FRAME_MAX, (Hello, Auth, Ready, RouteUpdate, Keepalive, Close))
+PEER_CONTROL = Channel("peer-control", CONTROL_FRAME_MAX, (Hello, Challenge, Auth, Ready, RouteUpdate, Keepalive, Close))

@@ -51,7 +51,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from l3ptp.ipc.constants import MAX_CID_LEN, QUIC_DATAGRAM_OVERHEAD_MAX, QUIC_OVERHEAD_NO_CID
 from l3ptp.ipc.control_messages import Engine
 
-__all__ = ["EngineClasses", "EngineUnavailable", "available_engines", "initial_dcid", "load_engine"]
+__all__ = ["EngineClasses", "EngineUnavailable", "available_engines", "load_engine"]
 
 
 
@@ -110,20 +110,6 @@ def _qh3_update_keys(conn: Any) -> bool:
         # update is not acknowledged yet).
         return False
     return True
-
-
-def initial_dcid(data: bytes, host_cid_length: int = 8) -> bytes | None:
-    """Destination CID of a datagram that starts with a QUIC Initial, else None."""
-    from aioquic.buffer import Buffer
-    from aioquic.quic.packet import QuicPacketType, pull_quic_header
-
-    try:
-        header = pull_quic_header(Buffer(data=data), host_cid_length=host_cid_length)
-    except ValueError:
-        return None
-    if header.packet_type != QuicPacketType.INITIAL:
-        return None
-    return header.destination_cid
 
 
 def _budget(max_datagram_size: int, cid_len: int, remote_frame_max: int | None) -> int:

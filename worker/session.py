@@ -22,17 +22,20 @@ Outputs (a list of actions): `Send(message)`, `Established(...)`,
 Message order (docs/protocol.md, "Session")::
 
     connector                                listener
-      HELLO(auth_nonce="")         ->
-                                   <-        HELLO(auth_nonce=32 random bytes)
+      HELLO                        ->
+                                   <-        CHALLENGE(32 random bytes)
       AUTH(public_key, signature)  ->
+                                   <-        HELLO, READY
       READY                        ->
-                                   <-        READY
     ESTABLISHED                              ESTABLISHED
 
 The listener proved its key during TLS (pinned certificate); the connector
 proves its key with AUTH, a signature over the listener's fresh nonce, both
 fingerprints, the network and the endpoint, so a proof recorded from another
-session does not verify. Nothing is read from or written to TUN before
+session does not verify. The listener tells nothing about itself before that
+proof (protocol version 2): its HELLO follows a good AUTH, and every
+authentication failure, a wrong network or endpoint included, closes with
+AUTH_FAILED and the one reason AUTH_FAILED_REASON on the wire. Nothing is read from or written to TUN before
 ESTABLISHED. After ESTABLISHED, only ROUTE_UPDATE, KEEPALIVE and CLOSE are
 legal. Every (role, state, message) not in `TRANSITIONS` is a protocol
 violation: the session sends CLOSE(PROTOCOL_VIOLATION) and ends. CLOSE is
@@ -46,6 +49,7 @@ import enum
 import ipaddress
 
 from l3ptp.ipc.constants import (
+    AUTH_FAILED_REASON,
     AUTH_NONCE_LEN,
     DEAD_PEER_INTERVALS,
     HEADER_LEN,
@@ -58,7 +62,7 @@ from l3ptp.ipc.constants import (
 )
 from l3ptp.ipc.counters import Counters
 from l3ptp.ipc.errors import ErrorCode
-from l3ptp.ipc.peer_messages import Auth, Close, Hello, Keepalive, Ready, RouteUpdate
+from l3ptp.ipc.peer_messages import Auth, Challenge, Close, Hello, Keepalive, Ready, RouteUpdate
 from l3ptp.ipc.schema import Message
 from l3ptp.ipc.text import printable
 from l3ptp.ipc.types import PeerRole
@@ -81,9 +85,11 @@ __all__ = [
 class State(enum.Enum):
     #: QUIC handshake in progress.
     HANDSHAKING = enum.auto()
-    #: Waiting for the peer's HELLO (listener: first message; connector: the challenge).
+    #: Waiting for the peer's HELLO (listener: first message; connector: after its AUTH).
     AWAIT_HELLO = enum.auto()
-    #: Listener: HELLO with nonce sent, waiting for the connector's AUTH.
+    #: Connector: HELLO sent, waiting for the listener's CHALLENGE.
+    AWAIT_CHALLENGE = enum.auto()
+    #: Listener: CHALLENGE sent, waiting for the connector's AUTH.
     AWAIT_AUTH = enum.auto()
     #: Waiting for the peer's READY.
     AWAIT_READY = enum.auto()
@@ -122,6 +128,13 @@ class Closed:
     reason: str
     #: True when we closed (and sent CLOSE); False when the peer did.
     local: bool
+    #: What the peer is told (CLOSE and the QUIC reason phrase) when it must
+    #: not learn `reason` (authentication failures); None: `reason`.
+    peer_reason: str | None = None
+
+    @property
+    def wire_reason(self) -> str:
+        return self.reason if self.peer_reason is None else self.peer_reason
 
 
 Action = Send | Established | RoutesChanged | Closed
@@ -156,10 +169,16 @@ MAX_PEER_ROUTES = MAX_PREFIXES_PER_LIST
 class SessionClosed(Exception):
     """Internal: raised by handlers to end the session with a code."""
 
-    def __init__(self, code: ErrorCode, reason: str) -> None:
+    def __init__(self, code: ErrorCode, reason: str, peer_reason: str | None = None) -> None:
         self.code = code
         self.reason = reason
+        self.peer_reason = peer_reason
         super().__init__(reason)
+
+
+def _auth_failed(detail: str) -> SessionClosed:
+    """An authentication failure: `detail` stays local, the peer gets the one reason."""
+    return SessionClosed(ErrorCode.AUTH_FAILED, detail, AUTH_FAILED_REASON)
 
 
 #: (role, state, message type) -> (handler, next state). Anything missing is a
@@ -168,6 +187,7 @@ TRANSITIONS: dict[tuple[PeerRole, State, type[Message]], tuple[str, State]] = {
     (PeerRole.LISTEN, State.AWAIT_HELLO, Hello): ("_on_connector_hello", State.AWAIT_AUTH),
     (PeerRole.LISTEN, State.AWAIT_AUTH, Auth): ("_on_auth", State.AWAIT_READY),
     (PeerRole.LISTEN, State.AWAIT_READY, Ready): ("_on_ready", State.ESTABLISHED),
+    (PeerRole.CONNECT, State.AWAIT_CHALLENGE, Challenge): ("_on_challenge", State.AWAIT_HELLO),
     (PeerRole.CONNECT, State.AWAIT_HELLO, Hello): ("_on_listener_hello", State.AWAIT_READY),
     (PeerRole.CONNECT, State.AWAIT_READY, Ready): ("_on_ready", State.ESTABLISHED),
     (PeerRole.LISTEN, State.ESTABLISHED, RouteUpdate): ("_on_route_update", State.ESTABLISHED),
@@ -237,9 +257,11 @@ class Session:
         self.state = State.AWAIT_HELLO
         if self.params.role is PeerRole.CONNECT:
             if peer_cert_fingerprint != self.params.peer_key:
-                return self._fail(ErrorCode.AUTH_FAILED, "listener key does not match the pinned fingerprint")
+                return self._fail(ErrorCode.AUTH_FAILED, "listener key does not match the pinned fingerprint",
+                                  AUTH_FAILED_REASON)
             self.authenticated = True
-            return [Send(self._hello(b""))]
+            self.state = State.AWAIT_CHALLENGE
+            return [Send(self._hello())]
         return []
 
     def receive(self, msg: Message, now: float) -> list[Action]:
@@ -261,7 +283,7 @@ class Session:
         try:
             actions: list[Action] = getattr(self, handler)(msg, now)
         except SessionClosed as exc:
-            return self._fail(exc.code, exc.reason)
+            return self._fail(exc.code, exc.reason, exc.peer_reason)
         if handler == "_on_auth":
             self.authenticated = True
         self.state = next_state
@@ -349,9 +371,15 @@ class Session:
 
     # ---- handlers (called through TRANSITIONS) ---------------------------
 
-    def _check_hello(self, msg: Hello) -> None:
+    @staticmethod
+    def _check_version(msg: Hello) -> None:
         if msg.protocol_version != PROTOCOL_VERSION:
             raise SessionClosed(ErrorCode.VERSION_MISMATCH, f"protocol version {msg.protocol_version}")
+        if msg.auth_nonce:
+            raise SessionClosed(ErrorCode.PROTOCOL_VIOLATION, "HELLO must not carry a nonce")
+
+    def _check_hello(self, msg: Hello) -> None:
+        self._check_version(msg)
         if msg.network_id != self.params.network_id or msg.endpoint_id != self.params.endpoint_id:
             raise SessionClosed(ErrorCode.NETWORK_MISMATCH, "network or endpoint does not match")
         mtu = accepted_mtu(self.params.requested_mtu, msg.requested_mtu, self._max_payload, msg.max_datagram_payload)
@@ -361,30 +389,39 @@ class Session:
         self._peer_hello = msg
 
     def _on_connector_hello(self, msg: Hello, now: float) -> list[Action]:
-        if msg.auth_nonce:
-            raise SessionClosed(ErrorCode.PROTOCOL_VIOLATION, "connector HELLO must not carry a nonce")
-        self._check_hello(msg)
-        return [Send(self._hello(self._nonce))]
+        # Only the version is checked now (it is no secret); the rest waits
+        # for AUTH, so that a stranger learns nothing from which check fails.
+        self._check_version(msg)
+        self._peer_hello = msg
+        return [Send(Challenge(auth_nonce=self._nonce))]
 
-    def _on_listener_hello(self, msg: Hello, now: float) -> list[Action]:
-        if len(msg.auth_nonce) != AUTH_NONCE_LEN:
-            raise SessionClosed(ErrorCode.PROTOCOL_VIOLATION, "listener HELLO must carry a nonce")
-        self._check_hello(msg)
+    def _on_challenge(self, msg: Challenge, now: float) -> list[Action]:
         transcript = keys.auth_transcript(
             msg.auth_nonce, self.params.peer_key, self.fingerprint, self.params.network_id, self.params.endpoint_id
         )
-        auth = Auth(public_key=keys.public_key_raw(self._key), signature=keys.sign_auth(self._key, transcript))
-        return [Send(auth), Send(self._ready())]
+        return [Send(Auth(public_key=keys.public_key_raw(self._key), signature=keys.sign_auth(self._key, transcript)))]
+
+    def _on_listener_hello(self, msg: Hello, now: float) -> list[Action]:
+        self._check_hello(msg)
+        return [Send(self._ready())]
 
     def _on_auth(self, msg: Auth, now: float) -> list[Action]:
         if keys.fingerprint(msg.public_key) != self.params.peer_key:
-            raise SessionClosed(ErrorCode.AUTH_FAILED, "connector key does not match the pinned fingerprint")
+            raise _auth_failed("connector key does not match the pinned fingerprint")
         transcript = keys.auth_transcript(
             self._nonce, self.fingerprint, self.params.peer_key, self.params.network_id, self.params.endpoint_id
         )
         if not keys.verify_auth(msg.public_key, msg.signature, transcript):
-            raise SessionClosed(ErrorCode.AUTH_FAILED, "bad AUTH signature")
-        return []
+            # Also a connector of another network or endpoint: it signed its own.
+            raise _auth_failed("bad AUTH signature (or another network or endpoint)")
+        assert self._peer_hello is not None  # AWAIT_AUTH follows the connector's HELLO
+        try:
+            self._check_hello(self._peer_hello)
+        except SessionClosed as exc:
+            if exc.code is ErrorCode.NETWORK_MISMATCH:  # unreachable with a valid signature; still uniform
+                raise _auth_failed(exc.reason) from None
+            raise
+        return [Send(self._hello()), Send(self._ready())]
 
     def _on_ready(self, msg: Ready, now: float) -> list[Action]:
         if msg.accepted_mtu != self.mtu:
@@ -393,8 +430,6 @@ class Session:
         self.peer_tunnel_addresses = tuple(msg.peer_tunnel_addresses)
         self.peer_routes = set(msg.peer_advertised_routes)
         self.route_epoch = msg.route_epoch
-        if self.params.role is PeerRole.LISTEN:
-            return [Send(self._ready())]
         return []
 
     def _on_route_update(self, msg: RouteUpdate, now: float) -> list[Action]:
@@ -418,7 +453,7 @@ class Session:
 
     # ---- helpers ---------------------------------------------------------
 
-    def _hello(self, nonce: bytes) -> Hello:
+    def _hello(self) -> Hello:
         families = sorted(
             {IP_VERSION_4 if ipaddress.ip_network(p, strict=False).version == 4 else IP_VERSION_6
              for p in self.params.local_sources + self.params.tunnel_addresses}
@@ -433,7 +468,7 @@ class Session:
             max_datagram_payload=self._max_payload,
             requested_mtu=self.params.requested_mtu,
             supported_address_families=tuple(families),
-            auth_nonce=nonce,
+            auth_nonce=b"",
         )
 
     def _ready(self) -> Ready:
@@ -447,13 +482,14 @@ class Session:
             route_epoch=self.params.route_epoch,
         )
 
-    def _fail(self, code: ErrorCode, reason: str) -> list[Action]:
+    def _fail(self, code: ErrorCode, reason: str, peer_reason: str | None = None) -> list[Action]:
         # Our reasons may quote what the peer sent (a decode error's value).
         reason = printable(reason)[:REASON_MAX]
         self.state = State.CLOSED
         self.close_code = code
         self.close_reason = reason
-        return [Send(Close(code=int(code), reason=reason)), Closed(code, reason, local=True)]
+        closed = Closed(code, reason, local=True, peer_reason=peer_reason)
+        return [Send(Close(code=int(code), reason=closed.wire_reason)), closed]
 
 
 def _error_code(value: int) -> ErrorCode:

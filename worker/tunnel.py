@@ -21,11 +21,14 @@ pure modules.
   once. A forged ICMP error costs one PING: a live peer acknowledges it.
   A listener that gets a short-header packet no connection of its own knows
   (the peer still talks to the worker it replaced) answers with
-  RESTART_HINT, which starts the same probe. Listener: every QUIC Initial from a new
+  RESTART_HINT, which starts the same probe. Listener: a QUIC Initial from a new
   address (or a new Initial from the current peer's address, i.e. a peer
-  restarted on the same port) starts a candidate connection; a candidate that
-  becomes ESTABLISHED replaces the active session. At most
-  MAX_CANDIDATES candidates exist at once.
+  restarted on the same port) is a connection attempt; `admission.Admission`
+  decides whether it starts a candidate connection, gets a stateless Retry
+  (under load) or is dropped, within budgets. A candidate that becomes
+  ESTABLISHED replaces the active session. At most MAX_CANDIDATES candidates
+  exist at once, each for at most CANDIDATE_LIFETIME seconds. The QUIC
+  configuration (TLS certificate and key included) is built once per worker.
 
 Counters live in one `Datapath` for the worker's lifetime, so they survive
 reconnects.
@@ -48,10 +51,13 @@ from l3ptp.ipc.codec import StreamDecoder, frame
 from l3ptp.ipc.constants import (
     ALPN,
     AUTH_NONCE_LEN,
-    DEAD_PEER_INTERVALS,
+    CANDIDATE_DATAGRAMS_MAX,
+    CANDIDATE_LIFETIME,
     KEY_UPDATE_INTERVAL,
     KEY_UPDATE_PACKETS,
+    MAX_CANDIDATES,
     MAX_DATAGRAM_FRAME_SIZE,
+    QUIC_IDLE_TIMEOUT,
     RECONNECT_BACKOFF_MAX,
     RECONNECT_BACKOFF_MIN,
     TUN_READ_BATCH,
@@ -64,15 +70,15 @@ from l3ptp.ipc.peer_messages import PEER_CONTROL
 from l3ptp.ipc.types import PeerRole
 
 from . import keys
+from .admission import Admission, has_token
 from .datapath import Datapath
-from .engine import EngineClasses, initial_dcid, load_engine
+from .engine import EngineClasses, load_engine
 from .ippacket import PrefixSet
 from .session import Closed, Established, RoutesChanged, Send, Session, SessionParams, State
 from .udp import UdpIO
 
 __all__ = ["Tunnel"]
 
-MAX_CANDIDATES = 4
 #: Seconds a liveness probe waits for its PING's ACK after the last ICMP error (plus 3 RTTs).
 PROBE_TIMEOUT = 0.15
 #: "Unknown connection" hint a listener sends back for a short-header packet it has no connection for
@@ -103,10 +109,16 @@ class _Peer:
     """One QUIC connection with its control session."""
 
     __slots__ = ("conn", "session", "addr", "decoder", "stream_id", "closing", "handshake_done", "established_at",
-                 "rekey_packets", "rekey_at", "probe_at", "probes")
+                 "rekey_packets", "rekey_at", "probe_at", "probes", "expires", "datagrams", "cids")
 
-    def __init__(self, conn: Any, session: Session, addr: tuple[Any, ...]) -> None:
+    def __init__(self, conn: Any, session: Session, addr: tuple[Any, ...], expires: float = float("inf")) -> None:
         self.conn = conn
+        #: A listener's candidate not ESTABLISHED by then is dropped.
+        self.expires = expires
+        #: Datagrams routed to this connection before its handshake completed.
+        self.datagrams = 0
+        #: Listener candidate: the destination CIDs its client's Initials may carry.
+        self.cids: tuple[bytes, ...] = ()
         self.session = session
         self.addr = addr
         self.decoder = StreamDecoder(PEER_CONTROL)
@@ -156,6 +168,7 @@ class Tunnel:
         self._rng = rng or random.SystemRandom()
         self.datapath = Datapath(local_sources=config.local_sources, peer_sources=config.peer_sources)
         self.counters = self.datapath.counters
+        self._drops = self.counters.drops
         self._key = keys.private_key_from_raw(config.private_key)
         self._cert = keys.self_signed_certificate(self._key) if config.role is PeerRole.LISTEN else None
         self.params = SessionParams(
@@ -192,6 +205,12 @@ class Tunnel:
         self._peer_addr: tuple[Any, ...] | None = None
         self._peer_ip = _normalize_ip(config.peer_address) if config.peer_address else None
         self._hint_at = 0.0
+        #: Source address text -> allowed (peer_address), for the few texts seen.
+        self._ip_allowed: dict[str, bool] = {}
+        #: QUIC configurations by is_client, each built once (its TLS
+        #: certificate and key converted once, not per connection attempt).
+        self._configs: dict[bool, Any] = {}
+        self.admission = Admission() if config.role is PeerRole.LISTEN else None
 
     # ---- lifecycle ---------------------------------------------------------
 
@@ -286,12 +305,18 @@ class Tunnel:
     # ---- connection setup --------------------------------------------------
 
     def _configuration(self, is_client: bool) -> Any:
+        cfg = self._configs.get(is_client)
+        if cfg is None:
+            cfg = self._configs[is_client] = self._build_configuration(is_client)
+        return cfg
+
+    def _build_configuration(self, is_client: bool) -> Any:
         cfg = self.engine.QuicConfiguration(
             is_client=is_client,
             alpn_protocols=[ALPN],
             max_datagram_frame_size=MAX_DATAGRAM_FRAME_SIZE,
             max_datagram_size=self.config.max_datagram_size,
-            idle_timeout=self.config.keepalive_interval * (DEAD_PEER_INTERVALS + 2),
+            idle_timeout=QUIC_IDLE_TIMEOUT,  # fixed: tells a prober nothing about the keepalive
         )
         # The connector checks the listener's certificate against the pin
         # after the handshake; both engines still verify CertificateVerify.
@@ -323,21 +348,41 @@ class Tunnel:
         self.state = SessionState.HANDSHAKING
         self._transmit(self.active)
 
+    def _source_allowed(self, host: str) -> bool:
+        allowed = self._ip_allowed.get(host)
+        if allowed is None:
+            if len(self._ip_allowed) >= 64:
+                self._ip_allowed.clear()
+            allowed = self._ip_allowed[host] = _normalize_ip(host) == self._peer_ip
+        return allowed
+
     def _accept(self, data: bytes, addr: tuple[Any, ...], now: float) -> _Peer | None:
-        dcid = initial_dcid(data)
-        if dcid is None or len(data) < _MIN_INITIAL:
+        if self._peer_ip is not None and not self._source_allowed(addr[0]):
             return None
-        if self._peer_ip is not None and _normalize_ip(addr[0]) != self._peer_ip:
+        assert self.admission is not None
+        room = len(self.candidates) < MAX_CANDIDATES or addr in self.candidates
+        decision = self.admission.decide(data, addr, now, room=room)
+        if isinstance(decision, DropReason):
+            self.counters.drop(decision)
             return None
-        if len(self.candidates) >= MAX_CANDIDATES and addr not in self.candidates:
-            # Evict the oldest unauthenticated candidate, so that junk
-            # Initials cannot lock a legitimate peer out until they time out.
+        if isinstance(decision, bytes):  # under load: a stateless Retry, nothing kept
+            self.counters.drop(DropReason.INITIAL_RETRY)
+            assert self.udp is not None
+            self.udp.send([(decision, addr)])
+            return None
+        if not room:
+            # Only an address-validated attempt (Retry token) gets here with
+            # the table full: it evicts the oldest candidate (dropped without
+            # a word: it has not authenticated), so that junk cannot lock a
+            # legitimate peer out until the junk expires.
             del self.candidates[next(iter(self.candidates))]
         conn = self.engine.QuicConnection(
             configuration=self._configuration(False),
-            original_destination_connection_id=dcid,
+            original_destination_connection_id=decision.original_dcid,
+            retry_source_connection_id=decision.retry_scid,
         )
-        peer = _Peer(conn, self._new_session(now), addr)
+        peer = _Peer(conn, self._new_session(now), addr, expires=now + CANDIDATE_LIFETIME)
+        peer.cids = (decision.original_dcid, conn.host_cid) + ((decision.retry_scid,) if decision.retry_scid else ())
         self.candidates[addr] = peer
         if self.active is None:
             self.state = SessionState.HANDSHAKING
@@ -358,8 +403,23 @@ class Tunnel:
             return active
         cand = self.candidates.get(addr)
         if cand is not None and not (is_new_initial and cand.handshake_done):
+            if not cand.handshake_done:
+                # Junk sent to a candidate's address costs the engine new
+                # initial keys and a failed decryption each (a millisecond):
+                # only Initials to this handshake's CIDs, and only as many
+                # datagrams as a handshake needs, reach it.
+                cand.datagrams += 1
+                if cand.datagrams > CANDIDATE_DATAGRAMS_MAX or (
+                        data and (data[0] & 0xF0) == 0xC0 and (len(data) < 7 or data[6:6 + data[5]] not in cand.cids)):
+                    self._drops[DropReason.INITIAL_TO_CANDIDATE] += 1
+                    return None
             return cand
-        if self.config.role is PeerRole.LISTEN and is_new_initial:
+        admission = self.admission
+        if admission is not None and is_new_initial:
+            if now < admission.closed_until and not has_token(data):
+                # Under a flood: the hot path, as cheap as dropping noise.
+                self._drops[DropReason.INITIAL_OVER_BUDGET] += 1
+                return None
             return self._accept(data, addr, now)
         return None
 
@@ -465,8 +525,10 @@ class Tunnel:
                 return
             if isinstance(event, ev.DatagramFrameReceived):
                 if peer is not self.active or not peer.session.established:
-                    self.counters.dgram_rx_packets += 1
-                    self.counters.dgram_rx_bytes += len(event.data)
+                    # Apart from the session's totals: a stranger's DATAGRAMs
+                    # must not move the active session's key-update budget.
+                    self.counters.unauth_rx_packets += 1
+                    self.counters.unauth_rx_bytes += len(event.data)
                     self.counters.drop(DropReason.DGRAM_NOT_READY)
                     continue
                 packet = datapath.from_peer(event.data)
@@ -582,7 +644,7 @@ class Tunnel:
     def _close_peer(self, peer: _Peer, closed: Closed) -> None:
         if closed.local:
             self._transmit(peer)  # flush CLOSE on the stream before CONNECTION_CLOSE
-        peer.conn.close(error_code=int(closed.code), reason_phrase=closed.reason[:200])
+        peer.conn.close(error_code=int(closed.code), reason_phrase=closed.wire_reason[:200])
         self._transmit(peer)
         who = "local" if closed.local else "peer"
         self._drop_peer(peer, f"{who} closed: {closed.code.name}: {closed.reason}")
@@ -712,6 +774,8 @@ class Tunnel:
             if t is not None:
                 deadlines.append(t)
             deadlines.append(peer.session.next_deadline())
+        for peer in self.candidates.values():
+            deadlines.append(peer.expires)
         if self.active is not None and self.active.session.established:
             deadlines.append(self.active.rekey_at)
             if self.active.probe_at is not None:
@@ -734,6 +798,8 @@ class Tunnel:
                 self._process_events(peer)
             if peer.session.state is not State.CLOSED:
                 self._apply(peer, peer.session.tick(now))
+            if peer.expires <= now and peer.session.state is not State.CLOSED and peer is not self.active:
+                self._apply(peer, peer.session.close(ErrorCode.DEAD_PEER, "no session within the candidate lifetime"))
             if peer is self.active and peer.session.established and (
                     now >= peer.rekey_at or self._packets_under_key() >= peer.rekey_packets):
                 self._update_keys(peer, now)

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from l3ptp.ipc.codec import StreamDecoder
-from l3ptp.ipc.control_messages import Engine
+from l3ptp.ipc.control_messages import Engine, SessionState
 from l3ptp.ipc.counters import DropReason
 from l3ptp.ipc.errors import ErrorCode
 from l3ptp.ipc.peer_messages import PEER_CONTROL
@@ -418,12 +418,47 @@ def test_no_datagram_accepted_from_an_unauthenticated_connector(engine: Engine) 
             await asyncio.sleep(0.2)
             assert listener.tun.read_all() == []
             assert lt.counters.tun_tx_packets == 0 and lt.sessions == 0
-            assert lt.counters.drops[DropReason.DGRAM_NOT_READY] == lt.counters.dgram_rx_packets
+            # Counted apart from any session's traffic.
+            assert lt.counters.drops[DropReason.DGRAM_NOT_READY] == lt.counters.unauth_rx_packets >= 1
+            assert lt.counters.unauth_rx_bytes >= lt.counters.unauth_rx_packets
+            assert lt.counters.dgram_rx_packets == lt.counters.dgram_rx_bytes == 0
         finally:
             await intruder.stop()
             await listener.stop()
 
     run(main())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_unauthenticated_datagrams_do_not_touch_the_active_sessions_totals_or_key_budget(engine: Engine) -> None:
+    async def main():
+        async with worker_pair(engine=engine) as pair:
+            assert await pair.wait_established()
+            lt = pair.listener.tunnel
+            packet = ipv4_udp("198.19.0.2", "198.19.0.1", b"smuggled")
+            payloads = [encode_datagram(ctx, 0, packet) for ctx in range(20)]
+            cfg = make_config(PeerRole.CONNECT, own=new_keys(), peer_fp=pair.lkeys.fingerprint,
+                              port=pair.listener.config.port, engine=engine)
+            intruder = make_node(cfg, udp_socket(), engine=_eager_engine(payloads, engine))
+            rx_before = (lt.counters.dgram_rx_packets, lt.counters.dgram_rx_bytes)
+            budget_before = lt.active.rekey_packets - lt._packets_under_key()
+            intruder.start()
+            try:
+                assert await wait_for(lambda: lt.counters.unauth_rx_packets >= 1, 10)
+                assert await wait_for(lambda: "AUTH_FAILED" in intruder.tunnel.last_error, 10)
+                await asyncio.sleep(0.2)
+                assert (lt.counters.dgram_rx_packets, lt.counters.dgram_rx_bytes) == rx_before
+                assert lt.active.rekey_packets - lt._packets_under_key() == budget_before
+                assert lt.counters.drops[DropReason.DGRAM_NOT_READY] == lt.counters.unauth_rx_packets
+                assert lt.sessions == 1 and lt.established and listener_tun_empty(pair)
+            finally:
+                await intruder.stop()
+
+    run(main())
+
+
+def listener_tun_empty(pair) -> bool:
+    return pair.listener.tun.read_all() == []
 
 
 @pytest.mark.parametrize(("lengine", "cengine"), ENGINE_PAIRS)
@@ -606,5 +641,206 @@ def test_an_authenticated_peers_close_reason_is_kept_escaped(engine: Engine) -> 
             assert await wait_for(lambda: HOSTILE_SHOWN in lt.last_error, 5), lt.last_error
             assert lt.last_error == f"peer closed: SHUTDOWN: {HOSTILE_SHOWN}"
             assert lt.last_error.isprintable()
+
+    run(main())
+
+
+# ---- handshake floods (issue 14) ----------------------------------------------------
+
+
+def _counting_engine(engine: Engine, built: list[object]):
+    """The engine, with every QuicConfiguration it builds recorded."""
+    import dataclasses
+
+    base = load_engine(engine)
+
+    class CountingConfiguration(base.QuicConfiguration):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            built.append(self)
+
+    return dataclasses.replace(base, QuicConfiguration=CountingConfiguration)
+
+
+async def _flood_in_thread(port: int, *, mode: str, seconds: float, ports: int = 32) -> tuple[int, float]:
+    from tests.support.flood import flood
+
+    return await asyncio.to_thread(flood, "127.0.0.1", port, mode=mode, ports=ports, seconds=seconds, templates=16)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("mode", ["junk", "replay"])
+def test_handshake_flood_leaves_the_session_working_and_the_listener_bounded(engine: Engine, mode: str) -> None:
+    """Initial-looking junk, or real Initials replayed, from 32 source ports:
+    the established session keeps carrying packets, the TLS configuration is
+    built once, candidates stay within MAX_CANDIDATES and expire, and the
+    refusals are counted under their names."""
+    from l3ptp.ipc.constants import MAX_CANDIDATES
+
+    async def main():
+        built: list[object] = []
+        async with worker_pair(engine=engine) as pair:
+            assert await pair.wait_established()
+            lt = pair.listener.tunnel
+            lt.engine = _counting_engine(engine, built)
+            lt._configs.clear()
+            peak = 0
+
+            async def watch():
+                nonlocal peak
+                while True:
+                    peak = max(peak, len(lt.candidates))
+                    await asyncio.sleep(0.01)
+
+            watcher = asyncio.create_task(watch())
+            flooding = asyncio.create_task(_flood_in_thread(pair.listener.config.port, mode=mode, seconds=1.5))
+            try:
+                await asyncio.sleep(0.3)
+                await _exchange(pair)  # during the flood
+                sent, _ = await flooding
+            finally:
+                watcher.cancel()
+            assert sent > 1000
+            await _exchange(pair)
+            assert lt.sessions == 1 and lt.established and pair.connector.tunnel.sessions == 1
+            assert peak <= MAX_CANDIDATES
+            assert len(built) == 1  # one server configuration for every attempt
+            d = lt.counters.drops
+            refused = d[DropReason.INITIAL_RETRY] + d[DropReason.INITIAL_OVER_BUDGET]
+            assert refused > 0, d
+            # Junk candidates die with their session timer: the table empties.
+            assert await wait_for(lambda: not lt.candidates, 10), lt.candidates
+            assert lt.counters.dgram_rx_packets == lt.counters.tun_tx_packets  # no stray DATAGRAM counted
+
+    run(main())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_restarted_peer_reconnects_through_retry_while_the_candidate_table_is_full(engine: Engine) -> None:
+    """Replayed Initials fill the candidate table; a restarted connector (new
+    port) gets a Retry, comes back with the token and replaces the session."""
+    from l3ptp.ipc.constants import MAX_CANDIDATES
+    from tests.support.flood import real_initials
+
+    async def main():
+        async with worker_pair(engine=engine) as pair:
+            assert await pair.wait_established()
+            lt = pair.listener.tunnel
+            port = pair.listener.config.port
+            socks = [udp_socket() for _ in range(MAX_CANDIDATES)]
+            lt.admission.sources.clear()  # the first session spent one of 127.0.0.1's budget
+            try:
+                for s, data in zip(socks, real_initials(MAX_CANDIDATES, ("127.0.0.1", port)), strict=True):
+                    s.sendto(data, ("127.0.0.1", port))
+                assert await wait_for(lambda: len(lt.candidates) == MAX_CANDIDATES, 5)
+                await pair.connector.stop()
+                retries = lt.counters.drops[DropReason.INITIAL_RETRY]
+                pair.connector = make_node(pair.connector.config, udp_socket())
+                pair.connector.start()
+                assert await wait_for(lambda: lt.sessions == 2 and lt.established, 10), lt.last_error
+                assert lt.counters.drops[DropReason.INITIAL_RETRY] > retries  # it came back with the token
+                await _exchange(pair)
+            finally:
+                for s in socks:
+                    s.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_listener_reveals_no_configured_timer_in_transport_parameters(engine: Engine) -> None:
+    """max_idle_timeout is the fixed QUIC_IDLE_TIMEOUT, whatever the keepalive."""
+    from l3ptp.ipc.constants import QUIC_IDLE_TIMEOUT
+
+    async def main():
+        for keepalive in (0.5, 2.0):
+            # An aioquic connector reads what the listener (either engine) announced.
+            async with worker_pair(listener_kw={"keepalive": keepalive, "engine": engine},
+                                   connector_kw={"engine": Engine.AIOQUIC}) as pair:
+                assert await pair.wait_established()
+                assert pair.connector.tunnel.active.conn._remote_max_idle_timeout == QUIC_IDLE_TIMEOUT
+
+    run(main())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("failure", ["unpinned key", "network", "endpoint"])
+def test_a_stranger_learns_only_authentication_failed(engine: Engine, failure: str) -> None:
+    """Whatever is wrong, the stranger hears one code and one reason, on the
+    stream and in the QUIC close; the listener keeps the detail for its log."""
+    async def main():
+        async with worker_pair(engine=engine) as pair:
+            assert await pair.wait_established()
+            lt = pair.listener.tunnel
+            own = new_keys() if failure == "unpinned key" else pair.ckeys
+            cfg = make_config(PeerRole.CONNECT, own=own, peer_fp=pair.lkeys.fingerprint,
+                              port=pair.listener.config.port, engine=engine,
+                              network="other" if failure == "network" else "net0",
+                              queue=1 if failure == "endpoint" else 0, queues=2)
+            stranger = make_node(cfg, udp_socket())
+            heard: list[object] = []
+            stranger.tunnel._new_session = _recording_sessions(stranger.tunnel._new_session, heard)
+            stranger.start()
+            try:
+                assert await wait_for(lambda: "AUTH_FAILED" in stranger.tunnel.last_error, 10)
+                assert stranger.tunnel.last_error.endswith("authentication failed"), stranger.tunnel.last_error
+                assert [type(m).__name__ for m in heard if type(m).__name__ != "Close"] == ["Challenge"]
+                assert lt.sessions == 1 and lt.established
+            finally:
+                await stranger.stop()
+
+    run(main())
+
+
+def _recording_sessions(new_session, heard: list[object]):
+    """Wrap Tunnel._new_session so that every message a session receives is recorded."""
+    def make(now):
+        session = new_session(now)
+        receive = session.receive
+
+        def recording(msg, t):
+            heard.append(msg)
+            return receive(msg, t)
+
+        session.receive = recording
+        return session
+
+    return make
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_candidates_expire_and_junk_at_a_candidates_address_is_bounded(engine: Engine, monkeypatch) -> None:
+    """A candidate that does not reach ESTABLISHED is gone after
+    CANDIDATE_LIFETIME even when the dead-peer timer is far away; datagrams
+    to its address beyond what a handshake needs, Initials with another DCID,
+    an empty datagram: all handled without harm and counted."""
+    from l3ptp.ipc.constants import CANDIDATE_DATAGRAMS_MAX
+    from l3ptp.worker import tunnel as tunnel_mod
+    from tests.support.flood import junk_initial, real_initials
+
+    monkeypatch.setattr(tunnel_mod, "CANDIDATE_LIFETIME", 0.5)
+
+    async def main():
+        lk, ck = new_keys(), new_keys()
+        lsock = udp_socket()
+        port = lsock.getsockname()[1]
+        listener = make_node(make_config(PeerRole.LISTEN, own=lk, peer_fp=ck.fingerprint, port=port, engine=engine,
+                                         keepalive=20.0), lsock)
+        listener.start()
+        sock = udp_socket()
+        try:
+            lt = listener.tunnel
+            (initial,) = real_initials(1, ("127.0.0.1", port))
+            sock.sendto(initial, ("127.0.0.1", port))
+            assert await wait_for(lambda: len(lt.candidates) == 1, 5)
+            sock.sendto(b"", ("127.0.0.1", port))
+            for _ in range(CANDIDATE_DATAGRAMS_MAX + 5):
+                sock.sendto(junk_initial(), ("127.0.0.1", port))  # another DCID each
+            assert await wait_for(lambda: lt.counters.drops[DropReason.INITIAL_TO_CANDIDATE] >= CANDIDATE_DATAGRAMS_MAX, 5)
+            assert await wait_for(lambda: not lt.candidates, 3), "the candidate did not expire"
+            assert lt.exit_reason is None and lt.state is not SessionState.STOPPED
+        finally:
+            sock.close()
+            await listener.stop()
 
     run(main())

@@ -44,7 +44,7 @@ def test_drop_reason_value_is_lower_case_name(reason: DropReason) -> None:
 @pytest.mark.parametrize("reason", list(DropReason))
 def test_drop_reason_named_where_why(reason: DropReason) -> None:
     where, _, why = reason.value.partition("_")
-    assert where in {"tun", "dgram", "queue"}
+    assert where in {"tun", "dgram", "queue", "initial"}
     assert why
 
 
@@ -75,7 +75,7 @@ def test_counters_snapshot_reports_every_traffic_counter_by_name() -> None:
     assert snap == {name: i for i, name in enumerate(TRAFFIC_FIELDS, start=1)}
     assert set(TRAFFIC_FIELDS) == {
         f"{where}_{way}_{what}" for where in ("tun", "dgram") for way in ("rx", "tx") for what in ("packets", "bytes")
-    }
+    } | {"unauth_rx_packets", "unauth_rx_bytes"}
 
 
 def test_counters_snapshot_is_a_copy() -> None:

@@ -15,7 +15,13 @@ import pytest
 from l3ptp.ipc.constants import ALPN, MAX_DATAGRAM_FRAME_SIZE, QUIC_DATAGRAM_OVERHEAD_MAX
 from l3ptp.ipc.control_messages import Engine
 from l3ptp.worker import keys
-from l3ptp.worker.engine import EngineClasses, EngineUnavailable, initial_dcid, load_engine
+from l3ptp.worker.admission import parse_initial
+from l3ptp.worker.engine import EngineClasses, EngineUnavailable, load_engine
+
+
+def initial_dcid(data: bytes) -> bytes | None:
+    initial = parse_initial(data)
+    return initial.dcid if initial is not None else None
 from tests.support.worker_fixtures import ENGINE_PAIRS, ENGINES
 
 CLIENT_ADDR = ("127.0.0.1", 40000)

@@ -6,7 +6,8 @@ import pytest
 
 from l3ptp.ipc.counters import Counters
 from l3ptp.ipc.errors import ErrorCode
-from l3ptp.ipc.peer_messages import Auth, Close, Hello, Keepalive, Ready, RouteUpdate
+from l3ptp.ipc.constants import AUTH_FAILED_REASON, PROTOCOL_VERSION
+from l3ptp.ipc.peer_messages import Auth, Challenge, Close, Hello, Keepalive, Ready, RouteUpdate
 from l3ptp.ipc.types import PeerRole
 from l3ptp.worker import keys
 from l3ptp.worker.session import (
@@ -88,7 +89,10 @@ def test_happy_path_message_order_and_context_ids() -> None:
     listener, connector, lfp, _ = _pair()
     all_l, all_c = _run(listener, connector, lfp)
     assert [type(m).__name__ for m in _sends(all_c)] == ["Hello", "Auth", "Ready"]
-    assert [type(m).__name__ for m in _sends(all_l)] == ["Hello", "Ready"]
+    # The listener's HELLO only after the connector's AUTH (protocol version 2).
+    assert [type(m).__name__ for m in _sends(all_l)] == ["Challenge", "Hello", "Ready"]
+    assert all(m.auth_nonce == b"" and m.protocol_version == PROTOCOL_VERSION == 2
+               for m in _sends(all_l + all_c) if isinstance(m, Hello))
     assert listener.state is State.ESTABLISHED and connector.state is State.ESTABLISHED
     est_l = next(a for a in all_l if isinstance(a, Established))
     est_c = next(a for a in all_c if isinstance(a, Established))
@@ -111,7 +115,7 @@ def test_wrong_listener_key_rejected_by_connector() -> None:
     other_raw, other_fp = _keys()
     listener, connector, lfp, _ = _pair()
     actions = connector.handshake_completed(0.0, other_fp, PAYLOAD)
-    assert actions[-1] == Closed(ErrorCode.AUTH_FAILED, actions[-1].reason, local=True)
+    assert actions[-1] == Closed(ErrorCode.AUTH_FAILED, actions[-1].reason, local=True, peer_reason=AUTH_FAILED_REASON)
     assert connector.state is State.CLOSED
     assert not any(isinstance(m, (Hello, Auth, Ready)) for m in _sends(actions))
 
@@ -149,9 +153,11 @@ def test_replayed_auth_from_another_session_rejected() -> None:
         (PeerRole.LISTEN, State.AWAIT_HELLO, "ready"),
         (PeerRole.LISTEN, State.AWAIT_HELLO, "auth"),
         (PeerRole.LISTEN, State.AWAIT_HELLO, "keepalive"),
-        (PeerRole.CONNECT, State.AWAIT_HELLO, "ready"),
-        (PeerRole.CONNECT, State.AWAIT_HELLO, "route_update"),
-        (PeerRole.CONNECT, State.AWAIT_HELLO, "auth"),
+        (PeerRole.LISTEN, State.AWAIT_HELLO, "challenge"),
+        (PeerRole.CONNECT, State.AWAIT_CHALLENGE, "ready"),
+        (PeerRole.CONNECT, State.AWAIT_CHALLENGE, "route_update"),
+        (PeerRole.CONNECT, State.AWAIT_CHALLENGE, "auth"),
+        (PeerRole.CONNECT, State.AWAIT_CHALLENGE, "hello"),
     ],
 )
 def test_illegal_message_closes_with_protocol_violation(role, state, msg_name) -> None:
@@ -166,6 +172,8 @@ def test_illegal_message_closes_with_protocol_violation(role, state, msg_name) -
         "auth": Auth(public_key=b"\0" * 32, signature=b"\0" * 64),
         "keepalive": Keepalive(monotonic_time=1.0, rx_packets=0, tx_packets=0, drop_counters={}),
         "route_update": RouteUpdate(add_routes=(), remove_routes=(), route_epoch=2),
+        "challenge": Challenge(auth_nonce=b"\1" * 32),
+        "hello": _hello_from(_params(PeerRole.LISTEN, raw, peer_fp)),
     }[msg_name]
     assert (role, state, type(msg)) not in TRANSITIONS
     actions = s.receive(msg, 0.1)
@@ -182,10 +190,61 @@ def test_hello_again_after_established_is_a_violation() -> None:
     assert listener.close_code is ErrorCode.PROTOCOL_VIOLATION
 
 
-def test_network_mismatch_and_version() -> None:
-    listener, connector, lfp, _ = _pair(network="other")
-    _run(listener, connector, lfp)
-    assert listener.close_code is ErrorCode.NETWORK_MISMATCH
+def _hello_from(params, *, version=PROTOCOL_VERSION, nonce=b""):
+    return Hello(protocol_version=version, network_id=params.network_id, endpoint_id=params.endpoint_id,
+                 node_id=params.node_id, supported_features=(), max_datagram_payload=PAYLOAD,
+                 requested_mtu=params.requested_mtu, supported_address_families=(4,), auth_nonce=nonce)
+
+
+def test_version_1_hello_refused_with_version_mismatch_before_anything_is_told() -> None:
+    listener, _, _, _ = _pair()
+    listener.handshake_completed(0.0, None, PAYLOAD)
+    actions = listener.receive(_hello_from(listener.params, version=1, nonce=b""), 0.1)
+    assert listener.close_code is ErrorCode.VERSION_MISMATCH
+    assert [type(m) for m in _sends(actions)] == [Close]
+
+
+def _bad_signature(auth: Auth) -> Auth:
+    return Auth(public_key=auth.public_key, signature=bytes([auth.signature[0] ^ 1]) + auth.signature[1:])
+
+
+@pytest.mark.parametrize("failure", ["network", "endpoint", "unpinned key", "bad signature"])
+def test_listener_tells_a_stranger_nothing_and_every_auth_failure_looks_the_same(failure) -> None:
+    """Before a good AUTH the listener sends CHALLENGE (a nonce) and, on any
+    failure, CLOSE(AUTH_FAILED, AUTH_FAILED_REASON): never its HELLO (node id,
+    network, MTU, budget), never which check failed."""
+    lraw, lfp = _keys()
+    craw, cfp = _keys()
+    _, stranger_fp = _keys()
+    listener = _session(_params(PeerRole.LISTEN, lraw, stranger_fp if failure == "unpinned key" else cfp), ctx=111)
+    cparams = _params(PeerRole.CONNECT, craw, lfp, network="other" if failure == "network" else "net0",
+                      endpoint=1 if failure == "endpoint" else 0)
+    connector = _session(cparams, ctx=222)
+    told = listener.handshake_completed(0.0, None, PAYLOAD)
+    to_l = _sends(connector.handshake_completed(0.0, lfp, PAYLOAD))
+    while to_l:
+        msg = to_l.pop(0)
+        if failure == "bad signature" and isinstance(msg, Auth):
+            msg = _bad_signature(msg)
+        out = listener.receive(msg, 0.1)
+        told += out
+        for m in _sends(out):
+            to_l += _sends(connector.receive(m, 0.2))
+    sent = _sends(told)
+    assert [type(m) for m in sent] == [Challenge, Close], sent
+    assert sent[-1] == Close(code=int(ErrorCode.AUTH_FAILED), reason=AUTH_FAILED_REASON)
+    closed = told[-1]
+    assert isinstance(closed, Closed) and closed.wire_reason == AUTH_FAILED_REASON
+    assert closed.reason != AUTH_FAILED_REASON  # the local log keeps the detail
+    assert listener.close_code is ErrorCode.AUTH_FAILED
+
+
+def test_connector_closes_a_wrong_listener_with_the_same_code_and_reason() -> None:
+    _, other_fp = _keys()
+    _, connector, _, _ = _pair()
+    actions = connector.handshake_completed(0.0, other_fp, PAYLOAD)
+    assert _sends(actions) == [Close(code=int(ErrorCode.AUTH_FAILED), reason=AUTH_FAILED_REASON)]
+    assert actions[-1].wire_reason == AUTH_FAILED_REASON
 
 
 def test_route_epochs_stale_ignored() -> None:
@@ -238,14 +297,14 @@ def test_advertise_after_own_ready_catches_up_when_established() -> None:
     connector = _session(_params(PeerRole.CONNECT, craw, lfp, routes=("198.19.20.0/24",)), ctx=222)
     listener.handshake_completed(0.0, None, PAYLOAD)
     hello = _sends(connector.handshake_completed(0.0, lfp, PAYLOAD))
-    to_c = _sends(listener.receive(hello[0], 0.1))
-    auth_ready = _sends(connector.receive(to_c[0], 0.2))  # Auth + Ready (old routes)
+    challenge = _sends(listener.receive(hello[0], 0.1))
+    auth = _sends(connector.receive(challenge[0], 0.15))
+    hello_ready = _sends(listener.receive(auth[0], 0.2))  # the listener's HELLO + READY
+    ready = _sends(connector.receive(hello_ready[0], 0.25))  # the connector's READY (old routes)
     assert connector.advertise(_readvertised(connector, ("198.19.21.0/24",))) == []
-    back = []
-    for m in auth_ready:
-        back += listener.receive(m, 0.3)
+    listener.receive(ready[0], 0.3)
     assert listener.state is State.ESTABLISHED and listener.peer_routes == {"198.19.20.0/24"}
-    out = connector.receive(_sends(back)[0], 0.4)  # the listener's READY
+    out = connector.receive(hello_ready[1], 0.4)  # the listener's READY
     update = [m for m in _sends(out) if isinstance(m, RouteUpdate)]
     assert update == [RouteUpdate(add_routes=("198.19.21.0/24",), remove_routes=("198.19.20.0/24",), route_epoch=2)]
     assert listener.receive(update[0], 0.5)[-1] == RoutesChanged(2, ("198.19.21.0/24",), ("198.19.0.2/24",))
