@@ -14,7 +14,7 @@ Modes:
 load) and returns how many datagrams it sent and in how many seconds. As a script (for a network
 namespace)::
 
-    python -m tests.support.flood HOST PORT --mode junk --ports 256 --seconds 5 [--bind ADDR]
+    python -m tests.support.flood HOST PORT --mode junk --ports 256 --seconds 5 [--bind ADDR] [--rate R]
 
 prints one JSON line ``{"sent": N, "seconds": S, "rate": R}``.
 """
@@ -54,7 +54,8 @@ def real_initials(count: int, server: tuple[str, int]) -> list[bytes]:
 
 
 def flood(host: str, port: int, *, mode: str = "junk", ports: int = 256, seconds: float = 5.0,
-          bind: str = "", templates: int = 64) -> tuple[int, float]:
+          bind: str = "", templates: int = 64, rate: float = 0.0) -> tuple[int, float]:
+    """Flood for `seconds`; `rate` > 0 paces the attempts to that many datagrams per second."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     socks = []
     try:
@@ -86,6 +87,8 @@ def flood(host: str, port: int, *, mode: str = "junk", ports: int = 256, seconds
             now = time.monotonic()
             if now >= deadline:
                 return sent, now - start
+            if rate > 0 and (ahead := start + i / rate - now) > 0:
+                time.sleep(min(ahead, deadline - now))
     finally:
         for s in socks:
             s.close()
@@ -99,8 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ports", type=int, default=256)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--bind", default="")
+    ap.add_argument("--rate", type=float, default=0.0, help="datagrams per second (default: as fast as it can)")
     args = ap.parse_args(argv)
-    sent, took = flood(args.host, args.port, mode=args.mode, ports=args.ports, seconds=args.seconds, bind=args.bind)
+    sent, took = flood(args.host, args.port, mode=args.mode, ports=args.ports, seconds=args.seconds, bind=args.bind,
+                       rate=args.rate)
     print(json.dumps({"sent": sent, "seconds": round(took, 3), "rate": round(sent / took)}))
     return 0
 
