@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from typing import Any
 
 import pytest
 
@@ -397,21 +399,34 @@ def _eager_engine(payloads: list[bytes], engine: Engine):
     return dataclasses.replace(base, QuicConnection=EagerConnection)
 
 
+@contextlib.asynccontextmanager
+async def listener_and_stranger(engine: Engine, intruder_engine: Any):
+    """A started listener pinned to a key nobody here holds and a started
+    connector with another key (`intruder_engine`); both stopped on exit.
+    Yields (listener config, listener, intruder)."""
+    lk, ck, stranger = new_keys(), new_keys(), new_keys()
+    lsock = udp_socket()
+    port = lsock.getsockname()[1]
+    lcfg = make_config(PeerRole.LISTEN, own=lk, peer_fp=ck.fingerprint, port=port, engine=engine)
+    listener = make_node(lcfg, lsock)
+    intruder = make_node(make_config(PeerRole.CONNECT, own=stranger, peer_fp=lk.fingerprint, port=port,
+                                     engine=engine), udp_socket(), engine=intruder_engine)
+    listener.start()
+    intruder.start()
+    try:
+        yield lcfg, listener, intruder
+    finally:
+        await intruder.stop()
+        await listener.stop()
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_no_datagram_accepted_from_an_unauthenticated_connector(engine: Engine) -> None:
     async def main():
-        lk, ck, stranger = new_keys(), new_keys(), new_keys()
-        lsock = udp_socket()
-        port = lsock.getsockname()[1]
-        listener = make_node(make_config(PeerRole.LISTEN, own=lk, peer_fp=ck.fingerprint, port=port, engine=engine), lsock)
         packet = ipv4_udp("198.19.0.2", "198.19.0.1", b"smuggled")
         # Any context id: the listener has not even chosen one for this peer.
         payloads = [encode_datagram(ctx, 0, packet) for ctx in range(5)]
-        intruder = make_node(make_config(PeerRole.CONNECT, own=stranger, peer_fp=lk.fingerprint, port=port, engine=engine),
-                             udp_socket(), engine=_eager_engine(payloads, engine))
-        listener.start()
-        intruder.start()
-        try:
+        async with listener_and_stranger(engine, _eager_engine(payloads, engine)) as (_, listener, _intruder):
             lt = listener.tunnel
             assert await wait_for(lambda: "AUTH_FAILED" in lt.last_error, 10), lt.last_error
             assert await wait_for(lambda: lt.counters.drops[DropReason.DGRAM_NOT_READY] >= 1, 5)
@@ -422,9 +437,6 @@ def test_no_datagram_accepted_from_an_unauthenticated_connector(engine: Engine) 
             assert lt.counters.drops[DropReason.DGRAM_NOT_READY] == lt.counters.unauth_rx_packets >= 1
             assert lt.counters.unauth_rx_bytes >= lt.counters.unauth_rx_packets
             assert lt.counters.dgram_rx_packets == lt.counters.dgram_rx_bytes == 0
-        finally:
-            await intruder.stop()
-            await listener.stop()
 
     run(main())
 
@@ -609,24 +621,12 @@ def test_a_strangers_close_reason_never_reaches_status(engine: Engine, how: str)
     from l3ptp.worker.app import status_message
 
     async def main():
-        lk, ck, stranger = new_keys(), new_keys(), new_keys()
-        lsock = udp_socket()
-        port = lsock.getsockname()[1]
-        lcfg = make_config(PeerRole.LISTEN, own=lk, peer_fp=ck.fingerprint, port=port, engine=engine)
-        listener = make_node(lcfg, lsock)
-        intruder = make_node(make_config(PeerRole.CONNECT, own=stranger, peer_fp=lk.fingerprint, port=port,
-                                         engine=engine), udp_socket(), engine=closing_engine(engine, how))
-        listener.start()
-        intruder.start()
-        try:
+        async with listener_and_stranger(engine, closing_engine(engine, how)) as (lcfg, listener, _intruder):
             lt = listener.tunnel
             assert await wait_for(lambda: "withheld" in lt.last_error, 10), lt.last_error
             for text in (lt.last_error, status_message(lcfg, lt).last_error):
                 assert "owned" not in text and "\x1b" not in text and "\\x1b" not in text
             assert lt.sessions == 0
-        finally:
-            await intruder.stop()
-            await listener.stop()
 
     run(main())
 
