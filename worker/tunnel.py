@@ -47,6 +47,8 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+import structlog
+
 from l3ptp.ipc.codec import StreamDecoder, frame
 from l3ptp.ipc.constants import (
     ALPN,
@@ -93,6 +95,12 @@ _MIN_INITIAL = 1200
 
 RoutesCallback = Callable[[int, RoutesChanged], None]
 
+log = structlog.get_logger("l3ptp.worker")
+
+
+def _addr_text(addr: tuple[Any, ...]) -> str:
+    return f"{addr[0]}:{addr[1]}"
+
 
 def _normalize_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """An address as the kernel reports it, with IPv4-mapped IPv6 unmapped."""
@@ -109,7 +117,7 @@ class _Peer:
     """One QUIC connection with its control session."""
 
     __slots__ = ("conn", "session", "addr", "decoder", "stream_id", "closing", "handshake_done", "established_at",
-                 "rekey_packets", "rekey_at", "probe_at", "probes", "expires", "datagrams", "cids")
+                 "rekey_packets", "rekey_at", "probe_at", "probes", "expires", "datagrams", "cids", "started_at")
 
     def __init__(self, conn: Any, session: Session, addr: tuple[Any, ...], expires: float = float("inf")) -> None:
         self.conn = conn
@@ -132,6 +140,8 @@ class _Peer:
         #: Liveness probe: its deadline (None: none running) and the PINGs sent so far.
         self.probe_at: float | None = None
         self.probes = 0
+        #: When the connection attempt started (connect, or the listener admitting it).
+        self.started_at = 0.0
 
 
 class Tunnel:
@@ -344,9 +354,11 @@ class Tunnel:
         conn = self.engine.QuicConnection(configuration=self._configuration(True))
         conn.connect(self._peer_addr, now=now)
         self.active = _Peer(conn, self._new_session(now), self._peer_addr)
+        self.active.started_at = now
         self._reconnect_at = None
         self.state = SessionState.HANDSHAKING
         self._transmit(self.active)
+        log.debug("quic_connect", peer=_addr_text(self._peer_addr))
 
     def _source_allowed(self, host: str) -> bool:
         allowed = self._ip_allowed.get(host)
@@ -383,9 +395,11 @@ class Tunnel:
         )
         peer = _Peer(conn, self._new_session(now), addr, expires=now + CANDIDATE_LIFETIME)
         peer.cids = (decision.original_dcid, conn.host_cid) + ((decision.retry_scid,) if decision.retry_scid else ())
+        peer.started_at = now
         self.candidates[addr] = peer
         if self.active is None:
             self.state = SessionState.HANDSHAKING
+        log.debug("candidate_admitted", peer=_addr_text(addr), validated=decision.retry_scid is not None)
         return peer
 
     def _all_peers(self) -> list[_Peer]:
@@ -442,18 +456,18 @@ class Tunnel:
                 datagrams, addr = recv()
             except (BlockingIOError, InterruptedError):
                 if count == 0 and self._icmp_errors():  # woken by the error queue alone
-                    self._probe(now)
+                    self._probe(now, "icmp")
                 break
             except OSError:
                 # ICMP errors (ECONNREFUSED) surface here.
                 self._icmp_errors()
-                self._probe(now)
+                self._probe(now, "icmp")
                 break
             count += len(datagrams)
             for data in datagrams:
                 if data == RESTART_HINT:
                     if self.active is not None and addr == self.active.addr:
-                        self._probe(now)
+                        self._probe(now, "hint")
                     continue
                 peer = self._route(data, addr, now)
                 if peer is None:
@@ -485,6 +499,7 @@ class Tunnel:
             self._hint_at = now + HINT_EVERY
             with contextlib.suppress(OSError):
                 self.sock.sendto(RESTART_HINT, addr)
+            log.debug("restart_hint_sent", peer=_addr_text(addr))
 
     def _icmp_errors(self) -> int:
         """Drain the socket's error queue (IP_RECVERR); how many errors it held."""
@@ -497,7 +512,7 @@ class Tunnel:
             n += 1
         return n
 
-    def _probe(self, now: float) -> None:
+    def _probe(self, now: float, why: str) -> None:
         """The peer's port said unreachable: PING the active session, unless a probe runs already (then
         its deadline moves: the new worker may still be starting)."""
         peer = self.active
@@ -507,6 +522,7 @@ class Tunnel:
             peer.probes += 1
             peer.conn.send_ping(peer.probes)
             self._transmit(peer)
+            log.debug("probe_started", why=why)
         peer.probe_at = now + PROBE_TIMEOUT + 3 * self.engine.smoothed_rtt(peer.conn)
         self._schedule()
 
@@ -549,6 +565,7 @@ class Tunnel:
 
     def _on_handshake(self, peer: _Peer) -> None:
         peer.handshake_done = True
+        log.debug("handshake_done", peer=_addr_text(peer.addr), ms=round((self._now() - peer.started_at) * 1000, 1))
         if self.active is peer or self.active is None:
             self.state = SessionState.AUTHENTICATING
         fp = None
@@ -619,6 +636,8 @@ class Tunnel:
         self.last_error = ""
         self._next_key_update(peer, self._now())
         self._start_tun()
+        log.info("session_established", peer=_addr_text(peer.addr), sessions=self.sessions,
+                 ms=round((self._now() - peer.started_at) * 1000, 1))
 
     # ---- key updates -------------------------------------------------------
 
@@ -657,6 +676,7 @@ class Tunnel:
             self.datapath.stop_session()
             self._stop_tun()
             self.last_error = reason
+            log.info("session_ended", peer=_addr_text(peer.addr), reason=reason[:200])
             if self.state is not SessionState.STOPPED:
                 if self.config.role is PeerRole.CONNECT:
                     self._schedule_reconnect()
@@ -805,6 +825,7 @@ class Tunnel:
                 self._update_keys(peer, now)
             if peer.probe_at is not None and now >= peer.probe_at and peer.session.state is not State.CLOSED:
                 peer.probe_at = None
+                log.debug("probe_failed")
                 self._apply(peer, peer.session.close(ErrorCode.DEAD_PEER, "peer port unreachable, PING unanswered"))
                 self._reconnect_at = now  # at once: the peer's new worker is listening by now
                 self._backoff = RECONNECT_BACKOFF_MIN
