@@ -88,6 +88,9 @@ PROBE_TIMEOUT = 0.15
 #: accepts after the handshake; the connector answers it with a liveness probe. At most one per HINT_EVERY s.
 RESTART_HINT = bytes([0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1])  # version 0, no DCID/SCID, "supports" QUIC v1
 HINT_EVERY = 0.1
+#: RESTART_HINTs a new listener sends at start to the peer its predecessor last reported
+#: (`WorkerConfig.last_peer`), HINT_EVERY s apart, until a connection attempt arrives.
+START_HINTS = 3
 IP_RECVERR, IPV6_RECVERR = 11, 25
 _UDP_MAX = 65535
 _SERVER_NAME = "l3ptp"
@@ -215,6 +218,10 @@ class Tunnel:
         self._peer_addr: tuple[Any, ...] | None = None
         self._peer_ip = _normalize_ip(config.peer_address) if config.peer_address else None
         self._hint_at = 0.0
+        #: Listener: where and when to send the next start hint, and how many are left.
+        self._start_hint: tuple[Any, ...] | None = None
+        self._start_hint_at = 0.0
+        self._start_hints_left = 0
         #: Source address text -> allowed (peer_address), for the few texts seen.
         self._ip_allowed: dict[str, bool] = {}
         #: QUIC configurations by is_client, each built once (its TLS
@@ -244,6 +251,10 @@ class Tunnel:
                 self._connect()
             else:
                 self.state = SessionState.CONNECTING
+                self._start_hint = self._last_peer()
+                if self._start_hint is not None:
+                    self._start_hints_left = START_HINTS
+                    self._send_start_hint(self._now())
             self._schedule()
             await self._stopped.wait()
         finally:
@@ -251,6 +262,28 @@ class Tunnel:
             self._stop_tun()
             if self._timer is not None:
                 self._timer.cancel()
+
+    def _last_peer(self) -> tuple[Any, ...] | None:
+        """The socket address of `config.last_peer` (listener), if it passes the peer_address filter."""
+        ip = _normalize_ip(self.config.last_peer) if self.config.last_peer else None
+        if ip is None or not self.config.last_peer_port or (self._peer_ip is not None and ip != self._peer_ip):
+            return None
+        if self.sock.family == socket.AF_INET6:
+            text = f"::ffff:{ip}" if ip.version == 4 else str(ip)
+            return (text, self.config.last_peer_port, 0, 0)
+        return (str(ip), self.config.last_peer_port) if ip.version == 4 else None
+
+    def _send_start_hint(self, now: float) -> None:
+        """Tell the connector of our predecessor's session that a new worker listens here (it probes that
+        session and reconnects): without this it would learn it only from its next packet to us, a
+        keepalive up to `keepalive_interval` later when the tunnel is idle in its direction."""
+        if self._start_hint is None or self._start_hints_left <= 0:
+            return
+        self._start_hints_left -= 1
+        self._start_hint_at = now + HINT_EVERY
+        with contextlib.suppress(OSError):
+            self.sock.sendto(RESTART_HINT, self._start_hint)
+        log.debug("start_hint_sent", peer=_addr_text(self._start_hint))
 
     def stop(self, code: ErrorCode = ErrorCode.SHUTDOWN, reason: str = "shutdown") -> None:
         """Send CLOSE to the peer (if any), close QUIC and end `run`."""
@@ -396,6 +429,7 @@ class Tunnel:
         peer = _Peer(conn, self._new_session(now), addr, expires=now + CANDIDATE_LIFETIME)
         peer.cids = (decision.original_dcid, conn.host_cid) + ((decision.retry_scid,) if decision.retry_scid else ())
         peer.started_at = now
+        self._start_hints_left = 0  # a connection attempt came: the connector heard us
         self.candidates[addr] = peer
         if self.active is None:
             self.state = SessionState.HANDSHAKING
@@ -513,10 +547,14 @@ class Tunnel:
         return n
 
     def _probe(self, now: float, why: str) -> None:
-        """The peer's port said unreachable: PING the active session, unless a probe runs already (then
-        its deadline moves: the new worker may still be starting)."""
+        """The peer's port said unreachable (`why` "icmp") or a new worker there does not know us ("hint"):
+        PING the active session, unless a probe runs already. A further ICMP error moves a running
+        probe's deadline (the port is still closed: the new worker is still starting, an Initial now
+        would be lost); a hint does not (a worker listens there now: reconnecting is what it waits for)."""
         peer = self.active
         if self.config.role is not PeerRole.CONNECT or peer is None or not peer.session.established:
+            return
+        if peer.probe_at is not None and why != "icmp":
             return
         if peer.probe_at is None:
             peer.probes += 1
@@ -802,6 +840,8 @@ class Tunnel:
                 deadlines.append(self.active.probe_at)
         if self._reconnect_at is not None:
             deadlines.append(self._reconnect_at)
+        if self._start_hints_left > 0:
+            deadlines.append(self._start_hint_at)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -832,4 +872,6 @@ class Tunnel:
             self._transmit(peer)
         if self._reconnect_at is not None and now >= self._reconnect_at and self.active is None:
             self._connect()
+        if self._start_hints_left > 0 and now >= self._start_hint_at:
+            self._send_start_hint(now)
         self._schedule()
