@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import grp
+import ipaddress
 import os
 import pwd
 import signal
@@ -103,6 +104,14 @@ log = structlog.get_logger("l3ptp.controller")
 KeyLoader = Callable[[str], bytes]
 HelperConnect = Callable[[str], Any]  # async (path) -> HelperClient
 SpawnerFactory = Callable[[ExitCallback], Spawner]
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def load_key_raw(path: str) -> bytes:
@@ -458,8 +467,10 @@ class Controller:
                 rt.last_error = action.reason
                 log.error("network_failed", network=action.network, reason=action.reason)
 
-    def _worker_config(self, rt: _Network, queue: int) -> WorkerConfig:
+    def _worker_config(self, rt: _Network, queue: int, last_peer: str = "") -> WorkerConfig:
         net, cfg = rt.net, self.config
+        host, _, port = last_peer.rpartition(":")
+        peer_ok = PeerRole(net.role) is PeerRole.LISTEN and _is_address(host) and port.isdigit() and 0 < int(port) < 65536
         return WorkerConfig(
             network=net.name,
             queue=queue,
@@ -487,6 +498,8 @@ class Controller:
             cpu=net.cpus[queue % len(net.cpus)] if net.cpus else -1,
             user=cfg.controller.worker_user,
             log_level="info",
+            last_peer=host if peer_ok else None,
+            last_peer_port=int(port) if peer_ok else 0,
         )
 
     async def _advertise(self, rt: _Network, queue: int) -> None:
@@ -505,11 +518,11 @@ class Controller:
 
     async def _spawn(self, rt: _Network, queue: int) -> None:
         now = self.clock()
-        rt.reports.pop(queue, None)
+        report = rt.reports.pop(queue, None)
         rt.idents.pop(queue, None)
         rt.routes.reset_queue(queue)
         try:
-            data = WORKER_CONFIG.encode(self._worker_config(rt, queue))
+            data = WORKER_CONFIG.encode(self._worker_config(rt, queue, report.peer if report is not None else ""))
             rt.advertised[queue] = rt.net.advertised_routes
             pid = await self.spawner.spawn(rt.net.name, queue, data)
         except Exception as exc:  # OSError, a key that cannot be read, ...

@@ -639,8 +639,10 @@ class Lab:
                            f"{(res.stderr or res.stdout).strip()[-2000:]}")
         return res
 
-    def popen(self, host: Host, argv: Sequence[str]) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    def popen(self, host: Host, argv: Sequence[str], *, stdout: Any = subprocess.PIPE) -> subprocess.Popen[str]:
+        """Start a tool inside `host`; `stdout` may be a file for a long run (a pipe nobody reads fills up
+        after 64 KiB and then blocks the tool)."""
+        proc = subprocess.Popen(list(argv), stdout=stdout, stderr=subprocess.PIPE, text=True,
                                 preexec_fn=_enter(host.netns), cwd="/", start_new_session=True)
         host.procs[f"tool-{proc.pid}"] = proc  # type: ignore[assignment]
         self._started.append(proc.pid)

@@ -29,6 +29,12 @@ Rules
   ``RESTART_BACKOFF_MIN * 2**(n-2)`` seconds, capped at
   ``RESTART_BACKOFF_MAX``, for the n-th (n >= 2). So a worker that crashes
   at once is never restarted in a tight loop.
+* A worker that ran ``RESTART_STABLE`` seconds or more before it exited was
+  started successfully: the queue's crash history (and its history of remote
+  exits) is forgotten first, so that exit is a first crash, restarted at
+  once. Killing a healthy worker (kill -9, the OOM killer) never delays its
+  replacement; only workers that die young (or were killed for silence)
+  build up the delay and FAILED.
 * The ``RESTART_MAX_IN_WINDOW``-th crash of one queue within
   ``RESTART_WINDOW`` marks the whole network FAILED (with the reason) and
   stops its other workers; so does a worker's ``fatal`` exit (a restart
@@ -61,6 +67,7 @@ from l3ptp.ipc.constants import (
     RESTART_BACKOFF_MAX,
     RESTART_BACKOFF_MIN,
     RESTART_MAX_IN_WINDOW,
+    RESTART_STABLE,
     RESTART_WINDOW,
     STOP_GRACE,
     WORKER_STATUS_TIMEOUT,
@@ -176,6 +183,8 @@ class WorkerSlot:
     pid: int | None = None
     #: Time of the last sign of life (spawn, hello, status).
     last_seen: float = 0.0
+    #: When the running process was spawned (or adopted).
+    spawned_at: float = 0.0
     #: BACKOFF: when to respawn. STOPPING: when to Kill.
     deadline: float | None = None
     #: The silence Kill was sent; don't send it again.
@@ -265,6 +274,7 @@ class NetworkSupervisor:
         s = self._slot(queue)
         s.move(_S.RUNNING)
         s.pid, s.last_seen, s.killed, s.deadline = pid, now, False, None
+        s.spawned_at = now
 
     def stop(self, now: float, reason: str) -> list[Action]:
         """Ask every worker to exit; pending restarts are cancelled."""
@@ -279,6 +289,7 @@ class NetworkSupervisor:
             # Stopped (or failed) while the spawn was in flight: not wanted any more.
             return [Kill(self.network, queue, pid, "not wanted any more")]
         s.pid, s.last_seen, s.killed = pid, now, False
+        s.spawned_at = now
         return []
 
     def on_spawn_failed(self, queue: int, now: float, reason: str) -> list[Action]:
@@ -323,6 +334,9 @@ class NetworkSupervisor:
         if s is None:
             return []
         was_killed = s.killed
+        if not was_killed and now - s.spawned_at >= RESTART_STABLE:  # it had started successfully: a fresh count
+            s.crashes.clear()
+            s.remote_exits.clear()
         reported, remote = s.exit_reason, s.exit_remote
         s.pid, s.killed, s.exit_reason, s.exit_remote = None, False, "", False
         if s.state is _S.STOPPING:

@@ -222,6 +222,10 @@ RESTART_BACKOFF_MIN = 0.5
 RESTART_BACKOFF_MAX = 30.0
 RESTART_WINDOW = 60.0
 RESTART_MAX_IN_WINDOW = 5
+#: A worker that ran this many seconds before it exited was started
+#: successfully (supervisord's startsecs): its crash history is forgotten, so
+#: it is restarted at once and a kill -9 now and then never adds a delay.
+RESTART_STABLE = 3.0
 #: Seconds between asking a worker to stop (Shutdown + SIGTERM) and SIGKILL.
 STOP_GRACE = 5.0
 #: Seconds the controller waits for one reply of the helper.

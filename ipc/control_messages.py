@@ -133,6 +133,12 @@ class WorkerConfig(Message):
     #: User to switch to when started as root ("" = stay).
     user: Name
     log_level: Annotated[str, Text(16, r"debug|info|warning|error")]
+    #: listen: the underlay address and port of the peer the previous worker of
+    #: this queue last reported (None, 0: none). The new worker sends it
+    #: RESTART_HINT at start, so the connector reconnects at once instead of
+    #: at its next packet (docs/worker.md, "Sessions, liveness, reconnect").
+    last_peer: AddressStr | None = None
+    last_peer_port: Annotated[int, Range(0, 65535)] = 0
 
 
 # ---- worker -> controller (bus) -------------------------------------------

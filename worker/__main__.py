@@ -1,6 +1,6 @@
 """`l3ptp-worker`: one queue of one network.
 
-Order (docs/worker.md): read `WorkerConfig` from stdin -> drop privileges
+Order (docs/worker.md): warm the QUIC engines up -> read `WorkerConfig` from stdin -> drop privileges
 (switch user if root and configured; clear ambient caps, no_new_privs,
 capset to zero, verify) -> claim the queue fd from the helper -> create and
 bind the UDP socket -> ask the helper to protect it -> run the tunnel and the
@@ -26,6 +26,7 @@ from l3ptp.ipc.errors import DecodeError
 from l3ptp.ipc.logsetup import configure
 from l3ptp.ipc.types import PeerRole
 
+from . import engine
 from .app import ZmqBus, run_worker
 from .helper_client import HelperClient, HelperRefused
 from .privileges import PrivilegeError, drop_privileges
@@ -107,7 +108,16 @@ async def _serve(config: WorkerConfig, tun_fd: int, sock: socket.socket) -> str:
         bus.close()
 
 
+def warm_up() -> None:
+    """Pay the QUIC engines' one-time costs before the config arrives (a spare waits for it here), not
+    in the recovery after a kill -9 (`engine.warm_up`: in memory, no I/O, no input from outside).
+    Best effort: an engine that fails here fails the real handshake too, with a reason."""
+    with contextlib.suppress(Exception):
+        engine.warm_up()
+
+
 def main() -> int:
+    warm_up()
     try:
         config = read_config(sys.stdin.buffer)
     except DecodeError as exc:

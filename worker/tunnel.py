@@ -47,6 +47,8 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+import structlog
+
 from l3ptp.ipc.codec import StreamDecoder, frame
 from l3ptp.ipc.constants import (
     ALPN,
@@ -86,12 +88,21 @@ PROBE_TIMEOUT = 0.15
 #: accepts after the handshake; the connector answers it with a liveness probe. At most one per HINT_EVERY s.
 RESTART_HINT = bytes([0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1])  # version 0, no DCID/SCID, "supports" QUIC v1
 HINT_EVERY = 0.1
+#: RESTART_HINTs a new listener sends at start to the peer its predecessor last reported
+#: (`WorkerConfig.last_peer`), HINT_EVERY s apart, until a connection attempt arrives.
+START_HINTS = 3
 IP_RECVERR, IPV6_RECVERR = 11, 25
 _UDP_MAX = 65535
 _SERVER_NAME = "l3ptp"
 _MIN_INITIAL = 1200
 
 RoutesCallback = Callable[[int, RoutesChanged], None]
+
+log = structlog.get_logger("l3ptp.worker")
+
+
+def _addr_text(addr: tuple[Any, ...]) -> str:
+    return f"{addr[0]}:{addr[1]}"
 
 
 def _normalize_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -109,7 +120,7 @@ class _Peer:
     """One QUIC connection with its control session."""
 
     __slots__ = ("conn", "session", "addr", "decoder", "stream_id", "closing", "handshake_done", "established_at",
-                 "rekey_packets", "rekey_at", "probe_at", "probes", "expires", "datagrams", "cids")
+                 "rekey_packets", "rekey_at", "probe_at", "probes", "expires", "datagrams", "cids", "started_at")
 
     def __init__(self, conn: Any, session: Session, addr: tuple[Any, ...], expires: float = float("inf")) -> None:
         self.conn = conn
@@ -132,6 +143,8 @@ class _Peer:
         #: Liveness probe: its deadline (None: none running) and the PINGs sent so far.
         self.probe_at: float | None = None
         self.probes = 0
+        #: When the connection attempt started (connect, or the listener admitting it).
+        self.started_at = 0.0
 
 
 class Tunnel:
@@ -205,6 +218,10 @@ class Tunnel:
         self._peer_addr: tuple[Any, ...] | None = None
         self._peer_ip = _normalize_ip(config.peer_address) if config.peer_address else None
         self._hint_at = 0.0
+        #: Listener: where and when to send the next start hint, and how many are left.
+        self._start_hint: tuple[Any, ...] | None = None
+        self._start_hint_at = 0.0
+        self._start_hints_left = 0
         #: Source address text -> allowed (peer_address), for the few texts seen.
         self._ip_allowed: dict[str, bool] = {}
         #: QUIC configurations by is_client, each built once (its TLS
@@ -234,6 +251,10 @@ class Tunnel:
                 self._connect()
             else:
                 self.state = SessionState.CONNECTING
+                self._start_hint = self._last_peer()
+                if self._start_hint is not None:
+                    self._start_hints_left = START_HINTS
+                    self._send_start_hint(self._now())
             self._schedule()
             await self._stopped.wait()
         finally:
@@ -241,6 +262,28 @@ class Tunnel:
             self._stop_tun()
             if self._timer is not None:
                 self._timer.cancel()
+
+    def _last_peer(self) -> tuple[Any, ...] | None:
+        """The socket address of `config.last_peer` (listener), if it passes the peer_address filter."""
+        ip = _normalize_ip(self.config.last_peer) if self.config.last_peer else None
+        if ip is None or not self.config.last_peer_port or (self._peer_ip is not None and ip != self._peer_ip):
+            return None
+        if self.sock.family == socket.AF_INET6:
+            text = f"::ffff:{ip}" if ip.version == 4 else str(ip)
+            return (text, self.config.last_peer_port, 0, 0)
+        return (str(ip), self.config.last_peer_port) if ip.version == 4 else None
+
+    def _send_start_hint(self, now: float) -> None:
+        """Tell the connector of our predecessor's session that a new worker listens here (it probes that
+        session and reconnects): without this it would learn it only from its next packet to us, a
+        keepalive up to `keepalive_interval` later when the tunnel is idle in its direction."""
+        if self._start_hint is None or self._start_hints_left <= 0:
+            return
+        self._start_hints_left -= 1
+        self._start_hint_at = now + HINT_EVERY
+        with contextlib.suppress(OSError):
+            self.sock.sendto(RESTART_HINT, self._start_hint)
+        log.debug("start_hint_sent", peer=_addr_text(self._start_hint))
 
     def stop(self, code: ErrorCode = ErrorCode.SHUTDOWN, reason: str = "shutdown") -> None:
         """Send CLOSE to the peer (if any), close QUIC and end `run`."""
@@ -344,9 +387,11 @@ class Tunnel:
         conn = self.engine.QuicConnection(configuration=self._configuration(True))
         conn.connect(self._peer_addr, now=now)
         self.active = _Peer(conn, self._new_session(now), self._peer_addr)
+        self.active.started_at = now
         self._reconnect_at = None
         self.state = SessionState.HANDSHAKING
         self._transmit(self.active)
+        log.debug("quic_connect", peer=_addr_text(self._peer_addr))
 
     def _source_allowed(self, host: str) -> bool:
         allowed = self._ip_allowed.get(host)
@@ -383,9 +428,12 @@ class Tunnel:
         )
         peer = _Peer(conn, self._new_session(now), addr, expires=now + CANDIDATE_LIFETIME)
         peer.cids = (decision.original_dcid, conn.host_cid) + ((decision.retry_scid,) if decision.retry_scid else ())
+        peer.started_at = now
+        self._start_hints_left = 0  # a connection attempt came: the connector heard us
         self.candidates[addr] = peer
         if self.active is None:
             self.state = SessionState.HANDSHAKING
+        log.debug("candidate_admitted", peer=_addr_text(addr), validated=decision.retry_scid is not None)
         return peer
 
     def _all_peers(self) -> list[_Peer]:
@@ -442,18 +490,18 @@ class Tunnel:
                 datagrams, addr = recv()
             except (BlockingIOError, InterruptedError):
                 if count == 0 and self._icmp_errors():  # woken by the error queue alone
-                    self._probe(now)
+                    self._probe(now, "icmp")
                 break
             except OSError:
                 # ICMP errors (ECONNREFUSED) surface here.
                 self._icmp_errors()
-                self._probe(now)
+                self._probe(now, "icmp")
                 break
             count += len(datagrams)
             for data in datagrams:
                 if data == RESTART_HINT:
                     if self.active is not None and addr == self.active.addr:
-                        self._probe(now)
+                        self._probe(now, "hint")
                     continue
                 peer = self._route(data, addr, now)
                 if peer is None:
@@ -485,6 +533,7 @@ class Tunnel:
             self._hint_at = now + HINT_EVERY
             with contextlib.suppress(OSError):
                 self.sock.sendto(RESTART_HINT, addr)
+            log.debug("restart_hint_sent", peer=_addr_text(addr))
 
     def _icmp_errors(self) -> int:
         """Drain the socket's error queue (IP_RECVERR); how many errors it held."""
@@ -497,16 +546,21 @@ class Tunnel:
             n += 1
         return n
 
-    def _probe(self, now: float) -> None:
-        """The peer's port said unreachable: PING the active session, unless a probe runs already (then
-        its deadline moves: the new worker may still be starting)."""
+    def _probe(self, now: float, why: str) -> None:
+        """The peer's port said unreachable (`why` "icmp") or a new worker there does not know us ("hint"):
+        PING the active session, unless a probe runs already. A further ICMP error moves a running
+        probe's deadline (the port is still closed: the new worker is still starting, an Initial now
+        would be lost); a hint does not (a worker listens there now: reconnecting is what it waits for)."""
         peer = self.active
         if self.config.role is not PeerRole.CONNECT or peer is None or not peer.session.established:
+            return
+        if peer.probe_at is not None and why != "icmp":
             return
         if peer.probe_at is None:
             peer.probes += 1
             peer.conn.send_ping(peer.probes)
             self._transmit(peer)
+            log.debug("probe_started", why=why)
         peer.probe_at = now + PROBE_TIMEOUT + 3 * self.engine.smoothed_rtt(peer.conn)
         self._schedule()
 
@@ -549,6 +603,7 @@ class Tunnel:
 
     def _on_handshake(self, peer: _Peer) -> None:
         peer.handshake_done = True
+        log.debug("handshake_done", peer=_addr_text(peer.addr), ms=round((self._now() - peer.started_at) * 1000, 1))
         if self.active is peer or self.active is None:
             self.state = SessionState.AUTHENTICATING
         fp = None
@@ -619,6 +674,8 @@ class Tunnel:
         self.last_error = ""
         self._next_key_update(peer, self._now())
         self._start_tun()
+        log.info("session_established", peer=_addr_text(peer.addr), sessions=self.sessions,
+                 ms=round((self._now() - peer.started_at) * 1000, 1))
 
     # ---- key updates -------------------------------------------------------
 
@@ -657,6 +714,7 @@ class Tunnel:
             self.datapath.stop_session()
             self._stop_tun()
             self.last_error = reason
+            log.info("session_ended", peer=_addr_text(peer.addr), reason=reason[:200])
             if self.state is not SessionState.STOPPED:
                 if self.config.role is PeerRole.CONNECT:
                     self._schedule_reconnect()
@@ -782,6 +840,8 @@ class Tunnel:
                 deadlines.append(self.active.probe_at)
         if self._reconnect_at is not None:
             deadlines.append(self._reconnect_at)
+        if self._start_hints_left > 0:
+            deadlines.append(self._start_hint_at)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -805,10 +865,13 @@ class Tunnel:
                 self._update_keys(peer, now)
             if peer.probe_at is not None and now >= peer.probe_at and peer.session.state is not State.CLOSED:
                 peer.probe_at = None
+                log.debug("probe_failed")
                 self._apply(peer, peer.session.close(ErrorCode.DEAD_PEER, "peer port unreachable, PING unanswered"))
                 self._reconnect_at = now  # at once: the peer's new worker is listening by now
                 self._backoff = RECONNECT_BACKOFF_MIN
             self._transmit(peer)
         if self._reconnect_at is not None and now >= self._reconnect_at and self.active is None:
             self._connect()
+        if self._start_hints_left > 0 and now >= self._start_hint_at:
+            self._send_start_hint(now)
         self._schedule()

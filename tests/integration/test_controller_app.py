@@ -635,3 +635,25 @@ def test_a_bus_message_that_fails_to_apply_does_not_stop_the_controller() -> Non
             assert rc == 0 and "network: office" in out, err
 
     run(body)
+
+
+def test_a_restarted_listener_worker_is_told_the_peer_its_predecessor_reported() -> None:
+    """Issue 13: the new worker of a listen network sends RESTART_HINT to that address at start (the
+    connector reconnects at once instead of at its next packet); a connect network's worker gets none."""
+    async def body() -> None:
+        async with running({"office": office(), "lab": lab()}) as env:
+            procs = {p.network: p for p in env.spawner.live() if p.queue == 0}
+            assert all(p.config.last_peer is None and p.config.last_peer_port == 0 for p in procs.values())
+            for p in procs.values():
+                await env.say(p.pid, WorkerHello(network=p.network, queue=0, pid=p.pid))
+                await env.report(p.pid)  # peer "198.18.0.2:4433"
+            await until(lambda: all(0 in env.controller.networks[n].reports for n in procs))
+            for p in procs.values():
+                env.spawner.crash(p.pid, -9)
+            await until(lambda: {n for n in procs if any(q.queue == 0 and q.pid != procs[n].pid
+                                                         for q in env.spawner.live(n))} == set(procs))
+            new = {n: next(q for q in env.spawner.live(n) if q.queue == 0) for n in procs}
+            assert (new["office"].config.last_peer, new["office"].config.last_peer_port) == ("198.18.0.2", 4433)
+            assert (new["lab"].config.last_peer, new["lab"].config.last_peer_port) == (None, 0)
+
+    run(body)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from l3ptp.ipc.peer_messages import PEER_CONTROL
 from l3ptp.ipc.types import PeerRole
 from l3ptp.worker.engine import load_engine
 from l3ptp.worker.header import encode_datagram
+from l3ptp.worker.tunnel import RESTART_HINT
 from tests.support.hostile_peer import HOSTILE, HOSTILE_SHOWN, closing_engine, send_close
 from tests.support.packets import ipv4_icmp_echo, ipv4_udp, ipv6_icmp_echo, ipv6_udp
 from tests.support.worker_fixtures import (
@@ -301,6 +303,69 @@ def test_connector_hinted_by_a_listener_restarted_at_once_reconnects_long_before
             assert await wait_for(lambda: connector.tunnel.sessions >= 2 and connector.tunnel.established
                                   and pair.listener.tunnel.established, 5)
             assert asyncio.get_running_loop().time() - t0 < 5  # dead-peer detection alone takes 30 s
+
+    run(main())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_restarted_listener_told_its_predecessors_peer_hints_it_at_start(engine: Engine) -> None:
+    """Issue 13: the tunnel is idle toward the listener (the connector sends nothing until its keepalive,
+    10 s here), so without a word from the new listener the connector would learn of it only then. Told
+    the peer its predecessor last reported (`WorkerConfig.last_peer`), the new listener hints it at once."""
+    async def main():
+        slow = {"keepalive": 10.0}
+        async with worker_pair(engine=engine, listener_kw=slow, connector_kw=slow) as pair:
+            connector = pair.connector
+            assert await pair.wait_established()
+            old = pair.listener
+            old.tunnel.active = None
+            old.tunnel.candidates.clear()
+            port = old.config.port
+            await old.stop()  # a crash: no CLOSE
+            host, cport = connector.sock.getsockname()[:2]
+            config = dataclasses.replace(old.config, last_peer=host, last_peer_port=cport)
+            pair.listener = make_node(config, udp_socket(port))
+            pair.listener.start()
+            t0 = asyncio.get_running_loop().time()
+            assert await wait_for(lambda: connector.tunnel.sessions >= 2 and connector.tunnel.established
+                                  and pair.listener.tunnel.established, 5)
+            assert asyncio.get_running_loop().time() - t0 < 5  # the keepalive would come after 10 s
+            p = ipv4_udp("198.19.0.2", "198.19.0.1", b"after")
+            connector.tun.inject(p)
+            assert await pair.listener.tun.async_wait_packets(1, 5) == [p]
+
+    run(main())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_hints_do_not_keep_a_failing_probe_alive(engine: Engine) -> None:
+    """A new worker on the listener's port answers every packet of the old session with RESTART_HINT
+    (each PING retransmission draws one): the probe still ends PROBE_TIMEOUT (+ 3 RTT) after it began,
+    not after the last hint, so the connector reconnects while the hints go on."""
+    async def main():
+        slow = {"keepalive": 10.0}
+        async with worker_pair(engine=engine, listener_kw=slow, connector_kw=slow) as pair:
+            connector = pair.connector
+            assert await pair.wait_established()
+            old = pair.listener
+            old.tunnel.active = None
+            old.tunnel.candidates.clear()
+            port = old.config.port
+            await old.stop()  # a crash: no CLOSE
+            hinter = udp_socket(port)  # a listener that hints and never answers
+            target = connector.sock.getsockname()
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            try:
+                while loop.time() - t0 < 2.0 and connector.tunnel.sessions < 2 and connector.tunnel.established:
+                    hinter.sendto(RESTART_HINT, target)
+                    await asyncio.sleep(0.02)
+                ended = loop.time() - t0
+            finally:
+                hinter.close()
+            assert "PING unanswered" in connector.tunnel.last_error or connector.tunnel.state is not \
+                SessionState.ESTABLISHED
+            assert ended < 1.0, f"the probe lasted {ended:.2f} s under hints every 20 ms"
 
     run(main())
 

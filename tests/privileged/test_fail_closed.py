@@ -16,6 +16,7 @@ import select
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -84,16 +85,23 @@ class UnderlaySniffer:
 
 
 class Pinger:
-    """`ping -D -i interval` from `host` to `dst`; `gaps()` are the pauses between replies."""
+    """`ping -D -i interval` from `host` to `dst`; `stop()` gives the reply times.
+
+    Its output goes to a file: a pipe read only at the end fills after 64 KiB (about 20 s at 50/s) and
+    then blocks ping, which would stop sending and show a pause that is not the tunnel's."""
 
     def __init__(self, lab: Lab, host: Any, dst: str, interval: float) -> None:
-        self.proc = lab.popen(host, ["ping", "-n", "-D", "-i", str(interval), "-W", "1", dst])
+        self.out = tempfile.TemporaryFile("w+")
+        self.proc = lab.popen(host, ["ping", "-n", "-D", "-i", str(interval), "-W", "1", dst], stdout=self.out)
         self.interval = interval
 
     def stop(self) -> list[float]:
         """Stop; the reply times (epoch seconds) in order."""
         self.proc.send_signal(signal.SIGINT)
-        out, _ = self.proc.communicate(timeout=10)
+        self.proc.communicate(timeout=10)
+        self.out.seek(0)
+        out = self.out.read()
+        self.out.close()
         return [float(m.group(1)) for m in re.finditer(r"^\[(\d+\.\d+)\] \d+ bytes from", out, re.M)]
 
 
@@ -185,10 +193,13 @@ def test_no_packet_for_the_tunnel_prefixes_leaves_on_the_underlay_across_restart
     assert sniffer.leaks == []
 
 
-def carrying_worker(lab: Lab) -> int:
-    """The pid of A's worker whose TUN queue the running ping uses (its tun_rx_packets grow most)."""
+def carrying_worker(lab: Lab, host: Any = None) -> int:
+    """The pid of `host`'s (default A's) worker whose TUN queue the running ping uses (its tun_rx_packets
+    grow most: on A the requests, on B the replies)."""
+    host = host or lab.a
+
     def counts() -> dict[int, int]:
-        return {q["pid"]: q["counters"].get("tun_rx_packets", 0) for q in lab.network(lab.a)["queues"]}
+        return {q["pid"]: q["counters"].get("tun_rx_packets", 0) for q in lab.network(host)["queues"]}
 
     before = counts()
     time.sleep(2.5)  # two status reports
@@ -196,33 +207,46 @@ def carrying_worker(lab: Lab) -> int:
     return max(after, key=lambda pid: after[pid] - before.get(pid, 0))
 
 
-#: Longest pause allowed across kill -9 of a worker (see the test).
-MAX_WORKER_GAP = 2.0
+#: Longest pause allowed across kill -9 of the controller or of a worker: the issue's target.
+MAX_GAP = 1.0
+#: kill -9 of the worker carrying the ping, this many times, alternating between A's (the listener:
+#: the connector must learn of the new worker) and B's (the connector: its new worker dials at once).
+WORKER_KILLS = 6
+#: Seconds watched after each kill.
+WATCH = 3.0
 
 
 @pytest.mark.parametrize("what", ["controller", "worker"])
 def test_traffic_pauses_under_a_second_across_kill_9(lab: Lab, what: str) -> None:
     _settle(lab)
     pinger = Pinger(lab, lab.a, lab.b.overlay4, 0.02)
+    windows: list[tuple[str, float, float]] = []
     try:
-        victim = carrying_worker(lab) if what == "worker" else 0
-        start = time.time()
         if what == "controller":
+            start = time.time()
             os.kill(lab.a.procs["controller"].pid, signal.SIGKILL)
             lab.a.procs["controller"].wait(10)
             time.sleep(2)  # systemd's RestartSec
             lab.start_controller(lab.a)
+            time.sleep(5)
+            windows.append(("controller", start, time.time()))
         else:
-            os.kill(victim, signal.SIGKILL)
-        time.sleep(5)
-        end = time.time()
+            for i in range(WORKER_KILLS):
+                host = (lab.a, lab.b)[i % 2]
+                _settle(lab)
+                # A worker killed before it ran RESTART_STABLE (3 s) would be restarted with a delay by
+                # design (crash loop protection); each victim here ran over 5 s (the watch, the settle,
+                # the 2.5 s measure).
+                victim = carrying_worker(lab, host)
+                start = time.time()
+                os.kill(victim, signal.SIGKILL)
+                time.sleep(WATCH)
+                windows.append((f"{host.name}'s worker (kill {i + 1})", start, time.time()))
     finally:
         replies = pinger.stop()
-    gap = longest_gap(replies, start, end)
-    print(f"longest pause in replies across kill -9 of the {what}: {gap:.3f} s")
-    # The issue's target is 1 s, and so is the bound for the controller. A worker's
-    # recovery measures 0.36-0.56 s in most runs but 1.09-1.19 s in some, also on an
-    # idle machine (issue 13 stays open for it); the bound here is what holds every
-    # time, still far below the 3.47 s of the code before.
-    bound = 1.0 if what == "controller" else MAX_WORKER_GAP
-    assert gap < bound, f"{gap:.3f} s without replies after kill -9 of the {what}"
+    gaps = [(name, longest_gap(replies, start, end)) for name, start, end in windows]
+    for name, gap in gaps:
+        print(f"longest pause in replies across kill -9 of {name}: {gap:.3f} s")
+    # The issue's target, every time. Before issue 13's fixes a worker's kill measured 0.36-0.63 s in
+    # most runs but 1.1-1.2 s in some, and 2-3.5 s for a queue killed again within a minute.
+    assert all(gap < MAX_GAP for _, gap in gaps), gaps

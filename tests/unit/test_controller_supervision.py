@@ -21,6 +21,7 @@ from l3ptp.ipc.constants import (
     RESTART_BACKOFF_MAX,
     RESTART_BACKOFF_MIN,
     RESTART_MAX_IN_WINDOW,
+    RESTART_STABLE,
     RESTART_WINDOW,
     WORKER_STATUS_TIMEOUT,
 )
@@ -288,3 +289,28 @@ def test_last_words_after_the_exit_are_not_kept_for_the_next_worker() -> None:
     sup.on_alive(0, pid, clock.now)
     sup.on_exit(pid, clock.now, 1)
     assert sup.slots[0].last_error == "exited with status 1" and len(sup.slots[0].crashes) == 2
+
+
+def test_a_worker_that_ran_long_enough_is_restarted_at_once_every_time() -> None:
+    """kill -9 of a healthy worker, again and again: each replacement ran RESTART_STABLE s, so each exit is
+    a first crash (restarted at once) and the network never fails; a young death still counts."""
+    sup, clock, (pid,) = started()
+    for _ in range(RESTART_MAX_IN_WINDOW * 2):
+        clock.advance(RESTART_STABLE)
+        assert sup.on_exit(pid, clock.now, -9) == []
+        assert sup.slots[0].deadline == clock.now and len(sup.slots[0].crashes) == 1
+        pid = respawn(sup, clock)
+    assert not sup.failed
+    clock.advance(RESTART_STABLE - 0.1)  # died young: the second crash in the window
+    sup.on_exit(pid, clock.now, -9)
+    assert sup.slots[0].deadline == clock.now + backoff_delay(2) and len(sup.slots[0].crashes) == 2
+
+
+def test_a_worker_killed_for_silence_keeps_its_crash_history() -> None:
+    sup, clock, (pid,) = started()
+    sup.on_exit(pid, clock.now, 1)
+    pid = respawn(sup, clock)
+    clock.advance(WORKER_STATUS_TIMEOUT + 1)
+    assert sup.tick(clock.now) == [Kill("office", 0, pid, sup.slots[0].last_error)]
+    sup.on_exit(pid, clock.now, -9)
+    assert len(sup.slots[0].crashes) == 2 and sup.slots[0].deadline == clock.now + backoff_delay(2)
