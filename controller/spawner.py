@@ -21,6 +21,9 @@ __all__ = ["ExitCallback", "ProcessSpawner", "Spawner", "worker_argv"]
 
 ExitCallback = Callable[[int, int | None], None]
 
+#: Popen objects of released (handed-over) workers; see `ProcessSpawner.release`.
+_RELEASED: list[object] = []
+
 
 class Spawner(Protocol):
     async def spawn(self, network: str, queue: int, stdin_data: bytes) -> int:
@@ -150,6 +153,9 @@ class ProcessSpawner:
                 transport = getattr(proc, "_transport", None)
                 if transport is not None:
                     transport._closed = True  # noqa: SLF001 - see above
+                    # Kept until the interpreter exits: no finaliser then warns about (or waits for)
+                    # a child that is the next controller's.
+                    _RELEASED.append(transport.get_extra_info("subprocess"))
             fd = self._adopted.pop(pid, None)
             if fd is not None:
                 asyncio.get_running_loop().remove_reader(fd)
