@@ -153,8 +153,8 @@ def _phases(lab: Lab) -> list[tuple[str, Any]]:
         time.sleep(2)  # systemd's RestartSec
         lab.start_controller(a)
 
-    def controller_restart() -> None:  # systemctl restart l3ptp-controller: workers stopped, network kept
-        assert lab.stop_process(a, "controller") == 0
+    def controller_restart() -> None:  # systemctl restart l3ptp-controller: workers handed over, network kept
+        assert lab.stop_controller(a, handover=True) == 0
         lab.start_controller(a)
 
     def worker_kill9() -> None:
@@ -200,10 +200,13 @@ def carrying_worker(lab: Lab) -> int:
 MAX_WORKER_GAP = 2.0
 
 
-@pytest.mark.parametrize("what", ["controller", "worker"])
+@pytest.mark.parametrize("what", ["controller", "controller-restart", "worker"])
 def test_traffic_pauses_under_a_second_across_kill_9(lab: Lab, what: str) -> None:
+    """kill -9 of the controller (restarted after systemd's RestartSec), an orderly restart of it
+    (SIGTERM, then started again: `systemctl restart`), kill -9 of the worker carrying the ping."""
     _settle(lab)
     pinger = Pinger(lab, lab.a, lab.b.overlay4, 0.02)
+    workers_before = lab.pids(lab.a)["workers"]
     try:
         victim = carrying_worker(lab) if what == "worker" else 0
         start = time.time()
@@ -212,6 +215,9 @@ def test_traffic_pauses_under_a_second_across_kill_9(lab: Lab, what: str) -> Non
             lab.a.procs["controller"].wait(10)
             time.sleep(2)  # systemd's RestartSec
             lab.start_controller(lab.a)
+        elif what == "controller-restart":
+            assert lab.stop_controller(lab.a, handover=True) == 0
+            lab.start_controller(lab.a)
         else:
             os.kill(victim, signal.SIGKILL)
         time.sleep(5)
@@ -219,10 +225,13 @@ def test_traffic_pauses_under_a_second_across_kill_9(lab: Lab, what: str) -> Non
     finally:
         replies = pinger.stop()
     gap = longest_gap(replies, start, end)
-    print(f"longest pause in replies across kill -9 of the {what}: {gap:.3f} s")
+    print(f"longest pause in replies across {what} ({'restart' if what.endswith('restart') else 'kill -9'}): "
+          f"{gap:.3f} s")
+    if what.startswith("controller"):  # the workers outlived it and were adopted, not respawned
+        assert lab.pids(lab.a)["workers"] == workers_before
     # The issue's target is 1 s, and so is the bound for the controller. A worker's
     # recovery measures 0.36-0.56 s in most runs but 1.09-1.19 s in some, also on an
     # idle machine (issue 13 stays open for it); the bound here is what holds every
     # time, still far below the 3.47 s of the code before.
-    bound = 1.0 if what == "controller" else MAX_WORKER_GAP
-    assert gap < bound, f"{gap:.3f} s without replies after kill -9 of the {what}"
+    bound = 1.0 if what.startswith("controller") else MAX_WORKER_GAP
+    assert gap < bound, f"{gap:.3f} s without replies after {what}"
