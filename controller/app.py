@@ -181,6 +181,9 @@ class Controller:
         self.metrics_snapshot: Any = None
         self._metrics_server: Any = None
         self._predecessor_crashed = False
+        self._handed_over = False
+        #: Set by the orderly stop: the bus is no longer used (see `_shutdown`).
+        self._leaving = False
 
     # ---- paths ---------------------------------------------------------------
 
@@ -325,6 +328,10 @@ class Controller:
         while no worker runs (fail-closed); `l3ptp down`, a reload without the network, or
         `l3ptp-helper --cleanup` removes them."""
         log.info("controller_stopping", handover_grace=HANDOVER_GRACE)
+        # From now on nothing else goes to a worker on the bus (a Heartbeat after the Handover would
+        # cancel its grace) and nothing from one is acted on (a handed-over worker's next status must
+        # not look like a stranger's).
+        self._leaving = True
         handed: set[int] = set()
         release = getattr(self.spawner, "release", None)
         if release is not None and self.bus is not None:
@@ -340,7 +347,7 @@ class Controller:
                 for rt in self.networks.values():
                     for slot in rt.sup.slots:
                         if slot.pid in handed:
-                            await self.bus.send(rt.idents[slot.queue], Handover(grace=HANDOVER_GRACE))
+                            await self.bus.send(rt.idents.pop(slot.queue), Handover(grace=HANDOVER_GRACE))
                             log.info("worker_handed_over", network=rt.net.name, queue=slot.queue, pid=slot.pid)
                 release(handed)
         for name, rt in list(self.networks.items()):
@@ -629,6 +636,8 @@ class Controller:
                           error=repr(exc))
 
     async def _on_bus(self, ident: bytes, msg: Any) -> None:
+        if self._leaving:
+            return
         rt = self.networks.get(msg.network)
         if rt is None or not 0 <= msg.queue < rt.net.queues:
             log.warning("bus_unknown_worker", network=msg.network, queue=msg.queue)
@@ -698,7 +707,7 @@ class Controller:
             for rt in list(self.networks.values()):
                 await self._execute(rt, rt.sup.tick(now))
             self.metrics_snapshot = self.status(verbose=True)
-            if now - self._last_heartbeat >= HEARTBEAT_INTERVAL and self.bus is not None:
+            if now - self._last_heartbeat >= HEARTBEAT_INTERVAL and self.bus is not None and not self._leaving:
                 self._last_heartbeat = now
                 for rt in list(self.networks.values()):
                     for ident in list(rt.idents.values()):

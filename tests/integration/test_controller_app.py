@@ -435,7 +435,9 @@ def test_orderly_stop_hands_the_workers_over_and_the_next_controller_adopts_them
                 got = await _next_down(env.worker(p.pid), Handover)
                 assert got.grace == HANDOVER_GRACE
             await until(lambda: env.controller.bus is None or env.controller.networks == {}, timeout=5)
-            await asyncio.sleep(0.3)
+            for p in procs:  # the Handover was the last word: no Heartbeat, no Shutdown after it
+                with pytest.raises(TimeoutError):
+                    await _next_down(env.worker(p.pid), object, timeout=1.5)
             assert first.released == set(pids)
             assert all(p.signals == [] and p.returncode is None for p in procs)
             assert set(env.helper.networks) == {"office"}
