@@ -102,13 +102,12 @@ class Site:
         """The running workers: in the controller unit's cgroup (children of the controller, or adopted
         from the one before it, which handed them over) and holding a TUN queue (the spawner's spare,
         waiting for a job, holds none)."""
-        cgroup = self.run("systemctl show -p ControlGroup --value l3ptp-controller").strip()
-        if not cgroup:
-            return []
-        out = self.m.run(f"cat /sys/fs/cgroup{cgroup}/cgroup.procs", check=False).stdout
+        # /proc/<pid>/cgroup names the unit with cgroup v1 (the name=systemd line) and v2 alike.
+        out = self.m.run("for d in /proc/[0-9]*; do grep -qs 'l3ptp-controller[.]service' $d/cgroup"
+                         " && tr '\\0' ' ' < $d/cmdline 2>/dev/null | grep -q 'l3ptp[.]worker'"
+                         " && echo ${d#/proc/}; done", check=False).stdout
         return sorted(int(p) for p in out.split()
-                      if "l3ptp.worker" in self.m.run(f"tr '\\0' ' ' < /proc/{p}/cmdline", check=False).stdout
-                      and "/dev/net/tun" in self.m.run(f"ls -l /proc/{p}/fd/", check=False).stdout)
+                      if "/dev/net/tun" in self.m.run(f"ls -l /proc/{p}/fd/", check=False).stdout)
 
     def longest_ping_pause_across(self, dst: str, action, settle: float = 6.0) -> float:  # type: ignore[no-untyped-def]
         """Ping `dst` every 20 ms from inside the machine, run `action` 1 s in, keep pinging `settle` s;
