@@ -33,6 +33,7 @@ report). This module carries out their actions:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import grp
 import os
@@ -182,6 +183,8 @@ class Controller:
         self._metrics_server: Any = None
         self._predecessor_crashed = False
         self._handed_over = False
+        #: Recently exited workers of this controller: their queued reports are not survivors'.
+        self._exited: collections.deque[int] = collections.deque(maxlen=256)
         #: Set by the orderly stop: the bus is no longer used (see `_shutdown`).
         self._leaving = False
 
@@ -589,6 +592,7 @@ class Controller:
         self._spawn_task(self._handle_exit(pid, returncode))
 
     async def _handle_exit(self, pid: int, returncode: int | None) -> None:
+        self._exited.append(pid)
         for rt in self.networks.values():
             if rt.sup.slot_by_pid(pid) is not None:
                 log.info("worker_exited", network=rt.net.name, pid=pid, returncode=returncode)
@@ -680,6 +684,8 @@ class Controller:
         spawned replacement failed (it could not bind the port the survivor holds); otherwise told to
         Shutdown (it closes its session and exits), at most once per pid. Never fails the network."""
         queue, pid = msg.queue, msg.pid
+        if pid in self._exited:
+            return  # a report of ours still queued when it exited (never adopt a reused pid)
         adopt = getattr(self.spawner, "adopt", None)
         if rt.sup.can_adopt(queue) and adopt is not None and adopt(pid):
             rt.sup.adopt(queue, pid, self.clock())

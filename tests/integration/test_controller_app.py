@@ -491,6 +491,10 @@ def test_a_late_survivor_is_adopted_into_a_free_queue_or_told_to_shut_down() -> 
             await until(lambda: rt.sup.slots[1].pid not in (None, procs[1].pid))
             env.spawner.crash(rt.sup.slots[1].pid)
             await until(lambda: rt.sup.slots[1].state.name == "BACKOFF")
+            # the exited worker's report, still queued: not a survivor (its pid may be reused)
+            await env.say(procs[1].pid, WorkerHello(network="office", queue=1, pid=procs[1].pid))
+            await asyncio.sleep(0.2)
+            assert rt.sup.slots[1].state.name == "BACKOFF" and procs[1].pid not in env.spawner.adopted
             late1 = 5151
             await env.say(late1, WorkerHello(network="office", queue=1, pid=late1))
             await until(lambda: rt.sup.slots[1].pid == late1 and rt.sup.slots[1].state.name == "RUNNING")
