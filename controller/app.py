@@ -21,14 +21,19 @@ report). This module carries out their actions:
 * every second: Heartbeat to each worker, `tick` the supervisors;
 * SIGHUP or `l3ptp reload`: `plan.diff` and apply only the difference; an
   invalid file is refused with every error and nothing changes;
-* SIGTERM/SIGINT: stop every worker (Shutdown, SIGTERM, SIGKILL after the
-  grace) and exit; the networks stay in the helper (fail-closed), for the
-  next controller. `l3ptp down` or a reload without the network destroys it.
+* SIGTERM/SIGINT (`systemctl stop`/`restart`, Ctrl-C): hand the workers over
+  instead of stopping them: each running worker gets `Handover(grace)` and
+  keeps carrying traffic, the ``handover`` marker is left in the runtime
+  directory, and the controller exits; the networks stay in the helper
+  (fail-closed). The next controller adopts the workers; a worker no
+  controller speaks to within HANDOVER_GRACE closes its session and exits.
+  `l3ptp down` or a reload without the network destroys it at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import grp
 import ipaddress
@@ -51,7 +56,7 @@ from l3ptp.controller.polkit import Authorizer, PolkitChecker, action_for, parse
 from l3ptp.controller.routes import RouteTable
 from l3ptp.controller.spawner import ExitCallback, ProcessSpawner, Spawner
 from l3ptp.controller.status import network_status, status_reply
-from l3ptp.controller.supervision import Kill, NetworkFailed, NetworkSupervisor, Spawn, Terminate
+from l3ptp.controller.supervision import Kill, NetworkFailed, NetworkSupervisor, Spawn, Terminate, WorkerState
 from l3ptp.ipc.control_messages import (
     Advertise,
     BUS_DOWN,
@@ -63,6 +68,7 @@ from l3ptp.ipc.control_messages import (
     DownRequest,
     Engine,
     EventLoop,
+    Handover,
     Heartbeat,
     PeerRoutes,
     ReloadRequest,
@@ -75,6 +81,7 @@ from l3ptp.ipc.control_messages import (
     WorkerHello,
     WorkerStatus,
 )
+from l3ptp.ipc.constants import HANDOVER_GRACE
 from l3ptp.ipc.errors import ErrorCode
 from l3ptp.ipc.hardening import harden_process
 from l3ptp.ipc.types import PeerRole
@@ -82,6 +89,14 @@ from l3ptp.ipc.types import PeerRole
 __all__ = ["Controller", "WORKERS_SOCKET", "CONTROL_SOCKET", "RUNTIME_DIR_MODE", "harden_process"]
 
 WORKERS_SOCKET = "workers.sock"
+#: Left in the runtime directory by an orderly stop that handed its workers over:
+#: the next controller collects them. Its age bounds it (HANDOVER_MARKER_MAX_AGE).
+HANDOVER_MARKER = "handover"
+#: After this many seconds every handed-over worker has exited (grace plus slack):
+#: an older marker is ignored.
+HANDOVER_MARKER_MAX_AGE = HANDOVER_GRACE + 5.0
+#: Milliseconds the bus keeps the Handover messages queued at close.
+HANDOVER_LINGER_MS = 2000
 CONTROL_SOCKET = "control.sock"
 HEARTBEAT_INTERVAL = 1.0
 #: Seconds between liveness probes of the helper (ListNetworks).
@@ -133,6 +148,8 @@ class _Network:
         self.idents: dict[int, bytes] = {}  # queue -> bus identity
         #: Advertised routes each queue's worker was started with or told.
         self.advertised: dict[int, tuple[IPNetwork, ...]] = {}
+        #: pids of late unknown workers told to Shutdown (so it is said once).
+        self.refused_late: set[int] = set()
         self.last_error = ""
 
 
@@ -174,6 +191,11 @@ class Controller:
         self.metrics_snapshot: Any = None
         self._metrics_server: Any = None
         self._predecessor_crashed = False
+        self._handed_over = False
+        #: Recently exited workers of this controller: their queued reports are not survivors'.
+        self._exited: collections.deque[int] = collections.deque(maxlen=256)
+        #: Set by the orderly stop: the bus is no longer used (see `_shutdown`).
+        self._leaving = False
 
     # ---- paths ---------------------------------------------------------------
 
@@ -196,9 +218,10 @@ class Controller:
         os.makedirs(self.runtime_dir, mode=RUNTIME_DIR_MODE, exist_ok=True)
         os.chmod(self.runtime_dir, RUNTIME_DIR_MODE)
         self._ctx = zmq.asyncio.Context()
-        # A bus socket left behind means the previous controller died without its orderly stop (which
-        # stops the workers and removes it): its workers may still run, to be adopted.
+        # Workers of the previous controller may still run, to be adopted, when it handed them over
+        # (orderly stop: the marker) or died without its orderly stop (the bus socket left behind).
         self._predecessor_crashed = os.path.exists(self.bus_path)
+        self._handed_over = self._take_handover_marker()
         try:
             self.bus = Router(self._ctx, self.bus_path, BUS_UP, BUS_DOWN, mode=WORKERS_SOCKET_MODE)
             admin_gid = self._admin_gid()
@@ -245,13 +268,30 @@ class Controller:
                 self._metrics_server.server_close()
             if self.helper is not None:
                 self.helper.close()
-            for router in (self.bus, self.cli):
-                if router is not None:
-                    router.close()
+            if self.bus is not None:  # the Handovers queued in _shutdown go out first
+                self.bus.close(linger=HANDOVER_LINGER_MS)
+            if self.cli is not None:
+                self.cli.close()
             self._ctx.term()
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    @property
+    def handover_marker_path(self) -> str:
+        return os.path.join(self.runtime_dir, HANDOVER_MARKER)
+
+    def _take_handover_marker(self) -> bool:
+        """True if the previous controller handed its workers over recently; the marker is removed."""
+        try:
+            age = time.time() - os.stat(self.handover_marker_path).st_mtime
+        except FileNotFoundError:
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.handover_marker_path)
+        fresh = -5.0 <= age <= HANDOVER_MARKER_MAX_AGE
+        log.info("handover_marker_found", age=round(age, 3), collect=fresh)
+        return fresh
 
     def request_reload(self) -> None:
         """SIGHUP: reload in the background (serialised with CLI commands)."""
@@ -290,13 +330,42 @@ class Controller:
             self._stop.set()
 
     async def _shutdown(self) -> None:
-        """SIGTERM (`systemctl stop` and `restart`): stop the workers, keep the networks in the helper.
+        """SIGTERM/SIGINT (`systemctl stop` and `restart`): hand the workers over, keep the networks.
 
-        Their interfaces, routes and kill switch stay, so the tunnel's prefixes stay closed while no
-        controller runs (fail-closed); `l3ptp down`, a reload without the network, or `l3ptp-helper
-        --cleanup` removes them."""
-        log.info("controller_stopping")
-        for name in list(self.networks):
+        Every running worker on the bus gets `Handover(HANDOVER_GRACE)` and is released (never
+        signalled): it carries traffic until the next controller adopts it, or closes its session
+        and exits after the grace. A worker not yet on the bus (just spawned) is stopped as before.
+        The ``handover`` marker tells the next controller to collect the survivors. The networks'
+        interfaces, routes and kill switch stay in the helper, so the tunnel's prefixes stay closed
+        while no worker runs (fail-closed); `l3ptp down`, a reload without the network, or
+        `l3ptp-helper --cleanup` removes them."""
+        log.info("controller_stopping", handover_grace=HANDOVER_GRACE)
+        # From now on nothing else goes to a worker on the bus (a Heartbeat after the Handover would
+        # cancel its grace) and nothing from one is acted on (a handed-over worker's next status must
+        # not look like a stranger's).
+        self._leaving = True
+        handed: set[int] = set()
+        release = getattr(self.spawner, "release", None)
+        if release is not None and self.bus is not None:
+            for rt in self.networks.values():
+                for slot in rt.sup.slots:
+                    ident = rt.idents.get(slot.queue)
+                    if slot.pid is not None and ident is not None and slot.state is WorkerState.RUNNING:
+                        handed.add(slot.pid)
+            if handed:
+                with contextlib.suppress(OSError):
+                    with open(self.handover_marker_path, "w") as f:
+                        f.write(f"{os.getpid()}\n")
+                for rt in self.networks.values():
+                    for slot in rt.sup.slots:
+                        if slot.pid in handed:
+                            await self.bus.send(rt.idents.pop(slot.queue), Handover(grace=HANDOVER_GRACE))
+                            log.info("worker_handed_over", network=rt.net.name, queue=slot.queue, pid=slot.pid)
+                release(handed)
+        for name, rt in list(self.networks.items()):
+            for slot in rt.sup.slots:
+                if slot.pid in handed:
+                    rt.sup.hand_over(slot.queue)  # released: no longer this controller's to stop
             await self._bring_down(name, "controller stopping", destroy=False)
 
     # ---- helper ------------------------------------------------------------------
@@ -357,11 +426,11 @@ class Controller:
     async def _collect_survivors(self, present: dict[str, Any]) -> dict[str, dict[int, tuple[int, bytes]]]:
         """Workers of `present` networks that outlived the previous controller: name -> queue -> (pid, ident).
 
-        Only after a crash (see `run`). They reconnect to the bus by themselves and say WorkerStatus every status_interval; wait for that
+        Only after a crash or a handover (see `run`). They reconnect to the bus by themselves and say WorkerStatus every status_interval; wait for that
         (at most ADOPT_WAIT_INTERVALS status intervals, less once every queue has been heard)."""
         found: dict[str, dict[int, tuple[int, bytes]]] = {}
         want = {(n.name, q) for n in self.config.networks if n.name in present for q in range(n.queues)}
-        if not self._predecessor_crashed:
+        if not (self._predecessor_crashed or self._handed_over):
             return found
         deadline = self.clock() + ADOPT_WAIT_INTERVALS * self.config.controller.status_interval
         while want and self.bus is not None and (left := deadline - self.clock()) > 0:
@@ -536,6 +605,7 @@ class Controller:
         self._spawn_task(self._handle_exit(pid, returncode))
 
     async def _handle_exit(self, pid: int, returncode: int | None) -> None:
+        self._exited.append(pid)
         for rt in self.networks.values():
             if rt.sup.slot_by_pid(pid) is not None:
                 log.info("worker_exited", network=rt.net.name, pid=pid, returncode=returncode)
@@ -583,6 +653,8 @@ class Controller:
                           error=repr(exc))
 
     async def _on_bus(self, ident: bytes, msg: Any) -> None:
+        if self._leaving:
+            return
         rt = self.networks.get(msg.network)
         if rt is None or not 0 <= msg.queue < rt.net.queues:
             log.warning("bus_unknown_worker", network=msg.network, queue=msg.queue)
@@ -590,6 +662,8 @@ class Controller:
         now = self.clock()
         if isinstance(msg, WorkerHello | WorkerStatus):
             if not rt.sup.on_alive(msg.queue, msg.pid, now):
+                if rt.sup.slot_by_pid(msg.pid) is None:
+                    await self._late_survivor(rt, ident, msg)
                 return
             rt.idents[msg.queue] = ident
             if rt.advertised.get(msg.queue) != rt.net.advertised_routes:
@@ -615,6 +689,36 @@ class Controller:
             else:
                 rt.sup.on_exiting(msg.queue, msg.reason, remote=msg.remote)
 
+    async def _late_survivor(self, rt: _Network, ident: bytes, msg: WorkerHello | WorkerStatus) -> None:
+        """A worker this controller does not know reports for a configured queue: a survivor of the
+        previous controller heard after the adoption wait (or after a stop that left no marker).
+
+        Adopted (by pidfd) when its queue has no live worker, e.g. the restart is still pending or the
+        spawned replacement failed (it could not bind the port the survivor holds); otherwise told to
+        Shutdown (it closes its session and exits), at most once per pid. Never fails the network."""
+        queue, pid = msg.queue, msg.pid
+        if pid in self._exited:
+            return  # a report of ours still queued when it exited (never adopt a reused pid)
+        adopt = getattr(self.spawner, "adopt", None)
+        if rt.sup.can_adopt(queue) and adopt is not None and adopt(pid):
+            rt.sup.adopt(queue, pid, self.clock())
+            rt.idents[queue] = ident
+            if isinstance(msg, WorkerStatus):
+                rt.reports[queue] = msg
+            rt.routes.reset_queue(queue)
+            log.info("worker_adopted", network=rt.net.name, queue=queue, pid=pid, late=True)
+            await self._advertise(rt, queue)  # and it repeats the peer's routes for us
+            return
+        if pid in rt.refused_late:
+            return
+        if len(rt.refused_late) >= 64:
+            rt.refused_late.clear()
+        rt.refused_late.add(pid)
+        log.warning("late_worker_refused", network=rt.net.name, queue=queue, pid=pid,
+                    reason="its queue has a worker" if not rt.sup.can_adopt(queue) else "not adoptable")
+        if self.bus is not None:
+            await self.bus.send(ident, Shutdown(reason="another worker serves this queue"))
+
     async def _run_timers(self) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT_INTERVAL / 4)
@@ -622,7 +726,7 @@ class Controller:
             for rt in list(self.networks.values()):
                 await self._execute(rt, rt.sup.tick(now))
             self.metrics_snapshot = self.status(verbose=True)
-            if now - self._last_heartbeat >= HEARTBEAT_INTERVAL and self.bus is not None:
+            if now - self._last_heartbeat >= HEARTBEAT_INTERVAL and self.bus is not None and not self._leaving:
                 self._last_heartbeat = now
                 for rt in list(self.networks.values()):
                     for ident in list(rt.idents.values()):

@@ -109,8 +109,9 @@ class Router:
         except zmq.Again:
             log.warning("send_dropped", socket=self.path, message=type(msg).__name__)
 
-    def close(self) -> None:
-        self.sock.close(linger=0)
+    def close(self, *, linger: int = 0) -> None:
+        """Close and remove the socket file; `linger` ms for queued messages (a handover's last words)."""
+        self.sock.close(linger=linger)
         try:
             os.unlink(self.path)
         except FileNotFoundError:

@@ -513,12 +513,34 @@ class Lab:
                 proc.wait(10)
         return proc.returncode
 
+    def stop_controller(self, host: Host, *, handover: bool = False, sig: int = signal.SIGTERM,
+                        wait: float = 20.0) -> int | None:
+        """Stop `host`'s controller in order (SIGTERM: it hands its workers over, they keep the tunnel up
+        for HANDOVER_GRACE). With `handover` False (a stop for good, as before a teardown) the workers
+        it ran are then stopped too, by PID (SIGTERM: CLOSE to the peer; SIGKILL after `wait`)."""
+        workers = workers_in(host.netns, spares=True) if not handover else []
+        code = self.stop_process(host, "controller", sig=sig, wait=wait)
+        for pid in workers:
+            self._started.append(pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + wait
+        while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in workers:
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        return code
+
     def stop(self) -> dict[str, int | None]:
-        """Orderly stop: controllers first (CLOSE, workers, networks destroyed), then helpers."""
+        """Orderly stop for good: controllers first (then the workers they handed over, by PID: CLOSE to
+        the peer; the networks stay in the helpers), then helpers."""
         codes = {}
-        for what in ("controller", "helper"):
-            for host in self.hosts.values():
-                codes[f"{host.name}.{what}"] = self.stop_process(host, what)
+        for host in self.hosts.values():
+            codes[f"{host.name}.controller"] = self.stop_controller(host)
+        for host in self.hosts.values():
+            codes[f"{host.name}.helper"] = self.stop_process(host, "helper")
         return codes
 
     # ---- observing ----------------------------------------------------------------

@@ -21,6 +21,9 @@ __all__ = ["ExitCallback", "ProcessSpawner", "Spawner", "worker_argv"]
 
 ExitCallback = Callable[[int, int | None], None]
 
+#: Popen objects of released (handed-over) workers; see `ProcessSpawner.release`.
+_RELEASED: list[object] = []
+
 
 class Spawner(Protocol):
     async def spawn(self, network: str, queue: int, stdin_data: bytes) -> int:
@@ -35,6 +38,9 @@ class Spawner(Protocol):
         ...
 
     def live_pids(self) -> set[int]: ...
+
+    # Optional: `adopt(pid) -> bool` (take over a worker of an earlier controller) and
+    # `release(pids)` (let them outlive this one); the controller checks with getattr.
 
 
 def worker_argv(network: str, queue: int) -> list[str]:
@@ -56,6 +62,7 @@ class ProcessSpawner:
         self._argv = argv
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._reapers: set[asyncio.Task[None]] = set()
+        self._reaper_of: dict[int, asyncio.Task[None]] = {}
         #: Adopted workers (children of an earlier controller): pid -> pidfd, readable once it exited.
         self._adopted: dict[int, int] = {}
         self._spare: asyncio.subprocess.Process | None = None
@@ -108,6 +115,7 @@ class ProcessSpawner:
             proc.stdin.close()
         self._procs[proc.pid] = proc
         task = asyncio.get_running_loop().create_task(self._reap(proc))
+        self._reaper_of[proc.pid] = task
         self._reapers.add(task)
         task.add_done_callback(self._reapers.discard)
         return proc.pid
@@ -115,6 +123,7 @@ class ProcessSpawner:
     async def _reap(self, proc: asyncio.subprocess.Process) -> None:
         rc = await proc.wait()
         self._procs.pop(proc.pid, None)
+        self._reaper_of.pop(proc.pid, None)
         self._on_exit(proc.pid, rc)
 
     def signal(self, pid: int, sig: int) -> None:
@@ -130,6 +139,31 @@ class ProcessSpawner:
 
     def live_pids(self) -> set[int]:
         return set(self._procs) | set(self._adopted)
+
+    def release(self, pids: set[int]) -> None:
+        """Let `pids` outlive this controller (orderly stop, handover): forget them, never kill them.
+
+        asyncio kills a child whose subprocess transport is closed while it runs (at exit, or when
+        the transport is collected); a released worker's transport is marked closed first (its stdin
+        is closed already, its other streams are inherited, not pipes), so nothing here ends it. Its
+        exit then goes to whoever reaps it; the next controller adopts it by pidfd."""
+        for pid in pids:
+            proc = self._procs.pop(pid, None)
+            if proc is not None:
+                transport = getattr(proc, "_transport", None)
+                if transport is not None:
+                    transport._closed = True  # noqa: SLF001 - see above
+                    # Kept until the interpreter exits: no finaliser then warns about (or waits for)
+                    # a child that is the next controller's.
+                    _RELEASED.append(transport.get_extra_info("subprocess"))
+            fd = self._adopted.pop(pid, None)
+            if fd is not None:
+                asyncio.get_running_loop().remove_reader(fd)
+                os.close(fd)
+            task = self._reaper_of.pop(pid, None)
+            if task is not None:  # it would report an exit this controller no longer owns
+                self._reapers.discard(task)
+                task.cancel()
 
     async def kill_all(self) -> None:
         """Last resort at exit: SIGKILL what is left and reap it; end the spare."""

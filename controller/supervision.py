@@ -106,6 +106,8 @@ _TRANSITIONS: Final[frozenset[tuple[WorkerState, WorkerState]]] = frozenset(
     {
         (_S.STOPPED, _S.STARTING),
         (_S.STOPPED, _S.RUNNING),  # adopt: a worker that outlived the previous controller
+        (_S.BACKOFF, _S.RUNNING),  # adopt a survivor that reported late, instead of the restart
+        (_S.RUNNING, _S.STOPPED),  # hand over: released at an orderly stop, left running
         (_S.FATAL, _S.STARTING),
         (_S.STARTING, _S.RUNNING),
         (_S.STARTING, _S.BACKOFF),
@@ -270,11 +272,29 @@ class NetworkSupervisor:
         return actions
 
     def adopt(self, queue: int, pid: int, now: float) -> None:
-        """Take over `pid`, a running worker of `queue` left by the previous controller (before `start`)."""
+        """Take over `pid`, a running worker of `queue` left by the previous controller (before `start`,
+        or later while `can_adopt(queue)`: a survivor that reported after the adoption wait)."""
         s = self._slot(queue)
         s.move(_S.RUNNING)
         s.pid, s.last_seen, s.killed, s.deadline = pid, now, False, None
         s.spawned_at = now
+
+    def can_adopt(self, queue: int) -> bool:
+        """True when `queue` has no live or starting worker (never started, or waiting to restart) and the
+        network is neither stopping nor failed: a late survivor may take the slot."""
+        s = self._slot(queue)
+        return not self._stopping and not self.failed and s.pid is None and s.state in (_S.STOPPED, _S.BACKOFF)
+
+    def hand_over(self, queue: int) -> int | None:
+        """Release `queue`'s running worker (orderly stop): it is left running for the next controller,
+        this supervisor forgets it. Returns its pid, None when nothing was running."""
+        s = self._slot(queue)
+        if s.state is not _S.RUNNING or s.pid is None:
+            return None
+        pid = s.pid
+        s.move(_S.STOPPED)
+        s.pid, s.deadline, s.killed, s.exit_reason, s.exit_remote = None, None, False, "", False
+        return pid
 
     def stop(self, now: float, reason: str) -> list[Action]:
         """Ask every worker to exit; pending restarts are cancelled."""

@@ -216,6 +216,13 @@ WORKER_STATUS_TIMEOUT = 10.0
 #: adopt it; short enough that a controller that never comes back does not
 #: leave an unsupervised tunnel for long.
 CONTROLLER_SILENCE_TIMEOUT = 30.0
+#: Orderly controller stop (SIGTERM/SIGINT: `systemctl stop` or `restart`): the
+#: controller sends each worker `Handover(grace)` and exits without stopping it.
+#: A worker keeps carrying traffic and exits cleanly (CLOSE to the peer,
+#: "controller stopped") when no controller has spoken to it within this many
+#: seconds: room for a restart (interpreter start, helper, adoption), short
+#: enough that `systemctl stop` leaves an unsupervised tunnel only briefly.
+HANDOVER_GRACE = 10.0
 
 #: Supervision.
 RESTART_BACKOFF_MIN = 0.5

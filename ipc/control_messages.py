@@ -223,6 +223,20 @@ class Shutdown(Message):
     reason: Reason
 
 
+@message("bus.handover")
+class Handover(Message):
+    """The controller is stopping in order (SIGTERM/SIGINT) and leaves this worker running.
+
+    The worker keeps carrying traffic; if no controller speaks to it within
+    `grace` seconds it closes the peer session ("controller stopped") and
+    exits. Any message of the next controller (it adopts the worker) cancels
+    that. The sender's last message on the bus. Workers that predate it drop
+    it as an undecodable frame and fall back to CONTROLLER_SILENCE_TIMEOUT.
+    """
+
+    grace: Seconds
+
+
 @message("bus.advertise")
 class Advertise(Message):
     """The network's advertised routes changed on reload (nothing else did).
@@ -322,6 +336,6 @@ class CommandFailed(Message):
 
 WORKER_CONFIG = Channel("worker-config", WORKER_CONFIG_MAX, (WorkerConfig,))
 BUS_UP = Channel("bus-up", BUS_MESSAGE_MAX, (WorkerHello, WorkerStatus, PeerRoutes, WorkerExiting))
-BUS_DOWN = Channel("bus-down", BUS_MESSAGE_MAX, (Heartbeat, Shutdown, Advertise))
+BUS_DOWN = Channel("bus-down", BUS_MESSAGE_MAX, (Heartbeat, Shutdown, Advertise, Handover))
 CLI_REQUESTS = Channel("cli-request", CLI_MESSAGE_MAX, (StatusRequest, UpRequest, DownRequest, ReloadRequest))
 CLI_REPLIES = Channel("cli-reply", CLI_MESSAGE_MAX, (StatusReply, CommandResult, CommandFailed))

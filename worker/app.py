@@ -4,7 +4,9 @@
 privileges are dropped and the fds are in hand (worker/__main__.py gets
 them from the helper; tests pass a fake TUN and a loopback socket). It runs
 until `Shutdown` from the controller, controller silence for
-CONTROLLER_SILENCE_TIMEOUT, or `stop_event` (SIGTERM).
+CONTROLLER_SILENCE_TIMEOUT, `stop_event` (SIGTERM), or the end of the grace of
+a `Handover` (the controller stopped in order and left it running) without a
+word from the next controller.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from l3ptp.ipc.control_messages import (
     BUS_DOWN,
     BUS_UP,
     Advertise,
+    Handover,
     Heartbeat,
     PeerRoutes,
     Shutdown,
@@ -144,6 +147,8 @@ async def run_worker(
         tunnel.on_routes = on_routes
     loop = asyncio.get_running_loop()
     last_heard = loop.time()
+    #: Set by `Handover`: exit cleanly at this time unless a controller speaks first.
+    handover_deadline: float | None = None
 
     async def status_loop() -> None:
         assert bus is not None
@@ -152,11 +157,16 @@ async def run_worker(
             await asyncio.sleep(config.status_interval)
 
     async def bus_loop() -> None:
-        nonlocal reason, last_heard
+        nonlocal reason, last_heard, handover_deadline
         assert bus is not None
         while True:
             msg = await bus.recv()
             last_heard = loop.time()
+            if isinstance(msg, Handover):
+                # The old controller's last word: keep the tunnel up for the next one.
+                handover_deadline = last_heard + msg.grace
+                continue
+            handover_deadline = None  # a controller speaks (the next one after a handover)
             if isinstance(msg, Shutdown):
                 reason = f"shutdown: {msg.reason}"
                 stop_event.set()
@@ -172,7 +182,11 @@ async def run_worker(
     async def silence_loop() -> None:
         nonlocal reason
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(0.25)
+            if handover_deadline is not None and loop.time() >= handover_deadline:
+                reason = "controller stopped"
+                stop_event.set()
+                return
             if loop.time() - last_heard > CONTROLLER_SILENCE_TIMEOUT:
                 reason = "controller silent"
                 stop_event.set()

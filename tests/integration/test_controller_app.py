@@ -22,12 +22,14 @@ import zmq.asyncio
 from l3ptp.controller import cli
 from l3ptp.controller.app import Controller
 from l3ptp.controller.config import Config, parse_config
-from l3ptp.ipc.constants import RESTART_BACKOFF_MIN
+from l3ptp.ipc.constants import HANDOVER_GRACE, RESTART_BACKOFF_MIN
 from l3ptp.ipc.control_messages import (
     BUS_DOWN,
     BUS_UP,
     Advertise,
+    Handover,
     PeerRoutes,
+    Shutdown,
     SessionState,
     WorkerHello,
     WorkerStatus,
@@ -379,7 +381,8 @@ def test_workers_of_the_previous_controller_are_adopted_not_respawned() -> None:
 
 
 def test_after_an_orderly_stop_nothing_is_awaited_for_adoption() -> None:
-    """No bus socket left behind: the previous controller stopped its workers, so none is waited for."""
+    """No bus socket and no handover marker left behind (a first start, or a stop that handed no worker
+    over): none is waited for."""
 
     def prefill(helper: FakeHelper) -> None:
         helper.handle(CreateNetwork(name="office", ifname="l3p-office", mtu=1280, addresses=("198.19.0.1/24",),
@@ -391,6 +394,115 @@ def test_after_an_orderly_stop_nothing_is_awaited_for_adoption() -> None:
         async with running(prefill=prefill) as env:
             assert loop.time() - t0 < 2.0  # the adoption wait is 2.5 status intervals
             assert sorted(p.queue for p in env.spawner.live("office")) == [0, 1]
+
+    run(body)
+
+
+async def _status_forever(sock: zmq.asyncio.Socket, network: str, queue: int, pid: int) -> None:
+    """What a running worker does: WorkerStatus every 0.1 s."""
+    while True:
+        await sock.send(BUS_UP.encode(WorkerStatus(
+            network=network, queue=queue, pid=pid, state=SessionState.ESTABLISHED, peer="", rtt_ms=1.0, mtu=1280,
+            counters={}, drops={}, queue_depth=0, seq_lost=0, sessions=1, key_updates=0, last_error="")))
+        await asyncio.sleep(0.1)
+
+
+async def _next_down(sock: zmq.asyncio.Socket, kind: type, timeout: float = 5.0) -> Any:
+    """The next message of type `kind` the controller sends this worker (others skipped)."""
+    async def first() -> Any:
+        while True:
+            msg = BUS_DOWN.decode_untrusted((await sock.recv_multipart())[-1])
+            if isinstance(msg, kind):
+                return msg
+    return await asyncio.wait_for(first(), timeout)
+
+
+def test_orderly_stop_hands_the_workers_over_and_the_next_controller_adopts_them() -> None:
+    """SIGTERM-equivalent stop: every worker on the bus gets Handover(HANDOVER_GRACE) and is released,
+    never signalled; the network stays in the helper; the marker is left. The next controller in the
+    same runtime directory collects the survivors and adopts them instead of spawning."""
+
+    async def body() -> None:
+        async with running() as env:
+            procs = sorted(env.spawner.live("office"), key=lambda p: p.queue)
+            pids = [p.pid for p in procs]
+            reporters = [asyncio.create_task(_status_forever(env.worker(p.pid), "office", p.queue, p.pid))
+                         for p in procs]
+            await until(lambda: len(env.controller.networks["office"].idents) == 2)
+            first = env.spawner
+            env.controller.request_stop()
+            for p in procs:
+                got = await _next_down(env.worker(p.pid), Handover)
+                assert got.grace == HANDOVER_GRACE
+            await until(lambda: env.controller.bus is None or env.controller.networks == {}, timeout=5)
+            for p in procs:  # the Handover was the last word: no Heartbeat, no Shutdown after it
+                with pytest.raises(TimeoutError):
+                    await _next_down(env.worker(p.pid), object, timeout=1.5)
+            assert first.released == set(pids)
+            assert all(p.signals == [] and p.returncode is None for p in procs)
+            assert set(env.helper.networks) == {"office"}
+            marker = os.path.join(env.runtime, "handover")
+            await until(lambda: os.path.exists(marker) and not os.path.exists(env.controller.control_path))
+
+            nxt = Controller(make_config(env.runtime), spawner_factory=FakeSpawner, key_loader=lambda path: KEY)
+            task = asyncio.create_task(nxt.run())
+            try:
+                await asyncio.wait_for(nxt.ready.wait(), 10)
+                rt = nxt.networks["office"]
+                assert [s.pid for s in rt.sup.slots] == pids
+                assert [s.state.name for s in rt.sup.slots] == ["RUNNING", "RUNNING"]
+                assert isinstance(nxt.spawner, FakeSpawner)
+                assert nxt.spawner.live() == [] and set(nxt.spawner.adopted) == set(pids)  # none spawned
+                assert not os.path.exists(marker)  # taken
+                for p in procs:  # the next controller speaks to them (ends their grace)
+                    await _next_down(env.worker(p.pid), Advertise)
+                assert nxt.status(verbose=False).networks[0].state.value != "failed"
+            finally:
+                for r in reporters:
+                    r.cancel()
+                nxt.request_stop()
+                await asyncio.wait_for(task, 10)
+
+    run(body)
+
+
+def test_a_late_survivor_is_adopted_into_a_free_queue_or_told_to_shut_down() -> None:
+    """A worker this controller does not know reports after the adoption wait: for a queue whose
+    worker runs it is told to Shutdown (once); for a queue waiting to restart it is adopted instead
+    of the restart. The network never fails because of it."""
+
+    async def body() -> None:
+        async with running() as env:
+            procs = sorted(env.spawner.live("office"), key=lambda p: p.queue)
+            for p in procs:
+                await env.say(p.pid, WorkerHello(network="office", queue=p.queue, pid=p.pid))
+            rt = env.controller.networks["office"]
+            await until(lambda: len(rt.idents) == 2)
+            # queue 0 has a live worker: the stranger is told to go, twice reported, told once
+            late0 = 5150
+            await env.say(late0, WorkerHello(network="office", queue=0, pid=late0))
+            got = await _next_down(env.worker(late0), Shutdown)
+            assert "another worker" in got.reason
+            await env.say(late0, WorkerHello(network="office", queue=0, pid=late0))
+            await asyncio.sleep(0.3)
+            assert rt.sup.slots[0].pid == procs[0].pid and late0 not in env.spawner.adopted
+            # queue 1 waits to restart (its second crash: 0.5 s back-off): the late one takes it
+            env.spawner.crash(procs[1].pid)
+            await until(lambda: rt.sup.slots[1].pid not in (None, procs[1].pid))
+            env.spawner.crash(rt.sup.slots[1].pid)
+            await until(lambda: rt.sup.slots[1].state.name == "BACKOFF")
+            # the exited worker's report, still queued: not a survivor (its pid may be reused)
+            await env.say(procs[1].pid, WorkerHello(network="office", queue=1, pid=procs[1].pid))
+            await asyncio.sleep(0.2)
+            assert rt.sup.slots[1].state.name == "BACKOFF" and procs[1].pid not in env.spawner.adopted
+            late1 = 5151
+            await env.say(late1, WorkerHello(network="office", queue=1, pid=late1))
+            await until(lambda: rt.sup.slots[1].pid == late1 and rt.sup.slots[1].state.name == "RUNNING")
+            assert late1 in env.spawner.adopted
+            await _next_down(env.worker(late1), Advertise)
+            await asyncio.sleep(RESTART_BACKOFF_MIN + 0.3)
+            assert rt.sup.slots[1].pid == late1  # the pending restart was cancelled
+            assert not rt.sup.failed
 
     run(body)
 

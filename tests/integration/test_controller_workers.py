@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from l3ptp.ipc.constants import HANDOVER_GRACE
 from tests.support.controller_process import (
     ControllerProcess,
     FakeHelperThread,
@@ -115,6 +116,15 @@ def _send(src: Node, dst: Node, count: int, src_ip: str, dst_ip: str) -> None:
     assert got == packets, f"{len(got)} of {count} packets arrived\n{src.controller.log_tail()}"
 
 
+def wait_gone(pids: set[int], timeout: float) -> None:
+    """Until no pid of `pids` exists in /proc (they are not our children: nothing to reap)."""
+    deadline = time.monotonic() + timeout
+    while any(os.path.exists(f"/proc/{pid}") for pid in pids):
+        assert time.monotonic() < deadline, {pid: proc_status(pid) for pid in pids if os.path.exists(f"/proc/{pid}")}
+        time.sleep(0.1)
+
+
+@pytest.mark.timeout(90)
 def test_two_controllers_real_workers_traffic_kill9_and_sigterm() -> None:
     started = time.monotonic()
     with two_nodes() as (alpha, beta):
@@ -165,18 +175,26 @@ def test_two_controllers_real_workers_traffic_kill9_and_sigterm() -> None:
         _send(alpha, beta, 2, ALPHA_V4, BETA_V4)
         assert b.network(NET)["restarts"] == 1  # type: ignore[index]
 
-        # 4. SIGTERM: exit 0, every worker pid either controller ran is gone.
+        # 4. SIGTERM: exit 0; the running workers are handed over (still running), and with no next
+        # controller they end by themselves within HANDOVER_GRACE; then every worker pid either
+        # controller ran is gone.
         pids = a.seen_pids | b.seen_pids
         assert len(pids) == 3  # alpha's worker, beta's first and second
+        running = {a_net["queues"][0]["pid"], new}
         for ctl in (a, b):
             assert ctl.terminate() == 0, ctl.log_tail()
+        assert all(pid_alive(pid) for pid in running)
+        handover_wait = time.monotonic()
+        wait_gone(pids, HANDOVER_GRACE + 5)
+        handover_wait = time.monotonic() - handover_wait
         for pid in pids | {a.pid, b.pid}:
             assert not os.path.exists(f"/proc/{pid}"), f"pid {pid} still exists: {proc_status(pid)}"
         assert alpha.helper.networks() == ["net0"] and beta.helper.networks() == ["net0"]  # kept: fail-closed
         for ctl in (a, b):
             assert ctl.events("controller_ready") and ctl.events("controller_stopping")
             assert not os.path.exists(os.path.join(ctl.runtime_dir, "control.sock"))
-    assert time.monotonic() - started < 45
+            assert ctl.events("worker_handed_over")
+    assert time.monotonic() - started - handover_wait < 45
 
 
 def test_controller_process_sets_no_new_privs() -> None:
@@ -221,6 +239,7 @@ def _live_pid(net: dict) -> int:
     return int(q["pid"]) if q["pid"] and q["state"] != "starting" else 0
 
 
+@pytest.mark.timeout(90)
 def test_sighup_applies_the_diff_and_refuses_an_invalid_file() -> None:
     with tempfile.TemporaryDirectory(prefix="l3h-") as tmp, ExitStack() as stack:
         key = os.path.join(tmp, "node.key")
@@ -286,5 +305,6 @@ def test_sighup_applies_the_diff_and_refuses_an_invalid_file() -> None:
         assert rc == 0 and "network: added" in out and "network: drop" not in out
 
         assert ctl.terminate() == 0, ctl.log_tail()
+        wait_gone(ctl.seen_pids, HANDOVER_GRACE + 5)  # handed over, no next controller: they end
         for pid in ctl.seen_pids:
             assert not os.path.exists(f"/proc/{pid}")

@@ -154,7 +154,8 @@ def test_controller_unit_is_unprivileged() -> None:
     assert "AF_NETLINK" not in s["RestrictAddressFamilies"][0]
     # Its own directory below the helper's root-owned /run/l3ptp.
     assert s["RuntimeDirectory"] == ["l3ptp/ctl"]
-    assert s["KillMode"] == ["process"]  # workers outlive a crash; the controller stops them on SIGTERM
+    assert s["KillMode"] == ["process"]  # workers outlive a crash; on SIGTERM the controller hands them over
+    assert s["RuntimeDirectoryPreserve"] == ["restart"]  # the handover marker survives `systemctl restart`
     # control.sock is born with the admin group: no chown(2) (refused with @privileged).
     assert s["Group"] == ["l3ptp-admin"] and s["SupplementaryGroups"] == ["l3ptp"]
 

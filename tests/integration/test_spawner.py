@@ -79,3 +79,36 @@ def test_an_adopted_pid_is_signalled_and_its_exit_reported() -> None:
             other.wait()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_released_child_outlives_the_spawner_and_its_event_loop(tmp_path) -> None:
+    """Handover: `release` forgets a child without killing it, also when kill_all runs, the event loop
+    closes and the transport is collected (asyncio kills a running child whose transport is closed)."""
+    import gc
+
+    prefix = str(tmp_path / "got-")
+    exits: list[tuple[int, int | None]] = []
+    kept: list[int] = []
+
+    async def main() -> None:
+        sp = ProcessSpawner(lambda pid, rc: exits.append((pid, rc)),
+                            argv=lambda net, q: [sys.executable, "-c", CHILD, prefix])
+        released = await sp.spawn("n", 0, b"config 0")
+        other = await sp.spawn("n", 1, b"config 1")
+        kept.append(released)
+        sp.release({released})
+        assert sp.live_pids() == {other}
+        await sp.kill_all()
+        assert [pid for pid, _ in exits] == [other]
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    gc.collect()
+    try:
+        os.kill(kept[0], 0)  # still running
+        with open(f"/proc/{kept[0]}/stat") as f:
+            assert f.read().rsplit(") ", 1)[1][0] != "Z"
+    finally:
+        with __import__("contextlib").suppress(ProcessLookupError):
+            os.kill(kept[0], signal.SIGKILL)
+        with __import__("contextlib").suppress(ChildProcessError):
+            os.waitpid(kept[0], 0)

@@ -14,6 +14,7 @@ from l3ptp.ipc.control_messages import (
     BUS_DOWN,
     Engine,
     BUS_UP,
+    Handover,
     Heartbeat,
     PeerRoutes,
     Shutdown,
@@ -116,6 +117,44 @@ def test_worker_reports_status_routes_and_exits_on_shutdown(engine: Engine) -> N
         assert set(status.drops) >= {"queue_full", "tun_oversize", "dgram_bad_header"}
 
     asyncio.run(asyncio.wait_for(main(), 45))
+
+
+def test_worker_handed_over_keeps_the_tunnel_until_the_grace_then_closes_cleanly() -> None:
+    """Handover (orderly controller stop): the worker carries traffic on; a word of the next controller
+    cancels the grace; after a second Handover and no word within the grace it closes the session
+    (CLOSE to the peer) and exits with "controller stopped"."""
+
+    async def main():
+        async with _worker_and_peer() as (own, peer, bus, worker):
+            loop = asyncio.get_running_loop()
+            await bus.inbox.put(Handover(grace=0.6))
+            await bus.inbox.put(Heartbeat())  # the next controller speaks: adopted, no deadline
+            await asyncio.sleep(1.2)
+            assert not worker.done()
+            p = ipv4_udp("198.19.0.2", "198.19.0.1", b"still carried")
+            peer.tun.inject(p)
+            assert await own.tun.async_wait_packets(1, 5) == [p]
+            t0 = loop.time()
+            await bus.inbox.put(Handover(grace=0.6))
+            reason = await asyncio.wait_for(worker, 5)
+            assert reason == "controller stopped"
+            assert 0.5 <= loop.time() - t0 < 2.0
+            assert await wait_for(lambda: "SHUTDOWN" in peer.tunnel.last_error, 5), peer.tunnel.last_error
+        last = bus.sent[-1]
+        assert isinstance(last, WorkerExiting) and last.reason == "controller stopped" and not last.fatal
+
+    asyncio.run(asyncio.wait_for(main(), 45))
+
+
+def test_an_older_worker_drops_a_handover_it_cannot_decode() -> None:
+    """Workers that predate Handover decode BUS_DOWN without it: the frame is a DecodeError, which
+    ZmqBus.recv skips (it never reaches the worker loop)."""
+    from l3ptp.ipc.codec import Channel
+    from l3ptp.ipc.errors import DecodeError
+
+    old = Channel("bus-down", BUS_DOWN.max_bytes, (Heartbeat, Shutdown, Advertise))
+    with pytest.raises(DecodeError):
+        old.decode_untrusted(BUS_DOWN.encode(Handover(grace=10.0)))
 
 
 def test_worker_ends_when_its_tun_queue_goes_away() -> None:

@@ -99,13 +99,37 @@ class Site:
         return self.m.run(cmd, **kw).stdout  # type: ignore[arg-type]
 
     def worker_pids(self) -> list[int]:
-        main = int(self.run("systemctl show -p MainPID --value l3ptp-controller").strip() or 0)
-        if not main:
-            return []
-        out = self.m.run(f"cat /proc/{main}/task/*/children", check=False).stdout
-        # A worker holds its TUN queue; the spawner's spare (waiting for a job) holds none.
-        return [int(p) for p in out.split()
-                if "/dev/net/tun" in self.m.run(f"ls -l /proc/{p}/fd/", check=False).stdout]
+        """The running workers: in the controller unit's cgroup (children of the controller, or adopted
+        from the one before it, which handed them over) and holding a TUN queue (the spawner's spare,
+        waiting for a job, holds none)."""
+        # /proc/<pid>/cgroup names the unit with cgroup v1 (the name=systemd line) and v2 alike.
+        out = self.m.run("for d in /proc/[0-9]*; do grep -qs 'l3ptp-controller[.]service' $d/cgroup"
+                         " && tr '\\0' ' ' < $d/cmdline 2>/dev/null | grep -q 'l3ptp[.]worker'"
+                         " && echo ${d#/proc/}; done", check=False).stdout
+        return sorted(int(p) for p in out.split()
+                      if "/dev/net/tun" in self.m.run(f"ls -l /proc/{p}/fd/", check=False).stdout)
+
+    def longest_ping_pause_across(self, dst: str, action, settle: float = 6.0) -> float:  # type: ignore[no-untyped-def]
+        """Ping `dst` every 20 ms from inside the machine, run `action` 1 s in, keep pinging `settle` s;
+        the longest pause between replies (edges included), from ping's own -D timestamps."""
+        import subprocess
+
+        total = 1.0 + settle + 30.0  # -w: ping ends by itself whatever happens here
+        proc = subprocess.Popen(["nsenter", "-t", str(self.m.leader), "-a", "--", "env", "-i",
+                                 f"PATH={booted.GUEST_PATH}", "ping", "-D", "-n", "-i", "0.02", "-W", "1",
+                                 "-w", str(int(total)), dst], stdout=subprocess.PIPE, text=True)
+        try:
+            time.sleep(1.0)
+            start = time.time()
+            action()
+            time.sleep(settle)
+            end = time.time()
+        finally:
+            proc.send_signal(2)  # SIGINT: ping prints what it has and exits
+            out, _ = proc.communicate(timeout=10)
+        times = [float(m.group(1)) for m in re.finditer(r"^\[(\d+\.\d+)\] \d+ bytes from", out, re.M)]
+        inside = [start] + [t for t in times if start <= t <= end] + [end]
+        return max(b - a for a, b in zip(inside, inside[1:]))
 
     def journal(self, unit: str, since: str = "") -> str:
         return self.run(f"journalctl -q --no-pager -o cat -u {unit} {since}")
@@ -237,7 +261,15 @@ def test_the_tunnel_comes_back(sites: tuple[Site, Site], how: str) -> None:
     if how == "restart helper":
         beta.run("systemctl restart l3ptp-helper.service")
     elif how == "restart controller":
-        beta.run("systemctl restart l3ptp-controller.service")
+        # The workers are handed over and adopted (same pids): the tunnel does not pause for 1 s.
+        before = beta.worker_pids()
+        assert len(before) == 2, before
+        gap = beta.longest_ping_pause_across(ADDR["alpha"][0],
+                                             lambda: beta.run("systemctl restart l3ptp-controller.service"))
+        print(f"beta: longest pause in a 20 ms ping across `systemctl restart l3ptp-controller`: {gap:.3f} s")
+        assert beta.worker_pids() == before, beta.journal("l3ptp-controller")[-3000:]
+        assert "worker_adopted" in beta.journal("l3ptp-controller", "-n 100")
+        assert gap < 1.0, f"{gap:.3f} s without replies across the controller's restart"
     else:
         victim = beta.worker_pids()[0]
         beta.run(f"kill -9 {victim}")

@@ -453,7 +453,7 @@ def test_words_of_a_stranger_stay_out_of_status_and_a_peers_are_shown_escaped(en
     if engine == "qh3":
         pytest.importorskip("qh3")
     for lab in _lab(queues=1, config_a={"engine": engine}, config_b={"engine": engine}):
-        lab.stop_process(lab.b, "controller")
+        lab.stop_controller(lab.b)  # and its workers: the port is free
         wait_for("a to notice b is gone", lambda: lab.network(lab.a)["queues"][0]["state"] != "established",
                  timeout=20, lab=lab)
         out = _hostile_peer(lab, "stranger", engine)
@@ -498,7 +498,7 @@ def test_routes_adding_up_past_the_limit_never_fail_the_network(engine: str) -> 
     rounds = RESTART_MAX_IN_WINDOW + 1
     for lab in _lab(queues=1, config_a={"engine": engine}, config_b={"engine": engine}):
         (worker,) = lab.pids(lab.a)["workers"]
-        lab.stop_process(lab.b, "controller")
+        lab.stop_controller(lab.b)  # and its workers: the port is free
         wait_for("a to notice b is gone", lambda: lab.network(lab.a)["queues"][0]["state"] != "established",
                  timeout=20, lab=lab)
         out = _hostile_peer(lab, "routes", engine, rounds=rounds)

@@ -161,8 +161,8 @@ def _phases(lab: Lab) -> list[tuple[str, Any]]:
         time.sleep(2)  # systemd's RestartSec
         lab.start_controller(a)
 
-    def controller_restart() -> None:  # systemctl restart l3ptp-controller: workers stopped, network kept
-        assert lab.stop_process(a, "controller") == 0
+    def controller_restart() -> None:  # systemctl restart l3ptp-controller: workers handed over, network kept
+        assert lab.stop_controller(a, handover=True) == 0
         lab.start_controller(a)
 
     def worker_kill9() -> None:
@@ -216,11 +216,14 @@ WORKER_KILLS = 6
 WATCH = 3.0
 
 
-@pytest.mark.parametrize("what", ["controller", "worker"])
+@pytest.mark.parametrize("what", ["controller", "controller-restart", "worker"])
 def test_traffic_pauses_under_a_second_across_kill_9(lab: Lab, what: str) -> None:
+    """kill -9 of the controller (restarted after systemd's RestartSec), an orderly restart of it
+    (SIGTERM, then started again: `systemctl restart`), kill -9 of the worker carrying the ping."""
     _settle(lab)
     pinger = Pinger(lab, lab.a, lab.b.overlay4, 0.02)
     windows: list[tuple[str, float, float]] = []
+    workers_before = lab.pids(lab.a)["workers"]
     try:
         if what == "controller":
             start = time.time()
@@ -229,7 +232,13 @@ def test_traffic_pauses_under_a_second_across_kill_9(lab: Lab, what: str) -> Non
             time.sleep(2)  # systemd's RestartSec
             lab.start_controller(lab.a)
             time.sleep(5)
-            windows.append(("controller", start, time.time()))
+            windows.append(("controller (kill -9)", start, time.time()))
+        elif what == "controller-restart":
+            start = time.time()
+            assert lab.stop_controller(lab.a, handover=True) == 0
+            lab.start_controller(lab.a)
+            time.sleep(5)
+            windows.append(("controller (orderly restart)", start, time.time()))
         else:
             for i in range(WORKER_KILLS):
                 host = (lab.a, lab.b)[i % 2]
@@ -241,12 +250,14 @@ def test_traffic_pauses_under_a_second_across_kill_9(lab: Lab, what: str) -> Non
                 start = time.time()
                 os.kill(victim, signal.SIGKILL)
                 time.sleep(WATCH)
-                windows.append((f"{host.name}'s worker (kill {i + 1})", start, time.time()))
+                windows.append((f"{host.name}'s worker (kill -9 {i + 1})", start, time.time()))
     finally:
         replies = pinger.stop()
     gaps = [(name, longest_gap(replies, start, end)) for name, start, end in windows]
     for name, gap in gaps:
-        print(f"longest pause in replies across kill -9 of {name}: {gap:.3f} s")
+        print(f"longest pause in replies across {name}: {gap:.3f} s")
+    if what.startswith("controller"):  # the workers outlived it and were adopted, not respawned
+        assert lab.pids(lab.a)["workers"] == workers_before
     # The issue's target, every time. Before issue 13's fixes a worker's kill measured 0.36-0.63 s in
     # most runs but 1.1-1.2 s in some, and 2-3.5 s for a queue killed again within a minute.
     assert all(gap < MAX_GAP for _, gap in gaps), gaps

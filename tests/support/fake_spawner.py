@@ -37,6 +37,8 @@ class FakeSpawner:
         #: pids taken over with `adopt` (workers of an earlier controller) and the signals they got.
         self.adopted: dict[int, list[int]] = {}
         self._pids = itertools.count(40000)
+        #: pids let go at an orderly stop (`release`): never signalled afterwards.
+        self.released: set[int] = set()
 
     async def spawn(self, network: str, queue: int, stdin_data: bytes) -> int:
         if self.fail_next is not None:
@@ -55,6 +57,8 @@ class FakeSpawner:
         return True
 
     def signal(self, pid: int, sig: int) -> None:
+        if pid in self.released:
+            raise AssertionError(f"signalled released worker {pid}")
         if pid in self.adopted:
             self.adopted[pid].append(sig)
             if self.exit_on_signal and sig in (signal.SIGTERM, signal.SIGKILL):
@@ -75,7 +79,7 @@ class FakeSpawner:
         asyncio.get_running_loop().call_soon(self._on_exit, pid, returncode)
 
     def live_pids(self) -> set[int]:
-        return {p.pid for p in self.processes.values() if p.returncode is None}
+        return {p.pid for p in self.processes.values() if p.returncode is None and p.pid not in self.released}
 
     def live(self, network: str | None = None) -> list[FakeProcess]:
         return [
@@ -84,7 +88,13 @@ class FakeSpawner:
             if p.returncode is None and (network is None or p.network == network)
         ]
 
+    def release(self, pids: set[int]) -> None:
+        """Handover: forget `pids` without signalling them (they stay live, in `released`)."""
+        self.released |= set(pids)
+        for pid in pids:
+            self.adopted.pop(pid, None)
+
     async def kill_all(self) -> None:
-        for pid in list(self.live_pids()):
+        for pid in list(self.live_pids()):  # not the released ones
             self.crash(pid, -signal.SIGKILL)
         await asyncio.sleep(0)
