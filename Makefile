@@ -50,9 +50,9 @@ venv: $(VENV)/.installed
 test: deps venv
 	$(PY) -m pytest
 
-## make demo: a dual-stack tunnel between two network namespaces: ping, iperf3, status, full cleanup
+## make demo: a dual-stack tunnel between two network namespaces: ping, iperf3, status, full cleanup (DEMO_ARGS="--queues 4")
 demo: deps venv
-	$(PY) -m l3ptp.controller.demo
+	$(PY) -m l3ptp.controller.demo $(DEMO_ARGS)
 
 ## make bench: l3ptp against veth, OpenVPN and wireguard-go in two namespaces (BENCH_ARGS="--seconds 5 --queues 1,2")
 bench: deps venv

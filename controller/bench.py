@@ -1,4 +1,4 @@
-"""`l3ptp bench`: l3ptp against plain veth, OpenVPN and wireguard-go, on one box.
+"""`make bench`: l3ptp against plain veth, OpenVPN and wireguard-go, on one box.
 
 Root only. Every configuration runs on the lab's two-namespace topology
 (host A and host B joined by a veth underlay in 198.18.0.0/16) and goes
@@ -867,7 +867,7 @@ def _list(kind: Callable[[str], Any], allowed: Sequence[Any] | None = None) -> C
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="l3ptp bench", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m l3ptp.controller.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=5.0, help="length of each iperf3 run (default 5)")
     p.add_argument("--queues", type=_list(int, range(1, 9)), default=[1, 2], metavar="N[,N...]",
@@ -895,13 +895,13 @@ def _engine_available(engine: str) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not 1 <= args.seconds <= 120:
-        print("l3ptp bench: --seconds must be within 1..120", file=sys.stderr)
+        print("bench: --seconds must be within 1..120", file=sys.stderr)
         return 2
     if not re.fullmatch(r"\d+(\.\d+)?[KMG]?", args.udp_rate):
-        print("l3ptp bench: --udp-rate must look like 300M", file=sys.stderr)
+        print("bench: --udp-rate must look like 300M", file=sys.stderr)
         return 2
     if os.geteuid() != 0:
-        print("l3ptp bench: needs root (network namespaces, TUN devices, other uids)", file=sys.stderr)
+        print("bench: needs root (network namespaces, TUN devices, other uids)", file=sys.stderr)
         return 2
     skipped = [e for e in args.engine if not _engine_available(e)]
     if skipped:

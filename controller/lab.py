@@ -1,4 +1,4 @@
-"""The two-host lab shared by `l3ptp demo`, `l3ptp bench` and the end-to-end tests.
+"""The two-host lab shared by `make demo`, `make bench` and the end-to-end tests.
 
 Root only. Host A and host B are network namespaces joined by a veth pair
 (the underlay, 198.18.0.0/16). Each runs the whole stack the way a

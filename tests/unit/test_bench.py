@@ -1,4 +1,4 @@
-"""Pure helpers of `l3ptp bench`: /proc parsing, iperf3/ping results, CPU accounting, ratios, tables."""
+"""Pure helpers of `make bench`: /proc parsing, iperf3/ping results, CPU accounting, ratios, tables."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`l3ptp demo` / `l3ptp bench` wiring and the lab's pure parts (no root needed)."""
+"""`make demo` / `make bench` wiring and the lab's pure parts (no root needed)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,20 @@ import pytest
 from l3ptp.controller import cli, demo, lab
 
 
-def test_demo_help_through_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_help(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
-        cli.main(["demo", "--help"])
+        demo.main(["--help"])
     assert exc.value.code == 0
-    assert "usage: l3ptp demo" in capsys.readouterr().out
+    assert "usage: python -m l3ptp.controller.demo" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["demo", "bench"])
+def test_the_operator_cli_has_no_lab_commands(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`make demo` / `make bench` run the lab; the operator's `l3ptp` knows nothing of it."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main([command, "--help"])
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
 
 
 def test_demo_refuses_without_root(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
