@@ -8,6 +8,9 @@ SHELL := /bin/bash
 # clone under /root, mode 0700, say) it lives in /var/lib/l3ptp-dev/<hash of
 # this path>/venv with l3ptp installed as a copy, re-installed by make
 # whenever a source file changes.
+# The harness (lab/: namespaces, demo, bench, booted machines) is not part of
+# the package: it runs as root from this checkout (python -m lab.demo), and
+# the processes it starts as other uids run only the installed l3ptp.
 PRIVATE_CHECKOUT := $(shell [ "$$(id -u)" = 0 ] && ! setpriv --reuid=65534 --regid=65534 --clear-groups \
                       test -r '$(CURDIR)/pyproject.toml' 2>/dev/null && echo yes)
 ifeq ($(PRIVATE_CHECKOUT),yes)
@@ -52,11 +55,11 @@ test: deps venv
 
 ## make demo: a dual-stack tunnel between two network namespaces: ping, iperf3, status, full cleanup (DEMO_ARGS="--queues 4")
 demo: deps venv
-	$(PY) -m l3ptp.controller.demo $(DEMO_ARGS)
+	cd $(CURDIR) && $(PY) -m lab.demo $(DEMO_ARGS)
 
 ## make bench: l3ptp against veth, OpenVPN and wireguard-go in two namespaces (BENCH_ARGS="--seconds 5 --queues 1,2")
 bench: deps venv
-	$(PY) -m l3ptp.controller.bench $(BENCH_ARGS)
+	cd $(CURDIR) && $(PY) -m lab.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

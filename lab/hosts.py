@@ -28,204 +28,30 @@ them, and the work directory.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import dataclasses
-import json
 import os
-import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from l3ptp.ipc.hardening import PR_CAP_AMBIENT, PR_CAPBSET_DROP, capset, libc, prctl
+from lab.interrupts import Interrupts
+from lab.netns import enter, netlink, setns
+from lab.procs import DYNAMIC_ID_RANGE, alive, free_ids, tun_open_to_all, workers_in
+from lab.tools import LabTools
+from lab.topology import (BASE_PORT, BEHIND, NETWORK, OVERLAY4, OVERLAY6, REMOTE4, REMOTE6, UNDERLAY,
+                          UNDERLAY_PREFIXLEN, Host, LabError, _toml, behind_prefixes)
 
-__all__ = ["Host", "Interrupts", "Lab", "LabError", "free_ids"]
-
-CLONE_NEWNET = 0x40000000
-CAP_NET_ADMIN = 12
-PR_SET_KEEPCAPS = 8
-PR_CAP_AMBIENT_RAISE = 2
-#: systemd's range for dynamic users: never in /etc/passwd.
-DYNAMIC_ID_RANGE = range(61184, 65520)
-NETLINK_CHILD_TIMEOUT = 15  # seconds; see netlink()
-
-UNDERLAY = ("198.18.0.1", "198.18.0.2")
-UNDERLAY_PREFIXLEN = 24
-OVERLAY4 = ("198.19.0.1", "198.19.0.2")
-OVERLAY6 = ("fd00:19::1", "fd00:19::2")
-#: Addresses behind each host (on its loopback), advertised by it and
-#: accepted by the other, so each side installs a route for the other's.
-BEHIND = {"a": ("198.19.10.1", "fd00:19:10::1"), "b": ("198.19.20.1", "fd00:19:20::1")}
-REMOTE4, REMOTE6 = BEHIND["b"]
+# Re-exported: the lab's users (tests, demo, bench) take the lab's vocabulary from here.
+__all__ = ["BASE_PORT", "BEHIND", "DYNAMIC_ID_RANGE", "NETWORK", "REMOTE4", "REMOTE6", "Host", "Interrupts", "Lab",
+           "LabError", "behind_prefixes", "free_ids", "netlink", "setns", "workers_in"]
 
 
-def behind_prefixes(name: str) -> list[str]:
-    v4, v6 = BEHIND[name]
-    return [v4.rsplit(".", 1)[0] + ".0/24", v6.rsplit("::", 1)[0] + "::/64"]
-BASE_PORT = 4433
-NETWORK = "demo"
-
-
-class LabError(RuntimeError):
-    """A lab step failed; the message says which and why."""
-
-
-def _check(rc: int, what: str) -> None:
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-
-
-def setns(netns: str) -> None:
-    """Move the calling (single-threaded) process into network namespace `netns`."""
-    fd = os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        _check(libc().setns(fd, CLONE_NEWNET), f"setns {netns}")
-    finally:
-        os.close(fd)
-
-
-def netlink(netns: str) -> Any:
-    """A pyroute2 `NetNS` (netlink inside `netns`), patient with a loaded machine.
-
-    pyroute2 opens the socket in a forked child and waits 2 s for it by default;
-    with both tunnel ends, iperf3 and the kernel sharing two cores that is too short.
-    """
-    from pyroute2 import NetNS, config
-
-    config.default_communicate_timeout = max(config.default_communicate_timeout, NETLINK_CHILD_TIMEOUT)
-    return NetNS(netns)
-
-
-def _enter(netns: str, uid: int | None = None, gid: int | None = None, net_admin_only: bool = False) -> Callable[[], None]:
-    """A preexec_fn: enter `netns`, then become uid/gid.
-
-    With `net_admin_only`, every capability but CAP_NET_ADMIN leaves the
-    bounding set first; a non-root `uid` then keeps CAP_NET_ADMIN as an
-    ambient capability (systemd's AmbientCapabilities=), while uid 0 ends up
-    with exactly the bounding set after exec.
-    """
-
-    def run() -> None:
-        setns(netns)
-        if uid is None:
-            return
-        if net_admin_only:
-            last = int(open("/proc/sys/kernel/cap_last_cap").read())
-            for cap in range(last + 1):
-                if cap != CAP_NET_ADMIN:
-                    prctl(PR_CAPBSET_DROP, cap)
-            prctl(PR_SET_KEEPCAPS, 1)
-        os.setgroups([])
-        os.setgid(gid if gid is not None else uid)
-        os.setuid(uid)
-        if net_admin_only:
-            capset(1 << CAP_NET_ADMIN)
-            if uid != 0:
-                prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAP_NET_ADMIN)
-
-    return run
-
-
-def tun_open_to_all() -> bool:
-    """True if /dev/net/tun is read-write for everyone (Debian's udev default)."""
-    try:
-        return os.stat("/dev/net/tun").st_mode & 0o006 == 0o006
-    except OSError:
-        return False
-
-
-def _running_uids() -> set[int]:
-    uids = set()
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            with contextlib.suppress(OSError):
-                uids.add(os.stat(f"/proc/{pid}").st_uid)
-    return uids
-
-
-def free_ids(count: int) -> list[int]:
-    """`count` ids from the dynamic-user range with no passwd/group entry and no process."""
-    import grp
-
-    busy = _running_uids()
-    out = []
-    start = DYNAMIC_ID_RANGE.start + secrets.randbelow(len(DYNAMIC_ID_RANGE) - 1000)
-    for n in range(start, DYNAMIC_ID_RANGE.stop):
-        if n in busy:
-            continue
-        try:
-            pwd.getpwuid(n)
-            continue
-        except KeyError:
-            pass
-        try:
-            grp.getgrgid(n)
-            continue
-        except KeyError:
-            pass
-        out.append(n)
-        if len(out) == count:
-            return out
-    raise LabError("no free ids in the dynamic-user range")
-
-
-@dataclasses.dataclass
-class Host:
-    """One side of the lab."""
-
-    name: str  # "a" or "b"
-    netns: str
-    dir: str
-    underlay: str
-    overlay4: str
-    overlay6: str
-    config_path: str = ""
-    policy_path: str = ""
-    runtime_dir: str = ""
-    helper_socket: str = ""
-    fingerprint: str = ""
-    config_extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-    #: The `demo` network's table and its underlay table, as last written.
-    network: dict[str, Any] = dataclasses.field(default_factory=dict)
-    underlay_table: dict[str, Any] = dataclasses.field(default_factory=dict)
-    procs: dict[str, subprocess.Popen[bytes]] = dataclasses.field(default_factory=dict)
-    logs: dict[str, str] = dataclasses.field(default_factory=dict)
-
-    @property
-    def control_socket(self) -> str:
-        return os.path.join(self.runtime_dir, "control.sock")
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def _toml(tables: dict[str, dict[str, Any]]) -> str:
-    out = []
-    for table, values in tables.items():
-        out.append(f"[{table}]")
-        out += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
-        out.append("")
-    return "\n".join(out)
-
-
-class Lab:
+class Lab(LabTools):
     """Two namespaces, one tunnel; see the module docstring.
 
     Use as a context manager, or call `close()` yourself: it is idempotent
@@ -278,14 +104,6 @@ class Lab:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    @property
-    def a(self) -> Host:
-        return self.hosts["a"]
-
-    @property
-    def b(self) -> Host:
-        return self.hosts["b"]
 
     # ---- building ----------------------------------------------------------------
 
@@ -437,7 +255,7 @@ class Lab:
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", **(env or {})}
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    preexec_fn=preexec or _enter(host.netns), env=env, cwd="/",
+                                    preexec_fn=preexec or enter(host.netns), env=env, cwd="/",
                                     start_new_session=True)
         finally:
             log.close()
@@ -451,7 +269,7 @@ class Lab:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(host.helper_socket)
         proc = self.spawn(host, "helper", [self.python, "-m", "l3ptp.helper", "--policy", host.policy_path],
-                          preexec=_enter(host.netns, self.helper_uid, self.gid, net_admin_only=True))
+                          preexec=enter(host.netns, self.helper_uid, self.gid, net_admin_only=True))
         deadline = time.monotonic() + wait
         while not os.path.exists(host.helper_socket):
             if proc.poll() is not None:
@@ -465,7 +283,7 @@ class Lab:
         """`l3ptp-helper --cleanup` in `host` (what the package's prerm runs on removal): its exit status."""
         proc = self.spawn(host, "cleanup", [self.python, "-m", "l3ptp.helper", "--policy", host.policy_path,
                                             "--cleanup"],
-                          preexec=_enter(host.netns, self.helper_uid, self.gid, net_admin_only=True))
+                          preexec=enter(host.netns, self.helper_uid, self.gid, net_admin_only=True))
         return proc.wait(timeout)
 
     def start_controller(self, host: Host, *, wait: float = 20.0) -> subprocess.Popen[bytes]:
@@ -474,7 +292,7 @@ class Lab:
             os.unlink(host.control_socket)
         proc = self.spawn(host, "controller",
                           [self.python, "-m", "l3ptp.controller", "--config", host.config_path],
-                          preexec=_enter(host.netns, self.controller_uid, self.gid))
+                          preexec=enter(host.netns, self.controller_uid, self.gid))
         deadline = time.monotonic() + wait
         while True:
             if proc.poll() is not None:
@@ -521,198 +339,6 @@ class Lab:
                 codes[f"{host.name}.{what}"] = self.stop_process(host, what)
         return codes
 
-    # ---- observing ----------------------------------------------------------------
-
-    def status(self, host: Host, *, verbose: bool = True, timeout: float = 5.0) -> dict[str, Any]:
-        """`l3ptp status --json` of `host`, as a dict."""
-        from l3ptp.controller.cli import ControllerUnreachable, request, status_json
-        from l3ptp.ipc.control_messages import StatusReply, StatusRequest
-
-        try:
-            reply = request(host.control_socket, StatusRequest(verbose=verbose), timeout=timeout)
-        except ControllerUnreachable as exc:
-            raise LabError(f"host {host.name}: {exc}") from None
-        if not isinstance(reply, StatusReply):
-            raise LabError(f"host {host.name}: unexpected status reply {reply!r}")
-        return json.loads(status_json(reply))
-
-    def status_text(self, host: Host, *, verbose: bool = False) -> str:
-        from l3ptp.controller.cli import format_status, request
-        from l3ptp.ipc.control_messages import StatusRequest
-
-        return format_status(request(host.control_socket, StatusRequest(verbose=verbose)), verbose=verbose)
-
-    def network(self, host: Host, name: str = NETWORK) -> dict[str, Any]:
-        for net in self.status(host)["networks"]:
-            if net["name"] == name:
-                return net
-        raise LabError(f"host {host.name}: no network {name!r} in status")
-
-    def wait_established(self, timeout: float = 30.0, name: str = NETWORK) -> None:
-        deadline = time.monotonic() + timeout
-        states: list[str] = []
-        while time.monotonic() < deadline:
-            states = []
-            for host in self.hosts.values():
-                for what in ("helper", "controller"):
-                    proc = host.procs.get(what)
-                    if proc is not None and proc.poll() is not None:
-                        raise LabError(f"{what} on host {host.name} exited with {proc.returncode}:\n"
-                                       f"{self.tail(host, what)}")
-                with contextlib.suppress(LabError):
-                    net = self.network(host, name)
-                    states += [q["state"] for q in net["queues"]]
-            if len(states) == 2 * self.queues and all(s == "established" for s in states):
-                return
-            time.sleep(0.2)
-        raise LabError(f"tunnel not established within {timeout:g}s (queue states {states}):\n"
-                       f"{self.tail(self.a, 'controller')}\n{self.tail(self.b, 'controller')}")
-
-    def tail(self, host: Host, what: str, lines: int = 25) -> str:
-        path = host.logs.get(what) or os.path.join(host.dir, f"{what}.log")
-        try:
-            with open(path, "rb") as f:
-                text = f.read()[-20000:].decode(errors="replace")
-        except OSError:
-            return f"(no {what} log on host {host.name})"
-        return "\n".join(f"  {host.name}/{what}| {line}" for line in text.splitlines()[-lines:])
-
-    def pids(self, host: Host) -> dict[str, Any]:
-        """PIDs of the helper, the controller and the workers in `host` (children of this controller or
-        adopted from an earlier one)."""
-        ctl = host.procs.get("controller")
-        return {"helper": host.procs["helper"].pid if "helper" in host.procs else None,
-                "controller": ctl.pid if ctl else None, "workers": workers_in(host.netns)}
-
-    def cli(self, host: Host, *args: str, timeout: float = 30.0) -> tuple[int, str, str]:
-        """Run the real `l3ptp` CLI against `host`'s controller: (exit status, stdout, stderr)."""
-        import io
-
-        from l3ptp.controller.cli import main as cli_main
-
-        out, err = io.StringIO(), io.StringIO()
-        code = cli_main(["--runtime-dir", host.runtime_dir, "--timeout", str(timeout), *args], out=out, err=err)
-        return code, out.getvalue(), err.getvalue()
-
-    def links(self, host: Host) -> dict[str, dict[str, Any]]:
-        """Links inside `host`: name -> {index, mtu, up, rx_packets, tx_packets}."""
-        out = {}
-        with netlink(host.netns) as ipr:
-            for link in ipr.get_links():
-                stats = link.get_attr("IFLA_STATS64") or {}
-                out[link.get_attr("IFLA_IFNAME")] = {
-                    "index": link["index"], "mtu": link.get_attr("IFLA_MTU"), "up": bool(link["flags"] & 1),
-                    "rx_packets": stats.get("rx_packets", 0), "tx_packets": stats.get("tx_packets", 0),
-                }
-        return out
-
-    def routes(self, host: Host, *, proto: int | None = None) -> list[dict[str, Any]]:
-        """IPv4 and IPv6 unicast routes inside `host` (all tables), optionally only those of `proto`."""
-        out = []
-        with netlink(host.netns) as ipr:
-            names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
-            for family in (socket.AF_INET, socket.AF_INET6):
-                for r in ipr.get_routes(family=family):  # every table
-                    if r["type"] != 1 or (proto is not None and r["proto"] != proto):
-                        continue
-                    dst = r.get_attr("RTA_DST") or ("0.0.0.0" if family == socket.AF_INET else "::")
-                    out.append({"dst": f"{dst}/{r['dst_len']}", "proto": r["proto"], "table": r.get_attr("RTA_TABLE"),
-                                "dev": names.get(r.get_attr("RTA_OIF"), "")})
-        return out
-
-    def add_address(self, host: Host, address: str) -> None:
-        """Put `address` (a host address) on `host`'s loopback."""
-        import ipaddress
-
-        ip = ipaddress.ip_address(address)
-        with netlink(host.netns) as ipr:
-            ipr.addr("add", index=ipr.link_lookup(ifname="lo")[0], address=address, prefixlen=ip.max_prefixlen)
-
-    # ---- running tools inside the hosts ---------------------------------------------
-
-    def run(self, host: Host, argv: Sequence[str], *, timeout: float = 30.0, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """Run a tool (ping, iperf3) as root inside `host`; bounded by `timeout`."""
-        res = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
-                             preexec_fn=_enter(host.netns), cwd="/")
-        if check and res.returncode != 0:
-            raise LabError(f"host {host.name}: {' '.join(argv)} failed ({res.returncode}): "
-                           f"{(res.stderr or res.stdout).strip()[-2000:]}")
-        return res
-
-    def popen(self, host: Host, argv: Sequence[str]) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                preexec_fn=_enter(host.netns), cwd="/", start_new_session=True)
-        host.procs[f"tool-{proc.pid}"] = proc  # type: ignore[assignment]
-        self._started.append(proc.pid)
-        return proc
-
-    def ping(self, src: Host, dst: str, *, count: int = 3, size: int | None = None, df: bool = False,
-             check: bool = True, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
-        argv = ["ping", "-n", "-c", str(count), "-i", "0.2", "-W", "2"]
-        if size is not None:
-            argv += ["-s", str(size)]
-        if df:
-            argv += ["-M", "do"]
-        return self.run(src, [*argv, dst], timeout=timeout, check=check)
-
-    @contextlib.contextmanager
-    def iperf3_server(self, host: Host, *, port: int = 5201) -> Iterator[subprocess.Popen[str]]:
-        proc = self.popen(host, ["iperf3", "-s", "-1", "-p", str(port)])
-        try:
-            deadline = time.monotonic() + 10
-            while not self._listening(host, port) and time.monotonic() < deadline:
-                if proc.poll() is not None:
-                    raise LabError(f"iperf3 server on host {host.name} exited: {proc.stderr.read() if proc.stderr else ''}")
-                time.sleep(0.05)
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-            try:
-                proc.communicate(timeout=5)  # also closes the pipes
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate(timeout=5)
-            host.procs.pop(f"tool-{proc.pid}", None)
-
-    def _listening(self, host: Host, port: int) -> bool:
-        """Is a TCP socket listening on `port` inside `host`? (Reads /proc/self/net in a child; never connects.)"""
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - child
-            code = 1
-            try:
-                setns(host.netns)
-                for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
-                    with open(table) as f:
-                        for line in f.readlines()[1:]:
-                            fields = line.split()
-                            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                                code = 0
-            except BaseException:
-                pass
-            os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        return os.waitstatus_to_exitcode(status) == 0
-
-    def iperf3(self, client: Host, server: Host, *, seconds: float = 2.0, udp_rate: str | None = None,
-               streams: int = 1, reverse: bool = False, port: int = 5201, dst: str | None = None) -> dict[str, Any]:
-        """One bounded iperf3 run from `client` to `server` across the tunnel; iperf3's JSON result."""
-        with self.iperf3_server(server, port=port):
-            argv = ["iperf3", "-c", dst or server.overlay4, "-p", str(port), "-t", str(seconds), "-J",
-                    "-P", str(streams), "--connect-timeout", "3000"]
-            if udp_rate:
-                argv += ["-u", "-b", udp_rate, "-l", "1200"]
-            if reverse:
-                argv.append("-R")
-            res = self.run(client, argv, timeout=seconds + 30, check=False)
-        try:
-            result = json.loads(res.stdout)
-        except json.JSONDecodeError:
-            raise LabError(f"iperf3 gave no JSON ({res.returncode}): {res.stderr.strip()[-500:]}") from None
-        if "error" in result:
-            raise LabError(f"iperf3: {result['error']}")
-        return result
-
     # ---- teardown ---------------------------------------------------------------------
 
     def close(self) -> None:
@@ -755,72 +381,7 @@ class Lab:
         finally:
             signal.signal(signal.SIGINT, old)
         left = [f"namespace {h.netns}" for h in self.hosts.values() if os.path.exists(f"/run/netns/{h.netns}")]
-        left += [f"process {pid}" for pid in sorted({*self._started, *pids}) if _alive(pid)]
+        left += [f"process {pid}" for pid in sorted({*self._started, *pids}) if alive(pid)]
         own = [self.workdir] if self._own_workdir else []
         left += [f"path {p}" for p in (*own, *extra_paths) if os.path.exists(p)]
         return left
-
-
-class Interrupts:
-    """Ctrl-C and SIGTERM for the lab commands (demo, bench): a flag plus KeyboardInterrupt.
-
-    The exception alone can be lost: raised while the interpreter runs a fork
-    hook (logging's ``_releaseLock`` around a subprocess fork) it is printed
-    and ignored, and the command would carry on. So commands also call
-    `check()` between steps. Children forked by libraries (pyroute2's netns
-    helpers) inherit the handler and simply exit.
-    """
-
-    def __init__(self) -> None:
-        self.hit = False
-        self._pid = os.getpid()
-
-    def install(self) -> Interrupts:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._on_signal)
-        return self
-
-    def _on_signal(self, signum: int, frame: object) -> None:
-        if os.getpid() != self._pid:
-            os._exit(128 + signum)
-        self.hit = True
-        raise KeyboardInterrupt
-
-    def check(self) -> None:
-        """Raise KeyboardInterrupt if a signal came, even if its first exception was swallowed."""
-        if self.hit:
-            raise KeyboardInterrupt
-
-
-def _alive(pid: int) -> bool:
-    """True while `pid` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return not f.read().rsplit(") ", 1)[1].startswith("Z")
-    except (OSError, IndexError):
-        return False
-
-
-def _holds_tun(pid: int) -> bool:
-    with contextlib.suppress(OSError):
-        return any(os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/net/tun" for fd in os.listdir(f"/proc/{pid}/fd"))
-    return False
-
-
-def workers_in(netns: str, *, spares: bool = False) -> list[int]:
-    """Live l3ptp worker processes inside the network namespace `netns`, from /proc; with `spares`,
-    also the controller's spare while it waits for a config (``--queue -1``, holding no TUN queue yet)."""
-    try:
-        ns = os.stat(f"/run/netns/{netns}").st_ino
-    except OSError:
-        return []
-    out = []
-    for entry in os.listdir("/proc"):
-        with contextlib.suppress(OSError):
-            if entry.isdigit() and os.stat(f"/proc/{entry}/ns/net").st_ino == ns and _alive(int(entry)):
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    cmdline = f.read()
-                if b"l3ptp.worker" in cmdline and (spares or b"\0--queue\0-1\0" not in cmdline
-                                                   or _holds_tun(int(entry))):
-                    out.append(int(entry))
-    return sorted(out)

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from l3ptp.controller import lab as labmod
-from l3ptp.controller.lab import BEHIND, Host, Lab
 from l3ptp.ipc.constants import RTPROT_L3PTP
+from lab import hosts as labmod
+from lab.hosts import BEHIND, Host, Lab
 from tests.support.controller_process import pid_alive, proc_status, wait_until
 
 pytestmark = [pytest.mark.privileged, pytest.mark.slow]

@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from l3ptp.controller.lab import BASE_PORT, Lab
 from l3ptp.ipc.constants import KEEPALIVE_INTERVAL_DEFAULT
+from lab.hosts import BASE_PORT, Lab
 from tests.privileged.test_e2e import _lab
 from tests.support import flood as flood_mod
 

@@ -6,14 +6,16 @@ import os
 
 import pytest
 
-from l3ptp.controller import cli, demo, lab
+from l3ptp.controller import cli
+from lab import demo
+from lab import hosts as lab
 
 
 def test_demo_help(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         demo.main(["--help"])
     assert exc.value.code == 0
-    assert "usage: python -m l3ptp.controller.demo" in capsys.readouterr().out
+    assert "usage: python -m lab.demo" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("command", ["demo", "bench"])
