@@ -20,7 +20,9 @@ INSTALL_PKG = $(PY) -m pip install -q '.[test,fast]' && $(PY) -m pip install -q 
 else
 VENV ?= .venv
 PKG_SOURCES :=
-INSTALL_PKG = $(PY) -m pip install -q -e '.[test,fast]'
+# setuptools says "Editable installation" (a notice, not a problem) on every
+# editable install: not what a user of make demo needs to read.
+INSTALL_PKG = PYTHONWARNINGS='ignore:Editable installation' $(PY) -m pip install -q -e '.[test,fast]'
 endif
 PY := $(VENV)/bin/python
 # Debian's interpreter: the demo runs the controller and workers as other,
@@ -43,7 +45,7 @@ $(VENV)/.installed: pyproject.toml $(PKG_SOURCES)
 	@if [ "$(PRIVATE_CHECKOUT)" = yes ]; then \
 	  echo "this checkout is private to root: the environment the unprivileged demo/test uids run goes to $(VENV)"; fi
 	umask 022 && $(PYTHON_BASE) -m venv $(VENV)
-	umask 022 && $(PY) -m pip install -q --upgrade 'pip>=23' 'setuptools>=68' wheel
+	umask 022 && $(PY) -m pip install -q --upgrade 'pip>=23' 'setuptools>=77' wheel
 	umask 022 && $(INSTALL_PKG)
 	touch $@
 

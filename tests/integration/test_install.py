@@ -81,3 +81,9 @@ def test_wheel_holds_the_product_and_no_harness(built: Built) -> None:
     for word in ("lab", "tests", "demo", "bench", "booted"):
         assert not any(word in part for n in names for part in n.split("/")), word
 
+
+@pytest.mark.slow
+def test_building_prints_no_setuptools_deprecation(built: Built) -> None:
+    """Issue 17 item 6: installing printed screens of `project.license` deprecation warnings."""
+    for text in ("Deprecat", "deprecat", "BuildBackendWarning", "!!"):
+        assert text not in built.output, built.output
