@@ -44,7 +44,7 @@ from lab.netns import enter, netlink, setns
 from lab.procs import DYNAMIC_ID_RANGE, alive, free_ids, tun_open_to_all, workers_in
 from lab.tools import LabTools
 from lab.topology import (BASE_PORT, BEHIND, NETWORK, OVERLAY4, OVERLAY6, REMOTE4, REMOTE6, UNDERLAY,
-                          UNDERLAY_PREFIXLEN, Host, LabError, _toml, behind_prefixes)
+                          UNDERLAY_PREFIXLEN, Host, LabError, behind_prefixes, toml_text)
 
 # Re-exported: the lab's users (tests, demo, bench) take the lab's vocabulary from here.
 __all__ = ["BASE_PORT", "BEHIND", "DYNAMIC_ID_RANGE", "NETWORK", "REMOTE4", "REMOTE6", "Host", "Interrupts", "Lab",
@@ -194,7 +194,7 @@ class Lab(LabTools):
             }
             policy.update(self.policy_extra)
             with open(host.policy_path, "w") as f:
-                f.write(_toml({"": policy}).removeprefix("[]\n"))
+                f.write(toml_text({"": policy}))
             os.chmod(host.policy_path, 0o644)
         for host, peer in ((self.a, self.b), (self.b, self.a)):
             net: dict[str, Any] = {
@@ -237,7 +237,7 @@ class Lab(LabTools):
             tables[f"networks.{name}.underlay"] = u
         tmp = host.config_path + ".tmp"
         with open(tmp, "w") as f:
-            f.write(_toml(tables))
+            f.write(toml_text(tables))
         os.chown(tmp, self.controller_uid, self.gid)
         os.chmod(tmp, 0o600)
         os.replace(tmp, host.config_path)

@@ -8,13 +8,14 @@ advertises and the other accepts (`BEHIND`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import subprocess
 from typing import Any
 
+import tomli_w
+
 __all__ = ["BASE_PORT", "BEHIND", "NETWORK", "OVERLAY4", "OVERLAY6", "REMOTE4", "REMOTE6", "UNDERLAY", "Host",
-           "LabError", "behind_prefixes"]
+           "LabError", "behind_prefixes", "toml_text"]
 
 UNDERLAY = ("198.18.0.1", "198.18.0.2")
 UNDERLAY_PREFIXLEN = 24
@@ -66,22 +67,12 @@ class Host:
         return os.path.join(self.runtime_dir, "control.sock")
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def _toml(tables: dict[str, dict[str, Any]]) -> str:
-    out = []
-    for table, values in tables.items():
-        out.append(f"[{table}]")
-        out += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
-        out.append("")
-    return "\n".join(out)
+def toml_text(tables: dict[str, dict[str, Any]]) -> str:
+    """TOML of `tables`, each named by its dotted table name ("networks.demo"); "" names the root table."""
+    root: dict[str, Any] = {}
+    for name, values in tables.items():
+        node = root
+        for part in name.split(".") if name else ():
+            node = node.setdefault(part, {})
+        node.update(values)
+    return tomli_w.dumps(root)

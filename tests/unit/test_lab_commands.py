@@ -7,7 +7,7 @@ import os
 import pytest
 
 from l3ptp.controller import cli
-from lab import demo
+from lab import demo, topology
 from lab import hosts as lab
 
 
@@ -50,8 +50,19 @@ def test_toml_writer_round_trips() -> None:
 
     tables = {"node": {"id": "x", "key_file": "/k"}, "networks.demo": {"queues": 2, "mtu": 1280, "on": True,
                                                                         "routes": ["198.19.1.0/24"], "x": 1.5}}
-    assert tomllib.loads(lab._toml(tables)) == {"node": {"id": "x", "key_file": "/k"},
+    assert tomllib.loads(topology.toml_text(tables)) == {"node": {"id": "x", "key_file": "/k"},
                                                 "networks": {"demo": tables["networks.demo"]}}
+
+
+def test_toml_writer_root_table_and_subtables() -> None:
+    """The helper policy is a root table; a network's underlay is a subtable of the network."""
+    import tomllib
+
+    policy = {"controller_uids": [61234], "socket_path": "/run/x \"quoted\".sock"}
+    assert tomllib.loads(topology.toml_text({"": policy})) == policy
+    tables = {"networks.demo": {"queues": 2}, "networks.demo.underlay": {"port": 4433}, "networks.b": {"mtu": 1280}}
+    assert tomllib.loads(topology.toml_text(tables)) == {
+        "networks": {"demo": {"queues": 2, "underlay": {"port": 4433}}, "b": {"mtu": 1280}}}
 
 
 def test_behind_prefixes_contain_the_addresses() -> None:
