@@ -6,6 +6,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from tabulate import tabulate
+
 from lab.bench.common import UDP_LEN
 
 __all__ = ["COLUMNS", "DETAIL_COLUMNS", "REFERENCE", "counter_delta", "cpu_per_gb", "fmt_cell", "parse_ping", "ratio",
@@ -124,16 +126,9 @@ DETAIL_COLUMNS = (
 
 
 def _grid(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    rows = [list(header)] + [list(r) for r in rows]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = []
-    for n, r in enumerate(rows):
-        lines.append("| " + " | ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i])
-                                       for i, c in enumerate(r)) + " |")
-        if n == 0:
-            lines.append("|" + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":"
-                                        for i, w in enumerate(widths)) + "|")
-    return "\n".join(lines)
+    """A Markdown (pipe) table: the first column left-aligned, the figures right-aligned."""
+    return tabulate([list(r) for r in rows], headers=list(header), tablefmt="pipe", disable_numparse=True,
+                    colalign=("left",) + ("right",) * (len(header) - 1))
 
 
 def render_table(configs: Sequence[Mapping[str, Any]], reference: str = REFERENCE,
