@@ -7,6 +7,8 @@ import os
 import pwd
 import secrets
 
+import psutil
+
 from lab.topology import LabError
 
 __all__ = ["DYNAMIC_ID_RANGE", "alive", "free_ids", "tun_open_to_all", "workers_in"]
@@ -24,11 +26,11 @@ def tun_open_to_all() -> bool:
 
 
 def _running_uids() -> set[int]:
-    uids = set()
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            with contextlib.suppress(OSError):
-                uids.add(os.stat(f"/proc/{pid}").st_uid)
+    """Every uid (real, effective, saved) some process runs with now."""
+    uids: set[int] = set()
+    for proc in psutil.process_iter(["uids"]):
+        if proc.info["uids"] is not None:
+            uids.update(proc.info["uids"])
     return uids
 
 
@@ -61,13 +63,13 @@ def free_ids(count: int) -> list[int]:
 def alive(pid: int) -> bool:
     """True while `pid` exists and is not a zombie."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return not f.read().rsplit(") ", 1)[1].startswith("Z")
-    except (OSError, IndexError):
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
 
 
 def _holds_tun(pid: int) -> bool:
+    # psutil's open_files() lists regular files only; /dev/net/tun is a character device.
     with contextlib.suppress(OSError):
         return any(os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/net/tun" for fd in os.listdir(f"/proc/{pid}/fd"))
     return False
@@ -81,12 +83,13 @@ def workers_in(netns: str, *, spares: bool = False) -> list[int]:
     except OSError:
         return []
     out = []
-    for entry in os.listdir("/proc"):
-        with contextlib.suppress(OSError):
-            if entry.isdigit() and os.stat(f"/proc/{entry}/ns/net").st_ino == ns and alive(int(entry)):
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    cmdline = f.read()
-                if b"l3ptp.worker" in cmdline and (spares or b"\0--queue\0-1\0" not in cmdline
-                                                   or _holds_tun(int(entry))):
-                    out.append(int(entry))
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if not any("l3ptp.worker" in arg for arg in cmdline):
+            continue
+        with contextlib.suppress(OSError):  # psutil gives no namespaces: the ns link's inode says which
+            if os.stat(f"/proc/{proc.pid}/ns/net").st_ino == ns and alive(proc.pid):
+                spare = any(a == "--queue" and b == "-1" for a, b in zip(cmdline, cmdline[1:]))
+                if spares or not spare or _holds_tun(proc.pid):
+                    out.append(proc.pid)
     return sorted(out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -148,3 +149,27 @@ def test_demo_reports_a_lost_ctrl_c_as_interrupted(monkeypatch: pytest.MonkeyPat
         assert code == 130 and "interrupted" in out and "FAILED" not in out
     else:
         assert code == 1 and "FAILED: host a: ping" in out
+
+
+def test_alive_says_no_for_a_zombie_and_a_gone_pid() -> None:
+    from lab import procs
+
+    assert procs.alive(os.getpid())
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        os._exit(0)
+    try:
+        deadline = time.monotonic() + 10
+        while procs.alive(pid) and time.monotonic() < deadline:  # exited, not reaped yet: a zombie
+            time.sleep(0.01)
+        assert not procs.alive(pid)
+    finally:
+        os.waitpid(pid, 0)
+    assert not procs.alive(pid)
+
+
+def test_running_uids_and_workers_of_a_missing_namespace() -> None:
+    from lab import procs
+
+    assert os.getuid() in procs._running_uids()
+    assert procs.workers_in("l3ptp-no-such-namespace") == []
