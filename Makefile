@@ -8,6 +8,9 @@ SHELL := /bin/bash
 # clone under /root, mode 0700, say) it lives in /var/lib/l3ptp-dev/<hash of
 # this path>/venv with l3ptp installed as a copy, re-installed by make
 # whenever a source file changes.
+# The harness (lab/: namespaces, demo, bench, booted machines) is not part of
+# the package: it runs as root from this checkout (python -m lab.demo), and
+# the processes it starts as other uids run only the installed l3ptp.
 PRIVATE_CHECKOUT := $(shell [ "$$(id -u)" = 0 ] && ! setpriv --reuid=65534 --regid=65534 --clear-groups \
                       test -r '$(CURDIR)/pyproject.toml' 2>/dev/null && echo yes)
 ifeq ($(PRIVATE_CHECKOUT),yes)
@@ -17,7 +20,9 @@ INSTALL_PKG = $(PY) -m pip install -q '.[test,fast]' && $(PY) -m pip install -q 
 else
 VENV ?= .venv
 PKG_SOURCES :=
-INSTALL_PKG = $(PY) -m pip install -q -e '.[test,fast]'
+# setuptools says "Editable installation" (a notice, not a problem) on every
+# editable install: not what a user of make demo needs to read.
+INSTALL_PKG = PYTHONWARNINGS='ignore:Editable installation' $(PY) -m pip install -q -e '.[test,fast]'
 endif
 PY := $(VENV)/bin/python
 # Debian's interpreter: the demo runs the controller and workers as other,
@@ -40,7 +45,7 @@ $(VENV)/.installed: pyproject.toml $(PKG_SOURCES)
 	@if [ "$(PRIVATE_CHECKOUT)" = yes ]; then \
 	  echo "this checkout is private to root: the environment the unprivileged demo/test uids run goes to $(VENV)"; fi
 	umask 022 && $(PYTHON_BASE) -m venv $(VENV)
-	umask 022 && $(PY) -m pip install -q --upgrade 'pip>=23' 'setuptools>=68' wheel
+	umask 022 && $(PY) -m pip install -q --upgrade 'pip>=23' 'setuptools>=77' wheel
 	umask 022 && $(INSTALL_PKG)
 	touch $@
 
@@ -50,13 +55,13 @@ venv: $(VENV)/.installed
 test: deps venv
 	$(PY) -m pytest
 
-## make demo: a dual-stack tunnel between two network namespaces: ping, iperf3, status, full cleanup
+## make demo: a dual-stack tunnel between two network namespaces: ping, iperf3, status, full cleanup (DEMO_ARGS="--queues 4")
 demo: deps venv
-	$(PY) -m l3ptp.controller.demo
+	cd $(CURDIR) && $(PY) -m lab.demo $(DEMO_ARGS)
 
 ## make bench: l3ptp against veth, OpenVPN and wireguard-go in two namespaces (BENCH_ARGS="--seconds 5 --queues 1,2")
 bench: deps venv
-	$(PY) -m l3ptp.controller.bench $(BENCH_ARGS)
+	cd $(CURDIR) && $(PY) -m lab.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

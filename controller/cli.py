@@ -310,35 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("keygen", help="generate a node key", description="Generate an Ed25519 node key.")
     p.add_argument("--out", help="write the private key here (mode 0600); prints the fingerprint")
     p.set_defaults(func=_cmd_keygen)
-    for name, text in (("demo", "run a demo tunnel between two network namespaces (root)"),
-                       ("bench", "benchmark the tunnel against veth, OpenVPN and wireguard-go (root)")):
-        # The command parses its own options (`l3ptp demo --help`).
-        p = sub.add_parser(name, help=text, description=text.capitalize() + ".", add_help=False)
-        p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-        p.set_defaults(func=_cmd_lab)
     return parser
-
-
-LAB_COMMANDS = ("demo", "bench")
-
-
-def _run_lab(command: str, argv: list[str]) -> int:
-    """`l3ptp demo` / `l3ptp bench`: the two-namespace lab commands (controller/lab.py)."""
-    import importlib
-
-    return int(importlib.import_module(f"l3ptp.controller.{command}").main(argv))
-
-
-def _cmd_lab(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    return _run_lab(args.command, list(args.args))
 
 
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in LAB_COMMANDS:  # they parse their own options, --help included
-        return _run_lab(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args, out, err))

@@ -55,6 +55,6 @@ def l3ptp_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """
     if prebuilt := os.environ.get("L3PTP_TEST_DEB"):
         return Path(prebuilt)
-    from tests.support.booted import build_deb
+    from lab.booted import build_deb
 
     return build_deb(tmp_path_factory.mktemp("deb"))

@@ -96,6 +96,17 @@ def test_files_and_modes(deb: Path) -> None:
     assert not any(p.startswith(f"{SITE}/bin") or "__pycache__" in p for p in files)
 
 
+def test_no_harness_in_the_package(deb: Path) -> None:
+    """The package ships the product only: l3ptp.{helper,worker,controller,ipc}, nothing of lab/ or tests/."""
+    files = listing(deb)
+    ours = {p.split("/")[len(SITE.split("/")) + 1] for p in files if p.startswith(f"{SITE}/l3ptp/")}
+    assert ours == {"helper", "worker", "controller", "ipc"}, ours
+    assert not any(p.startswith((f"{SITE}/lab", f"{SITE}/tests")) for p in files)
+    harness = {p.name for p in (ROOT / "lab").rglob("*.py")} - {"__init__.py", "__main__.py", "worker.py"}
+    assert "hosts.py" in harness and "demo.py" in harness
+    assert not [p for p in files if p.startswith(f"{SITE}/l3ptp/") and p.rsplit("/", 1)[-1] in harness]
+
+
 def test_conffiles(tree: Path) -> None:
     conffiles = set((tree / "DEBIAN/conffiles").read_text().split())
     assert conffiles == {"/etc/l3ptp/l3ptp.toml.example", "/etc/iproute2/rt_protos.d/l3ptp.conf",

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.netns import NetnsRegistry
+from lab.netns import NetnsRegistry
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """The Debian package on two booted systemd machines, run the way an operator runs it.
 
-`tests.support.booted` boots two Debian 12 machines (systemd-nspawn --boot,
+`lab.booted` boots two Debian 12 machines (systemd-nspawn --boot,
 each in its own network namespace, veth underlay 198.18.0.1 <-> 198.18.0.2).
 alpha's /dev/net/tun is 0666 (stock Debian), beta's 0600 (some hosts and
 containers). The .deb built from this checkout is installed with apt in both
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import booted
+from lab import booted
 
 pytestmark = [
     pytest.mark.privileged,

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -15,10 +16,12 @@ from tests.support.controller_process import pid_alive
 
 pytestmark = [pytest.mark.privileged, pytest.mark.slow]
 
+ROOT = Path(__file__).resolve().parents[2]  # `lab` is the checkout's harness, run from its top
+
 
 def _demo(**kw: object) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "l3ptp.controller.demo", "--seconds", "1"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)  # type: ignore[call-overload]
+    return subprocess.Popen([sys.executable, "-m", "lab.demo", "--seconds", "1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT, **kw)  # type: ignore[call-overload]
 
 
 def _left_behind(tag: str, pids: list[int]) -> list[str]:

@@ -3,7 +3,7 @@
 Real multi-queue TUN devices, real routes, real processes with real
 privileges (helper with CAP_NET_ADMIN only, controller and workers as an
 unprivileged uid), real traffic from ping and iperf3. Everything through
-`l3ptp.controller.lab`, which the demo and the benchmark use too.
+`lab.hosts` (the top-level harness), which the demo and the benchmark use too.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from l3ptp.controller import lab as labmod
-from l3ptp.controller.lab import BEHIND, Host, Lab
 from l3ptp.ipc.constants import RTPROT_L3PTP
+from lab import hosts as labmod
+from lab.hosts import BEHIND, Host, Lab
 from tests.support.controller_process import pid_alive, proc_status, wait_until
 
 pytestmark = [pytest.mark.privileged, pytest.mark.slow]

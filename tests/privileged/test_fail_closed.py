@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from l3ptp.controller import lab as labmod
-from l3ptp.controller.lab import BEHIND, Lab
+from lab import hosts as labmod
+from lab.hosts import BEHIND, Lab
 
 pytestmark = [pytest.mark.privileged, pytest.mark.slow]
 

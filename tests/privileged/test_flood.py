@@ -1,6 +1,6 @@
 """Handshake floods against a real listener (issue 14): the session survives.
 
-Two namespaces run the whole stack (`controller.lab`); from the connector's
+Two namespaces run the whole stack (`lab.hosts`); from the connector's
 namespace, i.e. from the peer's own address, a flooder sends QUIC Initials to
 the listener's port from 256 source ports for FLOOD_SECONDS while ping
 crosses the tunnel at 20 per second: Initial-looking junk, then real client
@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from l3ptp.controller.lab import BASE_PORT, Lab
 from l3ptp.ipc.constants import KEEPALIVE_INTERVAL_DEFAULT
+from lab.hosts import BASE_PORT, Lab
 from tests.privileged.test_e2e import _lab
 from tests.support import flood as flood_mod
 

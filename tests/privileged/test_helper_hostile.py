@@ -22,12 +22,11 @@ from typing import Any
 import pytest
 
 from l3ptp.controller.helper_client import HelperClient, HelperError
-from l3ptp.controller.lab import setns
 from l3ptp.ipc import helper_messages as hm
 from l3ptp.ipc import seqpacket
 from l3ptp.ipc.constants import HELPER_IDLE_TIMEOUT_WORKER, HELPER_MAX_SESSIONS
+from lab.netns import ip, setns
 from tests.support.helper_fixtures import Client, HelperProcess
-from tests.support.netns import ip
 
 pytestmark = pytest.mark.privileged
 

@@ -13,8 +13,8 @@ import tempfile
 import pytest
 
 from l3ptp.ipc.helper_messages import ListNetworks, NetworkList, Role, Welcome
+from lab.netns import ip, ip_json, setns
 from tests.support.helper_fixtures import Client, HelperProcess, json_records
-from tests.support.netns import ip, ip_json, setns
 
 pytestmark = pytest.mark.privileged
 

@@ -19,8 +19,8 @@ import pytun
 
 from l3ptp.ipc.errors import ErrorCode
 from l3ptp.ipc import helper_messages as hm
+from lab.netns import ip, ip_json, run_as
 from tests.support.helper_fixtures import Client, HelperProcess
-from tests.support.netns import ip, ip_json, run_as
 from tests.support.packets import ipv4_udp
 
 pytestmark = pytest.mark.privileged

@@ -23,8 +23,8 @@ from l3ptp.ipc.helper_messages import (
     AddRoutes, ClaimQueue, CreateNetwork, NetworkCreated, ProtectSocket, QueueGranted, Role, RoutesChanged,
     SocketProtected,
 )
+from lab.netns import NetnsRegistry, ip, ip_json, run_as, setns
 from tests.support.helper_fixtures import Client, HelperProcess
-from tests.support.netns import NetnsRegistry, ip, ip_json, run_as, setns
 
 pytestmark = pytest.mark.privileged
 

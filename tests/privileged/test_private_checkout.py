@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from l3ptp.controller import lab
+from lab import hosts as lab
 
 pytestmark = [pytest.mark.privileged]
 

@@ -8,7 +8,7 @@
   stdout/stderr to a log file (never a pipe: the workers inherit them and a
   full pipe would block them), the real CLI (`l3ptp.controller.cli.main`)
   against its control socket, and cleanup that kills only what it started.
-* `write_toml`: enough TOML for the configurations these tests write.
+* `write_toml`: a configuration written as TOML (tomli-w).
 * `pid_alive`: whether /proc/<pid> exists (and is not a zombie).
 
 Every wait is bounded; a failed wait raises AssertionError with the log tail.
@@ -29,6 +29,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
+
+import tomli_w
 
 from l3ptp.controller import cli
 from l3ptp.worker import keys
@@ -51,35 +53,11 @@ __all__ = [
 # ---- small helpers -----------------------------------------------------------------
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"no TOML for {value!r}")
-
-
-def _toml_table(prefix: str, table: dict[str, Any], out: list[str]) -> None:
-    subtables = {k: v for k, v in table.items() if isinstance(v, dict)}
-    out.append(f"[{prefix}]")
-    out.extend(f"{k} = {_toml_value(v)}" for k, v in table.items() if not isinstance(v, dict))
-    out.append("")
-    for key, sub in subtables.items():
-        _toml_table(f"{prefix}.{key}", sub, out)
-
-
 def write_toml(path: str, data: dict[str, Any]) -> None:
     """Write nested dicts of str/int/float/bool/lists as TOML (atomically)."""
-    out: list[str] = []
-    for key, table in data.items():
-        _toml_table(key, table, out)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as fh:
-        fh.write("\n".join(out))
+        fh.write(tomli_w.dumps(data))
     os.replace(tmp, path)
 
 

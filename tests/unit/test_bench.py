@@ -1,4 +1,4 @@
-"""Pure helpers of `l3ptp bench`: /proc parsing, iperf3/ping results, CPU accounting, ratios, tables."""
+"""Pure helpers of `make bench`: /proc parsing, iperf3/ping results, CPU accounting, ratios, tables."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from l3ptp.controller import bench
+from lab.bench import baselines, cpu, report, runner
 
 STAT = ("1234 (python3 -m (weird) x) S 1 1234 1234 0 -1 4194560 5000 0 0 0 "
         "250 75 3 4 20 0 1 0 100 123456789 4000 18446744073709551615 0 0 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0")
@@ -17,27 +17,27 @@ PROC_STAT = "cpu  100 5 50 1000 10 2 8 0 0 0\ncpu0 50 2 25 500 5 1 4 0 0 0\nintr
 
 
 def test_proc_cpu_ticks_sums_utime_and_stime_despite_parentheses_in_comm() -> None:
-    assert bench.proc_cpu_ticks(STAT) == 325
+    assert cpu.proc_cpu_ticks(STAT) == 325
 
 
 def test_proc_rss_kb() -> None:
-    assert bench.proc_rss_kb(STATUS) == 25600
-    assert bench.proc_rss_kb(STATUS, "VmHWM") == 30000
-    assert bench.proc_rss_kb("Name:\tkthreadd\n") == 0  # kernel threads have no VmRSS
+    assert cpu.proc_rss_kb(STATUS) == 25600
+    assert cpu.proc_rss_kb(STATUS, "VmHWM") == 30000
+    assert cpu.proc_rss_kb("Name:\tkthreadd\n") == 0  # kernel threads have no VmRSS
 
 
 def test_system_ticks() -> None:
-    t = bench.system_ticks(PROC_STAT)
+    t = cpu.system_ticks(PROC_STAT)
     assert t["user"] == 100 and t["softirq"] == 8 and t["total"] == 100 + 5 + 50 + 1000 + 10 + 2 + 8 + 0
     with pytest.raises(ValueError):
-        bench.system_ticks("cpu0 1 2 3 4 5 6 7 8\n")
+        cpu.system_ticks("cpu0 1 2 3 4 5 6 7 8\n")
 
 
 def test_cpu_shares_are_percent_of_one_core_over_wall_time() -> None:
-    before = bench.system_ticks("cpu  0 0 0 0 0 0 0 0\n")
-    after = bench.system_ticks("cpu  300 0 60 30 0 5 15 0\n")
+    before = cpu.system_ticks("cpu  0 0 0 0 0 0 0 0\n")
+    after = cpu.system_ticks("cpu  300 0 60 30 0 5 15 0\n")
     # 2 s at 100 Hz on 2 CPUs: workers 150 ticks = 75% of one core, iperf3 0.5 s = 25%.
-    shares = bench.cpu_shares({"workers": 150, "controller": 2}, before, after, 2, 2.0, {"iperf3": 0.5}, hz=100)
+    shares = cpu.cpu_shares({"workers": 150, "controller": 2}, before, after, 2, 2.0, {"iperf3": 0.5}, hz=100)
     assert shares["workers"] == pytest.approx(75.0)
     assert shares["controller"] == pytest.approx(1.0)
     assert shares["iperf3"] == pytest.approx(25.0)
@@ -47,31 +47,31 @@ def test_cpu_shares_are_percent_of_one_core_over_wall_time() -> None:
 
 
 def test_cpu_shares_other_never_negative() -> None:
-    z = bench.system_ticks("cpu  0 0 0 0 0 0 0 0\n")
-    shares = bench.cpu_shares({"workers": 500}, z, z, 2, 1.0, hz=100)
+    z = cpu.system_ticks("cpu  0 0 0 0 0 0 0 0\n")
+    shares = cpu.cpu_shares({"workers": 500}, z, z, 2, 1.0, hz=100)
     assert shares["workers"] == pytest.approx(500.0) and shares["unaccounted"] == 0.0
 
 
 def test_others_delta_splits_kernel_threads() -> None:
     before = {1: (100, False), 2: (50, True), 3: (10, False)}
     after = {1: (180, False), 2: (70, True), 4: (30, False)}  # 3 exited (lost), 4 is new (counts whole)
-    assert bench.others_delta(before, after, [1]) == {"kernel threads": 20, "other processes": 30}
-    assert bench.others_delta(before, after, [1, 2, 4]) == {"kernel threads": 0, "other processes": 0}
+    assert cpu.others_delta(before, after, [1]) == {"kernel threads": 20, "other processes": 30}
+    assert cpu.others_delta(before, after, [1, 2, 4]) == {"kernel threads": 0, "other processes": 0}
 
 
 def test_proc_is_kthread() -> None:
-    assert not bench.proc_is_kthread(STAT)
+    assert not cpu.proc_is_kthread(STAT)
     kthread = "12 (ksoftirqd/0) S 2 0 0 0 -1 69238848 0 0 0 0 5 90 0 0 20 0 1 0 3 0 0 18446744073709551615"
-    assert bench.proc_is_kthread(kthread)
+    assert cpu.proc_is_kthread(kthread)
 
 
 def test_cpu_per_gb() -> None:
-    assert bench.cpu_per_gb(3.0, 2_000_000_000) == pytest.approx(1.5)
-    assert bench.cpu_per_gb(3.0, 0) is None
+    assert report.cpu_per_gb(3.0, 2_000_000_000) == pytest.approx(1.5)
+    assert report.cpu_per_gb(3.0, 0) is None
 
 
 def test_counter_delta_keeps_nonzero_changes_of_either_side() -> None:
-    assert bench.counter_delta({"a": 1, "b": 5, "gone": 2}, {"a": 4, "b": 5, "new": 3}) == {"a": 3, "gone": -2, "new": 3}
+    assert report.counter_delta({"a": 1, "b": 5, "gone": 2}, {"a": 4, "b": 5, "new": 3}) == {"a": 3, "gone": -2, "new": 3}
 
 
 def test_tcp_summary() -> None:
@@ -80,7 +80,7 @@ def test_tcp_summary() -> None:
         "sum_received": {"seconds": 5.0, "bytes": 900, "bits_per_second": 1.5e8},
         "cpu_utilization_percent": {"host_total": 20.0, "remote_total": 30.0},
     }}
-    s = bench.tcp_summary(result)
+    s = report.tcp_summary(result)
     assert s["mbit"] == pytest.approx(150.0)
     assert s["bytes"] == 900 and s["retransmits"] == 7
     assert s["iperf3_cpu_s"] == pytest.approx(2.5)
@@ -89,7 +89,7 @@ def test_tcp_summary() -> None:
 def test_udp_summary_iperf3_3_12_has_only_sum() -> None:
     result = {"end": {"sum": {"seconds": 2.0, "bits_per_second": 3e8, "packets": 1000, "lost_packets": 250,
                               "lost_percent": 25.0}}}
-    s = bench.udp_summary(result, length=1000)
+    s = report.udp_summary(result, length=1000)
     assert s["offered_mbit"] == pytest.approx(300.0)
     assert s["pps"] == pytest.approx(375.0) and s["sent_pps"] == pytest.approx(500.0)
     assert s["mbit"] == pytest.approx(750 * 1000 * 8 / 2 / 1e6)
@@ -99,7 +99,7 @@ def test_udp_summary_iperf3_3_12_has_only_sum() -> None:
 def test_udp_summary_prefers_sum_received_when_it_has_loss() -> None:
     result = {"end": {"sum": {"seconds": 1.0, "bits_per_second": 1e6, "packets": 10, "lost_packets": 0},
                       "sum_received": {"seconds": 1.0, "packets": 10, "lost_packets": 5, "lost_percent": 50.0}}}
-    s = bench.udp_summary(result, length=100)
+    s = report.udp_summary(result, length=100)
     assert s["loss_pct"] == 50.0 and s["pps"] == 5.0
 
 
@@ -112,23 +112,23 @@ rtt min/avg/max/mdev = 0.512/1.151/3.020/0.400 ms
 
 
 def test_parse_ping() -> None:
-    p = bench.parse_ping(PING_OK)
+    p = report.parse_ping(PING_OK)
     assert (p["sent"], p["received"]) == (20, 19)
     assert p["avg_ms"] == 1.151 and p["min_ms"] == 0.512 and p["max_ms"] == 3.020
 
 
 def test_parse_ping_nothing_back() -> None:
-    p = bench.parse_ping("3 packets transmitted, 0 received, 100% packet loss, time 2000ms\n")
+    p = report.parse_ping("3 packets transmitted, 0 received, 100% packet loss, time 2000ms\n")
     assert p["received"] == 0 and p["avg_ms"] is None
 
 
 def test_ratio_and_fmt_cell() -> None:
-    assert bench.ratio(460.8, 512) == pytest.approx(0.9)
-    assert bench.ratio(1.0, 0) is None and bench.ratio(None, 1.0) is None and bench.ratio(1.0, None) is None
-    assert bench.fmt_cell(460.8, 512) == "461 (0.90x)"
-    assert bench.fmt_cell(0.5, 0.0, 2) == "0.50"  # undefined ratio left out
-    assert bench.fmt_cell(None, 3.0) == "-"
-    assert bench.fmt_cell(2.0, 4.0, 1, with_ratio=False) == "2.0"
+    assert report.ratio(460.8, 512) == pytest.approx(0.9)
+    assert report.ratio(1.0, 0) is None and report.ratio(None, 1.0) is None and report.ratio(1.0, None) is None
+    assert report.fmt_cell(460.8, 512) == "461 (0.90x)"
+    assert report.fmt_cell(0.5, 0.0, 2) == "0.50"  # undefined ratio left out
+    assert report.fmt_cell(None, 3.0) == "-"
+    assert report.fmt_cell(2.0, 4.0, 1, with_ratio=False) == "2.0"
 
 
 def _config(name: str, tcp1: float, cpu: float | None, rss: dict[str, int]) -> dict:
@@ -144,7 +144,7 @@ def _config(name: str, tcp1: float, cpu: float | None, rss: dict[str, int]) -> d
         "tunnel_cpu_s": cpu,
         "rss_kb": rss,
     }
-    config["summary"] = bench.summarize(config)
+    config["summary"] = report.summarize(config)
     return config
 
 
@@ -171,7 +171,7 @@ def test_render_table_ratios_against_openvpn() -> None:
         _config("l3ptp q=1 aioquic", 200.0, 4.0, {"a.worker0": 40 * 1024, "a.helper": 30 * 1024}),
         {"name": "wireguard-go", "error": "did not come up"},
     ]
-    table = bench.render_table(configs)
+    table = report.render_table(configs)
     lines = table.splitlines()
     assert lines[0].startswith("| configuration") and "TCP x1 Mbit/s" in lines[0]
     assert set(lines[1]) <= {"|", "-", ":"}
@@ -186,7 +186,7 @@ def test_render_table_ratios_against_openvpn() -> None:
 
 
 def test_render_table_without_reference_has_no_ratios() -> None:
-    table = bench.render_table([_config("veth", 10000.0, None, {})])
+    table = report.render_table([_config("veth", 10000.0, None, {})])
     assert "x)" not in table
 
 
@@ -202,7 +202,7 @@ def test_render_bottleneck() -> None:
         "b": {"counters": {"dgram_rx_packets": 58, "tun_tx_packets": 58}, "drops": {}, "seq_lost": 2,
               "max_queue_depth": 0},
     }}
-    text = bench.render_bottleneck(c)
+    text = report.render_bottleneck(c)
     assert text.startswith("### l3ptp q=2 qh3")
     assert "l3ptp workers 150, iperf3 20, idle 10" in text  # largest first
     assert "a.worker0 90" in text and "a.controller 50.0" in text
@@ -211,22 +211,22 @@ def test_render_bottleneck() -> None:
 
 
 def test_category() -> None:
-    assert bench._category("a.worker1") == "l3ptp workers"
-    assert bench._category("b.controller") == "l3ptp controller"
-    assert bench._category("a.helper") == "l3ptp helper"
-    assert bench._category("b.daemon") == "tunnel daemons"
+    assert cpu._category("a.worker1") == "l3ptp workers"
+    assert cpu._category("b.controller") == "l3ptp controller"
+    assert cpu._category("a.helper") == "l3ptp helper"
+    assert cpu._category("b.daemon") == "tunnel daemons"
 
 
 def test_list_option_parsing() -> None:
-    parse = bench._list(int, range(1, 9))
+    parse = runner._list(int, range(1, 9))
     assert parse("1,2, 2") == [1, 2]
     with pytest.raises(argparse.ArgumentTypeError):
         parse("0,9")
-    engines = bench._list(str, bench.ENGINES)
+    engines = runner._list(str, runner.ENGINES)
     assert engines("qh3,aioquic") == ["qh3", "aioquic"]
-    assert bench._list(str, bench.BASELINES)("none") == []
+    assert runner._list(str, baselines.BASELINES)("none") == []
     with pytest.raises(argparse.ArgumentTypeError):
-        bench._list(str, bench.BASELINES)(",")
-    args = bench.build_parser().parse_args(["--queues", "1,2", "--engine", "aioquic", "--baselines", "veth"])
+        runner._list(str, baselines.BASELINES)(",")
+    args = runner.build_parser().parse_args(["--queues", "1,2", "--engine", "aioquic", "--baselines", "veth"])
     assert args.queues == [1, 2] and args.engine == ["aioquic"] and args.baselines == ["veth"]
     assert args.seconds == 5.0 and args.udp_rate == "300M"

@@ -1,19 +1,31 @@
-"""`l3ptp demo` / `l3ptp bench` wiring and the lab's pure parts (no root needed)."""
+"""`make demo` / `make bench` wiring and the lab's pure parts (no root needed)."""
 
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
-from l3ptp.controller import cli, demo, lab
+from l3ptp.controller import cli
+from lab import demo, topology
+from lab import hosts as lab
 
 
-def test_demo_help_through_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_help(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
-        cli.main(["demo", "--help"])
+        demo.main(["--help"])
     assert exc.value.code == 0
-    assert "usage: l3ptp demo" in capsys.readouterr().out
+    assert "usage: python -m lab.demo" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["demo", "bench"])
+def test_the_operator_cli_has_no_lab_commands(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`make demo` / `make bench` run the lab; the operator's `l3ptp` knows nothing of it."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main([command, "--help"])
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
 
 
 def test_demo_refuses_without_root(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
@@ -39,8 +51,19 @@ def test_toml_writer_round_trips() -> None:
 
     tables = {"node": {"id": "x", "key_file": "/k"}, "networks.demo": {"queues": 2, "mtu": 1280, "on": True,
                                                                         "routes": ["198.19.1.0/24"], "x": 1.5}}
-    assert tomllib.loads(lab._toml(tables)) == {"node": {"id": "x", "key_file": "/k"},
+    assert tomllib.loads(topology.toml_text(tables)) == {"node": {"id": "x", "key_file": "/k"},
                                                 "networks": {"demo": tables["networks.demo"]}}
+
+
+def test_toml_writer_root_table_and_subtables() -> None:
+    """The helper policy is a root table; a network's underlay is a subtable of the network."""
+    import tomllib
+
+    policy = {"controller_uids": [61234], "socket_path": "/run/x \"quoted\".sock"}
+    assert tomllib.loads(topology.toml_text({"": policy})) == policy
+    tables = {"networks.demo": {"queues": 2}, "networks.demo.underlay": {"port": 4433}, "networks.b": {"mtu": 1280}}
+    assert tomllib.loads(topology.toml_text(tables)) == {
+        "networks": {"demo": {"queues": 2, "underlay": {"port": 4433}}, "b": {"mtu": 1280}}}
 
 
 def test_behind_prefixes_contain_the_addresses() -> None:
@@ -126,3 +149,27 @@ def test_demo_reports_a_lost_ctrl_c_as_interrupted(monkeypatch: pytest.MonkeyPat
         assert code == 130 and "interrupted" in out and "FAILED" not in out
     else:
         assert code == 1 and "FAILED: host a: ping" in out
+
+
+def test_alive_says_no_for_a_zombie_and_a_gone_pid() -> None:
+    from lab import procs
+
+    assert procs.alive(os.getpid())
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        os._exit(0)
+    try:
+        deadline = time.monotonic() + 10
+        while procs.alive(pid) and time.monotonic() < deadline:  # exited, not reaped yet: a zombie
+            time.sleep(0.01)
+        assert not procs.alive(pid)
+    finally:
+        os.waitpid(pid, 0)
+    assert not procs.alive(pid)
+
+
+def test_running_uids_and_workers_of_a_missing_namespace() -> None:
+    from lab import procs
+
+    assert os.getuid() in procs._running_uids()
+    assert procs.workers_in("l3ptp-no-such-namespace") == []

@@ -1,6 +1,6 @@
 """Per-packet CPU cost of a worker pair on loopback (not a test; run by hand).
 
-    .venv/bin/python -m tests.support.bench_worker [--packets N] [--rounds R]
+    .venv/bin/python -m lab.bench.worker [--packets N] [--rounds R]
 
 Two `Tunnel`s (listener + connector) run in ONE process and event loop over
 127.0.0.1 with fake TUNs; the connector's host side injects N full-size

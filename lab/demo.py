@@ -1,4 +1,4 @@
-"""`l3ptp demo` / `make demo`: a dual-stack tunnel between two network namespaces.
+"""`make demo` (`python -m lab.demo`): a dual-stack tunnel between two network namespaces.
 
 Root only. Builds the `lab` (two namespaces joined by a veth underlay in
 198.18.0.0/16), runs on each side the helper with CAP_NET_ADMIN only and the
@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from l3ptp.controller import lab as labmod
+from lab import hosts as labmod
 
 __all__ = ["main"]
 
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace, interrupts: labmod.Interrupts) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="l3ptp demo", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m lab.demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--queues", type=int, default=2, choices=range(1, 9), metavar="N",
                    help="queues (workers) per side, 1..8 (default 2)")
@@ -109,10 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not 0.5 <= args.seconds <= 60:
-        print("l3ptp demo: --seconds must be within 0.5..60", file=sys.stderr)
+        print("demo: --seconds must be within 0.5..60", file=sys.stderr)
         return 2
     if os.geteuid() != 0:
-        print("l3ptp demo: needs root (it creates network namespaces and TUN devices)", file=sys.stderr)
+        print("demo: needs root (it creates network namespaces and TUN devices)", file=sys.stderr)
         return 2
     return run(args, labmod.Interrupts().install())
 

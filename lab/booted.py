@@ -20,8 +20,8 @@ so parallel runs never collide.
 
 For people::
 
-    python -m tests.support.booted build          # build (or show) the cached tree
-    python -m tests.support.booted up [--deb F]   # boot two machines, print how to enter them, wait for Ctrl-C
+    python -m lab.booted build          # build (or show) the cached tree
+    python -m lab.booted up [--deb F]   # boot two machines, print how to enter them, wait for Ctrl-C
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
 SUITE = "bookworm"
 #: What every booted machine has. python3.11 (and the rest of the .deb's
 #: Depends: iproute2, systemd) are in it so that ``apt-get install ./l3ptp.deb``
@@ -149,19 +151,16 @@ class Underlay:
 
 
 def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    with contextlib.suppress(OSError):
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                out += [int(p) for p in f.read().split()]
-    return out
+    try:
+        return [child.pid for child in psutil.Process(pid).children()]
+    except psutil.Error:
+        return []
 
 
 def _comm(pid: int) -> str:
     try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
+        return str(psutil.Process(pid).name())
+    except psutil.Error:
         return ""
 
 
@@ -355,7 +354,7 @@ def with_version(deb: Path, version: str, outdir: Path) -> Path:
 # ---- command line ----------------------------------------------------------------------------------
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.support.booted", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lab.booted", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("build", help="build (or find) the cached root file system and print its path")
     up = sub.add_parser("up", help="boot two machines joined by a veth underlay; Ctrl-C removes everything")
