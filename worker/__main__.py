@@ -116,6 +116,15 @@ def warm_up() -> None:
         engine.warm_up()
 
 
+def _engine_name(config: WorkerConfig) -> str:
+    """The QUIC engine this worker runs (`auto` resolved): the warm-up loads every engine, so
+    which one carries the tunnel is only said here."""
+    try:
+        return str(engine.load_engine(config.engine).name)
+    except engine.EngineUnavailable as exc:
+        return f"unavailable ({exc})"
+
+
 def main() -> int:
     warm_up()
     try:
@@ -147,7 +156,7 @@ def main() -> int:
     except ImportError:
         return _fatal(config, "event_loop = uvloop but uvloop is not installed (pip install l3ptp[fast])", log)
     log.info("worker_starting", ifname=grant.ifname, tun_queue=grant.queue, mark=mark, port=sock.getsockname()[1],
-             cpu=config.cpu, event_loop="uvloop" if factory else "asyncio")
+             cpu=config.cpu, event_loop="uvloop" if factory else "asyncio", engine=_engine_name(config))
     with asyncio.Runner(loop_factory=factory) as runner:
         reason = runner.run(_serve(config, tun_fd, sock))
     log.info("worker_exiting", reason=reason)

@@ -64,11 +64,12 @@ def send_close(tunnel: Any, reason: str = HOSTILE) -> None:
 
 
 def send_route_updates(tunnel: Any) -> None:
-    """Two ROUTE_UPDATEs, legal one by one (200 prefixes each), 400 routes together."""
+    """Two ROUTE_UPDATEs, legal one by one (200 prefixes each), 400 routes together: /28s in
+    198.19.128.0/17, inside the lab's overlay range (never another private or public address)."""
     peer = tunnel.active
     epoch = peer.session.params.route_epoch
     for i in range(2):
-        routes = tuple(f"10.{(i * 200 + j) // 256}.{(i * 200 + j) % 256}.0/24" for j in range(200))
+        routes = tuple(f"198.19.{128 + (i * 200 + j) // 16}.{(i * 200 + j) % 16 * 16}/28" for j in range(200))
         peer.conn.send_stream_data(peer.stream_id, frame(PEER_CONTROL, RouteUpdate(
             add_routes=routes, remove_routes=(), route_epoch=epoch + 1 + i)))
     tunnel._transmit(peer)
