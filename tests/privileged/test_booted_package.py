@@ -13,10 +13,13 @@ reload, restarts, kill -9 of a worker, polkit, journal, upgrade, purge.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import re
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,8 +109,16 @@ class Site:
         out = self.m.run("for d in /proc/[0-9]*; do grep -qs 'l3ptp-controller[.]service' $d/cgroup"
                          " && tr '\\0' ' ' < $d/cmdline 2>/dev/null | grep -q 'l3ptp[.]worker'"
                          " && echo ${d#/proc/}; done", check=False).stdout
+        # A TUN queue by its fdinfo ("iff:\t<name>"), not by the fd's path: after the helper restarts, the
+        # path of a queue the old helper opened reads "/" (its mount namespace is gone).
         return sorted(int(p) for p in out.split()
-                      if "/dev/net/tun" in self.m.run(f"ls -l /proc/{p}/fd/", check=False).stdout)
+                      if f"iff:\t{IFNAME}" in self.m.run(f"cat /proc/{p}/fdinfo/* 2>/dev/null", check=False).stdout)
+
+    def processes(self) -> str:
+        """What runs as l3ptp, in which cgroup, with how many TUN fds: for a failing assertion."""
+        return self.run(r"""for p in $(pgrep -u l3ptp,l3ptp-helper); do echo "== $p $(tr '\0' ' ' < /proc/$p/cmdline)";"""
+                        " cat /proc/$p/cgroup; grep -h '^iff:' /proc/$p/fdinfo/*; done; ip -br link",
+                        check=False)
 
     def longest_ping_pause_across(self, dst: str, action, settle: float = 6.0) -> float:  # type: ignore[no-untyped-def]
         """Ping `dst` every 20 ms from inside the machine, run `action` 1 s in, keep pinging `settle` s;
@@ -115,9 +126,12 @@ class Site:
         import subprocess
 
         total = 1.0 + settle + 30.0  # -w: ping ends by itself whatever happens here
+        # Its own process group: SIGINT reaches ping itself (nsenter forks it into the machine's pid
+        # namespace and does not pass signals on).
         proc = subprocess.Popen(["nsenter", "-t", str(self.m.leader), "-a", "--", "env", "-i",
                                  f"PATH={booted.GUEST_PATH}", "ping", "-D", "-n", "-i", "0.02", "-W", "1",
-                                 "-w", str(int(total)), dst], stdout=subprocess.PIPE, text=True)
+                                 "-w", str(int(total)), dst], stdout=subprocess.PIPE, text=True,
+                                start_new_session=True)
         try:
             time.sleep(1.0)
             start = time.time()
@@ -125,7 +139,8 @@ class Site:
             time.sleep(settle)
             end = time.time()
         finally:
-            proc.send_signal(2)  # SIGINT: ping prints what it has and exits
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGINT)  # ping prints what it has and exits
             out, _ = proc.communicate(timeout=10)
         times = [float(m.group(1)) for m in re.finditer(r"^\[(\d+\.\d+)\] \d+ bytes from", out, re.M)]
         inside = [start] + [t for t in times if start <= t <= end] + [end]
@@ -263,7 +278,7 @@ def test_the_tunnel_comes_back(sites: tuple[Site, Site], how: str) -> None:
     elif how == "restart controller":
         # The workers are handed over and adopted (same pids): the tunnel does not pause for 1 s.
         before = beta.worker_pids()
-        assert len(before) == 2, before
+        assert len(before) == 2, beta.processes()
         gap = beta.longest_ping_pause_across(ADDR["alpha"][0],
                                              lambda: beta.run("systemctl restart l3ptp-controller.service"))
         print(f"beta: longest pause in a 20 ms ping across `systemctl restart l3ptp-controller`: {gap:.3f} s")
@@ -271,7 +286,9 @@ def test_the_tunnel_comes_back(sites: tuple[Site, Site], how: str) -> None:
         assert "worker_adopted" in beta.journal("l3ptp-controller", "-n 100")
         assert gap < 1.0, f"{gap:.3f} s without replies across the controller's restart"
     else:
-        victim = beta.worker_pids()[0]
+        pids = beta.worker_pids()
+        assert pids, beta.processes()
+        victim = pids[0]
         beta.run(f"kill -9 {victim}")
         wait_for("a new worker", lambda: len(beta.worker_pids()) == 2 and victim not in beta.worker_pids())
     carries_traffic(alpha, beta)
