@@ -19,9 +19,13 @@ from typing import Any
 from lab.bench.common import TUNNEL_MTU, BenchError, say
 from lab.netns import netlink
 
-__all__ = ["BASELINES", "PACKAGES", "Daemons", "ensure_packages", "make_pki", "start_openvpn", "start_wireguard"]
+__all__ = ["BASELINES", "EQUAL_MTU_SUFFIX", "PACKAGES", "Daemons", "baseline_kind", "ensure_packages", "make_pki",
+           "start_openvpn", "start_wireguard"]
 
-BASELINES = ("veth", "openvpn", "wireguard-go")
+#: Each tunnel twice: at its own defaults (what its users get: OpenVPN's tun-mtu 1500, wireguard-go's 1420)
+#: and at l3ptp's inner MTU (`<name>@1280`), the equal-MTU comparison.
+EQUAL_MTU_SUFFIX = f"@{TUNNEL_MTU}"
+BASELINES = ("veth", "openvpn", f"openvpn{EQUAL_MTU_SUFFIX}", "wireguard-go", f"wireguard-go{EQUAL_MTU_SUFFIX}")
 OVPN_ADDR = ("198.19.1.1", "198.19.1.2")
 WG_ADDR = ("198.19.2.1", "198.19.2.2")
 WG_PREFIXLEN = 24
@@ -32,9 +36,18 @@ PACKAGES = {"openvpn": {"openvpn": "openvpn"},
             "wireguard-go": {"wireguard-go": "wireguard-go", "wireguard-tools": "wg"}}
 
 
+def baseline_kind(name: str) -> tuple[str, int | None]:
+    """'openvpn@1280' -> ('openvpn', 1280); 'openvpn' -> ('openvpn', None): None is the tunnel's own default MTU."""
+    if name.endswith(EQUAL_MTU_SUFFIX):
+        return name[: -len(EQUAL_MTU_SUFFIX)], TUNNEL_MTU
+    return name, None
+
+
 def ensure_packages(baselines: Sequence[str], skip_install: bool) -> None:
     """Install the Debian packages of the asked baselines that are missing (unless --skip-install)."""
-    missing = [pkg for b in baselines for pkg, prog in PACKAGES.get(b, {}).items() if shutil.which(prog) is None]
+    kinds = dict.fromkeys(baseline_kind(b)[0] for b in baselines)
+    missing = list(dict.fromkeys(pkg for b in kinds for pkg, prog in PACKAGES.get(b, {}).items()
+                                 if shutil.which(prog) is None))
     for prog in ("iperf3", "ping"):
         if shutil.which(prog) is None:
             missing.append({"ping": "iputils-ping"}.get(prog, prog))
@@ -140,8 +153,17 @@ def make_pki(directory: str) -> dict[str, str]:
     return paths
 
 
-def start_openvpn(lab: Any, daemons: Daemons, timeout: float) -> tuple[str, str, dict[str, int]]:
-    """OpenVPN 2.6 p2p TLS (A tls-server, B tls-client), AES-256-GCM over UDP; (dst, iface, pids)."""
+def link_mtu(host: Any, ifname: str) -> int:
+    """The MTU the tunnel's interface has (what the daemon chose or was told)."""
+    with netlink(host.netns) as ipr:
+        return int(ipr.get_links(ifname=ifname)[0].get_attr("IFLA_MTU"))
+
+
+def start_openvpn(lab: Any, daemons: Daemons, timeout: float, mtu: int | None = None) -> tuple[str, str, dict[str, int]]:
+    """OpenVPN 2.6 p2p TLS (A tls-server, B tls-client), AES-256-GCM over UDP; (dst, iface, pids).
+
+    `mtu` None: OpenVPN's own default (tun-mtu 1500), as it ships; otherwise --tun-mtu `mtu`.
+    """
     pki_dir = os.path.join(lab.workdir, "pki")
     os.makedirs(pki_dir, mode=0o700)
     pki = make_pki(pki_dir)
@@ -156,7 +178,7 @@ def start_openvpn(lab: Any, daemons: Daemons, timeout: float) -> tuple[str, str,
                 "--ca", pki["ca"], "--cert", pki[f"{who}.crt"], "--key", pki[f"{who}.key"],
                 "--remote-cert-tls", "client" if who == "a" else "server",
                 "--data-ciphers", "AES-256-GCM", "--data-ciphers-fallback", "AES-256-GCM",
-                "--tun-mtu", str(TUNNEL_MTU), "--disable-dco", "--auth-nocache",
+                *(["--tun-mtu", str(mtu)] if mtu is not None else []), "--disable-dco", "--auth-nocache",
                 "--script-security", "0", "--ping", "2", "--verb", "3"]
         if who == "a":
             argv += ["--dh", "none"]
@@ -188,8 +210,11 @@ def _link_exists(host: Any, ifname: str) -> bool:
         return bool(ipr.link_lookup(ifname=ifname))
 
 
-def start_wireguard(lab: Any, daemons: Daemons, timeout: float) -> tuple[str, str, dict[str, int]]:
-    """wireguard-go on both hosts, keys and peer with `wg set`, address/MTU/up with pyroute2."""
+def start_wireguard(lab: Any, daemons: Daemons, timeout: float, mtu: int | None = None) -> tuple[str, str, dict[str, int]]:
+    """wireguard-go on both hosts, keys and peer with `wg set`, address/MTU/up with pyroute2.
+
+    `mtu` None: the MTU wireguard-go gives its device (1420, as wg-quick would too); otherwise `mtu`.
+    """
     keys = {h: _wg_key() for h in "ab"}
     pids = {}
     for i, (host, peer) in enumerate(((lab.a, lab.b), (lab.b, lab.a))):
@@ -210,5 +235,7 @@ def start_wireguard(lab: Any, daemons: Daemons, timeout: float) -> tuple[str, st
         with netlink(host.netns) as ipr:
             idx = ipr.link_lookup(ifname=iface)[0]
             ipr.addr("add", index=idx, address=WG_ADDR[i], prefixlen=WG_PREFIXLEN)
-            ipr.link("set", index=idx, mtu=TUNNEL_MTU, state="up")
+            if mtu is not None:
+                ipr.link("set", index=idx, mtu=mtu)
+            ipr.link("set", index=idx, state="up")
     return WG_ADDR[1], f"wg{lab.tag}a", pids

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -10,8 +11,8 @@ from tabulate import tabulate
 
 from lab.bench.common import UDP_LEN
 
-__all__ = ["COLUMNS", "DETAIL_COLUMNS", "REFERENCE", "counter_delta", "cpu_per_gb", "fmt_cell", "parse_ping", "ratio",
-           "render_bottleneck", "render_table", "summarize", "tcp_summary", "udp_summary"]
+__all__ = ["COLUMNS", "DETAIL_COLUMNS", "REFERENCE", "aggregate", "counter_delta", "cpu_per_gb", "fmt_rounds_cell",
+           "parse_ping", "ratio", "render_bottleneck", "render_rounds_table", "summarize", "tcp_summary", "udp_summary"]
 
 REFERENCE = "openvpn"
 
@@ -92,15 +93,6 @@ def ratio(value: float | None, base: float | None) -> float | None:
     return value / base
 
 
-def fmt_cell(value: float | None, base: float | None, digits: int = 0, *, with_ratio: bool = True) -> str:
-    """'512 (0.90x)'; '-' for a missing value; the ratio left out when it is undefined."""
-    if value is None:
-        return "-"
-    text = f"{value:.{digits}f}"
-    r = ratio(value, base) if with_ratio else None
-    return f"{text} ({r:.2f}x)" if r is not None else text
-
-
 #: (column title, key in a configuration's `summary`, digits)
 COLUMNS = (
     ("TCP x1 Mbit/s", "tcp1_mbit", 0),
@@ -129,20 +121,6 @@ def _grid(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     """A Markdown (pipe) table: the first column left-aligned, the figures right-aligned."""
     return tabulate([list(r) for r in rows], headers=list(header), tablefmt="pipe", disable_numparse=True,
                     colalign=("left",) + ("right",) * (len(header) - 1))
-
-
-def render_table(configs: Sequence[Mapping[str, Any]], reference: str = REFERENCE,
-                 columns: Sequence[tuple[str, str, int]] = COLUMNS) -> str:
-    """A Markdown table, one row per configuration, each figure with its ratio to `reference`'s."""
-    ref = next((c.get("summary", {}) for c in configs if c["name"] == reference), {})
-    rows = []
-    for c in configs:
-        s = c.get("summary", {})
-        if c.get("error") and not s:
-            rows.append([c["name"]] + ["failed"] + [""] * (len(columns) - 1))
-            continue
-        rows.append([c["name"]] + [fmt_cell(s.get(key), ref.get(key), digits) for _, key, digits in columns])
-    return _grid(["configuration", *(title for title, _, _ in columns)], rows)
 
 
 def render_bottleneck(config: Mapping[str, Any]) -> str:
@@ -204,3 +182,76 @@ def summarize(config: Mapping[str, Any]) -> dict[str, Any]:
     s["max_worker_rss_mb"] = max(workers) / 1024 if workers else None
     s["helper_rss_mb"] = max(helpers) / 1024 if helpers else None
     return s
+
+
+def _median_spread(values: Sequence[float]) -> tuple[float, float, float] | None:
+    """(median, lowest, highest); None for no values."""
+    if not values:
+        return None
+    return statistics.median(values), min(values), max(values)
+
+
+def aggregate(results: Sequence[Mapping[str, Any]], reference: str = REFERENCE) -> list[dict[str, Any]]:
+    """Per configuration (in first-seen order), over its rounds: every summary figure as (median, lowest,
+    highest), and its ratio to `reference`'s figure of the same round as (median, lowest, highest).
+
+    A ratio is taken round by round (both measured minutes apart, on the same machine state) and only
+    where both figures exist; a failed round counts in `failed` and adds no figure.
+    """
+    ref_by_round = {c.get("round", 1): c.get("summary", {}) for c in results
+                    if c["name"] == reference and c.get("summary")}
+    out: dict[str, dict[str, Any]] = {}
+    for c in results:
+        agg = out.setdefault(c["name"], {"name": c["name"], "rounds": 0, "failed": 0, "mtu": c.get("mtu"),
+                                         "_values": {}, "_ratios": {}})
+        summary = c.get("summary")
+        if c.get("error") or not summary:
+            agg["failed"] += 1
+            continue
+        agg["rounds"] += 1
+        agg["mtu"] = agg["mtu"] or c.get("mtu")
+        ref = ref_by_round.get(c.get("round", 1), {})
+        for key, value in summary.items():
+            if value is None:
+                continue
+            agg["_values"].setdefault(key, []).append(float(value))
+            r = ratio(value, ref.get(key))
+            if r is not None:
+                agg["_ratios"].setdefault(key, []).append(r)
+    for agg in out.values():
+        agg["summary"] = {k: _median_spread(v) for k, v in agg.pop("_values").items()}
+        agg["ratio"] = {k: _median_spread(v) for k, v in agg.pop("_ratios").items()}
+    return list(out.values())
+
+
+def fmt_rounds_cell(figure: tuple[float, float, float] | None, rel: tuple[float, float, float] | None,
+                    digits: int = 0) -> str:
+    """'684 [650-700] 1.16x [1.00-1.17]': median [lowest-highest], then the ratio the same way;
+    a spread is left out when it is a single value, the ratio when it is undefined; '-' for no figure."""
+    if figure is None:
+        return "-"
+
+    def one(t: tuple[float, float, float], d: int, unit: str = "") -> str:
+        text = f"{t[0]:.{d}f}{unit}"
+        lo, hi = f"{t[1]:.{d}f}", f"{t[2]:.{d}f}"
+        return text if lo == hi else f"{text} [{lo}-{hi}]"
+
+    text = one(figure, digits)
+    return f"{text} {one(rel, 2, 'x')}" if rel is not None else text
+
+
+def render_rounds_table(aggregated: Sequence[Mapping[str, Any]],
+                        columns: Sequence[tuple[str, str, int]] = COLUMNS) -> str:
+    """A Markdown table of `aggregate`'s output, one row per configuration (with its MTU and, when some
+    rounds failed, how many of them it has)."""
+    rows = []
+    for a in aggregated:
+        label = a["name"] + (f" (MTU {a['mtu']})" if a.get("mtu") else "")
+        if a["failed"]:
+            label += f" ({a['rounds']} of {a['rounds'] + a['failed']} rounds)"
+        if not a["rounds"]:
+            rows.append([label, "failed"] + [""] * (len(columns) - 1))
+            continue
+        rows.append([label] + [fmt_rounds_cell(a["summary"].get(key), a["ratio"].get(key), digits)
+                               for _, key, digits in columns])
+    return _grid(["configuration", *(title for title, _, _ in columns)], rows)

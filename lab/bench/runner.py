@@ -22,13 +22,14 @@ from typing import Any
 from lab import bench as _package
 from lab import hosts as labmod
 from lab.bench import common
-from lab.bench.baselines import BASELINES, Daemons, ensure_packages, start_openvpn, start_wireguard
+from lab.bench.baselines import (BASELINES, EQUAL_MTU_SUFFIX, Daemons, baseline_kind, ensure_packages, link_mtu,
+                                 start_openvpn, start_wireguard)
 from lab.bench.common import TUNNEL_MTU, UDP_LEN, BenchError, checkpoint, say
 from lab.bench.cpu import _category, all_ticks, cpu_shares, others_delta, read_proc, rss_of, system_ticks, ticks_of
-from lab.bench.report import (DETAIL_COLUMNS, counter_delta, parse_ping, render_bottleneck, render_table, summarize,
-                              tcp_summary, udp_summary)
+from lab.bench.report import (DETAIL_COLUMNS, REFERENCE, aggregate, counter_delta, parse_ping, render_bottleneck,
+                              render_rounds_table, summarize, tcp_summary, udp_summary)
 
-__all__ = ["ENGINES", "build_parser", "main", "run_config", "run_tests"]
+__all__ = ["ENGINES", "build_parser", "main", "plan_baselines", "plan_l3ptp", "run_config", "run_rounds", "run_tests"]
 
 ENGINES = ("aioquic", "qh3", "auto")
 
@@ -190,7 +191,7 @@ def run_tests(lab: Any, config: dict[str, Any], *, dst: str, iface: str, pids: C
 
 
 def run_config(name: str, body: Callable[[Any, dict[str, Any], list[int], list[str]], None], *,
-               lab_kwargs: dict[str, Any], results: list[dict[str, Any]]) -> bool:
+               lab_kwargs: dict[str, Any], results: list[dict[str, Any]], round_no: int = 1) -> bool:
     """One lab, one (or more) configurations measured by `body`; always closed and checked."""
     checkpoint()
     started: list[int] = []
@@ -199,10 +200,10 @@ def run_config(name: str, body: Callable[[Any, dict[str, Any], list[int], list[s
     ok = True
     try:
         lab.build()
-        body(lab, {"name": name}, started, extra_paths)
+        body(lab, {"name": name, "round": round_no}, started, extra_paths)
     except (labmod.LabError, BenchError, OSError, subprocess.TimeoutExpired) as exc:
         say(f"{name}: FAILED: {exc}")
-        results.append({"name": name, "error": str(exc)})
+        results.append({"name": name, "round": round_no, "error": str(exc)})
         ok = False
     finally:
         left = lab.close_checked(started, extra_paths)
@@ -212,22 +213,30 @@ def run_config(name: str, body: Callable[[Any, dict[str, Any], list[int], list[s
     return ok
 
 
-def bench_baselines(args: argparse.Namespace, results: list[dict[str, Any]]) -> bool:
-    ok = True
+#: One configuration of a round: its name, the body that measures it in a fresh lab, the lab's arguments.
+Plan = tuple[str, Callable[[Any, dict[str, Any], list[int], list[str]], None], dict[str, Any]]
+
+
+def plan_baselines(args: argparse.Namespace, results: list[dict[str, Any]]) -> list[Plan]:
+    plans: list[Plan] = []
     for baseline in args.baselines:
-        def body(lab: Any, config: dict[str, Any], started: list[int], extra: list[str], baseline: str = baseline) -> None:
+        kind, mtu = baseline_kind(baseline)
+
+        def body(lab: Any, config: dict[str, Any], started: list[int], extra: list[str],
+                 kind: str = kind, mtu: int | None = mtu) -> None:
             daemons = Daemons(lab)
             try:
-                if baseline == "veth":
+                if kind == "veth":
                     dst, iface, pids = lab.b.underlay, "under0", {}
-                elif baseline == "openvpn":
-                    dst, iface, pids = start_openvpn(lab, daemons, args.timeout)
+                elif kind == "openvpn":
+                    dst, iface, pids = start_openvpn(lab, daemons, args.timeout, mtu)
                 else:
-                    dst, iface, pids = start_wireguard(lab, daemons, args.timeout)
+                    dst, iface, pids = start_wireguard(lab, daemons, args.timeout, mtu)
                     extra += [f"/var/run/wireguard/wg{lab.tag}{h}.sock" for h in "ab"]
                 started.extend(pids.values())
-                say(f"{baseline}: up ({', '.join(f'{k} pid {v}' for k, v in pids.items()) or 'no tunnel'})")
-                config.update(kind="baseline", dst=dst)
+                config.update(kind="baseline", dst=dst, mtu=link_mtu(lab.a, iface))
+                procs = ", ".join(f"{k} pid {v}" for k, v in pids.items()) or "no tunnel"
+                say(f"{config['name']}: up, MTU {config['mtu']} ({procs})")
                 run_tests(lab, config, dst=dst, iface=iface, pids=lambda: dict(pids), args=args)
                 if not pids:
                     config["tunnel_cpu_s"] = None
@@ -236,17 +245,18 @@ def bench_baselines(args: argparse.Namespace, results: list[dict[str, Any]]) -> 
             finally:
                 daemons.stop_all()
 
-        ok = run_config(baseline, body, lab_kwargs={"queues": 1}, results=results) and ok
-    return ok
+        plans.append((baseline, body, {"queues": 1}))
+    return plans
 
 
-def bench_l3ptp(args: argparse.Namespace, results: list[dict[str, Any]]) -> bool:
-    ok = True
+def plan_l3ptp(args: argparse.Namespace, results: list[dict[str, Any]]) -> list[Plan]:
+    plans: list[Plan] = []
     for queues in args.queues:
         for engine in args.engine:
             name = f"l3ptp q={queues} {engine}"
 
-            def body(lab: Any, config: dict[str, Any], started: list[int], extra: list[str]) -> None:
+            def body(lab: Any, config: dict[str, Any], started: list[int], extra: list[str],
+                     queues: int = queues, engine: str = engine) -> None:
                 lab.start(wait=args.timeout)
 
                 def pids() -> dict[str, int]:
@@ -260,14 +270,26 @@ def bench_l3ptp(args: argparse.Namespace, results: list[dict[str, Any]]) -> bool
                     return {k: v for k, v in out.items() if v}
 
                 started.extend(pids().values())
-                say(f"{name}: tunnel up; processes {pids()}")
-                config.update(kind="l3ptp", queues=queues, engine=engine, dst=lab.b.overlay4)
+                config.update(kind="l3ptp", queues=queues, engine=engine, dst=lab.b.overlay4,
+                              mtu=link_mtu(lab.a, "l3p-demo"))
+                say(f"{config['name']}: tunnel up, MTU {config['mtu']}; processes {pids()}")
                 run_tests(lab, config, dst=lab.b.overlay4, iface="l3p-demo", pids=pids, args=args,
                           watch=L3ptpWatch(lab))
                 config["summary"] = summarize(config)
                 results.append(config)
 
-            ok = run_config(name, body, lab_kwargs={"queues": queues, "engine": engine}, results=results) and ok
+            plans.append((name, body, {"queues": queues, "engine": engine}))
+    return plans
+
+
+def run_rounds(plans: Sequence[Plan], rounds: int, results: list[dict[str, Any]]) -> bool:
+    """Every configuration once per round, rounds one after the other (interleaved: a slow spell of the
+    machine touches each configuration alike instead of the ones measured in it)."""
+    ok = True
+    for r in range(1, rounds + 1):
+        say(f"round {r} of {rounds}")
+        for name, body, lab_kwargs in plans:
+            ok = run_config(name, body, lab_kwargs=lab_kwargs, results=results, round_no=r) and ok
     return ok
 
 
@@ -299,7 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", type=_list(str, ENGINES), default=["aioquic", "qh3"], metavar="E[,E...]",
                    help="QUIC engines to sweep: aioquic, qh3, auto (default aioquic,qh3; those not installed are skipped)")
     p.add_argument("--baselines", type=_list(str, BASELINES), default=list(BASELINES), metavar="B[,B...]",
-                   help="baselines: veth, openvpn, wireguard-go (default all; 'none' for none)")
+                   help=f"baselines: {', '.join(BASELINES)}; a name alone runs the tunnel at its own defaults, "
+                        f"{EQUAL_MTU_SUFFIX} at l3ptp's inner MTU (default all; 'none' for none)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved rounds, every configuration once per round; figures are the median with "
+                        "the spread (default 3)")
     p.add_argument("--udp-rate", default="300M", help="offered rate of the fixed-rate UDP test (default 300M)")
     p.add_argument("--pings", type=int, default=20, help="pings, 0.05 s apart (default 20)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a tunnel to come up (default 30)")
@@ -321,6 +347,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 1 <= args.seconds <= 120:
         print("bench: --seconds must be within 1..120", file=sys.stderr)
         return 2
+    if not 1 <= args.rounds <= 20:
+        print("bench: --rounds must be within 1..20", file=sys.stderr)
+        return 2
     if not re.fullmatch(r"\d+(\.\d+)?[KMG]?", args.udp_rate):
         print("bench: --udp-rate must look like 300M", file=sys.stderr)
         return 2
@@ -337,8 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     try:
         ensure_packages(args.baselines, args.skip_install)
-        ok = bench_baselines(args, results)
-        ok = bench_l3ptp(args, results) and ok
+        ok = run_rounds(plan_baselines(args, results) + plan_l3ptp(args, results), args.rounds, results)
         code = 0 if ok else 1
     except BenchError as exc:
         say(f"FAILED: {exc}")
@@ -356,19 +384,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": {"ncpu": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
                     "cpu": _cpu_model()},
         "settings": {"seconds": args.seconds, "udp_rate": args.udp_rate, "udp_len": UDP_LEN,
-                     "tunnel_mtu": TUNNEL_MTU, "pings": args.pings},
+                     "tunnel_mtu": TUNNEL_MTU, "pings": args.pings, "rounds": args.rounds},
+        "commit": _commit(),
         "configs": results,
     }
     if results:
-        print("\n" + render_table(results), flush=True)
-        print("\n" + render_table(results, columns=DETAIL_COLUMNS), flush=True)
-        l3 = [c for c in results if c.get("kind") == "l3ptp"]
+        at_defaults = [c for c in results if not c["name"].endswith(EQUAL_MTU_SUFFIX)]
+        equal = [c for c in results if c["name"].endswith(EQUAL_MTU_SUFFIX) or c.get("kind") == "l3ptp"]
+        report["medians"] = {"defaults": aggregate(at_defaults, REFERENCE),
+                             "equal_mtu": aggregate(equal, REFERENCE + EQUAL_MTU_SUFFIX)}
+        print(f"\nmedian of {args.rounds} interleaved round(s) [lowest-highest]; ratios against {REFERENCE}'s "
+              "figure of the same round, median [lowest-highest]", flush=True)
+        print(f"\neach tunnel at its own defaults (what its users get), against {REFERENCE} at its defaults:")
+        print(render_rounds_table(report["medians"]["defaults"]), flush=True)
+        print(f"\nequal inner MTU {TUNNEL_MTU}, against {REFERENCE}{EQUAL_MTU_SUFFIX}:")
+        print(render_rounds_table(report["medians"]["equal_mtu"]), flush=True)
+        print("\n" + render_rounds_table(report["medians"]["defaults"], columns=DETAIL_COLUMNS), flush=True)
+        l3 = [c for c in results if c.get("kind") == "l3ptp" and c.get("round") == args.rounds]
         if l3:
             print("\nbottlenecks (l3ptp):")
             for c in l3:
                 print(render_bottleneck(c))
         for c in results:
-            if c.get("kind") == "baseline" and c.get("cpu_shares_tcp1"):
+            if c.get("kind") == "baseline" and c.get("cpu_shares_tcp1") and c.get("round") == args.rounds:
                 print(f"{c['name']}: CPU during TCP x1, % of one core: " + ", ".join(
                     f"{k} {v:.0f}" for k, v in sorted(c["cpu_shares_tcp1"].items(), key=lambda kv: -kv[1])))
     if args.json:
@@ -376,6 +414,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             json.dump(report, f, indent=2)
         say(f"results written to {args.json}")
     return code
+
+
+def _commit() -> str | None:
+    """The checkout's commit (and '+dirty' with uncommitted changes), for the record."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        head = subprocess.run(["git", "-C", here, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    return None
 
 
 def _cpu_model() -> str:

@@ -122,18 +122,22 @@ def test_parse_ping_nothing_back() -> None:
     assert p["received"] == 0 and p["avg_ms"] is None
 
 
-def test_ratio_and_fmt_cell() -> None:
+def test_ratio() -> None:
     assert report.ratio(460.8, 512) == pytest.approx(0.9)
     assert report.ratio(1.0, 0) is None and report.ratio(None, 1.0) is None and report.ratio(1.0, None) is None
-    assert report.fmt_cell(460.8, 512) == "461 (0.90x)"
-    assert report.fmt_cell(0.5, 0.0, 2) == "0.50"  # undefined ratio left out
-    assert report.fmt_cell(None, 3.0) == "-"
-    assert report.fmt_cell(2.0, 4.0, 1, with_ratio=False) == "2.0"
 
 
-def _config(name: str, tcp1: float, cpu: float | None, rss: dict[str, int]) -> dict:
+def test_fmt_rounds_cell() -> None:
+    assert report.fmt_rounds_cell((684.0, 650.0, 700.4), (1.16, 1.0, 1.171)) == "684 [650-700] 1.16x [1.00-1.17]"
+    assert report.fmt_rounds_cell((0.5, 0.5, 0.5), None, 2) == "0.50"  # one value: no spread; no ratio
+    assert report.fmt_rounds_cell((2.0, 2.0, 2.0), (0.5, 0.5, 0.5), 1) == "2.0 0.50x"
+    assert report.fmt_rounds_cell(None, (1.0, 1.0, 1.0)) == "-"
+
+
+def _config(name: str, tcp1: float, cpu: float | None, rss: dict[str, int], round_no: int = 1) -> dict:
     config = {
         "name": name,
+        "round": round_no,
         "tests": {
             "ping": {"avg_ms": 0.5},
             "tcp1": {"mbit": tcp1, "bytes": 2_000_000_000, "retransmits": 0, "pps": 1000.0},
@@ -164,30 +168,72 @@ def test_summarize_without_tunnel_processes() -> None:
     assert s["cpu_s_per_gb"] is None and s["max_worker_rss_mb"] is None and s["helper_rss_mb"] is None
 
 
-def test_render_table_ratios_against_openvpn() -> None:
-    configs = [
-        _config("veth", 10000.0, None, {}),
-        _config("openvpn", 400.0, 8.0, {"a.daemon": 10 * 1024, "b.daemon": 9 * 1024}),
-        _config("l3ptp q=1 aioquic", 200.0, 4.0, {"a.worker0": 40 * 1024, "a.helper": 30 * 1024}),
-        {"name": "wireguard-go", "error": "did not come up"},
-    ]
-    table = report.render_table(configs)
+def test_aggregate_takes_medians_spreads_and_round_by_round_ratios() -> None:
+    results = []
+    # Interleaved as the runner does it: every configuration once per round.
+    for r, (ovpn, l3) in enumerate(((400.0, 500.0), (300.0, 450.0), (500.0, 400.0)), start=1):
+        results.append(_config("openvpn", ovpn, 8.0, {"a.daemon": 10 * 1024}, r))
+        results.append(_config("l3ptp q=1 qh3", l3, 4.0, {"a.worker0": 40 * 1024}, r) | {"mtu": 1280})
+    results.append({"name": "wireguard-go", "round": 1, "error": "did not come up"})
+    aggs = {a["name"]: a for a in report.aggregate(results)}
+    l3 = aggs["l3ptp q=1 qh3"]
+    assert l3["rounds"] == 3 and l3["failed"] == 0 and l3["mtu"] == 1280
+    assert l3["summary"]["tcp1_mbit"] == (450.0, 400.0, 500.0)
+    # Ratios per round (1.25, 1.5, 0.8), not the ratio of the medians (450 / 400 = 1.125).
+    assert l3["ratio"]["tcp1_mbit"] == pytest.approx((1.25, 0.8, 1.5))
+    assert aggs["openvpn"]["ratio"]["tcp1_mbit"] == (1.0, 1.0, 1.0)
+    assert aggs["wireguard-go"]["rounds"] == 0 and aggs["wireguard-go"]["failed"] == 1
+    assert list(aggs) == ["openvpn", "l3ptp q=1 qh3", "wireguard-go"]
+
+
+def test_aggregate_leaves_out_ratios_of_rounds_without_the_reference() -> None:
+    results = [_config("openvpn", 400.0, 8.0, {}, 1), _config("l3ptp q=1 qh3", 200.0, 4.0, {}, 1),
+               {"name": "openvpn", "round": 2, "error": "no ping reply"}, _config("l3ptp q=1 qh3", 300.0, 4.0, {}, 2)]
+    aggs = {a["name"]: a for a in report.aggregate(results)}
+    assert aggs["l3ptp q=1 qh3"]["summary"]["tcp1_mbit"] == (250.0, 200.0, 300.0)
+    assert aggs["l3ptp q=1 qh3"]["ratio"]["tcp1_mbit"] == (0.5, 0.5, 0.5)  # round 2 had no openvpn figure
+    assert aggs["openvpn"]["rounds"] == 1 and aggs["openvpn"]["failed"] == 1
+    veth = report.aggregate([_config("veth", 10000.0, None, {})])[0]
+    assert "cpu_s_per_gb" not in veth["summary"] and veth["ratio"] == {}  # no reference in the run: no ratios
+
+
+def test_render_rounds_table() -> None:
+    results = [_config("veth", 10000.0, None, {}, 1) | {"mtu": 1500},
+               _config("openvpn", 400.0, 8.0, {"a.daemon": 10 * 1024, "b.daemon": 9 * 1024}, 1) | {"mtu": 1500},
+               _config("l3ptp q=1 aioquic", 200.0, 4.0, {"a.worker0": 40 * 1024, "a.helper": 30 * 1024}, 1),
+               {"name": "wireguard-go", "round": 1, "error": "did not come up"},
+               _config("openvpn", 600.0, 8.0, {"a.daemon": 10 * 1024, "b.daemon": 9 * 1024}, 2) | {"mtu": 1500},
+               _config("l3ptp q=1 aioquic", 240.0, 4.0, {"a.worker0": 40 * 1024, "a.helper": 30 * 1024}, 2),
+               {"name": "l3ptp q=1 aioquic", "round": 3, "error": "tunnel did not come up"}]
+    table = report.render_rounds_table(report.aggregate(results))
     lines = table.splitlines()
     assert lines[0].startswith("| configuration") and "TCP x1 Mbit/s" in lines[0]
     assert set(lines[1]) <= {"|", "-", ":"}
-    openvpn = next(line for line in lines if line.startswith("| openvpn"))
-    assert "400 (1.00x)" in openvpn and "4.0 (1.00x)" in openvpn and "10.0 (1.00x)" in openvpn
-    l3 = next(line for line in lines if line.startswith("| l3ptp"))
-    assert "200 (0.50x)" in l3 and "400 (0.50x)" in l3 and "2.0 (0.50x)" in l3 and "30.0" in l3
-    veth = next(line for line in lines if line.startswith("| veth"))
-    assert "10000 (25.00x)" in veth and " - |" in veth
-    assert "failed" in next(line for line in lines if line.startswith("| wireguard-go"))
+    openvpn = next(line for line in lines if line.startswith("| openvpn (MTU 1500)"))
+    assert "500 [400-600] 1.00x |" in openvpn and "10.0 1.00x" in openvpn
+    l3 = next(line for line in lines if line.startswith("| l3ptp q=1 aioquic (2 of 3 rounds)"))
+    assert "220 [200-240] 0.45x [0.40-0.50]" in l3 and "30.0 |" in l3
+    veth = next(line for line in lines if line.startswith("| veth (MTU 1500)"))
+    assert "10000 25.00x" in veth and " - |" in veth
+    assert "failed" in next(line for line in lines if line.startswith("| wireguard-go (0 of 1 rounds)"))
     assert len({len(line) for line in lines}) == 1  # aligned
 
 
-def test_render_table_without_reference_has_no_ratios() -> None:
-    table = report.render_table([_config("veth", 10000.0, None, {})])
-    assert "x)" not in table
+def test_runner_interleaves_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setattr(runner, "run_config",
+                        lambda name, body, *, lab_kwargs, results, round_no: calls.append((round_no, name)) or True)
+    monkeypatch.setattr(runner, "say", lambda line: None)
+    plans = [("openvpn", None, {}), ("l3ptp q=1 qh3", None, {})]
+    assert runner.run_rounds(plans, 2, []) is True  # type: ignore[arg-type]
+    assert calls == [(1, "openvpn"), (1, "l3ptp q=1 qh3"), (2, "openvpn"), (2, "l3ptp q=1 qh3")]
+
+
+def test_baselines_at_their_defaults_and_at_the_equal_mtu() -> None:
+    assert baselines.baseline_kind("openvpn") == ("openvpn", None)
+    assert baselines.baseline_kind("wireguard-go@1280") == ("wireguard-go", 1280)
+    assert {"openvpn", "openvpn@1280", "wireguard-go", "wireguard-go@1280"} <= set(baselines.BASELINES)
+    assert runner.build_parser().parse_args([]).baselines == list(baselines.BASELINES)
 
 
 def test_render_bottleneck() -> None:
@@ -229,4 +275,4 @@ def test_list_option_parsing() -> None:
         runner._list(str, baselines.BASELINES)(",")
     args = runner.build_parser().parse_args(["--queues", "1,2", "--engine", "aioquic", "--baselines", "veth"])
     assert args.queues == [1, 2] and args.engine == ["aioquic"] and args.baselines == ["veth"]
-    assert args.seconds == 5.0 and args.udp_rate == "300M"
+    assert args.seconds == 5.0 and args.udp_rate == "300M" and args.rounds == 3
