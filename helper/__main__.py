@@ -10,10 +10,10 @@ from l3ptp.ipc.hardening import harden_process
 from l3ptp.ipc.logsetup import configure
 
 from .dispatch import Dispatcher, audit
-from .netops import Host
+from .netops import Kernel
 from .policy import PolicyError, load_policy
 from .server import Server, open_listener, systemd_listener
-from .state import State
+from .state import HelperState
 
 CAP_NET_ADMIN = 12
 
@@ -47,18 +47,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"l3ptp-helper: {missing}", file=sys.stderr)
         return 2 if policy is None else 1
     harden_process()
-    host = Host(policy)
+    kernel = Kernel(policy)
     if args.cleanup:
-        audit("cleanup", result="ok", **host.cleanup())
-        host.close()
+        audit("cleanup", result="ok", **kernel.cleanup())
+        kernel.close()
         return 0
-    dispatcher = Dispatcher(policy, State(), host, audit, time.monotonic)
-    found, dropped, guards = host.adopt()
+    dispatcher = Dispatcher(policy, HelperState(), kernel, audit, time.monotonic)
+    found, dropped, guards = kernel.adopt()
     done = dispatcher.adopt(found, guards)
-    rules = [] if dispatcher.state.networks else host.drop_rules()  # rules only matter while a network exists
+    rules = [] if dispatcher.state.networks else kernel.drop_rules()  # rules only matter while a network exists
     audit("reconcile", result="ok", when="start", links=dropped, rules=rules, **done)
     if args.reconcile_only:
-        host.close()
+        kernel.close()
         return 0
     listener = systemd_listener() or open_listener(args.socket or policy.socket_path, policy.socket_group)
     server = Server(dispatcher, listener)
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         # Networks stay (fail-closed): the next helper adopts them; only DestroyNetwork or --cleanup removes one.
         server.close()
-        host.close()
+        kernel.close()
         log.info("helper_stopped", networks_kept=sorted(dispatcher.state.networks))
     return 0
 

@@ -1,8 +1,8 @@
 """The closed request table (OpenSSH `mon_table` style), and the audit line. Pure.
 
-`Dispatcher.handle` checks one request of a `Session` (one connection) against `TABLE`: anything the table does
+`Dispatcher.handle` checks one request of a `ClientSession` (one connection) against `TABLE`: anything the table does
 not allow is a `Violation` (audited; the server closes that connection). A handler returns an `Outcome` or raises
-`Refused` (a `Failed` reply). The kernel is injected (netops.Host; tests: a fake); its errors are OSError or Refused.
+`PolicyRefused` (a `Failed` reply). The kernel is injected (netops.Kernel; tests: a fake); its errors are OSError or PolicyRefused.
 """
 
 import dataclasses
@@ -21,8 +21,8 @@ from l3ptp.ipc.helper_messages import (HELPER_PROTOCOL, HELPER_REPLIES, AddRoute
                                        SocketProtected, Welcome)
 from l3ptp.ipc.schema import Message
 
-from .policy import Policy, Refused, check_address, check_ifname, check_mtu, check_prefix
-from .state import Network, State
+from .policy import Policy, PolicyRefused, check_address, check_ifname, check_mtu, check_prefix
+from .state import HelperState, Network
 
 
 def audit(action: str, *, peer: Any = None, result: str, role: Any = None, **fields: Any) -> None:
@@ -32,15 +32,15 @@ def audit(action: str, *, peer: Any = None, result: str, role: Any = None, **fie
                                 result=result, **fields)
 
 
-class Peer(NamedTuple):
+class ClientCreds(NamedTuple):
     pid: int
     uid: int
     gid: int
 
 
 @dataclasses.dataclass(slots=True)
-class Session:
-    peer: Peer
+class ClientSession:
+    peer: ClientCreds
     since: float = 0.0  # when the connection was accepted (for the Hello timeout)
     last: float = 0.0  # when its last request came (for the idle time-out and eviction)
     role: Role | None = None
@@ -78,19 +78,19 @@ _ERRNO_CODES = {errno.EBUSY: ErrorCode.BUSY, errno.EEXIST: ErrorCode.EXISTS, err
                 errno.EACCES: ErrorCode.NOT_PERMITTED}
 
 
-def _os_refusal(exc: OSError, what: str) -> Refused:
-    return Refused(_ERRNO_CODES.get(exc.errno or 0, ErrorCode.SYSTEM),
+def _os_refusal(exc: OSError, what: str) -> PolicyRefused:
+    return PolicyRefused(_ERRNO_CODES.get(exc.errno or 0, ErrorCode.SYSTEM),
                    f"{what}: {errno.errorcode.get(exc.errno or 0, 'error')} {exc.strerror or exc}")
 
 
 class Dispatcher:
-    def __init__(self, policy: Policy, state: State, kernel: Any, audit: Callable[..., None],
+    def __init__(self, policy: Policy, state: HelperState, kernel: Any, audit: Callable[..., None],
                  clock: Callable[[], float]) -> None:
         self.policy, self.state, self.kernel, self.audit, self.clock = policy, state, kernel, audit, clock
         self.limiter = LineLimiter(HELPER_AUDIT_WINDOW, HELPER_AUDIT_KEYS)
         self.guards: set[str] = set()  # the kill-switch routes in the kernel
 
-    def _audit(self, s: Session, action: str, result: str, **fields: Any) -> None:
+    def _audit(self, s: ClientSession, action: str, result: str, **fields: Any) -> None:
         """Write an audit line; but the controller's and privileged actions done, lines go through the limiter."""
         if s.role is not Role.CONTROLLER and (result != "ok" or action == "Hello") and not self.limiter.allow(
                 (s.peer.uid, action, result, fields.get("code")), self.clock()):
@@ -100,15 +100,15 @@ class Dispatcher:
     def flush_audit(self) -> None:
         """One summary line per kind of audit line held back in a window that has ended."""
         for (uid, action, result, code), n in self.limiter.due(self.clock()):
-            self.audit(action, peer=Peer(None, uid, None), result=result, suppressed=n, window=self.limiter.window,
+            self.audit(action, peer=ClientCreds(None, uid, None), result=result, suppressed=n, window=self.limiter.window,
                        **({} if code is None else {"code": code}),
                        summary=f"{result} {n} more from uid {uid} in the last {self.limiter.window:g} s")
 
-    def violation(self, s: Session, action: str, reason: str, result: str = "violation") -> None:
+    def violation(self, s: ClientSession, action: str, reason: str, result: str = "violation") -> None:
         """Audit a protocol violation (or a refused or timed-out connection); the caller closes the connection."""
         self._audit(s, action, result, reason=reason)
 
-    def failure(self, s: Session, action: str, exc: BaseException) -> Outcome:
+    def failure(self, s: ClientSession, action: str, exc: BaseException) -> Outcome:
         """A request that failed inside the helper (a bug): audited, answered `Failed(INTERNAL)`, state kept."""
         self._audit(s, action, "error", code=ErrorCode.INTERNAL.name, error=f"{type(exc).__name__}: {exc}"[:300])
         return Outcome(Failed(code=ErrorCode.INTERNAL, reason=f"helper internal error: {type(exc).__name__}"))
@@ -119,7 +119,7 @@ class Dispatcher:
         except OSError as exc:
             raise _os_refusal(exc, what) from None
 
-    def handle(self, s: Session, req: Message, fds: Sequence[int] = ()) -> Outcome:
+    def handle(self, s: ClientSession, req: Message, fds: Sequence[int] = ()) -> Outcome:
         """Handle a request and its `fds` (neither closed nor kept here); `Violation` is already audited."""
         kind, action, rule = type(req), type(req).__name__, TABLE.get(type(req))
         hello = req if isinstance(req, Hello) else None
@@ -140,49 +140,49 @@ class Dispatcher:
             self._audit(s, action, "fds_discarded", count=len(fds))
         try:
             return getattr(self, rule.handler)(s, fds[0] if kind is ProtectSocket else req)
-        except Refused as exc:
+        except PolicyRefused as exc:
             self._audit(s, action, "refused", code=exc.code.name, reason=exc.reason)
             return Outcome(Failed(code=exc.code, reason=exc.reason[:500]))
 
-    def handle_hello(self, s: Session, req: Hello) -> Outcome:
+    def handle_hello(self, s: ClientSession, req: Hello) -> Outcome:
         s.role = req.role
         self._audit(s, "Hello", "ok")
         return Outcome(Welcome(role=req.role, protocol=HELPER_PROTOCOL, uid=s.peer.uid))
 
-    def _created(self, s: Session, net: Network, adopted: bool) -> Outcome:
+    def _created(self, s: ClientSession, net: Network, adopted: bool) -> Outcome:
         tickets = self.state.issue(net, self.clock())
         self._audit(s, "CreateNetwork", "ok", network=net.name, ifname=net.ifname, ifindex=net.ifindex,
                     queues=net.queues, worker_uid=net.worker_uid, adopted=adopted)
         return Outcome(NetworkCreated(name=net.name, ifname=net.ifname, ifindex=net.ifindex, tickets=tickets,
                                       ticket_ttl=self.state.ticket_ttl, adopted=adopted))
 
-    def handle_create_network(self, s: Session, req: CreateNetwork) -> Outcome:
+    def handle_create_network(self, s: ClientSession, req: CreateNetwork) -> Outcome:
         p = self.policy
         check_ifname(req.ifname, p.interface_prefix)
         check_mtu(req.mtu)
         for a in req.addresses:
             check_address(a, p)
         if req.worker_uid not in p.worker_uids:
-            raise Refused(ErrorCode.OUT_OF_POLICY, f"uid {req.worker_uid} is not a worker uid")
+            raise PolicyRefused(ErrorCode.OUT_OF_POLICY, f"uid {req.worker_uid} is not a worker uid")
         if req.queues > p.max_queues:
-            raise Refused(ErrorCode.LIMIT, f"at most {p.max_queues} queues")
+            raise PolicyRefused(ErrorCode.LIMIT, f"at most {p.max_queues} queues")
         net = Network(name=req.name, ifname=req.ifname, ifindex=0, mtu=req.mtu, addresses=tuple(req.addresses),
                       queues=req.queues, worker_uid=req.worker_uid, fds=[])
         old = self.state.networks.get(req.name)
         if old is not None:
             if req.adopt and old.spec() == net.spec():
                 return self._created(s, old, adopted=True)
-            raise Refused(ErrorCode.EXISTS, f"network {req.name} exists" + (" with another spec" if req.adopt else ""))
+            raise PolicyRefused(ErrorCode.EXISTS, f"network {req.name} exists" + (" with another spec" if req.adopt else ""))
         if self.state.by_ifname(req.ifname) is not None:
-            raise Refused(ErrorCode.EXISTS, f"interface {req.ifname} belongs to another network")
+            raise PolicyRefused(ErrorCode.EXISTS, f"interface {req.ifname} belongs to another network")
         if len(self.state.networks) >= p.max_networks:
-            raise Refused(ErrorCode.LIMIT, f"at most {p.max_networks} networks")
+            raise PolicyRefused(ErrorCode.LIMIT, f"at most {p.max_networks} networks")
         net.ifindex, net.fds = self._kernel(f"create {req.ifname}", self.kernel.create_network, req.ifname, req.mtu,
                                             net.addresses, req.queues, f"{req.name}:{req.queues}:{req.worker_uid}")
         self.state.add(net)
         try:
             self._guard(net.guarded())
-        except Refused:
+        except PolicyRefused:
             self.destroy(net)
             raise
         return self._created(s, net, adopted=False)
@@ -204,9 +204,9 @@ class Dispatcher:
     def _network(self, name: str) -> Network:
         if name in self.state.networks:
             return self.state.networks[name]
-        raise Refused(ErrorCode.NOT_FOUND, f"no network {name}")
+        raise PolicyRefused(ErrorCode.NOT_FOUND, f"no network {name}")
 
-    def handle_claim_queue(self, s: Session, req: ClaimQueue) -> Outcome:
+    def handle_claim_queue(self, s: ClientSession, req: ClaimQueue) -> Outcome:
         net, queue = self.state.claim(req.ticket, s.peer.uid, self.clock())
         if queue in net.detached:  # adopted: its packets went to the old worker's queue until now
             self._kernel("attach queue", self.kernel.attach, net.fds[queue])
@@ -214,20 +214,20 @@ class Dispatcher:
         self._audit(s, "ClaimQueue", "ok", network=net.name, ifname=net.ifname, queue=queue)
         return Outcome(QueueGranted(name=net.name, ifname=net.ifname, queue=queue, mtu=net.mtu), fd=net.fds[queue])
 
-    def _ensure_rules(self, s: Session) -> None:
+    def _ensure_rules(self, s: ClientSession) -> None:
         added = self._kernel("install rules", self.kernel.ensure_rules)
         if added:
             self._audit(s, "AddRules", "ok", rules=added)
 
-    def handle_add_routes(self, s: Session, req: AddRoutes) -> Outcome:
+    def handle_add_routes(self, s: ClientSession, req: AddRoutes) -> Outcome:
         net = self._network(req.name)
         new = [r for r in dict.fromkeys(req.routes) if r not in net.routes]
         for r in new:
             check_prefix(r, self.policy, allow_default=req.allow_default)
         if len(net.routes) + len(new) > self.policy.max_routes:
-            raise Refused(ErrorCode.LIMIT, f"at most {self.policy.max_routes} routes per network")
+            raise PolicyRefused(ErrorCode.LIMIT, f"at most {self.policy.max_routes} routes per network")
         if req.metric >= KILL_SWITCH_METRIC:
-            raise Refused(ErrorCode.OUT_OF_POLICY, f"metric {KILL_SWITCH_METRIC} is the kill switch's")
+            raise PolicyRefused(ErrorCode.OUT_OF_POLICY, f"metric {KILL_SWITCH_METRIC} is the kill switch's")
         if new:
             self._ensure_rules(s)
         try:
@@ -239,18 +239,18 @@ class Dispatcher:
                     for done in new[:i]:  # all or nothing
                         self.kernel.remove_route(net.ifindex, done)
                     raise _os_refusal(exc, f"add route {r}") from None
-        except Refused:
+        except PolicyRefused:
             self._unguard()
             raise
         net.routes.update((r, req.metric) for r in new)
         self._audit(s, "AddRoutes", "ok", network=net.name, ifname=net.ifname, added=new)
         return Outcome(RoutesChanged(name=net.name, routes=tuple(net.routes)))
 
-    def handle_remove_routes(self, s: Session, req: RemoveRoutes) -> Outcome:
+    def handle_remove_routes(self, s: ClientSession, req: RemoveRoutes) -> Outcome:
         net = self._network(req.name)
         foreign = [r for r in req.routes if r not in net.routes]
         if foreign:
-            raise Refused(ErrorCode.NOT_FOUND, f"not routes of network {net.name}: {', '.join(foreign[:8])}")
+            raise PolicyRefused(ErrorCode.NOT_FOUND, f"not routes of network {net.name}: {', '.join(foreign[:8])}")
         gone = list(dict.fromkeys(req.routes))
         for r in gone:
             self._kernel(f"remove route {r}", self.kernel.remove_route, net.ifindex, r)
@@ -259,7 +259,7 @@ class Dispatcher:
         self._audit(s, "RemoveRoutes", "ok", network=net.name, ifname=net.ifname, removed=gone)
         return Outcome(RoutesChanged(name=net.name, routes=tuple(net.routes)))
 
-    def handle_protect_socket(self, s: Session, fd: int) -> Outcome:
+    def handle_protect_socket(self, s: ClientSession, fd: int) -> Outcome:
         """ProtectSocket with its one received fd (the server closes its copy after)."""
         self._kernel("protect socket", self.kernel.protect_socket, fd)
         self._ensure_rules(s)
@@ -274,7 +274,7 @@ class Dispatcher:
         return routes
 
     def adopt(self, found: list[dict[str, Any]], guards: list[str]) -> dict[str, list[str]]:
-        """At start: take over the networks a previous helper left (`Host.adopt`), destroy those outside the
+        """At start: take over the networks a previous helper left (`Kernel.adopt`), destroy those outside the
         policy, and drop kill-switch routes no network needs (their device was deleted behind our back)."""
         self.guards = set(guards)
         done: dict[str, list[str]] = {"adopted": [], "destroyed": []}
@@ -286,20 +286,20 @@ class Dispatcher:
                     self._guard(net.guarded())
                     done["adopted"].append(net.name)
                     continue
-                except Refused:
+                except PolicyRefused:
                     self.state.forget(net.name)
             self.kernel.destroy_network(net.ifname, net.ifindex, net.fds, list(net.routes))
             done["destroyed"].append(net.ifname)
         done["kill_switch_removed"] = self._unguard()
         return done
 
-    def handle_destroy_network(self, s: Session, req: DestroyNetwork) -> Outcome:
+    def handle_destroy_network(self, s: ClientSession, req: DestroyNetwork) -> Outcome:
         net = self._network(req.name)
         routes = self._kernel(f"destroy {net.ifname}", self.destroy, net)
         self._audit(s, "DestroyNetwork", "ok", network=net.name, ifname=net.ifname, routes_removed=routes)
         return Outcome(NetworkDestroyed(name=net.name, routes_removed=tuple(routes)))
 
-    def handle_list_networks(self, s: Session, req: ListNetworks) -> Outcome:
+    def handle_list_networks(self, s: ClientSession, req: ListNetworks) -> Outcome:
         """The networks after `req.after` in name order, as many as fit under HELPER_MESSAGE_MAX (at least one:
         tests/unit/test_helper_limits.py). A page is at most the sum of each network's size on a page of its own."""
         names = sorted(n for n in self.state.networks if req.after is None or n > req.after)

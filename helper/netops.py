@@ -1,4 +1,4 @@
-"""The kernel side of the helper: TUN ioctls and pyroute2 netlink. A shell; `Host` is dispatch's kernel.
+"""The kernel side of the helper: TUN ioctls and pyroute2 netlink. A shell; `Kernel` is dispatch's kernel.
 
 Routes carry the policy's protocol and table, rules its protocol and our priorities: removal, `adopt` and
 `cleanup` match exactly those, and links with our prefix that are TUN devices. NetlinkError becomes OSError; `ok`
@@ -24,7 +24,7 @@ from l3ptp.ipc.constants import KILL_SWITCH_METRIC
 from l3ptp.ipc.constants import ROUTE_TABLE_DEFAULT as RT_MAIN
 from l3ptp.ipc.errors import ErrorCode
 
-from .policy import Policy, Refused
+from .policy import Policy, PolicyRefused
 
 TUNSETOWNER, TUNSETPERSIST, TUNSETQUEUE = 0x400454CC, 0x400454CB, 0x400454D9
 IFF_ATTACH_QUEUE, IFF_DETACH_QUEUE, RTN_UNICAST, RTN_UNREACHABLE, ALIAS = 0x0200, 0x0400, 1, 7, "l3ptp:"
@@ -73,7 +73,7 @@ def open_queues(ifname: str, queues: int, owner_uid: int, *, adopt: bool = False
     return fds
 
 
-class Host:
+class Kernel:
     def __init__(self, policy: Policy) -> None:
         self.policy, self.ipr = policy, IPRoute()
 
@@ -134,11 +134,11 @@ class Host:
         try:
             sock = socket.socket(fileno=fd)
         except OSError:
-            raise Refused(ErrorCode.BAD_REQUEST, "fd is not a socket") from None
+            raise PolicyRefused(ErrorCode.BAD_REQUEST, "fd is not a socket") from None
         try:
             if (sock.family not in FAMILY.values() or sock.type != socket.SOCK_DGRAM
                     or sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL) != socket.IPPROTO_UDP):
-                raise Refused(ErrorCode.BAD_REQUEST, "fd is not an IPv4/IPv6 UDP socket")
+                raise PolicyRefused(ErrorCode.BAD_REQUEST, "fd is not an IPv4/IPv6 UDP socket")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.policy.socket_mark)
         finally:
             sock.detach()

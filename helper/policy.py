@@ -1,7 +1,7 @@
 """The root-owned policy file (TOML) as a frozen `Policy`, and the checks of request values against it.
 
 Nothing the unprivileged side sends can widen the policy. A check returns the normalised value or raises
-`Refused(code, reason)`, which dispatch turns into a `Failed` reply and an audit line.
+`PolicyRefused(code, reason)`, which dispatch turns into a `Failed` reply and an audit line.
 """
 
 import dataclasses
@@ -131,7 +131,7 @@ def load_policy(path: str, *, check_owner: bool = True) -> Policy:
     return parse_policy(data)
 
 
-class Refused(Exception):
+class PolicyRefused(Exception):
     """A valid request the policy or the current state does not allow."""
 
     def __init__(self, code: ErrorCode, reason: str) -> None:
@@ -142,17 +142,17 @@ class Refused(Exception):
 def check_ifname(name: str, prefix: str) -> str:
     """Our prefix, then 1+ allowed characters, at most IFNAME_MAX in all."""
     if not isinstance(name, str) or not 0 < len(name) <= IFNAME_MAX:
-        raise Refused(ErrorCode.BAD_REQUEST, f"interface name must be 1..{IFNAME_MAX} characters")
+        raise PolicyRefused(ErrorCode.BAD_REQUEST, f"interface name must be 1..{IFNAME_MAX} characters")
     if any(c not in IFNAME_ALLOWED for c in name):
-        raise Refused(ErrorCode.BAD_REQUEST, f"interface name {name!r} has characters outside {IFNAME_ALLOWED!r}")
+        raise PolicyRefused(ErrorCode.BAD_REQUEST, f"interface name {name!r} has characters outside {IFNAME_ALLOWED!r}")
     if not name.startswith(prefix) or len(name) == len(prefix):
-        raise Refused(ErrorCode.OUT_OF_POLICY, f"interface name {name!r} is not {prefix!r} followed by a suffix")
+        raise PolicyRefused(ErrorCode.OUT_OF_POLICY, f"interface name {name!r} is not {prefix!r} followed by a suffix")
     return name
 
 
 def check_mtu(mtu: int) -> int:
     if type(mtu) is not int or not MTU_MIN <= mtu <= MTU_MAX:
-        raise Refused(ErrorCode.BAD_REQUEST, f"MTU must be {MTU_MIN}..{MTU_MAX}")
+        raise PolicyRefused(ErrorCode.BAD_REQUEST, f"MTU must be {MTU_MIN}..{MTU_MAX}")
     return mtu
 
 
@@ -165,11 +165,11 @@ def check_prefix(prefix: str, policy: Policy, *, allow_default: bool) -> IpNetwo
     try:
         net = ipaddress.ip_network(prefix, strict=True)
     except (TypeError, ValueError):
-        raise Refused(ErrorCode.BAD_REQUEST, f"{prefix!r} is not a prefix") from None
+        raise PolicyRefused(ErrorCode.BAD_REQUEST, f"{prefix!r} is not a prefix") from None
     if net.prefixlen == 0 and not (policy.allow_default_route and allow_default):
-        raise Refused(ErrorCode.OUT_OF_POLICY, f"default route {net} not permitted")
+        raise PolicyRefused(ErrorCode.OUT_OF_POLICY, f"default route {net} not permitted")
     if net.prefixlen and not _inside(net, policy):
-        raise Refused(ErrorCode.OUT_OF_POLICY, f"route {net} is outside the allowed prefixes")
+        raise PolicyRefused(ErrorCode.OUT_OF_POLICY, f"route {net} is outside the allowed prefixes")
     return net
 
 
@@ -178,7 +178,7 @@ def check_address(iface: str, policy: Policy) -> ipaddress.IPv4Interface | ipadd
     try:
         addr = ipaddress.ip_interface(iface)
     except (TypeError, ValueError):
-        raise Refused(ErrorCode.BAD_REQUEST, f"{iface!r} is not an address/prefix") from None
+        raise PolicyRefused(ErrorCode.BAD_REQUEST, f"{iface!r} is not an address/prefix") from None
     if addr.network.prefixlen == 0 or not _inside(addr.network, policy):
-        raise Refused(ErrorCode.OUT_OF_POLICY, f"address {addr} is outside the allowed prefixes")
+        raise PolicyRefused(ErrorCode.OUT_OF_POLICY, f"address {addr} is outside the allowed prefixes")
     return addr

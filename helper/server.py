@@ -25,17 +25,17 @@ from l3ptp.ipc.constants import (HELPER_ACCEPT_BATCH, HELPER_CLOSE_BACKLOG, HELP
 from l3ptp.ipc.errors import DecodeError
 from l3ptp.ipc.helper_messages import HELPER_REPLIES, HELPER_REQUESTS, Role
 
-from .dispatch import Dispatcher, Peer, Session, Violation
+from .dispatch import ClientCreds, ClientSession, Dispatcher, Violation
 from .policy import Policy
 
 MAX_FDS_PER_MESSAGE = HELPER_MAX_FDS_PER_MESSAGE
 _CRED = struct.Struct("iII")
-_HELPER = Session(Peer(None, None, None))  # type: ignore[arg-type]  # audit lines about no peer
+_HELPER = ClientSession(ClientCreds(None, None, None))  # type: ignore[arg-type]  # audit lines about no peer
 _IDLE = {Role.CONTROLLER: HELPER_IDLE_TIMEOUT_CONTROLLER, Role.WORKER: HELPER_IDLE_TIMEOUT_WORKER}
 
 
-def peer_of(conn: socket.socket) -> Peer:
-    return Peer(*_CRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size)))
+def peer_of(conn: socket.socket) -> ClientCreds:
+    return ClientCreds(*_CRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size)))
 
 
 def open_listener(path: str, group: str | int | None) -> socket.socket:
@@ -85,7 +85,7 @@ class Server:
                  ) -> None:
         self.dispatcher, self.listener, self.hello_timeout = dispatcher, listener, hello_timeout
         self.sel = selectors.DefaultSelector()
-        self.sessions: dict[socket.socket, Session] = {}
+        self.sessions: dict[socket.socket, ClientSession] = {}
         self.closer = seqpacket.Closer(HELPER_CLOSE_THREADS, HELPER_CLOSE_BACKLOG)
         limit, need = raise_fd_limit(dispatcher.policy)
         if limit < need:
@@ -144,7 +144,7 @@ class Server:
             except OSError as exc:  # EMFILE and the like: the loop goes on, the backlog waits
                 self.dispatcher.violation(_HELPER, "accept", exc.strerror or str(exc), "error")
                 return
-            session = Session(peer_of(conn), since=self.dispatcher.clock(), last=self.dispatcher.clock())
+            session = ClientSession(peer_of(conn), since=self.dispatcher.clock(), last=self.dispatcher.clock())
             reason = self._admit(session.peer)
             if reason is not None:
                 self.dispatcher.violation(session, "accept", reason, "refused")
@@ -154,7 +154,7 @@ class Server:
             self.sessions[conn] = session
             self.sel.register(conn, selectors.EVENT_READ)
 
-    def _admit(self, peer: Peer) -> str | None:
+    def _admit(self, peer: ClientCreds) -> str | None:
         """None to take a connection of `peer`, after closing its uid's least recently active one when at a limit."""
         policy = self.dispatcher.policy
         if peer.uid not in policy.controller_uids and peer.uid not in policy.worker_uids:
@@ -171,7 +171,7 @@ class Server:
         self.drop(oldest)
         return None
 
-    def _read(self, conn: socket.socket, session: Session) -> None:
+    def _read(self, conn: socket.socket, session: ClientSession) -> None:
         try:  # every fd that came is received (none closed inside recvmsg, on this thread), then given to the closer
             data, fds = seqpacket.recv(conn, HELPER_MESSAGE_MAX, SCM_MAX_FD, self.closer.close)
         except (BlockingIOError, InterruptedError):
@@ -193,7 +193,7 @@ class Server:
             pass  # a client that does not read its replies is dropped
         self.drop(conn)
 
-    def _answer(self, session: Session, data: bytes, fds: list[int]) -> tuple[bytes, list[int]] | None:
+    def _answer(self, session: ClientSession, data: bytes, fds: list[int]) -> tuple[bytes, list[int]] | None:
         """The encoded reply and its fds, or None to close the connection (audited). Raises nothing."""
         action = "decode"
         try:

@@ -12,7 +12,7 @@ from typing import NamedTuple
 from l3ptp.ipc.constants import TICKET_BYTES, TICKET_TTL
 from l3ptp.ipc.errors import ErrorCode
 
-from .policy import Refused
+from .policy import PolicyRefused
 
 
 @dataclasses.dataclass(slots=True, kw_only=True)
@@ -42,7 +42,7 @@ class TicketEntry(NamedTuple):
     expires: float
 
 
-class State:
+class HelperState:
     def __init__(self, *, ticket_ttl: float = TICKET_TTL,
                  token: Callable[[], str] = lambda: secrets.token_urlsafe(TICKET_BYTES)) -> None:
         self.networks: dict[str, Network] = {}
@@ -78,11 +78,11 @@ class State:
         self._drop_tickets(lambda e: e.expires > now - self.ticket_ttl)  # keep recent ones to say EXPIRED
         entry = self.tickets.get(token)
         if entry is None:
-            raise Refused(ErrorCode.NOT_FOUND, "unknown or already used ticket")
+            raise PolicyRefused(ErrorCode.NOT_FOUND, "unknown or already used ticket")
         if entry.expires <= now:
             del self.tickets[token]
-            raise Refused(ErrorCode.EXPIRED, "ticket expired")
+            raise PolicyRefused(ErrorCode.EXPIRED, "ticket expired")
         if entry.uid != uid:
-            raise Refused(ErrorCode.NOT_PERMITTED, "ticket is bound to another uid")
+            raise PolicyRefused(ErrorCode.NOT_PERMITTED, "ticket is bound to another uid")
         del self.tickets[token]
         return self.networks[entry.network], entry.queue

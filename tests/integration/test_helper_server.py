@@ -16,7 +16,7 @@ import structlog
 from l3ptp.helper import dispatch as dispatch_mod
 from l3ptp.helper.dispatch import Dispatcher
 from l3ptp.helper.server import MAX_FDS_PER_MESSAGE, Server, open_listener
-from l3ptp.helper.state import State
+from l3ptp.helper.state import HelperState
 from l3ptp.ipc.constants import HELPER_HELLO_TIMEOUT, HELPER_MESSAGE_MAX
 from l3ptp.ipc.errors import ErrorCode
 from l3ptp.ipc.helper_messages import (
@@ -48,7 +48,7 @@ class Rig:
         self.records: list[dict[str, Any]] = []
         self.policy = policy or make_policy(controller_uids=[UID], worker_uids=[UID])
         self.clock = FakeClock()
-        self.dispatcher = Dispatcher(self.policy, State(), self.kernel, self._audit, self.clock)
+        self.dispatcher = Dispatcher(self.policy, HelperState(), self.kernel, self._audit, self.clock)
         self.path = path
         self.server = Server(self.dispatcher, open_listener(path, None))
         self.clients: list[Client] = []
@@ -216,10 +216,10 @@ def test_too_many_fds_close_the_connection_and_every_fd(rig: Rig) -> None:
 
 
 def test_audit_line_is_structured() -> None:
-    from l3ptp.helper.dispatch import Peer
+    from l3ptp.helper.dispatch import ClientCreds
 
     with structlog.testing.capture_logs() as logs:
-        dispatch_mod.audit("ClaimQueue", peer=Peer(pid=7, uid=1001, gid=1001), role=Role.WORKER, result="refused",
+        dispatch_mod.audit("ClaimQueue", peer=ClientCreds(pid=7, uid=1001, gid=1001), role=Role.WORKER, result="refused",
                         code="EXPIRED")
     assert logs == [{"event": "audit", "action": "ClaimQueue", "peer_uid": 1001, "peer_pid": 7, "role": "worker",
                      "result": "refused", "code": "EXPIRED", "log_level": "info"}]

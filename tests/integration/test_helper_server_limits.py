@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from l3ptp.helper import server as server_mod
-from l3ptp.helper.dispatch import Outcome, Peer
+from l3ptp.helper.dispatch import ClientCreds, Outcome
 from l3ptp.ipc import helper_messages as hm
 from l3ptp.ipc import seqpacket
 from l3ptp.ipc.constants import (KILL_SWITCH_METRIC, HELPER_AUDIT_WINDOW, HELPER_CONTROLLER_RESERVED, HELPER_IDLE_TIMEOUT_CONTROLLER,
@@ -58,7 +58,7 @@ class Rig(server_test.Rig):
 
     def __init__(self, path: str, monkeypatch: pytest.MonkeyPatch, **policy: Any) -> None:
         self.uids: list[int] = []
-        monkeypatch.setattr(server_mod, "peer_of", lambda conn: Peer(os.getpid(), self.uids.pop(0), 0))
+        monkeypatch.setattr(server_mod, "peer_of", lambda conn: ClientCreds(os.getpid(), self.uids.pop(0), 0))
         super().__init__(path, make_policy(controller_uids=[CONTROLLER], worker_uids=[WORKER, WORKER2, WORKER3],
                                            **policy), OneFdKernel())
 

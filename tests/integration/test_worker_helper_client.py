@@ -10,7 +10,7 @@ import pytest
 
 from l3ptp.helper.dispatch import Dispatcher
 from l3ptp.helper.server import Server, open_listener
-from l3ptp.helper.state import State
+from l3ptp.helper.state import HelperState
 from l3ptp.ipc.helper_messages import CreateNetwork, NetworkCreated, Role
 from l3ptp.worker.helper_client import HelperClient, HelperRefused
 from tests.support.helper_fixtures import Client, FakeClock, FakeKernel, make_policy
@@ -22,7 +22,7 @@ UID = os.getuid()
 @pytest.fixture
 def helper(tmp_path):
     kernel = FakeKernel()
-    dispatcher = Dispatcher(make_policy(controller_uids=[UID], worker_uids=[UID]), State(), kernel,
+    dispatcher = Dispatcher(make_policy(controller_uids=[UID], worker_uids=[UID]), HelperState(), kernel,
                             lambda action, **f: None, FakeClock())
     path = str(tmp_path / "helper.sock")
     server = Server(dispatcher, open_listener(path, None))

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from l3ptp.helper.dispatch import TABLE, Dispatcher, Peer, Session, Violation
-from l3ptp.helper.state import State
+from l3ptp.helper.dispatch import TABLE, ClientCreds, ClientSession, Dispatcher, Violation
+from l3ptp.helper.state import HelperState
 from l3ptp.ipc.errors import ErrorCode
 from l3ptp.ipc import helper_messages as hm
 from tests.support.helper_fixtures import CONTROLLER_UID, WORKER_UID, FakeClock, FakeKernel, make_policy
@@ -22,20 +22,20 @@ class Env:
         self.clock = FakeClock()
         self.records: list[dict[str, Any]] = []
         counter = itertools.count()
-        self.state = State(ticket_ttl=30.0, token=lambda: f"{next(counter):032d}")
+        self.state = HelperState(ticket_ttl=30.0, token=lambda: f"{next(counter):032d}")
         self.d = Dispatcher(make_policy(**policy), self.state, self.kernel, self._audit, self.clock)
 
     def _audit(self, action: str, **fields: Any) -> None:
         self.records.append({"action": action, **fields})
 
-    def session(self, role: hm.Role | None, uid: int | None = None) -> Session:
+    def session(self, role: hm.Role | None, uid: int | None = None) -> ClientSession:
         uid = uid if uid is not None else (WORKER_UID if role is hm.Role.WORKER else CONTROLLER_UID)
-        s = Session(Peer(pid=42, uid=uid, gid=uid))
+        s = ClientSession(ClientCreds(pid=42, uid=uid, gid=uid))
         if role is not None:
             assert isinstance(self.d.handle(s, hm.Hello(role=role, protocol=hm.HELPER_PROTOCOL)).reply, hm.Welcome)
         return s
 
-    def create(self, s: Session, name: str = "n1", queues: int = 2, **kw: Any):
+    def create(self, s: ClientSession, name: str = "n1", queues: int = 2, **kw: Any):
         args = dict(name=name, ifname=f"l3p-{name}", mtu=1280, addresses=("198.19.1.1/24", "fd00:1::1/64"),
                     queues=queues, worker_uid=WORKER_UID, adopt=False)
         args.update(kw)
@@ -77,7 +77,7 @@ def test_request_before_hello_is_a_violation(make_env) -> None:
                          [(hm.Role.CONTROLLER, WORKER_UID), (hm.Role.WORKER, CONTROLLER_UID), (hm.Role.WORKER, 65534)])
 def test_hello_with_uid_not_in_role_list(make_env, role: hm.Role, uid: int) -> None:
     env = make_env()
-    s = Session(Peer(pid=1, uid=uid, gid=uid))
+    s = ClientSession(ClientCreds(pid=1, uid=uid, gid=uid))
     with pytest.raises(Violation):
         env.d.handle(s, hm.Hello(role=role, protocol=hm.HELPER_PROTOCOL))
     assert s.role is None and env.last()["result"] == "violation"

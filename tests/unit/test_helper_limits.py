@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from l3ptp.controller.config import parse_config
-from l3ptp.helper.dispatch import Dispatcher, Peer, Session
+from l3ptp.helper.dispatch import ClientCreds, ClientSession, Dispatcher
 from l3ptp.helper.policy import Policy, parse_policy
-from l3ptp.helper.state import State
+from l3ptp.helper.state import HelperState
 from l3ptp.ipc import helper_messages as hm
 from l3ptp.ipc.constants import (HELPER_MESSAGE_MAX, IFNAME_MAX, MAX_ADDRESSES_PER_NETWORK, MAX_NETWORKS, MAX_QUEUES,
                                  MAX_ROUTES_PER_NETWORK, MTU_MAX, NETWORK_NAME_MAX, REASON_MAX, TICKET_BYTES)
@@ -98,9 +98,9 @@ class _Kernel:
         return []
 
 
-def _dispatcher(policy: Policy) -> tuple[Dispatcher, Session]:
-    d = Dispatcher(policy, State(), _Kernel(), lambda *a, **k: None, FakeClock())
-    s = Session(Peer(1, 1000, 1000))
+def _dispatcher(policy: Policy) -> tuple[Dispatcher, ClientSession]:
+    d = Dispatcher(policy, HelperState(), _Kernel(), lambda *a, **k: None, FakeClock())
+    s = ClientSession(ClientCreds(1, 1000, 1000))
     d.handle(s, hm.Hello(role=hm.Role.CONTROLLER, protocol=hm.HELPER_PROTOCOL))
     return d, s
 

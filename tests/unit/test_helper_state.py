@@ -4,14 +4,14 @@ import itertools
 
 import pytest
 
-from l3ptp.helper.state import Network, State
-from l3ptp.helper.policy import Refused
+from l3ptp.helper.state import HelperState, Network
+from l3ptp.helper.policy import PolicyRefused
 from l3ptp.ipc.errors import ErrorCode
 
 
-def _state() -> State:
+def _state() -> HelperState:
     counter = itertools.count()
-    return State(ticket_ttl=30.0, token=lambda: f"t{next(counter)}")
+    return HelperState(ticket_ttl=30.0, token=lambda: f"t{next(counter)}")
 
 
 def _net(queues: int = 2, uid: int = 1001) -> Network:
@@ -19,7 +19,7 @@ def _net(queues: int = 2, uid: int = 1001) -> Network:
                    fds=[100 + q for q in range(queues)])
 
 
-def _issued() -> tuple[State, Network, tuple[str, ...]]:
+def _issued() -> tuple[HelperState, Network, tuple[str, ...]]:
     """A state holding one network (`_net()`) whose tickets were issued at time 0."""
     s = _state()
     net = _net()
@@ -27,9 +27,9 @@ def _issued() -> tuple[State, Network, tuple[str, ...]]:
     return s, net, s.issue(net, now=0.0)
 
 
-def _refusal(s: State, ticket: str, uid: int, now: float) -> ErrorCode:
+def _refusal(s: HelperState, ticket: str, uid: int, now: float) -> ErrorCode:
     """The code `claim` refuses with (it must refuse)."""
-    with pytest.raises(Refused) as info:
+    with pytest.raises(PolicyRefused) as info:
         s.claim(ticket, uid, now=now)
     return info.value.code
 
