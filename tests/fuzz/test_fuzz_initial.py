@@ -101,3 +101,13 @@ def test_a_mutated_real_client_hello_parses_or_raises_initial_error(at: int, val
 
 
 _REAL: bytes | None = None
+
+
+@MANY
+@given(st.binary(max_size=40), st.binary(max_size=200), st.dictionaries(st.integers(0, 0xFFFF), st.binary(max_size=40),
+                                                                        max_size=4))
+def test_any_client_hello_fields_get_a_verdict_never_an_exception(random: bytes, ad: bytes, shares) -> None:  # type: ignore[no-untyped-def]
+    from l3ptp.worker import reality
+
+    cred = reality.Credential(private_key=bytes(range(32)))
+    assert reality.open_random(cred, random, ad, shares, 1.8e9, reality.ReplayCache()) is not reality.Verdict.OK
