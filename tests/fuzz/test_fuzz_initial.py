@@ -111,3 +111,18 @@ def test_any_client_hello_fields_get_a_verdict_never_an_exception(random: bytes,
 
     cred = reality.Credential(private_key=bytes(range(32)))
     assert reality.open_random(cred, random, ad, shares, 1.8e9, reality.ReplayCache()) is not reality.Verdict.OK
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.binary(max_size=1300), st.floats(0, 5)), max_size=40))
+def test_the_gate_takes_any_datagrams_from_any_senders_within_its_bounds(events) -> None:  # type: ignore[no-untyped-def]
+    from l3ptp.worker import reality
+    from l3ptp.worker.reality_gate import Action, RealityGate
+
+    gate = RealityGate(reality.Credential(private_key=bytes(range(32))), camouflage=True, max_pending=3)
+    now = 0.0
+    for sender, data, step in events:
+        now += step
+        d = gate.datagram(sender, data, now, 1.8e9)
+        assert d.action is not Action.PASS and len(gate) <= 3
+        gate.expire(now)
