@@ -81,7 +81,7 @@ from l3ptp.ipc.control_messages import (
     WorkerHello,
     WorkerStatus,
 )
-from l3ptp.ipc.constants import HANDOVER_GRACE
+from l3ptp.ipc.constants import CONTROL_SOCKET, HANDOVER_GRACE
 from l3ptp.ipc.errors import ErrorCode
 from l3ptp.ipc.hardening import harden_process
 from l3ptp.ipc.types import PeerRole
@@ -97,7 +97,6 @@ HANDOVER_MARKER = "handover"
 HANDOVER_MARKER_MAX_AGE = HANDOVER_GRACE + 5.0
 #: Milliseconds the bus keeps the Handover messages queued at close.
 HANDOVER_LINGER_MS = 2000
-CONTROL_SOCKET = "control.sock"
 HEARTBEAT_INTERVAL = 1.0
 #: Seconds between liveness probes of the helper (ListNetworks).
 HELPER_PROBE_INTERVAL = 2.0
