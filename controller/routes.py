@@ -100,6 +100,10 @@ class RouteTable:
         #: What the helper last reported as installed (RoutesChanged.routes).
         self.installed: frozenset[IPNetwork] = frozenset()
 
+    def set_network(self, net: NetworkConfig) -> None:
+        """The network's configuration changed in place (a reload): later updates are judged by `net`."""
+        self.net = net
+
     def on_peer_routes(self, queue: int, session: int, epoch: int, routes: Iterable[str]) -> RouteUpdate | None:
         """Apply one PeerRoutes. None when stale (an older or equal (session, epoch))."""
         q = self._queues.setdefault(queue, _QueueRoutes())
