@@ -28,7 +28,7 @@ import tomllib
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from l3ptp.ipc.constants import CONFIG_DEFAULT, RUNTIME_DIR_DEFAULT
+from l3ptp.ipc.constants import CONFIG_DEFAULT, CONTROL_SOCKET, RUNTIME_DIR_DEFAULT
 from l3ptp.ipc.text import printable
 
 __all__ = [
@@ -41,7 +41,6 @@ __all__ = [
     "status_json",
 ]
 
-CONTROL_SOCKET = "control.sock"
 DEFAULT_TIMEOUT = 5.0
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3

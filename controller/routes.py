@@ -21,7 +21,7 @@ Rules
   until room is made, never sent to the helper in a request its schema
   cannot carry. `RouteTable.changes` compares it with what the helper says is
   installed and returns the routes to add and to remove: a route the peer
-  withdrew is removed; `withdraw_all` (network going down) removes all.
+  withdrew is removed.
 """
 
 from __future__ import annotations
@@ -99,8 +99,10 @@ class RouteTable:
         self._queues: dict[int, _QueueRoutes] = {}
         #: What the helper last reported as installed (RoutesChanged.routes).
         self.installed: frozenset[IPNetwork] = frozenset()
-        #: Refusals of the newest update per queue, for status and logs.
-        self.refused: dict[int, tuple[Refused, ...]] = {}
+
+    def set_network(self, net: NetworkConfig) -> None:
+        """The network's configuration changed in place (a reload): later updates are judged by `net`."""
+        self.net = net
 
     def on_peer_routes(self, queue: int, session: int, epoch: int, routes: Iterable[str]) -> RouteUpdate | None:
         """Apply one PeerRoutes. None when stale (an older or equal (session, epoch))."""
@@ -121,7 +123,6 @@ class RouteTable:
             update = RouteUpdate(update.accepted - frozenset(over),
                                  update.refused + tuple(Refused(str(r), reason) for r in over))
         q.key, q.routes = key, update.accepted
-        self.refused[queue] = update.refused
         return update
 
     def reset_queue(self, queue: int) -> None:
@@ -146,9 +147,3 @@ class RouteTable:
 
     def set_installed(self, routes: Iterable[str | IPNetwork]) -> None:
         self.installed = frozenset(ipaddress.ip_network(r) for r in routes)
-
-    def withdraw_all(self) -> RouteChanges:
-        """Forget every queue's routes (network going down); remove all installed."""
-        self._queues.clear()
-        self.refused.clear()
-        return self.changes()

@@ -37,8 +37,6 @@ class Spawner(Protocol):
         """Send `sig` to `pid` if it is still ours and alive (never raises)."""
         ...
 
-    def live_pids(self) -> set[int]: ...
-
     # Optional: `adopt(pid) -> bool` (take over a worker of an earlier controller) and
     # `release(pids)` (let them outlive this one); the controller checks with getattr.
 
@@ -136,9 +134,6 @@ class ProcessSpawner:
             return
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(sig)
-
-    def live_pids(self) -> set[int]:
-        return set(self._procs) | set(self._adopted)
 
     def release(self, pids: set[int]) -> None:
         """Let `pids` outlive this controller (orderly stop, handover): forget them, never kill them.

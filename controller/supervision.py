@@ -296,6 +296,11 @@ class NetworkSupervisor:
         s.pid, s.deadline, s.killed, s.exit_reason, s.exit_remote = None, None, False, "", False
         return pid
 
+    def create_failed(self, reason: str) -> None:
+        """The network could not be created, so no worker was ever started: it is failed with `reason`
+        (cleared by `start`); there is nothing to stop."""
+        self.failed_reason = reason
+
     def stop(self, now: float, reason: str) -> list[Action]:
         """Ask every worker to exit; pending restarts are cancelled."""
         self._stopping = True

@@ -251,6 +251,8 @@ POLKIT_ACTION_MANAGE = "org.l3ptp.manage"
 #: controller unit's RuntimeDirectory=l3ptp/ctl. /run/l3ptp itself belongs to
 #: root and holds the helper socket.
 RUNTIME_DIR_DEFAULT = "/run/l3ptp/ctl"
+#: The CLI socket's name in the controller's runtime directory.
+CONTROL_SOCKET = "control.sock"
 HELPER_SOCKET_DEFAULT = "/run/l3ptp/helper.sock"
 HELPER_POLICY_DEFAULT = "/etc/l3ptp/helper-policy.toml"
 CONFIG_DEFAULT = "/etc/l3ptp/l3ptp.toml"

@@ -579,9 +579,9 @@ def _routes_msg(queue: int, session: int, epoch: int, routes: tuple[str, ...]) -
 def test_routes_reinstalled_when_the_helper_recreated_the_network(monkeypatch: pytest.MonkeyPatch) -> None:
     """A restarted helper reconciled our network away; the next CreateNetwork (on a worker restart)
     builds it anew (adopted=False) and the routes the new session announces are installed again."""
-    from l3ptp.controller import app as app_module
+    from l3ptp.controller import helper_link
 
-    monkeypatch.setattr(app_module, "HELPER_PROBE_INTERVAL", 3600.0)  # only the worker-restart path here
+    monkeypatch.setattr(helper_link, "HELPER_PROBE_INTERVAL", 3600.0)  # only the worker-restart path here
 
     async def body() -> None:
         async with running() as env:
@@ -737,7 +737,7 @@ def test_a_bus_message_that_fails_to_apply_does_not_stop_the_controller() -> Non
             async def broken(_rt: Any) -> None:
                 raise RuntimeError("a bug while applying routes")
 
-            env.controller._apply_routes = broken  # type: ignore[method-assign]
+            env.controller.lifecycle.apply_routes = broken  # type: ignore[method-assign]
             await env.say(proc.pid, PeerRoutes(network="office", queue=0, session=1, epoch=1,
                                                routes=("198.19.8.0/24",), tunnel_addresses=()))
             await env.report(proc.pid)

@@ -98,21 +98,6 @@ def test_reset_queue_accepts_a_restarted_workers_first_session() -> None:
     table.reset_queue(5)  # unknown queue: no-op
 
 
-def test_withdraw_all_removes_everything_installed() -> None:
-    table = RouteTable(network())
-    table.on_peer_routes(0, 1, 1, ["198.19.8.0/24"])
-    table.set_installed(["198.19.8.0/24"])
-    assert table.withdraw_all() == RouteChanges(remove=(NET("198.19.8.0/24"),))
-    assert table.desired() == frozenset()
-
-
-def test_refusals_are_kept_for_status() -> None:
-    table = RouteTable(network())
-    up = table.on_peer_routes(0, 1, 1, ["10.0.0.0/8"])
-    assert up is not None and up.refused
-    assert table.refused[0] == up.refused
-
-
 def _slash28(start: int, n: int) -> list[str]:
     """n distinct /28 prefixes inside 198.19.64.0/18."""
     return [f"198.19.{64 + (start + i) // 16}.{(start + i) % 16 * 16}/28" for i in range(n)]
