@@ -26,7 +26,7 @@ from l3ptp.ipc.errors import DecodeError
 from l3ptp.ipc.logsetup import configure
 from l3ptp.ipc.types import PeerRole
 
-from . import engine
+from . import engine, warmup
 from .app import ZmqBus, run_worker
 from .helper_client import HelperClient, HelperRefused
 from .privileges import PrivilegeError, drop_privileges
@@ -110,10 +110,10 @@ async def _serve(config: WorkerConfig, tun_fd: int, sock: socket.socket) -> str:
 
 def warm_up() -> None:
     """Pay the QUIC engines' one-time costs before the config arrives (a spare waits for it here), not
-    in the recovery after a kill -9 (`engine.warm_up`: in memory, no I/O, no input from outside).
+    in the recovery after a kill -9 (`warmup.warm_up`: in memory, no I/O, no input from outside).
     Best effort: an engine that fails here fails the real handshake too, with a reason."""
     with contextlib.suppress(Exception):
-        engine.warm_up()
+        warmup.warm_up()
 
 
 def _engine_name(config: WorkerConfig) -> str:

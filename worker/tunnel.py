@@ -77,7 +77,7 @@ from .datapath import Datapath
 from .engine import EngineClasses, load_engine
 from .ippacket import PrefixSet
 from .session import Closed, Established, RoutesChanged, Send, Session, SessionParams, State
-from .udp import UdpIO
+from .udp import UDP_MAX, UdpIO
 
 __all__ = ["Tunnel"]
 
@@ -92,7 +92,6 @@ HINT_EVERY = 0.1
 #: (`WorkerConfig.last_peer`), HINT_EVERY s apart, until a connection attempt arrives.
 START_HINTS = 3
 IP_RECVERR, IPV6_RECVERR = 11, 25
-_UDP_MAX = 65535
 _SERVER_NAME = "l3ptp"
 _MIN_INITIAL = 1200
 
@@ -751,7 +750,7 @@ class Tunnel:
         fd = self.tun_fd
         for _ in range(TUN_READ_BATCH):
             try:
-                packet = read(fd, _UDP_MAX)
+                packet = read(fd, UDP_MAX)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:

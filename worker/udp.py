@@ -28,13 +28,14 @@ from typing import Any
 
 from l3ptp.ipc.constants import UDP_GSO_MAX_BYTES, UDP_GSO_MAX_SEGMENTS
 
-__all__ = ["SendGroup", "UdpIO", "plan_sends", "split_gro"]
+__all__ = ["UDP_MAX", "SendGroup", "UdpIO", "plan_sends", "split_gro"]
 
 SOL_UDP = getattr(socket, "SOL_UDP", 17)
 #: linux/udp.h
 UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
 UDP_GRO = getattr(socket, "UDP_GRO", 104)
-_UDP_MAX = 65535
+#: The largest UDP payload, the receive buffer size (the worker also reads TUN packets up to it).
+UDP_MAX = 65535
 _GRO_ANC = socket.CMSG_SPACE(4)
 #: errno values that mean "this socket/device cannot do GSO".
 _GSO_UNSUPPORTED = frozenset({errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
@@ -173,9 +174,9 @@ class UdpIO:
     def recv(self) -> tuple[list[bytes], Any]:
         """The datagrams of one receive and their source; raises OSError (EAGAIN when empty)."""
         if not self.gro:
-            data, addr = self.sock.recvfrom(_UDP_MAX)
+            data, addr = self.sock.recvfrom(UDP_MAX)
             return [data], addr
-        data, anc, _flags, addr = self.sock.recvmsg(_UDP_MAX, _GRO_ANC)
+        data, anc, _flags, addr = self.sock.recvmsg(UDP_MAX, _GRO_ANC)
         seg = gro_segment_size(anc) if anc else 0
         if seg and seg < len(data):
             parts = split_gro(data, seg)

@@ -440,6 +440,7 @@ def test_packets_sent_just_before_a_key_update_still_decrypt(sname: Engine, cnam
 
 def test_warm_up_completes_a_handshake_with_every_engine_that_loads() -> None:
     """The spare worker's warm-up (issue 13): a real in-memory handshake per engine, not a no-op."""
-    from l3ptp.worker.engine import available_engines, warm_up
+    from l3ptp.worker.engine import available_engines
+    from l3ptp.worker.warmup import warm_up
 
     assert warm_up() == available_engines()

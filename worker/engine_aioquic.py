@@ -1,0 +1,130 @@
+"""The aioquic engine (the default, pure Python): `aioquic_engine` for `engine.load_engine`.
+
+The functions read aioquic internals, pinned by pyproject's version range:
+``_datagrams_pending`` (queue depth), ``_max_datagram_size`` and
+``_peer_cid.cid`` (exact DATAGRAM budget), ``_remote_max_datagram_frame_size``,
+``_loss._rtt_smoothed`` and ``tls._peer_certificate`` (pinning). aioquic
+itself is imported only when the engine is loaded.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from l3ptp.ipc.control_messages import Engine
+
+from .engine import EngineClasses, payload_budget
+
+__all__ = ["aioquic_engine"]
+
+
+def _aioquic_update_keys(conn: Any) -> bool:
+    # RFC 9001, 6.1: no new update before a packet sent with the current keys
+    # is acknowledged. aioquic does not check this, and two quick updates
+    # would leave a peer one key phase behind, unable to decrypt anything: we
+    # remember the first packet number of each update and wait for its ACK.
+    from aioquic import tls
+
+    if not conn._handshake_confirmed:
+        return False
+    first = getattr(conn, "_l3ptp_key_update_pn", None)
+    if first is not None and conn._spaces[tls.Epoch.ONE_RTT].largest_acked_packet < first:
+        return False
+    conn.request_key_update()
+    conn._l3ptp_key_update_pn = conn._packet_number  # the next packet is the first with the new keys
+    return True
+
+
+def _aioquic_configure_tls(cfg: Any, is_client: bool, key: Ed25519PrivateKey, cert: x509.Certificate | None) -> None:
+    if is_client:
+        # The listener's certificate is checked against the pin after the
+        # handshake (aioquic still verifies CertificateVerify).
+        cfg.verify_mode = ssl.CERT_NONE
+    else:
+        cfg.certificate = cert
+        cfg.private_key = key
+
+
+def _aioquic_budget(conn: Any) -> int:
+    return payload_budget(conn._max_datagram_size, len(conn._peer_cid.cid), conn._remote_max_datagram_frame_size)
+
+
+def _make_aioquic_connection() -> type:
+    from aioquic import tls
+    from aioquic.quic.connection import QuicConnection
+    from aioquic.quic.crypto import CryptoError, CryptoPair
+    from aioquic.quic.packet import decode_packet_number, is_long_header
+
+    class RetainingCryptoPair(CryptoPair):  # type: ignore[misc,valid-type]
+        """aioquic's 1-RTT keys, plus the previous receive keys after a key update.
+
+        RFC 9001, 6.5: packets the peer sent just before it saw our update
+        arrive under the old keys; aioquic throws those keys away at once, so
+        every update would lose about an RTT of the peer's packets. Old keys
+        open only packets numbered below the first one opened with the new
+        keys, and are replaced at the next update.
+        """
+
+        _prev_aead: Any = None
+        _prev_phase = -1
+        _first_new_pn: int | None = None
+
+        def _update_key(self, trigger: str) -> None:
+            aead, phase = self.recv.aead, self.recv.key_phase
+            super()._update_key(trigger)
+            self._prev_aead, self._prev_phase, self._first_new_pn = aead, phase, None
+
+        def decrypt_packet(self, packet: bytes, encrypted_offset: int,
+                           expected_packet_number: int) -> tuple[bytes, bytes, int]:
+            try:
+                plain_header, payload, pn = super().decrypt_packet(packet, encrypted_offset, expected_packet_number)
+            except CryptoError:
+                if self._prev_aead is None:
+                    raise
+                plain_header, truncated = self.recv.hp.remove(packet, encrypted_offset)
+                first = plain_header[0]
+                pn = decode_packet_number(truncated, ((first & 0x03) + 1) * 8, expected_packet_number)
+                if (is_long_header(first) or (first & 0x04) >> 2 != self._prev_phase
+                        or (self._first_new_pn is not None and pn >= self._first_new_pn)):
+                    raise
+                return plain_header, self._prev_aead.decrypt(packet[len(plain_header):], plain_header, pn), pn
+            if self._prev_aead is not None and (self._first_new_pn is None or pn < self._first_new_pn):
+                self._first_new_pn = pn
+            return plain_header, payload, pn
+
+    class AioquicConnection(QuicConnection):  # type: ignore[misc,valid-type]
+        """aioquic's connection with `RetainingCryptoPair` for 1-RTT."""
+
+        def _initialize(self, peer_cid: bytes) -> None:
+            super()._initialize(peer_cid)
+            self._cryptos[tls.Epoch.ONE_RTT].__class__ = RetainingCryptoPair
+
+    return AioquicConnection
+
+
+def aioquic_engine() -> EngineClasses:
+    from aioquic.quic import events
+    from aioquic.quic.configuration import QuicConfiguration
+
+    return EngineClasses(
+        name=Engine.AIOQUIC,
+        QuicConnection=_make_aioquic_connection(),
+        QuicConfiguration=QuicConfiguration,
+        events=events,
+        configure_tls=_aioquic_configure_tls,
+        datagram_budget=_aioquic_budget,
+        queue_depth=lambda conn: len(conn._datagrams_pending),
+        receive_many=_receive_each,
+        smoothed_rtt=lambda conn: float(conn._loss._rtt_smoothed or 0.0),
+        peer_certificate=lambda conn: getattr(conn.tls, "_peer_certificate", None),
+        update_keys=_aioquic_update_keys,
+    )
+
+
+def _receive_each(conn: Any, datagrams: list[bytes], addr: Any, now: float) -> None:
+    for data in datagrams:
+        conn.receive_datagram(data, addr, now=now)
