@@ -48,7 +48,7 @@ from l3ptp.ipc.helper_messages import (
 )
 from l3ptp.ipc.schema import Message
 
-__all__ = ["HELPER_TIMEOUT", "HelperClient", "HelperError", "HelperFailed", "HelperUnavailable"]
+__all__ = ["HelperClient", "HelperError", "HelperFailed", "HelperUnavailable"]
 
 _R = TypeVar("_R", bound=Message)
 
