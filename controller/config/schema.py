@@ -1,7 +1,8 @@
 """The configuration's vocabulary: known keys, limits local to the file, patterns.
 
-Everything not defined here is ipc.constants (limits shared with the helper
-and the workers).
+Everything not defined here is shared with the helper and the workers: limits
+in ipc.constants, name and fingerprint patterns in ipc.types, the engine and
+event-loop names in ipc.control_messages (`Engine`, `EventLoop`).
 """
 
 from __future__ import annotations
@@ -9,15 +10,9 @@ from __future__ import annotations
 import re
 from typing import Final
 
-from l3ptp.controller.config.model import Role
-from l3ptp.ipc.constants import (
-    KILL_SWITCH_METRIC,
-    MTU_DEFAULT,
-    NETWORK_NAME_MAX,
-    NODE_ID_MAX,
-    WORKER_STATUS_TIMEOUT,
-)
-
+from l3ptp.ipc.constants import KILL_SWITCH_METRIC, MTU_DEFAULT, WORKER_STATUS_TIMEOUT
+from l3ptp.ipc.control_messages import Engine, EventLoop
+from l3ptp.ipc.types import FINGERPRINT_PATTERN, NETWORK_NAME_PATTERN, NODE_ID_PATTERN, PeerRole
 
 #: Controller status interval bounds (seconds).
 STATUS_INTERVAL_MIN: Final = 0.1
@@ -30,23 +25,21 @@ ROUTE_METRIC_MAX: Final = KILL_SWITCH_METRIC - 1
 #: defined as exactly this value (see ipc.constants); Linux refuses IPv6
 #: addresses on a link with a smaller MTU.
 IPV6_MIN_MTU: Final = MTU_DEFAULT
-#: A peer key fingerprint is "SHA256:" + unpadded base64 of a SHA-256 digest.
-FINGERPRINT_PREFIX: Final = "SHA256:"
-FINGERPRINT_DIGEST_LEN: Final = 32
-FINGERPRINT_CHARS: Final = (FINGERPRINT_DIGEST_LEN * 4 + 2) // 3
 
-ROLES: Final[tuple[Role, ...]] = ("listen", "connect")
+# The accepted values are the ipc enums' (plain strings, in the enums' order,
+# so error messages list them as 'auto', 'aioquic', ...).
+ROLES: Final[tuple[str, ...]] = tuple(r.value for r in PeerRole)
 #: QUIC engines a worker can use: "auto" takes qh3 when installed, else aioquic.
-ENGINES: Final[tuple[str, ...]] = ("auto", "aioquic", "qh3")
+ENGINES: Final[tuple[str, ...]] = tuple(e.value for e in Engine)
 #: Worker event loops: "auto" is asyncio (uvloop measured slower, docs/performance.md).
-EVENT_LOOPS: Final[tuple[str, ...]] = ("auto", "asyncio", "uvloop")
+EVENT_LOOPS: Final[tuple[str, ...]] = tuple(e.value for e in EventLoop)
 #: Highest CPU number accepted in `cpus`.
 CPU_MAX: Final = 4095
-NODE_ID_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,%d}" % NODE_ID_MAX)
-NETWORK_NAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,%d}" % (NETWORK_NAME_MAX - 1))
+NODE_ID_RE: Final = re.compile(NODE_ID_PATTERN)
+NETWORK_NAME_RE: Final = re.compile(NETWORK_NAME_PATTERN)
 #: POSIX-style user or group name; the same pattern the worker config accepts.
 ACCOUNT_NAME_RE: Final = re.compile(r"[a-z_][a-z0-9_-]{0,63}\$?")
-FINGERPRINT_RE: Final = re.compile(re.escape(FINGERPRINT_PREFIX) + r"([A-Za-z0-9+/]{%d})" % FINGERPRINT_CHARS)
+FINGERPRINT_RE: Final = re.compile(FINGERPRINT_PATTERN)
 
 TOP_KEYS: Final = ("node", "controller", "metrics", "networks")
 NODE_KEYS: Final = ("id", "key_file")

@@ -9,16 +9,9 @@ from typing import Any, Final
 
 from l3ptp.controller.config.errors import BAD, Bad, Collector, Converter
 from l3ptp.controller.config.model import IPInterface
-from l3ptp.controller.config.schema import (
-    ACCOUNT_NAME_RE,
-    CPU_MAX,
-    FINGERPRINT_CHARS,
-    FINGERPRINT_DIGEST_LEN,
-    FINGERPRINT_PREFIX,
-    FINGERPRINT_RE,
-    NODE_ID_RE,
-)
+from l3ptp.controller.config.schema import ACCOUNT_NAME_RE, CPU_MAX, FINGERPRINT_RE, NODE_ID_RE
 from l3ptp.ipc.constants import IFNAME_ALLOWED, IFNAME_MAX, MAX_QUEUES, NODE_ID_MAX
+from l3ptp.ipc.types import FINGERPRINT_CHARS, FINGERPRINT_DIGEST_LEN, FINGERPRINT_PREFIX
 
 
 def cpu_list(value: Any, path: str, col: Collector) -> tuple[int, ...] | Bad:
@@ -121,15 +114,14 @@ def tunnel_address(version: int) -> Converter:
 def peer_key(value: Any, path: str, col: Collector) -> str | Bad:
     if not isinstance(value, str):
         return col.type_error(path, "a string", value)
-    match = FINGERPRINT_RE.fullmatch(value)
-    if match is None:
+    if FINGERPRINT_RE.fullmatch(value) is None:
         col.add(
             path,
             f"must be {FINGERPRINT_PREFIX!r} followed by {FINGERPRINT_CHARS} characters of unpadded"
             f" standard base64 (a {FINGERPRINT_DIGEST_LEN}-byte digest)",
         )
         return BAD
-    encoded = match[1]
+    encoded = value[len(FINGERPRINT_PREFIX) :]
     try:
         digest = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
     except binascii.Error:  # pragma: no cover - the pattern admits only valid base64

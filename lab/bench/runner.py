@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from l3ptp.ipc.control_messages import Engine
 from lab import bench as _package
 from lab import hosts as labmod
 from lab.bench import common
@@ -30,7 +31,8 @@ from lab.bench.report import (DETAIL_COLUMNS, counter_delta, parse_ping, render_
 
 __all__ = ["ENGINES", "build_parser", "main", "run_config", "run_tests"]
 
-ENGINES = ("aioquic", "qh3", "auto")
+#: Engines `--engine` accepts: the ipc enum's, the concrete ones first, "auto" last.
+ENGINES = (*(e.value for e in Engine if e is not Engine.AUTO), Engine.AUTO.value)
 
 
 class Poller:
