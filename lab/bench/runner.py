@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from l3ptp.ipc.control_messages import Engine
 from lab import bench as _package
 from lab import hosts as labmod
 from lab.bench import common
@@ -31,7 +32,8 @@ from lab.bench.report import (DETAIL_COLUMNS, REFERENCE, aggregate, counter_delt
 
 __all__ = ["ENGINES", "build_parser", "main", "plan_baselines", "plan_l3ptp", "run_config", "run_rounds", "run_tests"]
 
-ENGINES = ("aioquic", "qh3", "auto")
+#: Engines `--engine` accepts: the ipc enum's, the concrete ones first, "auto" last.
+ENGINES = (*(e.value for e in Engine if e is not Engine.AUTO), Engine.AUTO.value)
 
 
 class Poller:
