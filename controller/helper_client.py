@@ -46,28 +46,12 @@ from l3ptp.ipc.helper_messages import (
     RoutesChanged,
     Welcome,
 )
+from l3ptp.ipc.errors import HelperError, HelperFailed, HelperUnavailable
 from l3ptp.ipc.schema import Message
 
 __all__ = ["HelperClient", "HelperError", "HelperFailed", "HelperUnavailable"]
 
 _R = TypeVar("_R", bound=Message)
-
-
-class HelperError(Exception):
-    """Base of helper client errors."""
-
-
-class HelperFailed(HelperError):
-    """The helper answered `Failed(code, reason)`."""
-
-    def __init__(self, code: ErrorCode, reason: str) -> None:
-        self.code = code
-        self.reason = reason
-        super().__init__(f"{code.name}: {reason}")
-
-
-class HelperUnavailable(HelperError):
-    """No usable connection: not running, refused, timed out or out of step."""
 
 
 class HelperClient:

@@ -67,3 +67,19 @@ class ErrorCode(enum.IntEnum):
     SHUTDOWN = 25
     DEAD_PEER = 26
     INTERNAL = 27
+
+
+class HelperError(IpcError):
+    """Base of the errors of a helper client (the controller's and the worker's)."""
+
+
+class HelperFailed(HelperError):
+    """The helper answered `Failed(code, reason)` (to `request`, when the client names it)."""
+
+    def __init__(self, code: ErrorCode, reason: str, request: str = "") -> None:
+        self.code, self.reason, self.request = code, reason, request
+        super().__init__(f"{request + ': ' if request else ''}{code.name}: {reason}")
+
+
+class HelperUnavailable(HelperError):
+    """No usable connection: not running, refused, timed out, closed or out of step (a bad reply)."""

@@ -28,7 +28,7 @@ from l3ptp.ipc.types import PeerRole
 
 from . import engine, warmup
 from .app import ZmqBus, run_worker
-from .helper_client import HelperClient, HelperRefused
+from .helper_client import HelperError, WorkerHelperClient
 from .privileges import PrivilegeError, drop_privileges
 
 EXIT_FATAL = 2
@@ -141,12 +141,12 @@ def main() -> int:
     # No parent-death signal: a worker outlives its controller's crash and is adopted by the next
     # controller (docs/controller.md, "Restarts"); controller silence for CONTROLLER_SILENCE_TIMEOUT ends it.
     try:
-        helper = HelperClient(config.helper_socket)
+        helper = WorkerHelperClient(config.helper_socket)
         grant, tun_fd = helper.claim_queue(config.ticket)
         sock = make_udp_socket(config)
         mark = helper.protect_socket(sock)
         helper.close()
-    except (HelperRefused, OSError) as exc:
+    except (HelperError, OSError) as exc:
         return _fatal(config, f"helper: {exc}", log)
     try:
         pin_cpu(config.cpu)

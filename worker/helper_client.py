@@ -2,8 +2,10 @@
 
 Synchronous, before the event loop starts. One AF_UNIX SOCK_SEQPACKET
 connection; one message per packet, fds as SCM_RIGHTS (`l3ptp.ipc.seqpacket`).
-Every reply goes through `HELPER_REPLIES.decode_expect`; a `Failed` reply or
-anything unexpected raises `HelperRefused`.
+Every reply goes through `HELPER_REPLIES.decode_expect`; a `Failed` reply
+raises `HelperFailed`, a closed connection or anything unexpected
+`HelperUnavailable` (both `HelperError`, the errors of the controller's
+client too, ipc/errors.py).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import socket
 
 from l3ptp.ipc import seqpacket
 from l3ptp.ipc.constants import HELPER_MESSAGE_MAX
-from l3ptp.ipc.errors import DecodeError
+from l3ptp.ipc.errors import DecodeError, HelperError, HelperFailed, HelperUnavailable
 from l3ptp.ipc.helper_messages import (
     HELPER_PROTOCOL,
     HELPER_REPLIES,
@@ -28,16 +30,14 @@ from l3ptp.ipc.helper_messages import (
 )
 from l3ptp.ipc.schema import Message
 
-__all__ = ["HelperClient", "HelperRefused"]
+__all__ = ["HelperError", "HelperFailed", "HelperUnavailable", "WorkerHelperClient"]
 
 _TIMEOUT = 10.0
 
 
-class HelperRefused(RuntimeError):
-    """The helper refused a request or answered nonsense; restarting cannot help."""
+class WorkerHelperClient:
+    """The worker's synchronous helper session (the controller's is controller/helper_client.py)."""
 
-
-class HelperClient:
     def __init__(self, path: str | None = None, *, sock: socket.socket | None = None) -> None:
         if sock is None:
             assert path is not None
@@ -53,13 +53,13 @@ class HelperClient:
             reply, got_fds = seqpacket.recv(self.sock, HELPER_MESSAGE_MAX, 1)
             answer = HELPER_REPLIES.decode_expect(reply, expect, Failed)
         except seqpacket.PeerClosed:
-            raise HelperRefused(f"{type(msg).__name__}: helper closed the connection") from None
+            raise HelperUnavailable(f"{type(msg).__name__}: helper closed the connection") from None
         except DecodeError as exc:  # a FramingError too: over the cap, more than one fd, other ancillary data
             seqpacket.close_fds(got_fds)
-            raise HelperRefused(f"{type(msg).__name__}: bad reply: {exc}") from None
+            raise HelperUnavailable(f"{type(msg).__name__}: bad reply: {exc}") from None
         if isinstance(answer, Failed):
             seqpacket.close_fds(got_fds)
-            raise HelperRefused(f"{type(msg).__name__}: {answer.code.name}: {answer.reason}")
+            raise HelperFailed(answer.code, answer.reason, type(msg).__name__)
         return answer, got_fds
 
     def claim_queue(self, ticket: str) -> tuple[QueueGranted, int]:
@@ -67,7 +67,7 @@ class HelperClient:
         answer, fds = self._request(ClaimQueue(ticket=ticket), QueueGranted)
         if len(fds) != 1:
             seqpacket.close_fds(fds)
-            raise HelperRefused("QueueGranted without exactly one fd")
+            raise HelperUnavailable("QueueGranted without exactly one fd")
         assert isinstance(answer, QueueGranted)
         return answer, fds[0]
 

@@ -12,7 +12,7 @@ from l3ptp.helper.dispatch import Dispatcher
 from l3ptp.helper.server import Server, open_listener
 from l3ptp.helper.state import HelperState
 from l3ptp.ipc.helper_messages import CreateNetwork, NetworkCreated, Role
-from l3ptp.worker.helper_client import HelperClient, HelperRefused
+from l3ptp.worker.helper_client import HelperError, WorkerHelperClient
 from tests.support.helper_fixtures import Client, FakeClock, FakeKernel, make_policy
 
 pytestmark = pytest.mark.timeout(60)
@@ -58,7 +58,7 @@ def _tickets(path: str) -> tuple[str, ...]:
 def test_claim_queue_and_protect_socket(helper) -> None:
     path, kernel, dispatcher = helper
     (ticket,) = _tickets(path)
-    client = HelperClient(path)
+    client = WorkerHelperClient(path)
     try:
         grant, fd = client.claim_queue(ticket)
         assert grant.queue == 0 and grant.ifname == "l3p-n1"
@@ -76,13 +76,13 @@ def test_claim_queue_and_protect_socket(helper) -> None:
 def test_reused_ticket_is_refused(helper) -> None:
     path, _, _ = helper
     (ticket,) = _tickets(path)
-    first = HelperClient(path)
+    first = WorkerHelperClient(path)
     _, fd = first.claim_queue(ticket)
     os.close(fd)
     first.close()
-    second = HelperClient(path)
+    second = WorkerHelperClient(path)
     try:
-        with pytest.raises(HelperRefused):
+        with pytest.raises(HelperError):
             second.claim_queue(ticket)
     finally:
         second.close()
