@@ -33,21 +33,21 @@ from collections.abc import Iterable
 from l3ptp.controller.config import IPNetwork, NetworkConfig
 from l3ptp.ipc.constants import MAX_ROUTES_PER_NETWORK
 
-__all__ = ["Refused", "RouteChanges", "RouteTable", "RouteUpdate", "accept_routes"]
+__all__ = ["AcceptedRoutes", "RefusedRoute", "RouteChanges", "RouteTable", "accept_routes"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Refused:
+class RefusedRoute:
     route: str
     reason: str
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class RouteUpdate:
+class AcceptedRoutes:
     """Result of one accepted (not stale) PeerRoutes."""
 
     accepted: frozenset[IPNetwork]
-    refused: tuple[Refused, ...]
+    refused: tuple[RefusedRoute, ...]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -64,25 +64,25 @@ def _sort_key(net: IPNetwork) -> tuple[int, int, int]:
     return (net.version, int(net.network_address), net.prefixlen)
 
 
-def accept_routes(net: NetworkConfig, advertised: Iterable[str]) -> RouteUpdate:
+def accept_routes(net: NetworkConfig, advertised: Iterable[str]) -> AcceptedRoutes:
     """Split advertised prefixes (strings from the bus) into accepted and refused."""
     accepted: set[IPNetwork] = set()
-    refused: list[Refused] = []
+    refused: list[RefusedRoute] = []
     for text in advertised:
         try:
             route = ipaddress.ip_network(text, strict=True)
         except ValueError:
-            refused.append(Refused(text, "not a valid prefix"))
+            refused.append(RefusedRoute(text, "not a valid prefix"))
             continue
         if not net.install_routes:
-            refused.append(Refused(text, "install_routes is off"))
+            refused.append(RefusedRoute(text, "install_routes is off"))
         elif route.prefixlen == 0 and not net.allow_default_route:
-            refused.append(Refused(text, "default route and allow_default_route is off"))
+            refused.append(RefusedRoute(text, "default route and allow_default_route is off"))
         elif not any(route.version == a.version and route.subnet_of(a) for a in net.accepted_routes):  # type: ignore[arg-type]
-            refused.append(Refused(text, "outside accepted_routes"))
+            refused.append(RefusedRoute(text, "outside accepted_routes"))
         else:
             accepted.add(route)
-    return RouteUpdate(frozenset(accepted), tuple(refused))
+    return AcceptedRoutes(frozenset(accepted), tuple(refused))
 
 
 @dataclasses.dataclass(slots=True)
@@ -104,7 +104,7 @@ class RouteTable:
         """The network's configuration changed in place (a reload): later updates are judged by `net`."""
         self.net = net
 
-    def on_peer_routes(self, queue: int, session: int, epoch: int, routes: Iterable[str]) -> RouteUpdate | None:
+    def on_peer_routes(self, queue: int, session: int, epoch: int, routes: Iterable[str]) -> AcceptedRoutes | None:
         """Apply one PeerRoutes. None when stale (an older or equal (session, epoch))."""
         q = self._queues.setdefault(queue, _QueueRoutes())
         key = (session, epoch)
@@ -120,8 +120,8 @@ class RouteTable:
         if len(new) > room:
             over = new[max(room, 0):]
             reason = f"network route limit ({MAX_ROUTES_PER_NETWORK}) reached"
-            update = RouteUpdate(update.accepted - frozenset(over),
-                                 update.refused + tuple(Refused(str(r), reason) for r in over))
+            update = AcceptedRoutes(update.accepted - frozenset(over),
+                                 update.refused + tuple(RefusedRoute(str(r), reason) for r in over))
         q.key, q.routes = key, update.accepted
         return update
 

@@ -7,7 +7,7 @@ import ipaddress
 from typing import Any
 
 from l3ptp.controller.config import NetworkConfig, parse_config
-from l3ptp.controller.routes import Refused, RouteChanges, RouteTable, accept_routes
+from l3ptp.controller.routes import RefusedRoute, RouteChanges, RouteTable, accept_routes
 from tests.support.config_builders import config, office
 
 NET = ipaddress.ip_network
@@ -29,23 +29,23 @@ def test_routes_outside_accepted_are_refused_with_reason() -> None:
     up = accept_routes(network(), ["198.19.16.0/24", "198.19.0.0/16", "10.0.0.0/8", "nonsense", "198.19.8.1/24"])
     assert up.accepted == frozenset()
     assert up.refused == (
-        Refused("198.19.16.0/24", "outside accepted_routes"),
-        Refused("198.19.0.0/16", "outside accepted_routes"),
-        Refused("10.0.0.0/8", "outside accepted_routes"),
-        Refused("nonsense", "not a valid prefix"),
-        Refused("198.19.8.1/24", "not a valid prefix"),
+        RefusedRoute("198.19.16.0/24", "outside accepted_routes"),
+        RefusedRoute("198.19.0.0/16", "outside accepted_routes"),
+        RefusedRoute("10.0.0.0/8", "outside accepted_routes"),
+        RefusedRoute("nonsense", "not a valid prefix"),
+        RefusedRoute("198.19.8.1/24", "not a valid prefix"),
     )
 
 
 def test_nothing_is_accepted_when_install_routes_is_off() -> None:
     up = accept_routes(network(install_routes=False), ["198.19.8.0/24"])
     assert up.accepted == frozenset()
-    assert up.refused == (Refused("198.19.8.0/24", "install_routes is off"),)
+    assert up.refused == (RefusedRoute("198.19.8.0/24", "install_routes is off"),)
 
 
 def test_default_route_needs_allow_default_route() -> None:
     refused = accept_routes(network(accepted_routes=["198.19.8.0/21"]), ["0.0.0.0/0"])
-    assert refused.refused == (Refused("0.0.0.0/0", "default route and allow_default_route is off"),)
+    assert refused.refused == (RefusedRoute("0.0.0.0/0", "default route and allow_default_route is off"),)
     allowed = network(accepted_routes=["0.0.0.0/0"], allow_default_route=True)
     assert accept_routes(allowed, ["0.0.0.0/0"]).accepted == {NET("0.0.0.0/0")}
     # a network that accepts 0/0 without allow_default_route (config forbids it): still refused
@@ -55,7 +55,7 @@ def test_default_route_needs_allow_default_route() -> None:
 
 def test_other_family_is_refused() -> None:
     up = accept_routes(network(), ["fd00:19:8::/48"])
-    assert up.refused == (Refused("fd00:19:8::/48", "outside accepted_routes"),)
+    assert up.refused == (RefusedRoute("fd00:19:8::/48", "outside accepted_routes"),)
 
 
 def test_newest_session_epoch_wins_and_stale_is_ignored() -> None:
