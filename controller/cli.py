@@ -268,7 +268,7 @@ def _cmd_keygen(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     except ImportError as exc:
         print(f"l3ptp keygen: key support is not installed (l3ptp.worker.keys: {exc})", file=err)
         return EXIT_FAILED
-    key = keys.generate_private_key()
+    key = keys.generate_reality_key() if args.reality else keys.generate_private_key()
     if args.out:
         if os.path.exists(args.out):
             print(f"l3ptp keygen: {args.out} exists; not overwriting it", file=err)
@@ -280,8 +280,12 @@ def _cmd_keygen(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             return EXIT_FAILED
         print(f"private key written to {args.out}", file=err)
     else:
-        print("no --out given: only the fingerprint is shown, the key is discarded", file=err)
-    print(keys.fingerprint(key), file=out)
+        print(f"no --out given: only the {'public key' if args.reality else 'fingerprint'} is shown, "
+              "the key is discarded", file=err)
+    if args.reality:  # what the connector's [networks.<name>.reality] public_key takes
+        print(keys.reality_public_key(key), file=out)  # type: ignore[arg-type]
+    else:
+        print(keys.fingerprint(key), file=out)  # type: ignore[arg-type]
     return EXIT_OK
 
 
@@ -306,8 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=_cmd_up_down)
     p = sub.add_parser("reload", help="re-read the configuration", description="Apply configuration changes.")
     p.set_defaults(func=_cmd_reload)
-    p = sub.add_parser("keygen", help="generate a node key", description="Generate an Ed25519 node key.")
-    p.add_argument("--out", help="write the private key here (mode 0600); prints the fingerprint")
+    p = sub.add_parser("keygen", help="generate a node key", description="Generate an Ed25519 node key "
+                       "(or, with --reality, a listener's X25519 REALITY key).")
+    p.add_argument("--out", help="write the private key here (mode 0600); prints the fingerprint "
+                                 "(with --reality: the public key)")
+    p.add_argument("--reality", action="store_true",
+                   help="a REALITY key for a listener's [networks.<name>.reality] private_key_file")
     p.set_defaults(func=_cmd_keygen)
     return parser
 

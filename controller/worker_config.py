@@ -18,7 +18,7 @@ from l3ptp.controller.config import Config, NetworkConfig
 from l3ptp.ipc.control_messages import Engine, EventLoop, WorkerConfig
 from l3ptp.ipc.types import PeerRole
 
-__all__ = ["KeyLoader", "build_worker_config", "load_key_raw", "worker_uid"]
+__all__ = ["KeyLoader", "build_worker_config", "load_key_raw", "load_reality_key_raw", "worker_uid"]
 
 KeyLoader = Callable[[str], bytes]
 
@@ -38,6 +38,13 @@ def load_key_raw(path: str) -> bytes:
     return private_key_raw(load_private_key(path))
 
 
+def load_reality_key_raw(path: str) -> bytes:
+    """Raw 32-byte X25519 private key of a REALITY key file."""
+    from l3ptp.worker.keys import load_reality_key_raw as load
+
+    return load(path)
+
+
 def worker_uid(config: Config) -> int:
     """The uid the workers run as: ``worker_user``, else the controller's own."""
     user = config.controller.worker_user
@@ -53,10 +60,13 @@ def build_worker_config(
     bus_path: str,
     key_loader: KeyLoader,
     last_peer: str = "",
+    reality_key_loader: KeyLoader = load_reality_key_raw,
 ) -> WorkerConfig:
     """The configuration of `net`'s worker for `queue`; `last_peer` is its predecessor's peer ("host:port")."""
     host, _, port = last_peer.rpartition(":")
     peer_ok = PeerRole(net.role) is PeerRole.LISTEN and _is_address(host) and port.isdigit() and 0 < int(port) < 65536
+    r = net.reality
+    reality_key = b"" if r is None else r.public_key or reality_key_loader(r.private_key_file)
     return WorkerConfig(
         network=net.name,
         queue=queue,
@@ -86,4 +96,9 @@ def build_worker_config(
         log_level="info",
         last_peer=host if peer_ok else None,
         last_peer_port=int(port) if peer_ok else 0,
+        reality_key=reality_key,
+        reality_short_ids=r.short_ids if r is not None else (),
+        camouflage_host=r.camouflage_host if r is not None else "",
+        camouflage_port=r.camouflage_port if r is not None else 0,
+        server_name=r.server_name if r is not None else "",
     )

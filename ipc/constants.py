@@ -263,3 +263,15 @@ METRICS_PORT_DEFAULT = 9586
 def datagram_budget(max_datagram_size: int, overhead: int = QUIC_DATAGRAM_OVERHEAD_MAX) -> int:
     """Largest inner IP packet that fits one DATAGRAM for this QUIC packet size."""
     return max_datagram_size - overhead - HEADER_LEN
+
+
+# ---- REALITY (issue 15; docs/protocol.md, "REALITY") ----------------------
+
+#: A REALITY short id is at most 8 bytes (16 hex digits in the configuration).
+REALITY_SHORT_ID_MAX = 8
+#: Short ids one listener accepts.
+REALITY_SHORT_IDS_MAX = 16
+#: A DNS name (the camouflage target, the SNI) is at most 253 characters.
+HOSTNAME_MAX = 253
+#: The characters of a DNS name or an IP literal (the configuration checks the form; docs/configuration.md).
+HOSTNAME_PATTERN = r"[A-Za-z0-9.:-]{1,253}"

@@ -20,11 +20,15 @@ from typing import Annotated
 from .constants import (
     BUS_MESSAGE_MAX,
     CLI_MESSAGE_MAX,
+    HOSTNAME_MAX,
+    HOSTNAME_PATTERN,
     MAX_DATAGRAM_SIZE_MAX,
     MAX_DATAGRAM_SIZE_MIN,
     MAX_QUEUES,
     MTU_MAX,
     MTU_MIN,
+    REALITY_SHORT_ID_MAX,
+    REALITY_SHORT_IDS_MAX,
     WORKER_CONFIG_MAX,
 )
 from .codec import Channel
@@ -49,6 +53,9 @@ Seconds = Annotated[float, Range(0.0, 86400.0 * 366)]
 Rtt = Annotated[float, Range(0.0, 3600_000.0)]
 Endpoint = Annotated[str, Text(4096, r"ipc://[^\x00]+")]
 Name = Annotated[str, Text(64, r"[a-z_][a-z0-9_-]{0,63}\$?|")]
+#: A camouflage host or a TLS server name; "" = none.
+Hostname = Annotated[str, Text(HOSTNAME_MAX, HOSTNAME_PATTERN + "|")]
+ShortId = Annotated[bytes, Blob(REALITY_SHORT_ID_MAX)]
 
 
 class SessionState(enum.StrEnum):
@@ -139,6 +146,16 @@ class WorkerConfig(Message):
     #: at its next packet (docs/worker.md, "Sessions, liveness, reconnect").
     last_peer: AddressStr | None = None
     last_peer_port: Annotated[int, Range(0, 65535)] = 0
+    #: REALITY (docs/protocol.md, "REALITY"); b"" = off. listen: the static X25519 private key;
+    #: connect: the listener's REALITY public key.
+    reality_key: Annotated[bytes, Blob(32)] = b""
+    #: listen: the short ids accepted (none: any); connect: the one it sends (at most one).
+    reality_short_ids: Annotated[tuple[ShortId, ...], Items(REALITY_SHORT_IDS_MAX)] = ()
+    #: listen: the camouflage target that unauthenticated senders are relayed to ("" and 0: none, silence).
+    camouflage_host: Hostname = ""
+    camouflage_port: Annotated[int, Range(0, 65535)] = 0
+    #: connect: the server name (SNI) of its ClientHello ("" = none).
+    server_name: Hostname = ""
 
 
 # ---- worker -> controller (bus) -------------------------------------------

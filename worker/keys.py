@@ -21,11 +21,13 @@ import base64
 import datetime
 import hashlib
 import os
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.x509.oid import NameOID
 
 from l3ptp.ipc.constants import AUTH_LABEL
@@ -36,10 +38,13 @@ __all__ = [
     "fingerprint",
     "fingerprint_of_certificate",
     "generate_private_key",
+    "generate_reality_key",
     "load_private_key",
+    "load_reality_key_raw",
     "private_key_from_raw",
     "private_key_raw",
     "public_key_raw",
+    "reality_public_key",
     "save_private_key",
     "self_signed_certificate",
     "sign_auth",
@@ -86,7 +91,7 @@ def fingerprint(key: Ed25519PrivateKey | Ed25519PublicKey | bytes) -> str:
     return "SHA256:" + base64.b64encode(hashlib.sha256(raw).digest()).decode("ascii").rstrip("=")
 
 
-def save_private_key(key: Ed25519PrivateKey, path: str | os.PathLike[str]) -> None:
+def save_private_key(key: Ed25519PrivateKey | X25519PrivateKey, path: str | os.PathLike[str]) -> None:
     """Write the key as unencrypted PKCS#8 PEM, created with mode 0600.
 
     Refuses to overwrite an existing file (raises FileExistsError).
@@ -106,18 +111,42 @@ def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
     Raises `BadKey` if the file is readable by group or others, or holds
     anything but an unencrypted Ed25519 key.
     """
+    key = _load_pem(path)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise BadKey(f"{os.fspath(path)}: not an Ed25519 key")
+    return key
+
+
+def generate_reality_key() -> X25519PrivateKey:
+    """A new REALITY key (X25519; docs/protocol.md, "REALITY")."""
+    return X25519PrivateKey.generate()
+
+
+def reality_public_key(key: X25519PrivateKey) -> str:
+    """The public half as the configuration's `public_key` wants it: base64 of the 32 raw bytes."""
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return base64.b64encode(raw).decode()
+
+
+def load_reality_key_raw(path: str | os.PathLike[str]) -> bytes:
+    """The raw 32-byte X25519 private key of a REALITY key file (PEM, mode 0600, as `save_private_key` writes)."""
+    key = _load_pem(path)
+    if not isinstance(key, X25519PrivateKey):
+        raise BadKey(f"{os.fspath(path)}: not an X25519 key (make one with `l3ptp keygen --reality`)")
+    return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                             serialization.NoEncryption())
+
+
+def _load_pem(path: str | os.PathLike[str]) -> Any:
     with open(path, "rb") as f:
         mode = os.fstat(f.fileno()).st_mode
         if mode & 0o077:
             raise BadKey(f"{os.fspath(path)}: key file must not be accessible by group or others")
         data = f.read(64 * 1024)
     try:
-        key = serialization.load_pem_private_key(data, password=None)
+        return serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
         raise BadKey(f"{os.fspath(path)}: not an unencrypted PEM private key") from exc
-    if not isinstance(key, Ed25519PrivateKey):
-        raise BadKey(f"{os.fspath(path)}: not an Ed25519 key")
-    return key
 
 
 def self_signed_certificate(key: Ed25519PrivateKey, common_name: str = "l3ptp") -> x509.Certificate:

@@ -24,6 +24,7 @@ Modules
 * values.py: readers of l3ptp's own value kinds (node id, tunnel address, peer key...).
 * draft.py: `Draft`, one network as read, before it is built.
 * sections.py: per-section readers ([node], [controller], [metrics], [networks.*]).
+* reality.py: ``[networks.*.reality]``, the QUIC REALITY credential (issue 15).
 * rules.py: cross-field rules, within a network and across networks.
 * reader.py: the entry points `load_config` and `parse_config`.
 
@@ -42,6 +43,7 @@ from l3ptp.controller.config.model import (
     MetricsConfig,
     NetworkConfig,
     NodeConfig,
+    RealityConfig,
     Role,
     UnderlayConfig,
 )
@@ -57,6 +59,7 @@ __all__ = [
     "MetricsConfig",
     "NetworkConfig",
     "NodeConfig",
+    "RealityConfig",
     "Role",
     "UnderlayConfig",
     "load_config",

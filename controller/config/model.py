@@ -67,6 +67,24 @@ class MetricsConfig:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class RealityConfig:
+    """``[networks.<name>.reality]``: the QUIC REALITY credential (docs/protocol.md, "REALITY").
+
+    listen: `private_key_file` (X25519, base64), the `short_ids` it accepts (none: any) and the optional
+    `camouflage` target that unauthenticated senders are relayed to. connect: the listener's `public_key`,
+    its `short_ids` (at most one, the one it sends) and the `server_name` of its ClientHello (by default
+    the host of `camouflage`).
+    """
+
+    private_key_file: str = ""
+    public_key: bytes = b""
+    short_ids: tuple[bytes, ...] = ()
+    camouflage_host: str = ""
+    camouflage_port: int = 0
+    server_name: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class UnderlayConfig:
     """``[networks.<name>.underlay]``: the UDP path the QUIC connections use.
 
@@ -124,6 +142,8 @@ class NetworkConfig:
     #: Per-network private key override; "" = use the node's key_file.
     key_file: str
     underlay: UnderlayConfig
+    #: QUIC REALITY; None = off (the listener answers every Initial as l3ptp).
+    reality: RealityConfig | None = None
 
     def addresses(self) -> tuple[IPInterface, ...]:
         """Local tunnel addresses (with prefix length), IPv4 first, then IPv6."""

@@ -78,6 +78,7 @@ NETWORK_KEYS: Final = (
     "peer_key",
     "key_file",
     "underlay",
+    "reality",
 )
 UNDERLAY_KEYS: Final = ("local", "peer", "port")
 PREFIX_LISTS: Final = ("advertised_routes", "accepted_routes", "allowed_sources")

@@ -23,6 +23,7 @@ from l3ptp.controller.config.fields import (
     prefix_list,
 )
 from l3ptp.controller.config.model import ADDRESS_TYPES
+from l3ptp.controller.config.reality import parse_reality
 from l3ptp.controller.config.rules import check_addresses, check_mtu, check_prefixes
 from l3ptp.controller.config.schema import (
     CONTROLLER_KEYS,
@@ -185,6 +186,7 @@ def _parse_network(col: Collector, name: str, body: Any, path: str, prefix: Any)
 
     draft = Draft(name=name, path=path, present=frozenset(tbl), values=v, underlay=None)
     draft.underlay = _parse_underlay(col, tbl, draft)
+    v["reality"] = parse_reality(col, tbl, draft)
     check_addresses(col, draft)
     check_mtu(col, draft)
     check_prefixes(col, draft)
