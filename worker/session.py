@@ -335,6 +335,10 @@ class Session:
             return []
         return self._fail(ErrorCode.PROTOCOL_VIOLATION, reason)
 
+    def terminated(self) -> None:
+        """The QUIC connection under the session ended (no CLOSE can be sent or received any more)."""
+        self.state = State.CLOSED
+
     def close(self, code: ErrorCode, reason: str) -> list[Action]:
         """Close on purpose (shutdown)."""
         if self.state is State.CLOSED:
