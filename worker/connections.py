@@ -16,6 +16,7 @@ candidates exist at once, each for at most CANDIDATE_LIFETIME seconds (`core.Tun
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,7 @@ from l3ptp.ipc.types import PeerRole
 from . import keys
 from .admission import has_token
 from .core import PeerPolicy
+from .ippacket import PrefixSet
 from .policy import looks_like_initial, normalize_ip
 from .session import Closed, Established, RoutesChanged, Send, Session, SessionParams, State
 
@@ -86,6 +88,21 @@ class Peer:
 class Connections:
     """Connection bookkeeping; a base of `Tunnel`, whose attributes it uses."""
 
+    def advertise(self: Tunnel, routes: tuple[str, ...], local_sources: tuple[str, ...]) -> None:
+        """New advertised routes (a reload changed only those): the TUN may send
+        from `local_sources` from now on, the peer hears the difference in a
+        ROUTE_UPDATE with a new epoch, later sessions announce them in READY."""
+        routes, local_sources = tuple(routes), tuple(local_sources)
+        if routes == self.params.advertised_routes and local_sources == self.params.local_sources:
+            return
+        self.params = dataclasses.replace(self.params, advertised_routes=routes, local_sources=local_sources,
+                                          route_epoch=self.params.route_epoch + 1)
+        self.datapath.local_sources = PrefixSet(local_sources)
+        for peer in self._all_peers():
+            self._apply(peer, peer.session.advertise(self.params))
+            self._transmit(peer)
+        self._schedule()
+
     def _configuration(self: Tunnel, is_client: bool) -> Any:
         cfg = self._configs.get(is_client)
         if cfg is None:
@@ -125,6 +142,13 @@ class Connections:
             text = f"::ffff:{ip}" if ip.version == 4 else str(ip)
             return (text, self.config.last_peer_port, 0, 0)
         return (str(ip), self.config.last_peer_port) if ip.version == 4 else None
+
+    async def _resolve_peer(self: Tunnel) -> tuple[Any, ...]:
+        assert self._loop is not None and self.config.peer_address is not None
+        infos = await self._loop.getaddrinfo(
+            self.config.peer_address, self.config.port, family=self.sock.family, type=socket.SOCK_DGRAM
+        )
+        return infos[0][4]
 
     def _source_allowed(self: Tunnel, host: str) -> bool:
         allowed = self._ip_allowed.get(host)

@@ -56,12 +56,11 @@ from .connections import Connections, Peer, addr_text, session_params
 from .core import TunnelCore
 from .datapath import Datapath
 from .engine import EngineClasses, load_engine
-from .ippacket import PrefixSet
 from .policy import RESTART_HINT, normalize_ip
 from .session import RoutesChanged, State
 from .udp import UdpIO
 
-__all__ = ["Tunnel"]
+__all__ = ["Tunnel", "TunnelStatus"]
 
 IP_RECVERR, IPV6_RECVERR = 11, 25
 _UDP_MAX = 65535
@@ -69,6 +68,21 @@ _UDP_MAX = 65535
 RoutesCallback = Callable[[int, RoutesChanged], None]
 
 log = structlog.get_logger("l3ptp.worker")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class TunnelStatus:
+    """What `Tunnel.status()` reports (the worker's status report adds the counters)."""
+
+    state: SessionState
+    #: "host:port" of the active connection's peer ("" without one).
+    peer: str
+    rtt_ms: float
+    mtu: int
+    queue_depth: int
+    sessions: int
+    key_updates: int
+    last_error: str
 
 
 class Tunnel(Connections):
@@ -188,28 +202,6 @@ class Tunnel(Connections):
         if self._stopped is not None:
             self._stopped.set()
 
-    async def _resolve_peer(self) -> tuple[Any, ...]:
-        assert self._loop is not None and self.config.peer_address is not None
-        infos = await self._loop.getaddrinfo(
-            self.config.peer_address, self.config.port, family=self.sock.family, type=socket.SOCK_DGRAM
-        )
-        return infos[0][4]
-
-    def advertise(self, routes: tuple[str, ...], local_sources: tuple[str, ...]) -> None:
-        """New advertised routes (a reload changed only those): the TUN may send
-        from `local_sources` from now on, the peer hears the difference in a
-        ROUTE_UPDATE with a new epoch, later sessions announce them in READY."""
-        routes, local_sources = tuple(routes), tuple(local_sources)
-        if routes == self.params.advertised_routes and local_sources == self.params.local_sources:
-            return
-        self.params = dataclasses.replace(self.params, advertised_routes=routes, local_sources=local_sources,
-                                          route_epoch=self.params.route_epoch + 1)
-        self.datapath.local_sources = PrefixSet(local_sources)
-        for peer in self._all_peers():
-            self._apply(peer, peer.session.advertise(self.params))
-            self._transmit(peer)
-        self._schedule()
-
     # ---- status ------------------------------------------------------------
 
     @property
@@ -225,23 +217,23 @@ class Tunnel(Connections):
     def established(self) -> bool:
         return self.active is not None and self.active.session.established
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> TunnelStatus:
         peer = self.active
         rtt = 0.0
         addr = ""
         if peer is not None:
             rtt = max(0.0, self.engine.smoothed_rtt(peer.conn) * 1000.0)
             addr = f"{peer.addr[0]}:{peer.addr[1]}"
-        return {
-            "state": self.state,
-            "peer": addr,
-            "rtt_ms": rtt,
-            "mtu": self.datapath.mtu,
-            "queue_depth": self._queue_depth(peer.conn) if peer is not None else 0,
-            "sessions": self.sessions,
-            "key_updates": self.key_updates,
-            "last_error": self.last_error,
-        }
+        return TunnelStatus(
+            state=self.state,
+            peer=addr,
+            rtt_ms=rtt,
+            mtu=self.datapath.mtu,
+            queue_depth=self._queue_depth(peer.conn) if peer is not None else 0,
+            sessions=self.sessions,
+            key_updates=self.key_updates,
+            last_error=self.last_error,
+        )
 
     # ---- connection setup --------------------------------------------------
 
@@ -403,11 +395,10 @@ class Tunnel(Connections):
         self._schedule()
 
     def _guarded(self, callback: Callable[[], None]) -> None:
-        """Run an event-loop callback; an exception nobody foresaw (a bug, an
-        engine failing in a new way) ends the worker with the reason instead
-        of leaving it running half-updated: asyncio would log the traceback
-        and carry on, with the transmit and the timer of that round skipped.
-        The controller restarts the worker with a clean state."""
+        """Run an event-loop callback; an exception nobody foresaw (a bug, an engine failing in a new way)
+        ends the worker with the reason instead of leaving it running half-updated: asyncio would log the
+        traceback and carry on, with the transmit and the timer of that round skipped. The controller
+        restarts the worker with a clean state."""
         try:
             callback()
         except Exception as exc:

@@ -61,7 +61,7 @@ def test_ipv4_ipv6_both_ways_byte_for_byte(engine: Engine) -> None:
             assert lt.datapath.mtu == ct.datapath.mtu == 1280
             assert lt.counters.total_drops() == 0 and ct.counters.total_drops() == 0
             assert ct.counters.tun_rx_packets == 3 and lt.counters.tun_tx_packets == 3
-            assert lt.status()["state"] == "established" and lt.sessions == 1
+            assert lt.status().state == "established" and lt.sessions == 1
 
     run(main())
 
@@ -442,7 +442,7 @@ def test_keepalives_carry_counters_to_the_peer(engine: Engine) -> None:
             lt = pair.listener.tunnel
             assert await wait_for(lambda: lt.active.session.peer_counters is not None
                                   and lt.active.session.peer_counters.tx_packets >= 3, 5)
-            assert lt.status()["rtt_ms"] > 0
+            assert lt.status().rtt_ms > 0
 
     run(main())
 
@@ -618,7 +618,7 @@ def test_workers_update_keys_by_packet_count_and_by_time(lengine: Engine, cengin
             await asyncio.sleep(0.3)
             await _exchange(pair)  # exactly, both ways: the keys are in step
             assert lt.sessions == ct.sessions == 1
-            assert lt.status()["key_updates"] == lt.key_updates
+            assert lt.status().key_updates == lt.key_updates
 
     run(main())
 
