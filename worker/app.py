@@ -100,7 +100,10 @@ def status_message(config: WorkerConfig, tunnel: Tunnel) -> WorkerStatus:
         # Traffic counters plus what the data path did with packets over the MTU.
         counters={**c.snapshot(), "tun_fragmented": tunnel.datapath.fragmented,
                   "icmp_too_big_sent": tunnel.datapath.icmp_too_big_sent,
-                  "peer_route_limit": c.peer_route_limit},
+                  "peer_route_limit": c.peer_route_limit,
+                  # UDP datagrams the kernel refused to send, and received ones no connection took.
+                  "udp_send_errors": min(tunnel.udp_send_errors, _U64_MAX),
+                  "udp_ignored": min(tunnel.udp_ignored, _U64_MAX)},
         drops=c.drops_snapshot(),
         queue_depth=st.queue_depth,
         # Both grow with what the peer does (sequence numbers, reconnects):

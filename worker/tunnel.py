@@ -125,6 +125,8 @@ class Tunnel(Connections):
         self.candidates: dict[tuple[Any, ...], Peer] = {}
         self.sessions = 0
         self.last_error = ""
+        #: Received UDP datagrams no connection took (noise, a stranger's RESTART_HINT, refused attempts:
+        #: these also count under their initial_* drop reason); reported as the counter `udp_ignored`.
         self.udp_ignored = 0
         self.state = SessionState.STARTING
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -269,6 +271,8 @@ class Tunnel(Connections):
                 if data == RESTART_HINT:
                     if self.active is not None and addr == self.active.addr:
                         self._probe(now, "hint")
+                    else:
+                        self.udp_ignored += 1
                     continue
                 peer = self._route(data, addr, now)
                 if peer is None:
@@ -391,7 +395,11 @@ class Tunnel(Connections):
         self.datapath.sent(payloads)
         if self.core.key_update_due_by_packets(peer.policy, self._packets_under_key()):
             self._update_keys(peer, self._now())
+        assert self.udp is not None
+        errors = self.udp.send_errors
         self._transmit(peer)
+        if self.udp.send_errors > errors and payloads:  # the kernel refused UDP datagrams carrying them
+            self.counters.drop(DropReason.DGRAM_SEND_ERROR, min(self.udp.send_errors - errors, len(payloads)))
         self._schedule()
 
     def _guarded(self, callback: Callable[[], None]) -> None:
