@@ -45,7 +45,10 @@ class DropReason(enum.StrEnum):
     TUN_NOT_READY = enum.auto()
     #: The bounded queue toward QUIC was full.
     QUEUE_FULL = enum.auto()
-    #: The QUIC layer refused or failed to send the DATAGRAM.
+    #: The QUIC layer refused or failed to send the DATAGRAM: the kernel refused UDP
+    #: datagrams of the transmit that followed a TUN batch (one per refused UDP
+    #: datagram, at most the batch's DATAGRAMs; an estimate: a UDP datagram may carry
+    #: several DATAGRAMs, or none).
     DGRAM_SEND_ERROR = enum.auto()
 
     # peer -> TUN

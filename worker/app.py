@@ -93,22 +93,25 @@ def status_message(config: WorkerConfig, tunnel: Tunnel) -> WorkerStatus:
         network=config.network,
         queue=config.queue,
         pid=os.getpid(),
-        state=st["state"],
-        peer=st["peer"][:64],
-        rtt_ms=min(st["rtt_ms"], 3600_000.0),
-        mtu=st["mtu"],
+        state=st.state,
+        peer=st.peer[:64],
+        rtt_ms=min(st.rtt_ms, 3600_000.0),
+        mtu=st.mtu,
         # Traffic counters plus what the data path did with packets over the MTU.
         counters={**c.snapshot(), "tun_fragmented": tunnel.datapath.fragmented,
                   "icmp_too_big_sent": tunnel.datapath.icmp_too_big_sent,
-                  "peer_route_limit": c.peer_route_limit},
+                  "peer_route_limit": c.peer_route_limit,
+                  # UDP datagrams the kernel refused to send, and received ones no connection took.
+                  "udp_send_errors": min(tunnel.udp_send_errors, _U64_MAX),
+                  "udp_ignored": min(tunnel.udp_ignored, _U64_MAX)},
         drops=c.drops_snapshot(),
-        queue_depth=st["queue_depth"],
+        queue_depth=st.queue_depth,
         # Both grow with what the peer does (sequence numbers, reconnects):
         # saturate at the wire limits rather than fail to build the report.
         seq_lost=min(c.seq_lost, _U64_MAX),
-        sessions=min(st["sessions"], _U32_MAX),
-        key_updates=min(st["key_updates"], 2**32 - 1),
-        last_error=st["last_error"][:512],
+        sessions=min(st.sessions, _U32_MAX),
+        key_updates=min(st.key_updates, 2**32 - 1),
+        last_error=st.last_error[:512],
     )
 
 

@@ -69,17 +69,8 @@ from l3ptp.ipc.types import PeerRole
 
 from . import keys
 
-__all__ = [
-    "Closed",
-    "Established",
-    "RoutesChanged",
-    "Send",
-    "Session",
-    "SessionParams",
-    "State",
-    "TRANSITIONS",
-    "accepted_mtu",
-]
+__all__ = ["Closed", "Established", "RoutesChanged", "Send", "Session", "SessionParams", "State", "TRANSITIONS",
+           "accepted_mtu"]
 
 
 class State(enum.Enum):
@@ -235,7 +226,6 @@ class Session:
         self.last_heard = now
         self.next_keepalive = now
         self.close_code: ErrorCode | None = None
-        self.close_reason = ""
 
     # ---- inputs ---------------------------------------------------------
 
@@ -272,8 +262,7 @@ class Session:
         if isinstance(msg, Close):
             self.state = State.CLOSED
             self.close_code = _error_code(msg.code)
-            self.close_reason = self.peer_text(msg.reason)
-            return [Closed(self.close_code, self.close_reason, local=False)]
+            return [Closed(self.close_code, self.peer_text(msg.reason), local=False)]
         entry = TRANSITIONS.get((self.params.role, self.state, type(msg)))
         if entry is None:
             return self._fail(
@@ -334,6 +323,10 @@ class Session:
         if self.state is State.CLOSED:
             return []
         return self._fail(ErrorCode.PROTOCOL_VIOLATION, reason)
+
+    def terminated(self) -> None:
+        """The QUIC connection under the session ended (no CLOSE can be sent or received any more)."""
+        self.state = State.CLOSED
 
     def close(self, code: ErrorCode, reason: str) -> list[Action]:
         """Close on purpose (shutdown)."""
@@ -487,7 +480,6 @@ class Session:
         reason = printable(reason)[:REASON_MAX]
         self.state = State.CLOSED
         self.close_code = code
-        self.close_reason = reason
         closed = Closed(code, reason, local=True, peer_reason=peer_reason)
         return [Send(Close(code=int(code), reason=closed.wire_reason)), closed]
 

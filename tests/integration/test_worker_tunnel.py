@@ -17,7 +17,7 @@ from l3ptp.ipc.peer_messages import PEER_CONTROL
 from l3ptp.ipc.types import PeerRole
 from l3ptp.worker.engine import load_engine
 from l3ptp.worker.header import encode_datagram
-from l3ptp.worker.tunnel import RESTART_HINT
+from l3ptp.worker.policy import RESTART_HINT
 from tests.support.hostile_peer import HOSTILE, HOSTILE_SHOWN, closing_engine, send_close
 from tests.support.packets import ipv4_icmp_echo, ipv4_udp, ipv6_icmp_echo, ipv6_udp
 from tests.support.worker_fixtures import (
@@ -61,7 +61,7 @@ def test_ipv4_ipv6_both_ways_byte_for_byte(engine: Engine) -> None:
             assert lt.datapath.mtu == ct.datapath.mtu == 1280
             assert lt.counters.total_drops() == 0 and ct.counters.total_drops() == 0
             assert ct.counters.tun_rx_packets == 3 and lt.counters.tun_tx_packets == 3
-            assert lt.status()["state"] == "established" and lt.sessions == 1
+            assert lt.status().state == "established" and lt.sessions == 1
 
     run(main())
 
@@ -442,7 +442,7 @@ def test_keepalives_carry_counters_to_the_peer(engine: Engine) -> None:
             lt = pair.listener.tunnel
             assert await wait_for(lambda: lt.active.session.peer_counters is not None
                                   and lt.active.session.peer_counters.tx_packets >= 3, 5)
-            assert lt.status()["rtt_ms"] > 0
+            assert lt.status().rtt_ms > 0
 
     run(main())
 
@@ -518,14 +518,14 @@ def test_unauthenticated_datagrams_do_not_touch_the_active_sessions_totals_or_ke
                               port=pair.listener.config.port, engine=engine)
             intruder = make_node(cfg, udp_socket(), engine=_eager_engine(payloads, engine))
             rx_before = (lt.counters.dgram_rx_packets, lt.counters.dgram_rx_bytes)
-            budget_before = lt.active.rekey_packets - lt._packets_under_key()
+            budget_before = lt.active.policy.rekey_packets - lt._packets_under_key()
             intruder.start()
             try:
                 assert await wait_for(lambda: lt.counters.unauth_rx_packets >= 1, 10)
                 assert await wait_for(lambda: "AUTH_FAILED" in intruder.tunnel.last_error, 10)
                 await asyncio.sleep(0.2)
                 assert (lt.counters.dgram_rx_packets, lt.counters.dgram_rx_bytes) == rx_before
-                assert lt.active.rekey_packets - lt._packets_under_key() == budget_before
+                assert lt.active.policy.rekey_packets - lt._packets_under_key() == budget_before
                 assert lt.counters.drops[DropReason.DGRAM_NOT_READY] == lt.counters.unauth_rx_packets
                 assert lt.sessions == 1 and lt.established and listener_tun_empty(pair)
             finally:
@@ -613,12 +613,12 @@ def test_workers_update_keys_by_packet_count_and_by_time(lengine: Engine, cengin
             await asyncio.sleep(1.2)  # by time: idle but for keepalives
             assert lt.key_updates + ct.key_updates >= by_count + 2, (lt.key_updates, ct.key_updates)
             for t in (lt, ct):  # no more updates: whatever was in flight settles
-                t._key_update_packets, t._key_update_interval = 2**40, 1e9
-                t._next_key_update(t.active, t._now())
+                t.core.key_update_packets, t.core.key_update_interval = 2**40, 1e9
+                t.core.schedule_key_update(t.active.policy, t._now(), t._packets_under_key())
             await asyncio.sleep(0.3)
             await _exchange(pair)  # exactly, both ways: the keys are in step
             assert lt.sessions == ct.sessions == 1
-            assert lt.status()["key_updates"] == lt.key_updates
+            assert lt.status().key_updates == lt.key_updates
 
     run(main())
 
@@ -880,10 +880,10 @@ def test_candidates_expire_and_junk_at_a_candidates_address_is_bounded(engine: E
     to its address beyond what a handshake needs, Initials with another DCID,
     an empty datagram: all handled without harm and counted."""
     from l3ptp.ipc.constants import CANDIDATE_DATAGRAMS_MAX
-    from l3ptp.worker import tunnel as tunnel_mod
+    from l3ptp.worker import core as core_mod
     from tests.support.flood import junk_initial, real_initials
 
-    monkeypatch.setattr(tunnel_mod, "CANDIDATE_LIFETIME", 0.5)
+    monkeypatch.setattr(core_mod, "CANDIDATE_LIFETIME", 0.5)
 
     async def main():
         lk, ck = new_keys(), new_keys()

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from l3ptp.worker.tunnel import _normalize_ip
+from l3ptp.worker.policy import normalize_ip as _normalize_ip
 
 
 def test_normalize_ip_unmaps_ipv4_mapped_and_strips_scope() -> None:

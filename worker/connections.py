@@ -1,0 +1,366 @@
+"""Connection bookkeeping of the tunnel: its QUIC connections, which datagram goes to which, new ones.
+
+`Peer` is one QUIC connection with its control session and its `PeerPolicy` (worker/core.py).
+`Connections` is the part of `Tunnel` (worker/tunnel.py, which derives from it) that keeps the
+active connection and the listener's candidates, starts one (`_connect`), routes a received
+datagram to one of them (`_route`), admits a connection attempt (`_accept`, asking
+`admission.Admission` and the core), handles each connection's QUIC events and carries out its
+session's actions (`_apply`), and builds the QUIC configurations (once per worker).
+
+Listener: a QUIC Initial from a new address (or a new Initial from the current peer's address,
+i.e. a peer restarted on the same port) is a connection attempt; `admission.Admission` decides
+whether it starts a candidate connection, gets a stateless Retry (under load) or is dropped, within
+budgets. A candidate that becomes ESTABLISHED replaces the active session. At most MAX_CANDIDATES
+candidates exist at once, each for at most CANDIDATE_LIFETIME seconds (`core.TunnelCore`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from l3ptp.ipc.codec import StreamDecoder, frame
+from l3ptp.ipc.constants import ALPN, AUTH_NONCE_LEN, MAX_DATAGRAM_FRAME_SIZE, QUIC_IDLE_TIMEOUT
+from l3ptp.ipc.control_messages import SessionState, WorkerConfig
+from l3ptp.ipc.counters import DropReason
+from l3ptp.ipc.errors import DecodeError, ErrorCode
+from l3ptp.ipc.peer_messages import PEER_CONTROL
+from l3ptp.ipc.types import PeerRole
+
+from . import keys
+from .admission import has_token
+from .core import PeerPolicy
+from .ippacket import PrefixSet
+from .policy import looks_like_initial, normalize_ip
+from .session import Closed, Established, RoutesChanged, Send, Session, SessionParams, State
+
+if TYPE_CHECKING:
+    from .tunnel import Tunnel
+
+__all__ = ["Connections", "Peer", "addr_text", "session_params"]
+
+_SERVER_NAME = "l3ptp"
+
+log = structlog.get_logger("l3ptp.worker")
+
+
+def addr_text(addr: tuple[Any, ...]) -> str:
+    return f"{addr[0]}:{addr[1]}"
+
+
+def session_params(config: WorkerConfig) -> SessionParams:
+    """The control session's parameters for a worker's configuration."""
+    return SessionParams(
+        role=config.role,
+        network_id=config.network,
+        endpoint_id=config.queue,
+        node_id=config.node_id,
+        private_key=config.private_key,
+        peer_key=config.peer_key,
+        requested_mtu=config.mtu,
+        keepalive_interval=config.keepalive_interval,
+        tunnel_addresses=tuple(config.tunnel_addresses),
+        local_sources=tuple(config.local_sources),
+        advertised_routes=tuple(config.advertised_routes),
+    )
+
+
+class Peer:
+    """One QUIC connection with its control session."""
+
+    __slots__ = ("conn", "session", "addr", "decoder", "stream_id", "handshake_done", "policy", "cids")
+
+    def __init__(self, conn: Any, session: Session, addr: tuple[Any, ...], policy: PeerPolicy) -> None:
+        self.conn = conn
+        self.session = session
+        self.addr = addr
+        self.policy = policy
+        #: Listener candidate: the destination CIDs its client's Initials may carry.
+        self.cids: tuple[bytes, ...] = ()
+        self.decoder = StreamDecoder(PEER_CONTROL)
+        self.stream_id: int | None = None
+        self.handshake_done = False
+
+
+class Connections:
+    """Connection bookkeeping; a base of `Tunnel`, whose attributes it uses."""
+
+    def advertise(self: Tunnel, routes: tuple[str, ...], local_sources: tuple[str, ...]) -> None:
+        """New advertised routes (a reload changed only those): the TUN may send
+        from `local_sources` from now on, the peer hears the difference in a
+        ROUTE_UPDATE with a new epoch, later sessions announce them in READY."""
+        routes, local_sources = tuple(routes), tuple(local_sources)
+        if routes == self.params.advertised_routes and local_sources == self.params.local_sources:
+            return
+        self.params = dataclasses.replace(self.params, advertised_routes=routes, local_sources=local_sources,
+                                          route_epoch=self.params.route_epoch + 1)
+        self.datapath.local_sources = PrefixSet(local_sources)
+        for peer in self._all_peers():
+            self._apply(peer, peer.session.advertise(self.params))
+            self._transmit(peer)
+        self._schedule()
+
+    def _configuration(self: Tunnel, is_client: bool) -> Any:
+        cfg = self._configs.get(is_client)
+        if cfg is None:
+            cfg = self._configs[is_client] = self._build_configuration(is_client)
+        return cfg
+
+    def _build_configuration(self: Tunnel, is_client: bool) -> Any:
+        cfg = self.engine.QuicConfiguration(
+            is_client=is_client,
+            alpn_protocols=[ALPN],
+            max_datagram_frame_size=MAX_DATAGRAM_FRAME_SIZE,
+            max_datagram_size=self.config.max_datagram_size,
+            idle_timeout=QUIC_IDLE_TIMEOUT,  # fixed: tells a prober nothing about the keepalive
+        )
+        # The connector checks the listener's certificate against the pin
+        # after the handshake; both engines still verify CertificateVerify.
+        self.engine.configure_tls(cfg, is_client, self._key, self._cert)
+        if is_client:
+            cfg.server_name = _SERVER_NAME
+        return cfg
+
+    def _new_session(self: Tunnel, now: float) -> Session:
+        return Session(
+            self.params,
+            self.counters,
+            now=now,
+            nonce=self._rng.randbytes(AUTH_NONCE_LEN),
+            rx_context_id=self._rng.getrandbits(32),
+        )
+
+    def _last_peer(self: Tunnel) -> tuple[Any, ...] | None:
+        """The socket address of `config.last_peer` (listener), if it passes the peer_address filter."""
+        ip = normalize_ip(self.config.last_peer) if self.config.last_peer else None
+        if ip is None or not self.config.last_peer_port or (self._peer_ip is not None and ip != self._peer_ip):
+            return None
+        if self.sock.family == socket.AF_INET6:
+            text = f"::ffff:{ip}" if ip.version == 4 else str(ip)
+            return (text, self.config.last_peer_port, 0, 0)
+        return (str(ip), self.config.last_peer_port) if ip.version == 4 else None
+
+    async def _resolve_peer(self: Tunnel) -> tuple[Any, ...]:
+        assert self._loop is not None and self.config.peer_address is not None
+        infos = await self._loop.getaddrinfo(
+            self.config.peer_address, self.config.port, family=self.sock.family, type=socket.SOCK_DGRAM
+        )
+        return infos[0][4]
+
+    def _source_allowed(self: Tunnel, host: str) -> bool:
+        allowed = self._ip_allowed.get(host)
+        if allowed is None:
+            if len(self._ip_allowed) >= 64:
+                self._ip_allowed.clear()
+            allowed = self._ip_allowed[host] = normalize_ip(host) == self._peer_ip
+        return allowed
+
+    def _accept(self: Tunnel, data: bytes, addr: tuple[Any, ...], now: float) -> Peer | None:
+        if self._peer_ip is not None and not self._source_allowed(addr[0]):
+            return None
+        assert self.admission is not None
+        room = self.core.room(len(self.candidates), addr in self.candidates)
+        decision = self.admission.decide(data, addr, now, room=room)
+        if isinstance(decision, DropReason):
+            self.counters.drop(decision)
+            return None
+        if isinstance(decision, bytes):  # under load: a stateless Retry, nothing kept
+            self.counters.drop(DropReason.INITIAL_RETRY)
+            assert self.udp is not None
+            self.udp.send([(decision, addr)])
+            return None
+        if not room:
+            # Only an address-validated attempt (Retry token) gets here with
+            # the table full: it evicts the oldest candidate (dropped without
+            # a word: it has not authenticated), so that junk cannot lock a
+            # legitimate peer out until the junk expires.
+            del self.candidates[self.core.evict(self.candidates)]
+        conn = self.engine.QuicConnection(
+            configuration=self._configuration(False),
+            original_destination_connection_id=decision.original_dcid,
+            retry_source_connection_id=decision.retry_scid,
+        )
+        peer = Peer(conn, self._new_session(now), addr, self.core.admitted(now))
+        peer.cids = (decision.original_dcid, conn.host_cid) + ((decision.retry_scid,) if decision.retry_scid else ())
+        self.candidates[addr] = peer
+        if self.active is None:
+            self.state = SessionState.HANDSHAKING
+        log.debug("candidate_admitted", peer=addr_text(addr), validated=decision.retry_scid is not None)
+        return peer
+
+    def _all_peers(self: Tunnel) -> list[Peer]:
+        peers = list(self.candidates.values())
+        if self.active is not None:
+            peers.append(self.active)
+        return peers
+
+    def _route(self: Tunnel, data: bytes, addr: tuple[Any, ...], now: float) -> Peer | None:
+        is_new_initial = looks_like_initial(data)
+        active = self.active
+        if active is not None and active.addr == addr and not (is_new_initial and active.handshake_done):
+            return active
+        cand = self.candidates.get(addr)
+        if cand is not None and not (is_new_initial and cand.handshake_done):
+            if not cand.handshake_done and not self.core.candidate_datagram(cand.policy, data, cand.cids):
+                self._drops[DropReason.INITIAL_TO_CANDIDATE] += 1
+                return None
+            return cand
+        admission = self.admission
+        if admission is not None and is_new_initial:
+            if now < admission.closed_until and not has_token(data):
+                # Under a flood: the hot path, as cheap as dropping noise.
+                self._drops[DropReason.INITIAL_OVER_BUDGET] += 1
+                return None
+            return self._accept(data, addr, now)
+        return None
+
+    def _connect(self: Tunnel) -> None:
+        assert self._peer_addr is not None
+        now = self._now()
+        conn = self.engine.QuicConnection(configuration=self._configuration(True))
+        conn.connect(self._peer_addr, now=now)
+        self.active = Peer(conn, self._new_session(now), self._peer_addr, self.core.connecting(now))
+        self.state = SessionState.HANDSHAKING
+        self._transmit(self.active)
+        log.debug("quic_connect", peer=addr_text(self._peer_addr))
+
+    # ---- QUIC events -------------------------------------------------------
+
+    def _process_events(self: Tunnel, peer: Peer) -> None:
+        ev = self.engine.events
+        datapath = self.datapath
+        while True:
+            event = peer.conn.next_event()
+            if event is None:
+                return
+            if isinstance(event, ev.DatagramFrameReceived):
+                if peer is not self.active or not peer.session.established:
+                    # Apart from the session's totals: a stranger's DATAGRAMs
+                    # must not move the active session's key-update budget.
+                    self.counters.unauth_rx_packets += 1
+                    self.counters.unauth_rx_bytes += len(event.data)
+                    self.counters.drop(DropReason.DGRAM_NOT_READY)
+                    continue
+                packet = datapath.from_peer(event.data)
+                if packet is not None:
+                    self._write_tun(packet)
+            elif isinstance(event, ev.StreamDataReceived):
+                self._on_stream(peer, event)
+            elif isinstance(event, ev.HandshakeCompleted):
+                self._on_handshake(peer)
+            elif isinstance(event, ev.PingAcknowledged):
+                self.core.ping_acked(peer.policy, event.uid)
+            elif isinstance(event, ev.ConnectionTerminated):
+                # The phrase may be the peer's (CONNECTION_CLOSE) or a stranger's.
+                why = peer.session.peer_text(event.reason_phrase or "") or event.error_code
+                self._on_terminated(peer, f"connection terminated: {why}")
+                return
+
+    def _on_handshake(self: Tunnel, peer: Peer) -> None:
+        peer.handshake_done = True
+        log.debug("handshake_done", peer=addr_text(peer.addr),
+                  ms=round((self._now() - peer.policy.started_at) * 1000, 1))
+        if self.active is peer or self.active is None:
+            self.state = SessionState.AUTHENTICATING
+        fp = None
+        if self.config.role is PeerRole.CONNECT:
+            cert = self.engine.peer_certificate(peer.conn)
+            fp = keys.fingerprint_of_certificate(cert) if cert is not None else None
+            peer.stream_id = peer.conn.get_next_available_stream_id()
+        self._apply(peer, peer.session.handshake_completed(self._now(), fp, self._budget(peer.conn)))
+
+    def _on_stream(self: Tunnel, peer: Peer, event: Any) -> None:
+        if peer.session.state is State.CLOSED:
+            return
+        if peer.stream_id is None and self.config.role is PeerRole.LISTEN and event.stream_id == 0:
+            peer.stream_id = 0
+        if event.stream_id != peer.stream_id:
+            self._apply(peer, peer.session.protocol_error(f"data on unexpected stream {event.stream_id}"))
+            return
+        try:
+            messages = peer.decoder.feed(event.data)
+        except DecodeError as exc:
+            self._apply(peer, peer.session.protocol_error(f"bad control message: {exc}"))
+            return
+        now = self._now()
+        for msg in messages:
+            self._apply(peer, peer.session.receive(msg, now))
+            if peer.session.state is State.CLOSED:
+                return
+        if event.end_stream and peer.session.state is not State.CLOSED:
+            self._apply(peer, peer.session.protocol_error("control stream ended"))
+
+    def _on_terminated(self: Tunnel, peer: Peer, reason: str) -> None:
+        peer.session.terminated()
+        self._drop_peer(peer, reason)
+
+    # ---- session actions ---------------------------------------------------
+
+    def _apply(self: Tunnel, peer: Peer, actions: list[Any]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                if peer.stream_id is None:
+                    continue  # nothing to close over yet; QUIC close below carries the code
+                peer.conn.send_stream_data(peer.stream_id, frame(PEER_CONTROL, action.message))
+            elif isinstance(action, Established):
+                self._on_established(peer, action)
+            elif isinstance(action, RoutesChanged):
+                if self.on_routes is not None and peer is self.active:
+                    self.on_routes(self.sessions, action)
+            elif isinstance(action, Closed):
+                self._close_peer(peer, action)
+
+    def _on_established(self: Tunnel, peer: Peer, est: Established) -> None:
+        old = self.active
+        if old is not None and old is not peer:
+            self._apply(old, old.session.close(ErrorCode.SHUTDOWN, "replaced by a new session"))
+        self.candidates.pop(peer.addr, None)
+        self.active = peer
+        self.sessions += 1
+        self.datapath.start_session(
+            mtu=est.mtu,
+            max_payload=self._budget(peer.conn),
+            tx_context_id=est.tx_context_id,
+            rx_context_id=est.rx_context_id,
+            peer_addresses=est.peer_tunnel_addresses,
+        )
+        self.state = SessionState.ESTABLISHED
+        self.last_error = ""
+        self.core.established(peer.policy, self._now(), self._packets_under_key())
+        self._start_tun()
+        log.info("session_established", peer=addr_text(peer.addr), sessions=self.sessions,
+                 ms=round((self._now() - peer.policy.started_at) * 1000, 1))
+
+    # ---- session ends ------------------------------------------------------
+
+    def _close_peer(self: Tunnel, peer: Peer, closed: Closed) -> None:
+        if closed.local:
+            self._transmit(peer)  # flush CLOSE on the stream before CONNECTION_CLOSE
+        peer.conn.close(error_code=int(closed.code), reason_phrase=closed.wire_reason[:200])
+        self._transmit(peer)
+        who = "local" if closed.local else "peer"
+        self._drop_peer(peer, f"{who} closed: {closed.code.name}: {closed.reason}")
+
+    def _drop_peer(self: Tunnel, peer: Peer, reason: str) -> None:
+        if self.candidates.get(peer.addr) is peer:
+            del self.candidates[peer.addr]
+        if self.active is peer:
+            self.active = None
+            self.datapath.stop_session()
+            self._stop_tun()
+            self.last_error = reason
+            log.info("session_ended", peer=addr_text(peer.addr), reason=reason[:200])
+            if self.state is not SessionState.STOPPED:
+                if self.config.role is PeerRole.CONNECT:
+                    self._schedule_reconnect()
+                else:
+                    self.state = SessionState.CONNECTING
+        elif self.active is None and self.state is not SessionState.STOPPED:
+            self.last_error = reason
+
+    def _schedule_reconnect(self: Tunnel) -> None:
+        self.core.session_ended(self._now())
+        self.state = SessionState.BACKOFF
