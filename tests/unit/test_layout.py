@@ -77,3 +77,13 @@ def test_the_harness_is_not_in_the_product_folders() -> None:
     for there in ("lab/netns.py", "lab/hosts.py", "lab/demo.py", "lab/bench/runner.py", "lab/booted.py",
                   "lab/bench/worker.py"):
         assert (ROOT / there).is_file(), there
+
+
+#: Issue 17: a product module that grows past this is doing more than one job; split it along its jobs.
+MAX_PRODUCT_LINES = 500
+
+
+def test_every_product_module_is_under_500_lines() -> None:
+    big = {str(p.relative_to(ROOT)): n for p in product_modules()
+           if (n := len(p.read_text().splitlines())) >= MAX_PRODUCT_LINES}
+    assert not big, f"product modules of {MAX_PRODUCT_LINES} lines or more: {big}"
