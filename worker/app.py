@@ -103,7 +103,9 @@ def status_message(config: WorkerConfig, tunnel: Tunnel) -> WorkerStatus:
                   "peer_route_limit": c.peer_route_limit,
                   # UDP datagrams the kernel refused to send, and received ones no connection took.
                   "udp_send_errors": min(tunnel.udp_send_errors, _U64_MAX),
-                  "udp_ignored": min(tunnel.udp_ignored, _U64_MAX)},
+                  "udp_ignored": min(tunnel.udp_ignored, _U64_MAX),
+                  # REALITY listener: senders passed, refused by reason, relayed (docs/protocol.md).
+                  **({k: min(v, _U64_MAX) for k, v in tunnel.reality.counters().items()} if tunnel.reality else {})},
         drops=c.drops_snapshot(),
         queue_depth=st.queue_depth,
         # Both grow with what the peer does (sequence numbers, reconnects):

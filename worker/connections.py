@@ -30,7 +30,7 @@ from l3ptp.ipc.errors import DecodeError, ErrorCode
 from l3ptp.ipc.peer_messages import PEER_CONTROL
 from l3ptp.ipc.types import PeerRole
 
-from . import keys
+from . import keys, reality_link
 from .admission import has_token
 from .core import PeerPolicy
 from .ippacket import PrefixSet
@@ -110,9 +110,10 @@ class Connections:
         return cfg
 
     def _build_configuration(self: Tunnel, is_client: bool) -> Any:
+        alpn, server_name = reality_link.quic_settings(self.config, ALPN, _SERVER_NAME)
         cfg = self.engine.QuicConfiguration(
             is_client=is_client,
-            alpn_protocols=[ALPN],
+            alpn_protocols=[alpn],
             max_datagram_frame_size=MAX_DATAGRAM_FRAME_SIZE,
             max_datagram_size=self.config.max_datagram_size,
             idle_timeout=QUIC_IDLE_TIMEOUT,  # fixed: tells a prober nothing about the keepalive
@@ -121,7 +122,7 @@ class Connections:
         # after the handshake; both engines still verify CertificateVerify.
         self.engine.configure_tls(cfg, is_client, self._key, self._cert)
         if is_client:
-            cfg.server_name = _SERVER_NAME
+            cfg.server_name = server_name
         return cfg
 
     def _new_session(self: Tunnel, now: float) -> Session:
@@ -208,6 +209,8 @@ class Connections:
                 self._drops[DropReason.INITIAL_TO_CANDIDATE] += 1
                 return None
             return cand
+        if self.reality is not None:  # REALITY: the gate decides before anything answers
+            return self._gated(data, addr, now)
         admission = self.admission
         if admission is not None and is_new_initial:
             if now < admission.closed_until and not has_token(data):
@@ -217,11 +220,24 @@ class Connections:
             return self._accept(data, addr, now)
         return None
 
+    def _gated(self: Tunnel, data: bytes, addr: tuple[Any, ...], now: float) -> Peer | None:
+        """REALITY listener: a sender with no connection. Only a sealed first flight reaches admission; the
+        gate buffered its earlier datagrams (they go to the engine here), `data` is the last (the caller's)."""
+        assert self.reality is not None
+        passed = self.reality.datagram(addr, data, now)
+        if not passed:
+            return None
+        assert passed[-1] is data
+        peer = self._accept(passed[0], addr, now)
+        if peer is not None and len(passed) > 1:
+            self.engine.receive_many(peer.conn, list(passed[:-1]), addr, now)
+        return peer
+
     def _connect(self: Tunnel) -> None:
         assert self._peer_addr is not None
         now = self._now()
         conn = self.engine.QuicConnection(configuration=self._configuration(True))
-        conn.connect(self._peer_addr, now=now)
+        reality_link.connect(conn, self._peer_addr, now, self.config)
         self.active = Peer(conn, self._new_session(now), self._peer_addr, self.core.connecting(now))
         self.state = SessionState.HANDSHAKING
         self._transmit(self.active)

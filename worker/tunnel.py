@@ -50,7 +50,7 @@ from l3ptp.ipc.counters import DropReason
 from l3ptp.ipc.errors import ErrorCode
 from l3ptp.ipc.types import PeerRole
 
-from . import keys
+from . import keys, reality_link
 from .admission import Admission
 from .connections import Connections, Peer, addr_text, session_params
 from .core import TunnelCore
@@ -148,6 +148,8 @@ class Tunnel(Connections):
         #: certificate and key converted once, not per connection attempt).
         self._configs: dict[bool, Any] = {}
         self.admission = Admission() if config.role is PeerRole.LISTEN else None
+        #: REALITY listener: the gate before the engine and the camouflage relay (None: off).
+        self.reality = reality_link.RealityListener(config, udp_sock) if self.admission and config.reality_key else None
 
     # ---- lifecycle ---------------------------------------------------------
 
@@ -171,7 +173,9 @@ class Tunnel(Connections):
                 self._connect()
             else:
                 self.state = SessionState.CONNECTING
-                self._start_hint = self._last_peer()
+                if self.reality is not None:  # and no RESTART_HINTs: they would tell l3ptp apart
+                    self.reality.start(self._loop)
+                self._start_hint = self._last_peer() if self.reality is None else None
                 if self._start_hint is not None:
                     self.core.start_hints()
                     self._send_start_hint(self._now())
@@ -179,6 +183,8 @@ class Tunnel(Connections):
             await self._stopped.wait()
         finally:
             self._loop.remove_reader(self.sock.fileno())
+            if self.reality is not None:
+                self.reality.stop()
             self._stop_tun()
             if self._timer is not None:
                 self._timer.cancel()
@@ -298,7 +304,8 @@ class Tunnel(Connections):
     def _hint(self, data: bytes, addr: tuple[Any, ...], now: float) -> None:
         """Listener: a short-header packet from the peer's address that no connection of ours knows (the
         peer still talks to our predecessor): tell it, at most every HINT_EVERY s (never larger than what came)."""
-        if (self.config.role is PeerRole.LISTEN and data and data[0] & 0xC0 == 0x40 and len(data) >= len(RESTART_HINT)
+        if (self.config.role is PeerRole.LISTEN and self.reality is None and data and data[0] & 0xC0 == 0x40
+                and len(data) >= len(RESTART_HINT)
                 and (self._peer_ip is None or normalize_ip(addr[0]) == self._peer_ip) and self.core.restart_hint(now)):
             with contextlib.suppress(OSError):
                 self.sock.sendto(RESTART_HINT, addr)

@@ -82,7 +82,9 @@ def make_config(
     max_datagram_size: int = 1350,
     mtu: int = 1280,
     engine: Engine = Engine.AIOQUIC,
+    **extra: Any,
 ) -> WorkerConfig:
+    """`extra`: further WorkerConfig fields (e.g. the REALITY ones)."""
     peer_role = PeerRole.CONNECT if role is PeerRole.LISTEN else PeerRole.LISTEN
     v4, v6 = addresses(role, index)
     pv4, pv6 = addresses(peer_role, index)
@@ -113,6 +115,7 @@ def make_config(
         cpu=-1,
         user="",
         log_level="info",
+        **extra,
     )
 
 
