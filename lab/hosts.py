@@ -216,7 +216,8 @@ class Lab(LabTools):
                 underlay |= {"local": host.underlay, "peer": peer.underlay}
             else:
                 underlay |= {"peer": peer.underlay}
-            net.update({k: v for k, v in host.config_extra.items() if not isinstance(v, dict)})
+            # Tables (but the underlay) go in as sub-tables of the network: `reality` for instance.
+            net.update({k: v for k, v in host.config_extra.items() if k != "underlay"})
             underlay.update(host.config_extra.get("underlay", {}))
             host.config_path = os.path.join(host.dir, "etc", "l3ptp.toml")
             self.write_config(host, net, underlay)

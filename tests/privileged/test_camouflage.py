@@ -29,7 +29,7 @@ def outcome() -> dict:
         ip("addr", "add", f"{ADDRESS}/32", "dev", "lo", netns=ns)
         with tempfile.TemporaryDirectory(prefix="l3ptp-camouflage-") as workdir:
             res = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "tests.support.camouflage",
-                                  workdir, ADDRESS], capture_output=True, text=True, timeout=120)
+                                  "scenario", workdir, ADDRESS], capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr[-3000:]
         return json.loads(res.stdout.strip().splitlines()[-1])
     finally:

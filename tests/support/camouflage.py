@@ -4,7 +4,11 @@ a real HTTP/3 server (hypercorn, its own certificate) as the camouflage target, 
 worker/reality_gate.py and worker/relay.py on a UDP socket, and a real HTTP/3 client (niquests over qh3)
 as the prober; then a REALITY-sealed first flight, and a flood of unauthenticated senders.
 
-    python -m tests.support.camouflage WORKDIR ADDRESS   # prints one JSON object
+    python -m tests.support.camouflage scenario WORKDIR ADDRESS   # prints one JSON object
+
+and its parts for a whole-stack test (tests/privileged/test_reality_e2e.py):
+
+    python tests/support/camouflage.py probe ADDRESS PORT   # one HTTP/3 GET; prints JSON
 """
 
 from __future__ import annotations
@@ -55,13 +59,13 @@ def make_cert(workdir: str) -> str:
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
-def fetch(ip: str) -> dict[str, Any]:
-    """GET https://ip/ over HTTP/3 only, as a browser-like client would after learning of h3."""
+def fetch(ip: str, port: int = LISTEN_PORT) -> dict[str, Any]:
+    """GET https://ip:port/ over HTTP/3 only, as a browser-like client would after learning of h3."""
     import niquests
 
     with niquests.Session(disable_http1=True, disable_http2=True) as s:
-        s.quic_cache_layer.add_domain(ip, LISTEN_PORT)
-        r = s.get(f"https://{ip}:{LISTEN_PORT}/", verify=False, timeout=10)
+        s.quic_cache_layer.add_domain(ip, port)
+        r = s.get(f"https://{ip}:{port}/", verify=False, timeout=10)
         der = r.conn_info.certificate_der if r.conn_info else None
         return {"status": r.status_code, "body": r.text, "http_version": r.http_version,
                 "fingerprint": hashlib.sha256(der).hexdigest() if der else None}
@@ -145,22 +149,39 @@ async def scenario(ip: str, fingerprint: str) -> dict[str, Any]:
     return out
 
 
-def main() -> int:
-    workdir, ip = sys.argv[1], sys.argv[2]
+def target_argv(workdir: str, ip: str, port: int) -> tuple[list[str], str]:
+    """hypercorn's command line serving APP over HTTP/3 (and TLS over TCP) on ip:port with a new
+    certificate written to `workdir`, and that certificate's fingerprint."""
     fingerprint = make_cert(workdir)
     with open(os.path.join(workdir, "app.py"), "w") as f:
         f.write(APP)
-    server = subprocess.Popen([sys.executable, "-m", "hypercorn", "--quic-bind", f"{ip}:{TARGET_PORT}",
-                               "--bind", f"{ip}:{TARGET_PORT}", "--certfile", "cert.pem", "--keyfile", "key.pem",
-                               "app:app"], cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return [sys.executable, "-m", "hypercorn", "--quic-bind", f"{ip}:{port}", "--bind", f"{ip}:{port}",
+            "--certfile", os.path.join(workdir, "cert.pem"), "--keyfile", os.path.join(workdir, "key.pem"),
+            os.path.join(workdir, "app.py") + ":app"], fingerprint
+
+
+def start_target(workdir: str, ip: str, port: int) -> tuple[subprocess.Popen[bytes], str]:
+    """hypercorn (`target_argv`) started here; ready."""
+    argv, fingerprint = target_argv(workdir, ip, port)
+    server = subprocess.Popen(argv, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # hypercorn is ready once its TCP side accepts
+        try:
+            socket.create_connection((ip, port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    return server, fingerprint
+
+
+def main() -> int:
+    mode = sys.argv[1]
+    if mode == "probe":
+        print(json.dumps(fetch(sys.argv[2], int(sys.argv[3]))))
+        return 0
+    workdir, ip = sys.argv[2], sys.argv[3]
+    server, fingerprint = start_target(workdir, ip, TARGET_PORT)
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:  # hypercorn is ready once its TCP side accepts
-            try:
-                socket.create_connection((ip, TARGET_PORT), timeout=0.5).close()
-                break
-            except OSError:
-                time.sleep(0.1)
         result = asyncio.run(scenario(ip, fingerprint))
     finally:
         server.terminate()
