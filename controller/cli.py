@@ -126,6 +126,22 @@ def _bytes(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
+def _reality(counters: dict[str, int]) -> str:
+    """A REALITY listener's line: senders passed, refused by reason, relay flows (docs/protocol.md)."""
+    if not any(k.startswith(("reality_", "relay_")) for k in counters):
+        return ""
+    refused = {k[len("reality_refused_"):]: v for k, v in counters.items() if k.startswith("reality_refused_") and v}
+    parts = [f"passed {counters.get('reality_passed', 0)}",
+             "refused " + (", ".join(f"{printable(k)} {v}" for k, v in sorted(refused.items())) or "none"),
+             f"relayed flows {counters.get('relay_flows', 0)} (open {counters.get('relay_flows_open', 0)}, "
+             f"up {counters.get('relay_up_packets', 0)} / down {counters.get('relay_down_packets', 0)} packets)"]
+    lost = {k: v for k, v in counters.items() if k in ("relay_full", "relay_rate_up", "relay_rate_down",
+                                                         "relay_socket_error", "reality_resolve_failures") and v}
+    if lost:
+        parts.append("not relayed: " + ", ".join(f"{k} {v}" for k, v in sorted(lost.items())))
+    return "; ".join(parts)
+
+
 def _traffic(counters: dict[str, int]) -> str:
     rx_p, tx_p = counters.get("dgram_rx_packets", 0), counters.get("tun_rx_packets", 0)
     rx_b, tx_b = counters.get("dgram_rx_bytes", 0), counters.get("tun_rx_bytes", 0)
@@ -155,6 +171,9 @@ def format_status(reply: Any, *, verbose: bool = False) -> str:
         lines.append(f"  transfer: {_traffic(n.counters)}")
         drops = ", ".join(f"{p(k)} {v}" for k, v in n.drops.items() if v) or "none"
         lines.append(f"  drops: {drops}")
+        reality = _reality(n.counters)
+        if reality:
+            lines.append(f"  reality: {reality}")
         lines.append(f"  routes: {', '.join(n.routes) or 'none'}")
         lines.append(f"  restarts: {n.restarts}")
         if n.last_error:

@@ -36,8 +36,8 @@ MAX_PENDING = 256
 PENDING_TIMEOUT = 2.0
 #: Datagrams buffered per pending sender (a ClientHello spans 1-3 Initials; clients retransmit).
 MAX_PENDING_DATAGRAMS = 8
-#: Relay flows at once; a relay flow idle this long is closed.
-MAX_RELAY_FLOWS = 1024
+#: Relay flows at once (one socket each: well inside the default 1024 open files); idle this long: closed.
+MAX_RELAY_FLOWS = 256
 RELAY_IDLE = 30.0
 #: Bytes per second per relay flow and direction (a token bucket with one second of burst).
 RELAY_RATE = 4_000_000

@@ -56,3 +56,4 @@ def test_a_flood_of_unauthenticated_senders_stays_within_the_budgets(outcome: di
     assert flood["relay_flows_open"] <= 64 and flood["relay_full"] > 0  # counted refusals, not growth
     assert flood["pending_senders"] <= 32
     assert outcome["peer2_passed"], "the peer did not get through during the flood"
+    assert outcome["relay_peers"] == [f"{ADDRESS}:8443"], outcome["relay_peers"]  # only the target, ever

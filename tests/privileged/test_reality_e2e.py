@@ -40,15 +40,23 @@ def world() -> Iterator[tuple[Lab, str]]:
               config_b={"reality": {"public_key": keys.reality_public_key(key), "short_ids": ["c0ffee"],
                                     "camouflage": target}})
     workdir = tempfile.mkdtemp(prefix="l3ptp-target-")
+    target_proc = None
     try:
         lab.build()
         os.chown(key_path, lab.controller_uid, lab.gid)
         argv, fingerprint = camouflage.target_argv(workdir, lab.a.underlay, TARGET_PORT)
         with open(os.devnull, "w") as devnull:
-            lab.popen(lab.a, argv, stdout=devnull)
+            target_proc = lab.popen(lab.a, argv, stdout=devnull)
         lab.start(wait=40)
         yield lab, fingerprint
     finally:
+        if target_proc is not None:  # ours, by its Popen: stopped and its pipe closed
+            target_proc.terminate()
+            try:
+                target_proc.communicate(timeout=10)
+            except Exception:
+                target_proc.kill()
+                target_proc.communicate(timeout=10)
         lab.close()
         for d in (workdir, keydir):
             for name in os.listdir(d):
@@ -87,3 +95,21 @@ def test_a_real_http3_client_gets_the_targets_page_through_the_listener_and_the_
     counters = lab.network(lab.a)["counters"]
     assert counters.get("relay_flows", 0) >= 1 and counters.get("reality_refused_bad_tag", 0) >= 1, counters
     assert counters.get("relay_down_packets", 0) > 0, counters
+
+
+def test_a_flood_of_unauthenticated_senders_leaves_the_tunnel_working(world: tuple[Lab, str]) -> None:
+    lab, _ = world
+    before = lab.network(lab.a)["counters"]
+    ping = lab.popen(lab.b, ["ping", "-n", "-i", "0.02", "-c", "200", "-W", "1", lab.a.overlay4])
+    lab.run(lab.b, [sys.executable, PROBE, "flood", lab.a.underlay, str(BASE_PORT), "1500"], timeout=60)
+    out, _ = ping.communicate(timeout=30)
+    m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+    assert m and m.group(1) == m.group(2) == "200", out[-500:]
+    after = lab.network(lab.a)["counters"]
+    refused = sum(v for k, v in after.items() if k.startswith("reality_refused_")) - sum(
+        v for k, v in before.items() if k.startswith("reality_refused_"))
+    assert refused >= 1000, after  # counted, each sender by its reason (some may still be in flight)
+    assert after.get("relay_flows_open", 0) <= 256 and after.get("reality_pending_senders", 0) <= 256, after
+    assert after.get("reality_passed", 0) == before.get("reality_passed", 0)  # nobody else got to l3ptp
+    assert after.get("relay_full", 0) > before.get("relay_full", 0)  # the flow budget held, refusals counted
+    assert after.get("relay_socket_error", 0) == before.get("relay_socket_error", 0)  # never out of fds

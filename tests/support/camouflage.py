@@ -9,6 +9,7 @@ as the prober; then a REALITY-sealed first flight, and a flood of unauthenticate
 and its parts for a whole-stack test (tests/privileged/test_reality_e2e.py):
 
     python tests/support/camouflage.py probe ADDRESS PORT   # one HTTP/3 GET; prints JSON
+    python tests/support/camouflage.py flood ADDRESS PORT N # N senders, one unsealed Initial or junk each
 """
 
 from __future__ import annotations
@@ -132,6 +133,8 @@ async def scenario(ip: str, fingerprint: str) -> dict[str, Any]:
                 await asyncio.sleep(0.05)
         await asyncio.sleep(0.5)
         out["after_flood"] = cam.status()
+        # Never an open proxy: every relay socket is connected to the configured target and nothing else.
+        out["relay_peers"] = sorted({"%s:%d" % s.getpeername()[:2] for s in relay.socks.values()})
         # The peer still gets through, and a prober while the relay table is full is refused, not queued.
         peer2 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         peer2.bind((ip, 0))
@@ -174,8 +177,30 @@ def start_target(workdir: str, ip: str, port: int) -> tuple[subprocess.Popen[byt
     return server, fingerprint
 
 
+def flood(ip: str, port: int, senders: int) -> None:
+    """`senders` sockets, each sending one unsealed Initial or 1200 random bytes to ip:port."""
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+
+    conn = QuicConnection(configuration=QuicConfiguration(is_client=True, alpn_protocols=["h3"]))
+    conn.connect((ip, port), now=0.0)
+    plain = conn.datagrams_to_send(now=0.0)[0][0]
+    socks = []
+    for i in range(senders):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.sendto(plain if i % 2 else os.urandom(1200), (ip, port))
+        socks.append(s)
+        if i % 50 == 49:
+            time.sleep(0.05)
+    for s in socks:
+        s.close()
+
+
 def main() -> int:
     mode = sys.argv[1]
+    if mode == "flood":
+        flood(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        return 0
     if mode == "probe":
         print(json.dumps(fetch(sys.argv[2], int(sys.argv[3]))))
         return 0

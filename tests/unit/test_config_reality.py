@@ -129,3 +129,12 @@ def test_the_worker_gets_the_credential_of_its_role() -> None:
     from l3ptp.ipc.control_messages import WorkerConfig
 
     assert isinstance(w, WorkerConfig)
+
+
+def test_status_shows_a_reality_listeners_line_and_nothing_without_reality() -> None:
+    line = cli._reality({"reality_passed": 2, "reality_refused_bad_tag": 5, "reality_refused_replay": 1,
+                         "relay_flows": 6, "relay_flows_open": 3, "relay_up_packets": 40, "relay_down_packets": 30,
+                         "relay_full": 4, "reality_pending_senders": 0})
+    assert line == ("passed 2; refused bad_tag 5, replay 1; relayed flows 6 (open 3, up 40 / down 30 packets); "
+                    "not relayed: relay_full 4")
+    assert cli._reality({"dgram_rx_packets": 5}) == ""
