@@ -86,12 +86,26 @@ class RealityListener:
                             retry_in=RESOLVE_RETRY)
                 await asyncio.sleep(RESOLVE_RETRY)
                 continue
+            if self._is_self(target):
+                log.error("camouflage_is_this_listener", target=f"{target[0]}:{target[1]}",
+                          reason="relaying to ourselves would loop; unauthenticated senders get no answer")
+                self.has_target = False
+                self.camouflage.gate.camouflage = False
+                break
             self.camouflage.relay = CamouflageRelay(loop, target, self._send_back)
             log.info("camouflage_ready", target=f"{self.config.camouflage_host}:{self.config.camouflage_port}",
                      address=target[0])
         while True:
             await asyncio.sleep(TICK)
             self.camouflage.tick(loop.time())
+
+    def _is_self(self, target: tuple[Any, ...]) -> bool:
+        """Is `target` this listener's own socket (its address, or any address when bound to a wildcard)?"""
+        host, port = self.sock.getsockname()[:2]
+        if int(target[1]) != int(port):
+            return False
+        wildcard = host in ("0.0.0.0", "::")
+        return wildcard or str(target[0]) in (host, host.removeprefix("::ffff:"))
 
     def _send_back(self, data: bytes, addr: Any) -> None:
         self.sock.sendto(data, addr)

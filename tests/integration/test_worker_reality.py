@@ -11,11 +11,12 @@ import socket
 import pytest
 
 from l3ptp.ipc.control_messages import Engine
+from l3ptp.ipc.types import PeerRole
 from l3ptp.worker import reality
 from l3ptp.worker.reality_link import HTTP3_ALPN
 from tests.support.packets import ipv4_udp
 from tests.support.quic_initial import aioquic_client
-from tests.support.worker_fixtures import ENGINES, wait_for, worker_pair
+from tests.support.worker_fixtures import ENGINES, make_config, make_node, new_keys, udp_socket, wait_for, worker_pair
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -136,5 +137,29 @@ def test_a_connector_with_the_wrong_reality_key_never_gets_through(engine: Engin
             counters = pair.listener.tunnel.reality.counters()
             assert counters.get("reality_refused_bad_tag", 0) >= 1 and "reality_passed" not in counters
             assert not pair.listener.tunnel.candidates  # nothing reached the engine
+
+    run(main())
+
+
+def test_a_camouflage_target_that_is_the_listener_itself_is_refused_not_looped() -> None:
+    async def main() -> None:
+        lsock = udp_socket()
+        port = lsock.getsockname()[1]
+        lkw, _ = reality_kw(target=("127.0.0.1", port))
+        cfg = make_config(PeerRole.LISTEN, own=new_keys(), peer_fp=new_keys().fingerprint, port=port, **lkw)
+        node = make_node(cfg, lsock)
+        node.start()
+        try:
+            rl = node.tunnel.reality
+            assert await wait_for(lambda: not rl.has_target, 5)
+            assert rl.camouflage.relay is None and rl.camouflage.gate.camouflage is False
+            stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            stranger.bind(("127.0.0.1", 0))
+            stranger_initial(stranger, port)
+            await asyncio.sleep(0.3)
+            assert rl.counters()["reality_refused_bad_tag"] == 1 and "relay_flows" not in rl.counters()
+            stranger.close()
+        finally:
+            await node.stop()
 
     run(main())
