@@ -57,9 +57,11 @@ class PeerPolicy:
     expires: float = float("inf")
     #: Datagrams routed to this connection before its handshake completed.
     datagrams: int = 0
-    #: Next key update: when DATAGRAMs sent + received reach this, or at this time.
-    rekey_packets: int = 0
-    rekey_at: float = 0.0
+    #: Next key update: when DATAGRAMs sent + received reach this, or at this time. None is due before
+    #: the session is ESTABLISHED (`TunnelCore.established` schedules the first): asking the engine
+    #: during the handshake only fails, once per received batch.
+    rekey_packets: int = 2**63
+    rekey_at: float = float("inf")
     #: Liveness probe: its deadline (None: none running) and the PINGs sent so far.
     probe_at: float | None = None
     probes: int = 0

@@ -265,3 +265,14 @@ def test_start_hints_and_restart_hints_are_paced() -> None:
     assert sent == START_HINTS
     assert core.restart_hint(now) and not core.restart_hint(now + HINT_EVERY / 2)
     assert core.restart_hint(now + HINT_EVERY)
+
+
+def test_no_key_update_is_due_before_the_session_is_established() -> None:
+    """FIX: a new connection's schedule used to start at 0 packets, so every received batch during the
+    handshake asked the engine for a key update it could only refuse."""
+    core = TunnelCore(random=lambda: 0.5, key_update_packets=100, key_update_interval=10.0)
+    peer = core.connecting(0.0)
+    assert not core.key_update_due_by_packets(peer, 5) and not core.key_update_due(peer, 1e6, 5)
+    core.established(peer, 1.0, 5)
+    assert not core.key_update_due_by_packets(peer, 104) and core.key_update_due_by_packets(peer, 105)
+    assert core.key_update_due(peer, 11.0, 6)
