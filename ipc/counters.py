@@ -50,6 +50,9 @@ class DropReason(enum.StrEnum):
     #: datagram, at most the batch's DATAGRAMs; an estimate: a UDP datagram may carry
     #: several DATAGRAMs, or none).
     DGRAM_SEND_ERROR = enum.auto()
+    #: DATAGRAMs still queued in QUIC when their connection ended (closed, failed, replaced by a
+    #: reconnect): they never left.
+    DGRAM_LOST_ON_CLOSE = enum.auto()
 
     # peer -> TUN
     #: Malformed L3PTP header (short, wrong type/version, bad lengths).

@@ -361,6 +361,10 @@ class Connections:
         self._drop_peer(peer, f"{who} closed: {closed.code.name}: {closed.reason}")
 
     def _drop_peer(self: Tunnel, peer: Peer, reason: str) -> None:
+        # What it still had queued never leaves (qh3 empties its queue itself when it fails: `lost`).
+        lost = self._queue_depth(peer.conn) + getattr(peer.conn, "datagrams_lost", 0)
+        if lost:
+            self.counters.drop(DropReason.DGRAM_LOST_ON_CLOSE, lost)
         if self.candidates.get(peer.addr) is peer:
             del self.candidates[peer.addr]
         if self.active is peer:

@@ -137,6 +137,7 @@ def _make_qh3_connection() -> type:
             # qh3 raises from the send path (e.g. a DATAGRAM that cannot fit);
             # end the connection like a protocol error instead.
             self._failed = True
+            self.datagrams_lost = getattr(self, "datagrams_lost", 0) + len(self._datagrams_pending)
             self._datagrams_pending.clear()
             if self._close_event is None:
                 self._close_event = events.ConnectionTerminated(

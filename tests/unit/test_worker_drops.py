@@ -154,3 +154,14 @@ def test_tun_packets_whose_udp_send_fails_are_dropped_as_dgram_send_error(fail: 
     else:
         assert report.counters["udp_send_errors"] == 3
         assert report.drops[DropReason.DGRAM_SEND_ERROR.value] == 3
+
+
+def test_datagrams_still_queued_when_a_connection_ends_are_dropped_as_dgram_lost_on_close(tun_pair) -> None:
+    tunnel = _tunnel(FakeSock(), tun_pair[0])
+    tunnel._queue_depth = lambda conn: 5  # five DATAGRAMs QUIC had not sent yet
+    _established(tunnel)
+    assert tunnel.active is not None
+    tunnel.active.conn.datagrams_lost = 2  # qh3 emptied its queue of two when it failed
+    tunnel._drop_peer(tunnel.active, "peer closed")
+    assert status_message(tunnel.config, tunnel).drops[DropReason.DGRAM_LOST_ON_CLOSE.value] == 7
+    assert tunnel.active is None
