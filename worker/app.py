@@ -104,6 +104,8 @@ def status_message(config: WorkerConfig, tunnel: Tunnel) -> WorkerStatus:
                   # UDP datagrams the kernel refused to send, and received ones no connection took.
                   "udp_send_errors": min(tunnel.udp_send_errors, _U64_MAX),
                   "udp_ignored": min(tunnel.udp_ignored, _U64_MAX),
+                  # The peer's address changed under its connection (NAT rebinding, roaming).
+                  "path_migrations": min(tunnel.path_migrations, _U64_MAX),
                   # REALITY listener: senders passed, refused by reason, relayed (docs/protocol.md).
                   **({k: min(v, _U64_MAX) for k, v in tunnel.reality.counters().items()} if tunnel.reality else {})},
         drops=c.drops_snapshot(),

@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 __all__ = ["Connections", "Peer", "addr_text", "session_params"]
 
 _SERVER_NAME = "l3ptp"
+#: CIDs of a connection the listener recognises a moved peer by (the handshake's, then those the engine
+#: issues as NEW_CONNECTION_ID, less the retired: a handful; the bound only stops a runaway).
+MAX_KNOWN_CIDS = 32
 
 log = structlog.get_logger("l3ptp.worker")
 
@@ -209,6 +212,9 @@ class Connections:
                 self._drops[DropReason.INITIAL_TO_CANDIDATE] += 1
                 return None
             return cand
+        moved = self._moved_peer(data, addr)
+        if moved is not None:
+            return moved
         if self.reality is not None:  # REALITY: the gate decides before anything answers
             return self._gated(data, addr, now)
         admission = self.admission
@@ -219,6 +225,30 @@ class Connections:
                 return None
             return self._accept(data, addr, now)
         return None
+
+    def _moved_peer(self: Tunnel, data: bytes, addr: tuple[Any, ...]) -> Peer | None:
+        """Listener: a short-header packet from an address we do not know, addressed to one of the active
+        connection's CIDs: the peer moved (a NAT rebinding, a new address; RFC 9000, 9). It goes to that
+        connection, whose engine validates the new path (anti-amplification until then) and sends there;
+        `_transmit` follows. Anything else from that address is not the peer's."""
+        active = self.active
+        if active is None or not active.handshake_done or not data or data[0] & 0xC0 != 0x40:
+            return None
+        if bytes(data[1:1 + len(active.conn.host_cid)]) not in active.cids:
+            return None
+        if self._peer_ip is not None and not self._source_allowed(addr[0]):
+            return None
+        return active
+
+    def _transmit(self: Tunnel, peer: Peer) -> None:
+        assert self.udp is not None
+        datagrams = peer.conn.datagrams_to_send(now=self._now())
+        if datagrams and peer is self.active and datagrams[-1][1] != peer.addr:
+            # The engine sends elsewhere: the peer's path changed (our side of RFC 9000, 9).
+            old, peer.addr = peer.addr, datagrams[-1][1]
+            self.path_migrations += 1
+            log.info("peer_migrated", old=addr_text(old), new=addr_text(peer.addr))
+        self.udp.send(datagrams)
 
     def _gated(self: Tunnel, data: bytes, addr: tuple[Any, ...], now: float) -> Peer | None:
         """REALITY listener: a sender with no connection. Only a sealed first flight reaches admission; the
@@ -269,6 +299,11 @@ class Connections:
                 self._on_handshake(peer)
             elif isinstance(event, ev.PingAcknowledged):
                 self.core.ping_acked(peer.policy, event.uid)
+            elif isinstance(event, ev.ConnectionIdIssued):  # the peer may address us by it from a new path
+                if len(peer.cids) < MAX_KNOWN_CIDS:
+                    peer.cids = (*peer.cids, event.connection_id)
+            elif isinstance(event, ev.ConnectionIdRetired):
+                peer.cids = tuple(c for c in peer.cids if c != event.connection_id)
             elif isinstance(event, ev.ConnectionTerminated):
                 # The phrase may be the peer's (CONNECTION_CLOSE) or a stranger's.
                 why = peer.session.peer_text(event.reason_phrase or "") or event.error_code

@@ -123,6 +123,7 @@ class Tunnel(Connections):
         self.active: Peer | None = None
         self.candidates: dict[tuple[Any, ...], Peer] = {}
         self.sessions = 0
+        self.path_migrations = 0  #: times the active peer's address changed under one connection (roaming)
         self.last_error = ""
         #: Received UDP datagrams no connection took (noise, a stranger's RESTART_HINT, refused attempts:
         #: these also count under their initial_* drop reason); reported as the counter `udp_ignored`.
@@ -337,10 +338,6 @@ class Tunnel(Connections):
             log.debug("probe_started", why=why)
         if changed:
             self._schedule()
-
-    def _transmit(self, peer: Peer) -> None:
-        assert self.udp is not None
-        self.udp.send(peer.conn.datagrams_to_send(now=self._now()))
 
     # ---- key updates -------------------------------------------------------
 
