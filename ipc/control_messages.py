@@ -116,8 +116,8 @@ class WorkerConfig(Message):
     node_id: NodeId
     #: listen: bind address; connect: optional source address.
     local_address: AddressStr | None
-    #: connect: the peer's underlay address; listen: optional filter.
-    peer_address: AddressStr | None
+    #: connect: the peer's underlay address or DNS name (resolved by the worker); listen: optional filter (an address).
+    peer_address: Hostname | None
     #: UDP port of this queue (base port + queue index).
     port: Annotated[int, Range(1, 65535)]
     mtu: Annotated[int, Range(MTU_MIN, MTU_MAX)]

@@ -47,10 +47,19 @@ def make_udp_socket(config: WorkerConfig) -> socket.socket:
         host = config.local_address or "::"
         port = config.port
     else:
-        host = config.local_address or ("::" if config.peer_address and ":" in config.peer_address else "0.0.0.0")
+        # A peer given by name may resolve to either family: a dual-stack socket, IPv4 only without IPv6.
+        peer = config.peer_address or ""
+        named = not any(c == ":" for c in peer) and not peer.replace(".", "").isdigit()
+        host = config.local_address or ("::" if ":" in peer or (named and socket.has_ipv6) else "0.0.0.0")
         port = 0
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+    except OSError:
+        if not (family == socket.AF_INET6 and host == "::" and config.role is PeerRole.CONNECT):
+            raise
+        host, family = "0.0.0.0", socket.AF_INET  # IPv6 switched off on this host
+        sock = socket.socket(family, socket.SOCK_DGRAM)
     if family == socket.AF_INET6 and host == "::":
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     # Bursts at hundreds of Mbit/s overflow the default ~208 KiB buffers

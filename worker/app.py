@@ -106,6 +106,8 @@ def status_message(config: WorkerConfig, tunnel: Tunnel) -> WorkerStatus:
                   "udp_ignored": min(tunnel.udp_ignored, _U64_MAX),
                   # The peer's address changed under its connection (NAT rebinding, roaming).
                   "path_migrations": min(tunnel.path_migrations, _U64_MAX),
+                  # A connector's peer name that did not resolve (each attempt; last_error says why).
+                  "peer_resolve_failures": min(tunnel.peer_resolve_failures, _U64_MAX),
                   # REALITY listener: senders passed, refused by reason, relayed (docs/protocol.md).
                   **({k: min(v, _U64_MAX) for k, v in tunnel.reality.counters().items()} if tunnel.reality else {})},
         drops=c.drops_snapshot(),

@@ -148,11 +148,45 @@ class Connections:
         return (str(ip), self.config.last_peer_port) if ip.version == 4 else None
 
     async def _resolve_peer(self: Tunnel) -> tuple[Any, ...]:
+        """The peer's socket address for our socket's family: its address, or its name resolved now."""
         assert self._loop is not None and self.config.peer_address is not None
-        infos = await self._loop.getaddrinfo(
-            self.config.peer_address, self.config.port, family=self.sock.family, type=socket.SOCK_DGRAM
-        )
-        return infos[0][4]
+        infos = await self._loop.getaddrinfo(self.config.peer_address, self.config.port, type=socket.SOCK_DGRAM)
+        for family, _type, _proto, _name, sockaddr in infos:
+            if self.sock.family == socket.AF_INET6:  # dual-stack: an IPv4 address as ::ffff:a.b.c.d
+                return sockaddr if family == socket.AF_INET6 else (f"::ffff:{sockaddr[0]}", sockaddr[1], 0, 0)
+            if family == socket.AF_INET:
+                return sockaddr
+        raise OSError(f"no {'IPv4 ' if self.sock.family == socket.AF_INET else ''}address")
+
+    async def _resolve_and_connect(self: Tunnel) -> None:
+        """Connector: resolve the peer (a name resolves again at every reconnect) and connect; when it does
+        not resolve, count it, say so in `last_error` and try again after the backoff."""
+        try:
+            addr = await self._resolve_peer()
+        except OSError as exc:  # socket.gaierror too
+            self.peer_resolve_failures += 1
+            self.last_error = f"cannot resolve peer {self.config.peer_address!r}: {exc}"[:500]
+            log.warning("peer_unresolved", peer=self.config.peer_address, error=str(exc)[:200])
+            if not self._stop_requested:
+                self._schedule_reconnect()
+                self._schedule()
+            return
+        if addr != self._peer_addr and self._peer_addr is not None:
+            log.info("peer_resolved", peer=self.config.peer_address, old=addr_text(self._peer_addr), new=addr_text(addr))
+        self._peer_addr = addr
+        if not self._stop_requested and self.active is None:
+            self._connect()
+            self._schedule()
+
+    def _reconnect(self: Tunnel) -> None:
+        """Connector: the backoff is over. A peer given by name is resolved again first (off the loop's hot
+        path; the timer does not fire again meanwhile)."""
+        if self._peer_is_name:
+            assert self._loop is not None
+            self.core.resolving()
+            self._resolving = self._loop.create_task(self._resolve_and_connect())
+        else:
+            self._connect()
 
     def _source_allowed(self: Tunnel, host: str) -> bool:
         allowed = self._ip_allowed.get(host)

@@ -144,6 +144,10 @@ class TunnelCore:
         self.reconnect_at = now
         self.backoff = RECONNECT_BACKOFF_MIN
 
+    def resolving(self) -> None:
+        """The shell resolves the peer's name before it reconnects: no reconnect is due meanwhile."""
+        self.reconnect_at = None
+
     def reconnect_due(self, now: float) -> bool:
         return self.reconnect_at is not None and now >= self.reconnect_at
 

@@ -124,6 +124,7 @@ class Tunnel(Connections):
         self.candidates: dict[tuple[Any, ...], Peer] = {}
         self.sessions = 0
         self.path_migrations = 0  #: times the active peer's address changed under one connection (roaming)
+        self.peer_resolve_failures = 0  #: connector: its peer's name did not resolve (retried with the backoff)
         self.last_error = ""
         #: Received UDP datagrams no connection took (noise, a stranger's RESTART_HINT, refused attempts:
         #: these also count under their initial_* drop reason); reported as the counter `udp_ignored`.
@@ -141,6 +142,7 @@ class Tunnel(Connections):
         self.exit_on_network_input = False
         self._peer_addr: tuple[Any, ...] | None = None
         self._peer_ip = normalize_ip(config.peer_address) if config.peer_address else None
+        self._peer_is_name, self._resolving = bool(config.peer_address) and self._peer_ip is None, None  # connector
         #: Listener: where to send the start hints.
         self._start_hint: tuple[Any, ...] | None = None
         #: Source address text -> allowed (peer_address), for the few texts seen.
@@ -170,8 +172,7 @@ class Tunnel(Connections):
                     if level == socket.IPPROTO_IP or self.sock.family == socket.AF_INET6:
                         with contextlib.suppress(OSError):
                             self.sock.setsockopt(level, opt, 1)
-                self._peer_addr = await self._resolve_peer()
-                self._connect()
+                await self._resolve_and_connect()
             else:
                 self.state = SessionState.CONNECTING
                 if self.reality is not None:  # and no RESTART_HINTs: they would tell l3ptp apart
@@ -489,7 +490,7 @@ class Tunnel(Connections):
                 self.core.reconnect_now(now)  # at once: the peer's new worker is listening by now
             self._transmit(peer)
         if self.core.reconnect_due(now) and self.active is None:
-            self._connect()
+            self._reconnect()
         if self.core.start_hint_due(now):
             self._send_start_hint(now)
         self._schedule()

@@ -94,7 +94,8 @@ class UnderlayConfig:
     """
 
     local: IPAddress | None
-    peer: IPAddress | None
+    #: connect: an IP address or a DNS name (resolved by the workers, again at each reconnect).
+    peer: IPAddress | str | None
     port: int
 
 

@@ -23,7 +23,7 @@ from l3ptp.controller.config.fields import (
     prefix_list,
 )
 from l3ptp.controller.config.model import ADDRESS_TYPES
-from l3ptp.controller.config.reality import parse_reality
+from l3ptp.controller.config.reality import hostname, parse_reality
 from l3ptp.controller.config.rules import check_addresses, check_mtu, check_prefixes
 from l3ptp.controller.config.schema import (
     CONTROLLER_KEYS,
@@ -223,6 +223,20 @@ def _network_interface(
     return derived
 
 
+def _peer_address(value: Any, path: str, col: Collector) -> Any:
+    """A connector's `underlay.peer`: an IP address, or a DNS name (resolved by its workers at start and
+    again at each reconnect)."""
+    if isinstance(value, str) and hostname(value) is None:
+        try:
+            return ipaddress.ip_address(value)
+        except ValueError:
+            return value
+    if isinstance(value, str):
+        col.add(path, f"{value!r} is neither an IP address nor a DNS name")
+        return BAD
+    return col.type_error(path, "a string", value)
+
+
 def _parse_underlay(col: Collector, tbl: Mapping[str, Any], draft: Draft) -> dict[str, Any] | None:
     path = draft.key("underlay")
     if "underlay" not in tbl:
@@ -232,9 +246,9 @@ def _parse_underlay(col: Collector, tbl: Mapping[str, Any], draft: Draft) -> dic
     if utbl is None:
         return None
     local = col.field(utbl, path, "local", ip_address, None)
-    peer = col.field(utbl, path, "peer", ip_address, None)
-    port = col.field(utbl, path, "port", integer(1, PORT_MAX))
     role, queues = draft.get("role"), draft.get("queues")
+    peer = col.field(utbl, path, "peer", _peer_address if role == "connect" else ip_address, None)
+    port = col.field(utbl, path, "port", integer(1, PORT_MAX))
     lpath, ppath = join(path, "local"), join(path, "peer")
 
     if role == "listen" and local is None:
