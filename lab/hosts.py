@@ -43,8 +43,10 @@ from lab.interrupts import Interrupts
 from lab.netns import enter, netlink, setns
 from lab.procs import DYNAMIC_ID_RANGE, alive, free_ids, tun_open_to_all, workers_in
 from lab.tools import LabTools
-from lab.topology import (BASE_PORT, BEHIND, NETWORK, OVERLAY4, OVERLAY6, REMOTE4, REMOTE6, UNDERLAY,
-                          UNDERLAY_PREFIXLEN, Host, LabError, behind_prefixes, toml_text)
+from lab.topology import (BASE_PORT, BEHIND, NETWORK, OVERLAY4, OVERLAY6, REMOTE4, REMOTE6, UNDERLAY, UNDERLAY6,
+                          UNDERLAY6_PREFIXLEN, UNDERLAY_PREFIXLEN, Host, LabError, behind_prefixes, toml_text)
+
+IFA_F_NODAD = 0x02  # linux/if_addr.h
 
 # Re-exported: the lab's users (tests, demo, bench) take the lab's vocabulary from here.
 __all__ = ["BASE_PORT", "BEHIND", "DYNAMIC_ID_RANGE", "NETWORK", "REMOTE4", "REMOTE6", "Host", "Interrupts", "Lab",
@@ -67,6 +69,7 @@ class Lab(LabTools):
         say: Callable[[str], None] | None = None,
         python: str | None = None,
         underlay_via_default_route: bool = False,
+        underlay_ipv6: bool = False,
         config_a: dict[str, Any] | None = None,
         config_b: dict[str, Any] | None = None,
         policy_extra: dict[str, Any] | None = None,
@@ -76,6 +79,7 @@ class Lab(LabTools):
         self.say = say or (lambda line: None)
         self.python = python or sys.executable
         self.underlay_via_default_route = underlay_via_default_route
+        self.underlay_ipv6 = underlay_ipv6
         self.policy_extra = policy_extra or {}
         self.tag = secrets.token_hex(3)
         self._own_workdir = workdir is None
@@ -86,7 +90,7 @@ class Lab(LabTools):
                 name=name,
                 netns=f"l3ptp-{self.tag}-{name}",
                 dir=os.path.join(self.workdir, name),
-                underlay=UNDERLAY[i],
+                underlay=(UNDERLAY6 if underlay_ipv6 else UNDERLAY)[i],
                 overlay4=OVERLAY4[i],
                 overlay6=OVERLAY6[i],
                 config_extra=dict((config_a if name == "a" else config_b) or {}),
@@ -152,8 +156,11 @@ class Lab(LabTools):
                 lo = ipr.link_lookup(ifname="lo")[0]
                 ipr.link("set", index=lo, state="up")
                 idx = ipr.link_lookup(ifname="under0")[0]
-                plen = 32 if self.underlay_via_default_route else UNDERLAY_PREFIXLEN
-                ipr.addr("add", index=idx, address=host.underlay, prefixlen=plen)
+                if self.underlay_ipv6:  # no duplicate address detection: usable at once
+                    ipr.addr("add", index=idx, address=host.underlay, prefixlen=UNDERLAY6_PREFIXLEN, flags=IFA_F_NODAD)
+                else:
+                    plen = 32 if self.underlay_via_default_route else UNDERLAY_PREFIXLEN
+                    ipr.addr("add", index=idx, address=host.underlay, prefixlen=plen)
                 ipr.link("set", index=idx, state="up")
                 if self.underlay_via_default_route:
                     # The peer is reachable only through a default route, so

@@ -14,11 +14,14 @@ from typing import Any
 
 import tomli_w
 
-__all__ = ["BASE_PORT", "BEHIND", "NETWORK", "OVERLAY4", "OVERLAY6", "REMOTE4", "REMOTE6", "UNDERLAY", "Host",
+__all__ = ["BASE_PORT", "BEHIND", "NETWORK", "OVERLAY4", "OVERLAY6", "REMOTE4", "REMOTE6", "UNDERLAY", "UNDERLAY6", "Host",
            "LabError", "behind_prefixes", "toml_text"]
 
 UNDERLAY = ("198.18.0.1", "198.18.0.2")
 UNDERLAY_PREFIXLEN = 24
+#: The underlay with `Lab(underlay_ipv6=True)`.
+UNDERLAY6 = ("fd00:18::1", "fd00:18::2")
+UNDERLAY6_PREFIXLEN = 64
 OVERLAY4 = ("198.19.0.1", "198.19.0.2")
 OVERLAY6 = ("fd00:19::1", "fd00:19::2")
 #: Addresses behind each host (on its loopback), advertised by it and
