@@ -226,6 +226,7 @@ class Lab(LabTools):
             # Tables (but the underlay) go in as sub-tables of the network: `reality` for instance.
             net.update({k: v for k, v in host.config_extra.items() if k != "underlay"})
             underlay.update(host.config_extra.get("underlay", {}))
+            underlay = {k: v for k, v in underlay.items() if v is not None}  # None in config_extra: leave it out
             host.config_path = os.path.join(host.dir, "etc", "l3ptp.toml")
             self.write_config(host, net, underlay)
 

@@ -46,6 +46,9 @@ _SERVER_NAME = "l3ptp"
 #: CIDs of a connection the listener recognises a moved peer by (the handshake's, then those the engine
 #: issues as NEW_CONNECTION_ID, less the retired: a handful; the bound only stops a runaway).
 MAX_KNOWN_CIDS = 32
+#: Seconds after a peer moved during which its packets still arriving from the old address (reordered,
+#: in flight) swing the engine back and forth without counting as migrations.
+MIGRATION_SETTLE = 1.0
 
 log = structlog.get_logger("l3ptp.worker")
 
@@ -74,7 +77,7 @@ def session_params(config: WorkerConfig) -> SessionParams:
 class Peer:
     """One QUIC connection with its control session."""
 
-    __slots__ = ("conn", "session", "addr", "decoder", "stream_id", "handshake_done", "policy", "cids")
+    __slots__ = ("conn", "session", "addr", "decoder", "stream_id", "handshake_done", "policy", "cids", "left")
 
     def __init__(self, conn: Any, session: Session, addr: tuple[Any, ...], policy: PeerPolicy) -> None:
         self.conn = conn
@@ -86,6 +89,9 @@ class Peer:
         self.decoder = StreamDecoder(PEER_CONTROL)
         self.stream_id: int | None = None
         self.handshake_done = False
+        #: Addresses the peer moved away from, and when (a few): a late packet from one of them swings the
+        #: engine back for a moment; that is no new migration.
+        self.left: dict[tuple[Any, ...], float] = {}
 
 
 class Connections:
@@ -279,9 +285,14 @@ class Connections:
         datagrams = peer.conn.datagrams_to_send(now=self._now())
         if datagrams and peer is self.active and datagrams[-1][1] != peer.addr:
             # The engine sends elsewhere: the peer's path changed (our side of RFC 9000, 9).
-            old, peer.addr = peer.addr, datagrams[-1][1]
-            self.path_migrations += 1
-            log.info("peer_migrated", old=addr_text(old), new=addr_text(peer.addr))
+            now, old, peer.addr = self._now(), peer.addr, datagrams[-1][1]
+            back = now - peer.left.pop(peer.addr, -MIGRATION_SETTLE) < MIGRATION_SETTLE
+            peer.left[old] = now
+            while len(peer.left) > 4:
+                del peer.left[next(iter(peer.left))]
+            if not back:  # a straggler from the address it just left does not count
+                self.path_migrations += 1
+                log.info("peer_migrated", old=addr_text(old), new=addr_text(peer.addr))
         self.udp.send(datagrams)
 
     def _gated(self: Tunnel, data: bytes, addr: tuple[Any, ...], now: float) -> Peer | None:
