@@ -169,6 +169,8 @@ def format_status(reply: Any, *, verbose: bool = False) -> str:
         lines.append(f"  mtu: {n.mtu}")
         lines.append(f"  rtt: {n.rtt_ms:.1f} ms")
         lines.append(f"  transfer: {_traffic(n.counters)}")
+        if n.counters.get("path_migrations"):
+            lines.append(f"  path migrations: {n.counters['path_migrations']} (the peer moved; see its address per queue, -v)")
         drops = ", ".join(f"{p(k)} {v}" for k, v in n.drops.items() if v) or "none"
         lines.append(f"  drops: {drops}")
         reality = _reality(n.counters)
