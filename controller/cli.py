@@ -186,6 +186,7 @@ def format_status(reply: Any, *, verbose: bool = False) -> str:
                     f"  queue {q.queue}: pid {q.pid or '-'}, {q.state.value}, peer {p(q.peer) or '-'},"
                     f" rtt {q.rtt_ms:.1f} ms, mtu {q.mtu}, restarts {q.restarts}, depth {q.queue_depth},"
                     f" lost {q.seq_lost}, key updates {q.key_updates}"
+                    + (f", peer key {p(q.peer_key)}" if q.peer_key else "")
                 )
                 lines.append(f"    transfer: {_traffic(q.counters)}")
                 qdrops = ", ".join(f"{p(k)} {v}" for k, v in q.drops.items() if v)

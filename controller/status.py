@@ -101,6 +101,7 @@ def queue_status(queue: int, report: WorkerStatus | None, *, pid: int, restarts:
         key_updates=report.key_updates,
         restarts=restarts,
         last_error=report.last_error or last_error,
+        peer_key=report.peer_key,
     )
 
 

@@ -85,6 +85,8 @@ def build_worker_config(
         status_interval=cfg.controller.status_interval,
         private_key=key_loader(net.key_path(cfg.node)),
         peer_key=net.peer_key,
+        peer_keys=tuple(k for k, _ in net.peer_keys),
+        peer_keys_not_after=tuple(t for _, t in net.peer_keys),
         tunnel_addresses=tuple(str(a) for a in net.addresses()),
         advertised_routes=tuple(str(r) for r in net.advertised_routes),
         local_sources=tuple(str(r) for r in net.local_sources()),

@@ -275,3 +275,6 @@ REALITY_SHORT_IDS_MAX = 16
 HOSTNAME_MAX = 253
 #: The characters of a DNS name or an IP literal (the configuration checks the form; docs/configuration.md).
 HOSTNAME_PATTERN = r"[A-Za-z0-9.:-]{1,253}"
+
+#: Keys pinned for one peer at once (issue 18: an old and a new one while rotating; a few spare).
+PEER_KEYS_MAX = 8

@@ -27,6 +27,7 @@ from .constants import (
     MAX_QUEUES,
     MTU_MAX,
     MTU_MIN,
+    PEER_KEYS_MAX,
     REALITY_SHORT_ID_MAX,
     REALITY_SHORT_IDS_MAX,
     WORKER_CONFIG_MAX,
@@ -127,6 +128,10 @@ class WorkerConfig(Message):
     #: Raw 32-byte Ed25519 private key (seed) of this node.
     private_key: Annotated[bytes, Blob(32, 32)]
     peer_key: Fingerprint
+    #: Every key pinned for the peer (`peer_key` among them), each with its not-after time (unix seconds;
+    #: 0 = none), in step: the worker accepts those not past their time at each handshake. () = peer_key only.
+    peer_keys: Annotated[tuple[Fingerprint, ...], Items(PEER_KEYS_MAX)] = ()
+    peer_keys_not_after: Annotated[tuple[Annotated[float, Range(0.0, 2.0**40)], ...], Items(PEER_KEYS_MAX)] = ()
     tunnel_addresses: Interfaces
     advertised_routes: Prefixes
     #: Sources allowed on packets read from TUN (local addresses + advertised).
@@ -190,6 +195,8 @@ class WorkerStatus(Message):
     #: QUIC key updates this worker started (RFC 9001, 6).
     key_updates: U32
     last_error: Reason
+    #: Fingerprint of the pinned key the active peer proved ("" without one): with several pinned, which.
+    peer_key: Annotated[str, Text(64)] = ""
 
 
 @message("bus.peer_routes")
@@ -307,6 +314,7 @@ class QueueStatus(Record):
     key_updates: U32
     restarts: U32
     last_error: Reason
+    peer_key: Annotated[str, Text(64)] = ""
 
 
 @record

@@ -117,6 +117,7 @@ def status_message(config: WorkerConfig, tunnel: Tunnel) -> WorkerStatus:
         seq_lost=min(c.seq_lost, _U64_MAX),
         sessions=min(st.sessions, _U32_MAX),
         key_updates=min(st.key_updates, 2**32 - 1),
+        peer_key=st.peer_key,
         last_error=st.last_error[:512],
     )
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import time
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -55,6 +56,15 @@ log = structlog.get_logger("l3ptp.worker")
 
 def addr_text(addr: tuple[Any, ...]) -> str:
     return f"{addr[0]}:{addr[1]}"
+
+
+def pinned_now(config: WorkerConfig, wall: float) -> frozenset[str]:
+    """The peer keys a handshake accepts at unix time `wall`: those not past their not-after time (maybe
+    none: then nobody gets in); without `peer_keys`, `peer_key` alone."""
+    if not config.peer_keys:
+        return frozenset((config.peer_key,))
+    times = config.peer_keys_not_after or (0.0,) * len(config.peer_keys)
+    return frozenset(k for k, t in zip(config.peer_keys, times, strict=True) if t == 0.0 or wall < t)
 
 
 def session_params(config: WorkerConfig) -> SessionParams:
@@ -136,7 +146,7 @@ class Connections:
 
     def _new_session(self: Tunnel, now: float) -> Session:
         return Session(
-            self.params,
+            dataclasses.replace(self.params, pinned=pinned_now(self.config, time.time())),
             self.counters,
             now=now,
             nonce=self._rng.randbytes(AUTH_NONCE_LEN),

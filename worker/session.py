@@ -138,14 +138,18 @@ class SessionParams:
     endpoint_id: int
     node_id: str
     private_key: bytes
-    #: Pinned fingerprint of the peer's key.
-    peer_key: str
+    #: Pinned fingerprint of the peer's key; `pinned`, if not None, is the set accepted (several while one
+    peer_key: str  # is rotated; the shell leaves out those past their not-after time: maybe none)
     requested_mtu: int
     keepalive_interval: float
     tunnel_addresses: tuple[str, ...]
     local_sources: tuple[str, ...]
     advertised_routes: tuple[str, ...]
     route_epoch: int = 1
+    pinned: frozenset[str] | None = None
+
+    def accepts(self, fingerprint: str | None) -> bool:
+        return fingerprint is not None and fingerprint in (self.pinned if self.pinned is not None else {self.peer_key})
 
 
 def accepted_mtu(mtu_a: int, mtu_b: int, payload_a: int, payload_b: int) -> int:
@@ -213,8 +217,9 @@ class Session:
         self.mtu = 0
         self._max_payload = 0
         self._peer_hello: Hello | None = None
-        #: The peer proved its key (connector: pinned TLS certificate; listener: AUTH).
+        #: The peer proved its key (connector: pinned TLS certificate; listener: AUTH), and which one.
         self.authenticated = False
+        self.peer_fingerprint = ""
         self.peer_routes: set[str] = set()
         self.peer_tunnel_addresses: tuple[str, ...] = ()
         self.route_epoch = -1
@@ -246,10 +251,10 @@ class Session:
         self._max_payload = max_datagram_payload
         self.state = State.AWAIT_HELLO
         if self.params.role is PeerRole.CONNECT:
-            if peer_cert_fingerprint != self.params.peer_key:
+            if not self.params.accepts(peer_cert_fingerprint):
                 return self._fail(ErrorCode.AUTH_FAILED, "listener key does not match the pinned fingerprint",
                                   AUTH_FAILED_REASON)
-            self.authenticated = True
+            self.authenticated, self.peer_fingerprint = True, str(peer_cert_fingerprint)
             self.state = State.AWAIT_CHALLENGE
             return [Send(self._hello())]
         return []
@@ -390,7 +395,7 @@ class Session:
 
     def _on_challenge(self, msg: Challenge, now: float) -> list[Action]:
         transcript = keys.auth_transcript(
-            msg.auth_nonce, self.params.peer_key, self.fingerprint, self.params.network_id, self.params.endpoint_id
+            msg.auth_nonce, self.peer_fingerprint, self.fingerprint, self.params.network_id, self.params.endpoint_id
         )
         return [Send(Auth(public_key=keys.public_key_raw(self._key), signature=keys.sign_auth(self._key, transcript)))]
 
@@ -399,14 +404,16 @@ class Session:
         return [Send(self._ready())]
 
     def _on_auth(self, msg: Auth, now: float) -> list[Action]:
-        if keys.fingerprint(msg.public_key) != self.params.peer_key:
+        peer_fingerprint = keys.fingerprint(msg.public_key)
+        if not self.params.accepts(peer_fingerprint):
             raise _auth_failed("connector key does not match the pinned fingerprint")
         transcript = keys.auth_transcript(
-            self._nonce, self.fingerprint, self.params.peer_key, self.params.network_id, self.params.endpoint_id
+            self._nonce, self.fingerprint, peer_fingerprint, self.params.network_id, self.params.endpoint_id
         )
         if not keys.verify_auth(msg.public_key, msg.signature, transcript):
             # Also a connector of another network or endpoint: it signed its own.
             raise _auth_failed("bad AUTH signature (or another network or endpoint)")
+        self.peer_fingerprint = peer_fingerprint
         assert self._peer_hello is not None  # AWAIT_AUTH follows the connector's HELLO
         try:
             self._check_hello(self._peer_hello)

@@ -82,6 +82,7 @@ class TunnelStatus:
     sessions: int
     key_updates: int
     last_error: str
+    peer_key: str = ""  #: fingerprint of the key the active peer proved ("" before)
 
 
 class Tunnel(Connections):
@@ -242,6 +243,7 @@ class Tunnel(Connections):
             sessions=self.sessions,
             key_updates=self.key_updates,
             last_error=self.last_error,
+            peer_key=peer.session.peer_fingerprint if peer is not None else "",
         )
 
     # ---- connection setup --------------------------------------------------

@@ -145,6 +145,9 @@ class NetworkConfig:
     underlay: UnderlayConfig
     #: QUIC REALITY; None = off (the listener answers every Initial as l3ptp).
     reality: RealityConfig | None = None
+    #: Every key pinned for the peer, with its not-after time (unix seconds; 0.0 = none); () = `peer_key`
+    #: alone. With `peer_keys` set, `peer_key` is the first of them (or the one given, listed first).
+    peer_keys: tuple[tuple[str, float], ...] = ()
 
     def addresses(self) -> tuple[IPInterface, ...]:
         """Local tunnel addresses (with prefix length), IPv4 first, then IPv6."""

@@ -76,6 +76,7 @@ NETWORK_KEYS: Final = (
     "event_loop",
     "cpus",
     "peer_key",
+    "peer_keys",
     "key_file",
     "underlay",
     "reality",

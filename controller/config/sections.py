@@ -50,6 +50,7 @@ from l3ptp.controller.config.values import (
     peer_key,
     tunnel_address,
 )
+from l3ptp.controller.config.values import peer_keys as peer_keys_of
 from l3ptp.ipc.constants import (
     HELPER_SOCKET_DEFAULT,
     IFNAME_PREFIX_DEFAULT,
@@ -181,7 +182,16 @@ def _parse_network(col: Collector, name: str, body: Any, path: str, prefix: Any)
     v["engine"] = f("engine", choice(ENGINES), "auto")
     v["event_loop"] = f("event_loop", choice(EVENT_LOOPS), "auto")
     v["cpus"] = f("cpus", cpu_list, ())
-    v["peer_key"] = f("peer_key", peer_key)
+    v["peer_key"] = f("peer_key", peer_key, None)
+    v["peer_keys"] = f("peer_keys", peer_keys_of, ())
+    if v["peer_key"] is None and v["peer_keys"] == ():
+        col.add(join(path, "peer_key"), "required")  # or peer_keys (docs/configuration.md)
+        v["peer_key"] = BAD
+    elif v["peer_key"] is None and v["peer_keys"] is not BAD:
+        v["peer_key"] = v["peer_keys"][0][0]  # the first pinned key stands for the set where one is shown
+    elif isinstance(v["peer_key"], str) and v["peer_keys"] and v["peer_keys"] is not BAD \
+            and v["peer_key"] not in {k for k, _ in v["peer_keys"]}:
+        v["peer_keys"] = ((v["peer_key"], 0.0), *v["peer_keys"])
     v["key_file"] = f("key_file", optional_path, "")
 
     draft = Draft(name=name, path=path, present=frozenset(tbl), values=v, underlay=None)

@@ -132,3 +132,38 @@ def peer_key(value: Any, path: str, col: Collector) -> str | Bad:
     return value
 
 
+
+
+def peer_keys(value: Any, path: str, col: Collector) -> tuple[tuple[str, float], ...] | Bad:
+    """`peer_keys`: fingerprints, each a string or a table ``{ key = "SHA256:...", not_after = <offset
+    date-time> }``; (fingerprint, not-after as unix seconds, 0.0 = none) each."""
+    import datetime
+
+    from l3ptp.ipc.constants import PEER_KEYS_MAX
+
+    if not isinstance(value, list) or not value:
+        return col.type_error(path, "a non-empty list of fingerprints", value)
+    if len(value) > PEER_KEYS_MAX:
+        col.add(path, f"{len(value)} keys, at most {PEER_KEYS_MAX}")
+        return BAD
+    out: list[tuple[str, float]] = []
+    for i, item in enumerate(value):
+        ipath = f"{path}[{i}]"
+        when: Any = None
+        if isinstance(item, dict):
+            unknown = sorted(set(item) - {"key", "not_after"})
+            if unknown or "key" not in item:
+                col.add(ipath, "a table needs `key` and may have `not_after`" + (f"; unknown {unknown}" if unknown else ""))
+                return BAD
+            item, when = item["key"], item.get("not_after")
+        fp = peer_key(item, ipath, col)
+        if fp is BAD:
+            return BAD
+        if when is not None and not (isinstance(when, datetime.datetime) and when.tzinfo is not None):
+            col.add(f"{ipath}.not_after", "must be a TOML date-time with an offset, e.g. 2027-01-31T00:00:00Z")
+            return BAD
+        out.append((str(fp), when.timestamp() if when is not None else 0.0))
+    if len({k for k, _ in out}) != len(out):
+        col.add(path, "lists a key twice")
+        return BAD
+    return tuple(out)
