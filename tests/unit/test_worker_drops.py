@@ -110,7 +110,8 @@ def _tunnel(sock: FakeSock, tun: socket.socket) -> Tunnel:
 
 
 def _established(tunnel: Tunnel) -> None:
-    session = types.SimpleNamespace(established=True, state=State.ESTABLISHED, next_deadline=lambda: 1e9)
+    session = types.SimpleNamespace(established=True, state=State.ESTABLISHED, next_deadline=lambda: 1e9,
+                                    peer_fingerprint="")
     tunnel.active = Peer(FakeConn(), session, PEER, PeerPolicy(started_at=0.0, rekey_packets=10**9, rekey_at=1e9))
     tunnel.datapath.start_session(mtu=1280, max_payload=1300, tx_context_id=1, rx_context_id=2)
 
