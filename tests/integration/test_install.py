@@ -80,6 +80,12 @@ def test_wheel_holds_the_product_and_no_harness(built: Built) -> None:
     assert not any(n.split("/", 2)[2] in harness - {"__init__.py", "__main__.py"} for n in names), names
     for word in ("lab", "tests", "demo", "bench", "booted"):
         assert not any(word in part for n in names for part in n.split("/")), word
+    # And every product source file is in it: a subpackage left out of pyproject's `packages` (say,
+    # controller/config/) would otherwise drop out of the wheel and the .deb without a word.
+    shipped = {"/".join(n.split("/")[1:]) for n in names}
+    sources = {p.relative_to(ROOT).as_posix() for c in PRODUCT for p in (ROOT / c).rglob("*.py")
+               if "__pycache__" not in p.parts}
+    assert sources <= shipped, sorted(sources - shipped)
 
 
 @pytest.mark.slow
