@@ -29,6 +29,7 @@ from l3ptp.ipc.types import PeerRole
 from . import engine, warmup
 from .app import ZmqBus, run_worker
 from .helper_client import HelperError, WorkerHelperClient
+from .policy import normalize_ip
 from .privileges import PrivilegeError, drop_privileges
 
 EXIT_FATAL = 2
@@ -49,7 +50,7 @@ def make_udp_socket(config: WorkerConfig) -> socket.socket:
     else:
         # A peer given by name may resolve to either family: a dual-stack socket, IPv4 only without IPv6.
         peer = config.peer_address or ""
-        named = not any(c == ":" for c in peer) and not peer.replace(".", "").isdigit()
+        named = bool(peer) and normalize_ip(peer) is None
         host = config.local_address or ("::" if ":" in peer or (named and socket.has_ipv6) else "0.0.0.0")
         port = 0
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

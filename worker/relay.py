@@ -18,7 +18,7 @@ import socket
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
-from .reality_gate import RelayTable
+from .reality_gate import Action, RelayTable
 
 __all__ = ["CamouflageRelay"]
 
@@ -115,9 +115,6 @@ class Camouflage:
     and what followed it)."""
 
     def __init__(self, gate: Any, relay: CamouflageRelay | None) -> None:
-        from .reality_gate import Action
-
-        self._action = Action
         self.gate, self.relay = gate, relay
         #: refused_<reason> (senders sent to the camouflage or dropped), dropped_<reason> (datagrams), passed
         self.counters: collections.Counter[str] = collections.Counter()
@@ -129,13 +126,13 @@ class Camouflage:
         return self._decided(sender, self.gate.datagram(sender, data, now, wall_time))
 
     def _decided(self, sender: Hashable, d: Any) -> tuple[bytes, ...]:
-        if d.action is self._action.PASS:
+        if d.action is Action.PASS:
             self.counters["passed"] += 1
             return tuple(d.datagrams)
-        if d.action is self._action.PENDING:
+        if d.action is Action.PENDING:
             return ()
         self.counters[f"refused_{d.reason}"] += 1
-        if d.action is self._action.RELAY and self.relay is not None:
+        if d.action is Action.RELAY and self.relay is not None:
             self.relay.up(sender, d.datagrams)
         else:
             self.counters["dropped_unauthenticated"] += len(d.datagrams)
