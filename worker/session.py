@@ -68,6 +68,7 @@ from l3ptp.ipc.text import printable
 from l3ptp.ipc.types import PeerRole
 
 from . import keys
+from .session_actions import Action, Closed, Established, RoutesChanged, Send
 
 __all__ = ["Closed", "Established", "RoutesChanged", "Send", "Session", "SessionParams", "State", "TRANSITIONS",
            "accepted_mtu"]
@@ -86,49 +87,6 @@ class State(enum.Enum):
     AWAIT_READY = enum.auto()
     ESTABLISHED = enum.auto()
     CLOSED = enum.auto()
-
-
-# ---- actions ----------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Send:
-    message: Message
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Established:
-    mtu: int
-    #: Context id we put on DATAGRAMs we send (the peer's choice).
-    tx_context_id: int
-    #: Context id we accept on DATAGRAMs we receive (our choice).
-    rx_context_id: int
-    peer_tunnel_addresses: tuple[str, ...]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class RoutesChanged:
-    epoch: int
-    routes: tuple[str, ...]
-    tunnel_addresses: tuple[str, ...]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Closed:
-    code: ErrorCode
-    reason: str
-    #: True when we closed (and sent CLOSE); False when the peer did.
-    local: bool
-    #: What the peer is told (CLOSE and the QUIC reason phrase) when it must
-    #: not learn `reason` (authentication failures); None: `reason`.
-    peer_reason: str | None = None
-
-    @property
-    def wire_reason(self) -> str:
-        return self.reason if self.peer_reason is None else self.peer_reason
-
-
-Action = Send | Established | RoutesChanged | Closed
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
