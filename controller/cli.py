@@ -171,6 +171,11 @@ def format_status(reply: Any, *, verbose: bool = False) -> str:
         lines.append(f"  transfer: {_traffic(n.counters)}")
         if n.counters.get("path_migrations"):
             lines.append(f"  path migrations: {n.counters['path_migrations']} (the peer moved; see its address per queue, -v)")
+        if n.counters.get("renewals") or n.counters.get("renew_failures"):
+            lines.append(f"  renewals: {n.counters.get('renewals', 0)}, failed {n.counters.get('renew_failures', 0)}"
+                         " (sessions moved to a new connection without a gap: keys rotated)")
+        if n.peer_keys:
+            lines.append(f"  peer key: {', '.join(p(k) for k in n.peer_keys)}")
         drops = ", ".join(f"{p(k)} {v}" for k, v in n.drops.items() if v) or "none"
         lines.append(f"  drops: {drops}")
         reality = _reality(n.counters)

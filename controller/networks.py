@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import signal
 from typing import TYPE_CHECKING, Any
 
@@ -58,13 +59,24 @@ class NetworkRuntime:
         self.refused_late: set[int] = set()
         #: The network's last error, shown in status; set only by `note_error`.
         self.last_error = ""
+        #: The private key its workers are to have (read from the key file at spawn and reload), and what
+        #: each queue's worker was started with or told (`keying`): a worker behind gets a Rekey.
+        self.key = b""
+        self.keyed: dict[int, tuple[object, ...]] = {}
+
+    def keying(self, key: bytes | None = None) -> tuple[object, ...]:
+        """What a `Rekey` carries, in a form to compare (the key as its digest)."""
+        net = self.net
+        return (hashlib.sha256(self.key if key is None else key).digest(), net.peer_key, net.peer_keys,
+                net.peer_sources())
 
     def note_error(self, text: str) -> None:
         self.last_error = text
 
-    def reconfigure(self, net: NetworkConfig) -> None:
-        """A reload changed only what the network advertises: keep running with `net`."""
-        self.net = net
+    def reconfigure(self, net: NetworkConfig, key: bytes) -> None:
+        """A reload changed only what a running network takes on (plan.LIVE_FIELDS, the key): keep running
+        with `net` and `key`; the route table judges the peers' routes again."""
+        self.net, self.key = net, key
         self.routes.set_network(net)
 
 
@@ -191,6 +203,7 @@ class NetworkLifecycle:
             )
             data = WORKER_CONFIG.encode(config)
             rt.advertised[queue] = rt.net.advertised_routes
+            rt.key, rt.keyed[queue] = config.private_key, rt.keying(config.private_key)
             pid = await ctl.spawner.spawn(rt.net.name, queue, data)
         except Exception as exc:  # OSError, a key that cannot be read, ...
             log.error("worker_spawn_failed", network=rt.net.name, queue=queue, error=str(exc))

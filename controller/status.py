@@ -167,6 +167,7 @@ def network_status(
         routes=tuple(str(r) for r in routes),
         last_error=error[:512],
         queues=tuple(queues),
+        peer_keys=tuple(sorted({qs.peer_key for qs in queues if qs.peer_key})),
     )
 
 

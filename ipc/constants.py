@@ -108,6 +108,8 @@ MAX_PREFIXES_PER_LIST = 256
 NODE_ID_MAX = 64
 REASON_MAX = 512
 FEATURES_MAX = 32
+#: HELLO feature: the sender acts on RENEW (a connector opens a new connection and moves the session to it).
+FEATURE_RENEW = "renew"
 
 #: Message size caps per channel (bytes), checked before decoding.
 HELPER_MESSAGE_MAX = 16 * 1024

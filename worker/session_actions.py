@@ -10,7 +10,7 @@ import dataclasses
 from l3ptp.ipc.errors import ErrorCode
 from l3ptp.ipc.schema import Message
 
-__all__ = ["Action", "Closed", "Established", "RoutesChanged", "Send"]
+__all__ = ["Action", "Closed", "Established", "RenewRequested", "RoutesChanged", "Send"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -50,4 +50,11 @@ class Closed:
         return self.reason if self.peer_reason is None else self.peer_reason
 
 
-Action = Send | Established | RoutesChanged | Closed
+@dataclasses.dataclass(frozen=True, slots=True)
+class RenewRequested:
+    """Connector: the listener sent RENEW; `reason` is its text, escaped."""
+
+    reason: str
+
+
+Action = Send | Established | RoutesChanged | Closed | RenewRequested

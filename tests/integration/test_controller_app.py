@@ -616,7 +616,7 @@ def test_reload_of_advertised_routes_only_tells_the_workers(tmp_path: Any) -> No
             new = make_config(env.runtime, {"office": office(queues=2, advertised_routes=["198.19.11.0/24",
                                                                                           "198.19.12.0/24"])})
             result = await env.controller.apply(new)
-            assert result.ok and "routes re-advertised: office" in result.message
+            assert result.ok and "applied live: office" in result.message
             assert {p.pid for p in env.spawner.live("office")} == {procs[0].pid, procs[1].pid}
 
             async def advertise_to(pid: int) -> Advertise:
