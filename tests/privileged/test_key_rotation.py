@@ -24,13 +24,7 @@ PING_SECONDS = 24
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    lab = Lab(queues=2)
-    try:
-        lab.build()
-        lab.start(wait=40)
-        yield lab
-    finally:
-        lab.close()
+    yield from Lab.started(queues=2)
 
 
 def _new_key(lab: Lab, host: Host) -> tuple[str, str]:
