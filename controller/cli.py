@@ -169,6 +169,8 @@ def format_status(reply: Any, *, verbose: bool = False) -> str:
         lines.append(f"  mtu: {n.mtu}")
         lines.append(f"  rtt: {n.rtt_ms:.1f} ms")
         lines.append(f"  transfer: {_traffic(n.counters)}")
+        if n.paths:
+            lines.append(f"  path: {', '.join(p(a) for a in n.paths)}")
         if n.counters.get("path_migrations"):
             lines.append(f"  path migrations: {n.counters['path_migrations']} (the peer moved; see its address per queue, -v)")
         if n.counters.get("renewals") or n.counters.get("renew_failures"):

@@ -168,6 +168,7 @@ def network_status(
         last_error=error[:512],
         queues=tuple(queues),
         peer_keys=tuple(sorted({qs.peer_key for qs in queues if qs.peer_key})),
+        paths=tuple(dict.fromkeys(qs.peer for qs in queues if qs.peer)),
     )
 
 

@@ -259,7 +259,8 @@ class Connections:
                 return by_cid
         is_new_initial = looks_like_initial(data)
         active = self.active
-        if active is not None and active.addr == addr and not (is_new_initial and active.handshake_done):
+        if active is not None and active.addr == addr and not (is_new_initial and active.handshake_done) \
+                and not (self.multi and addr in self.candidates):  # a renewal's candidate: its own checks below
             return active
         cand = self.candidates.get(addr)
         if cand is not None and not (is_new_initial and cand.handshake_done):

@@ -171,10 +171,11 @@ class Renewal:
             self.active is not None and self.active.addr in self.candidates)
 
     def _by_cid(self: Tunnel, data: bytes) -> Peer | None:
-        """The connection whose connection IDs include `data`'s destination CID (None: none of ours)."""
+        """The connection whose connection IDs include `data`'s destination CID (None: none of ours). A
+        candidate still in its handshake is left to `_route`'s checks (its datagram budget)."""
         if len(data) < 7:
             return None
-        peers = [*self.retiring, *self.candidates.values()]
+        peers = [*self.retiring, *(c for c in self.candidates.values() if c.handshake_done)]
         if self.successor is not None:
             peers.append(self.successor)
         if self.active is not None:
