@@ -176,3 +176,22 @@ def test_a_peer_asking_again_and_again_gets_one_renewal_per_retry_interval(monke
             assert await wait_for(lambda: ct.renewals == 2, 5)  # one more after the interval, not ten
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_reality_connector_renews_through_the_gate() -> None:
+    """The successor's first flight is sealed like any other: the REALITY gate lets it through."""
+    from tests.integration.test_worker_reality import reality_kw
+
+    async def main() -> None:
+        c2 = new_keys()
+        lkw, ckw = reality_kw()
+        async with worker_pair(listener_kw=lkw, connector_kw=ckw) as pair:
+            assert await pair.wait_established()
+            lt, ct = pair.listener.tunnel, pair.connector.tunnel
+            rekey(lt, pins=(pair.ckeys.fingerprint, c2.fingerprint))
+            rekey(ct, own=c2)
+            assert await wait_for(lambda: ct.renewals == 1 and lt.renewals == 1, 10)
+            assert lt.active is not None and lt.active.session.peer_fingerprint == c2.fingerprint
+            assert lt.reality is not None and lt.reality.counters()["reality_passed"] == 2
+
+    asyncio.run(asyncio.wait_for(main(), 60))
