@@ -115,6 +115,8 @@ class NetworkLifecycle:
                        info: Any = None) -> None:
         rt = NetworkRuntime(net)
         self.running[net.name] = rt
+        with contextlib.suppress(Exception):  # unreadable: a spawn fails and says why; adopted workers keep theirs
+            rt.key = self.ctl.key_loader(net.key_path(self.ctl.config.node))
         try:
             await self.fresh_tickets(rt)
         except (HelperError, KeyError) as exc:

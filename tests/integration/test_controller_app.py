@@ -29,6 +29,7 @@ from l3ptp.ipc.control_messages import (
     Advertise,
     Handover,
     PeerRoutes,
+    Rekey,
     Shutdown,
     SessionState,
     WorkerHello,
@@ -456,7 +457,11 @@ def test_orderly_stop_hands_the_workers_over_and_the_next_controller_adopts_them
                 assert not os.path.exists(marker)  # taken
                 for p in procs:  # the next controller speaks to them (ends their grace)
                     await _next_down(env.worker(p.pid), Advertise)
+                    assert (await _next_down(env.worker(p.pid), Rekey)).private_key == KEY  # the key it holds now
                 assert nxt.status(verbose=False).networks[0].state.value != "failed"
+                # It knows the key its adopted workers have: a reload of the same file changes nothing.
+                result = await nxt.apply(make_config(env.runtime))
+                assert result.ok and result.message == "unchanged: office", result.message
             finally:
                 for r in reporters:
                     r.cancel()
