@@ -13,9 +13,8 @@ accepted_routes; networks changed or added (enabled, not taken down by
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import dataclasses
+from typing import TYPE_CHECKING
 
 import structlog
 

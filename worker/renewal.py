@@ -91,11 +91,12 @@ class Renewal:
         log.info("rekeyed", own_key_changed=own_changed, pinned=len(pinned_now(self.config, time.time())),
                  peer_sources=len(peer_sources))
         if self._loop is not None:
-            self._check_session(self._now(), "our key changed" if own_changed else "")
+            self._check_session(self._now(), "our key changed" if own_changed else "", again=True)
             self._schedule()
 
-    def _check_session(self: Tunnel, now: float, why: str) -> None:
-        """Does the active session still match the keys? Renew it if not (`why`: a reason already known)."""
+    def _check_session(self: Tunnel, now: float, why: str, *, again: bool = False) -> None:
+        """Does the active session still match the keys? Renew it if not (`why`: a reason already known),
+        unless a renewal is wanted already (`again`: then too)."""
         active = self.active
         if active is None or not active.session.established:
             return
@@ -104,7 +105,7 @@ class Renewal:
             if self._unpinned_at is None:
                 self._unpinned_at = now + RENEW_GRACE
                 log.warning("peer_key_unpinned", key=active.session.peer_fingerprint, grace=RENEW_GRACE)
-        if why:
+        if why and (again or not self.renew_wanted):
             self.renew(now, why)
 
     def renew(self: Tunnel, now: float, why: str) -> None:
@@ -211,7 +212,7 @@ class Renewal:
         if self._renew_at is not None and now >= self._renew_at:
             self._renew_at = None
             self.renew(now, self.renew_wanted or "retry")
-        if not self.renew_wanted and any(self.config.peer_keys_not_after):  # a pinned key may have just expired
+        if any(self.config.peer_keys_not_after):  # a pinned key may have just passed its not-after time
             self._check_session(now, "")
         active = self.active
         if self._unpinned_at is not None and now >= self._unpinned_at:
