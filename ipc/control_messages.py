@@ -336,6 +336,12 @@ class NetworkStatus(Record):
     routes: Prefixes
     last_error: Reason
     queues: Annotated[tuple[QueueStatus, ...], Items(MAX_QUEUES)]
+    #: The interface's MTU (`mtu` above is the smallest negotiated one once a session runs).
+    interface_mtu: Annotated[int, Range(0, MTU_MAX)] = 0
+    #: Where the MTU came from: "config", "auto" or "auto-fallback" ("" : not running).
+    mtu_source: Annotated[str, Text(16)] = ""
+    #: For "auto": the path it was derived from, or why it fell back.
+    mtu_note: Reason = ""
 
 
 @message("cli.status_reply")

@@ -221,3 +221,72 @@ def test_choose_for_a_listener_without_peer_takes_the_largest_interface() -> Non
     assert "listener without underlay.peer" in c.note
     c = run(choose(net, "l3-", interfaces=lambda prefix: 0))
     assert c.source == mtus.FALLBACK
+
+
+# -- negotiation (the session's rule with the derived figures) ---------------------------------------
+
+
+def test_negotiation_of_an_auto_end_with_a_1280_end_and_with_another_auto_end() -> None:
+    from l3ptp.worker.engine import payload_budget
+    from l3ptp.worker.session import accepted_mtu
+
+    auto = mtus.derive(1500, 4)
+    auto_payload = payload_budget(auto.max_datagram_size, 8, 65536)
+    fixed_payload = payload_budget(MAX_DATAGRAM_SIZE_DEFAULT, 8, 65536)
+    assert accepted_mtu(auto.mtu, MTU_DEFAULT, auto_payload, fixed_payload) == MTU_DEFAULT
+    assert accepted_mtu(MTU_DEFAULT, auto.mtu, fixed_payload, auto_payload) == MTU_DEFAULT
+    assert accepted_mtu(auto.mtu, auto.mtu, auto_payload, auto_payload) == auto.mtu == 1412
+    # An IPv4-underlay auto end against an IPv6-underlay auto end: the smaller wins.
+    v6 = mtus.derive(1500, 6)
+    assert accepted_mtu(auto.mtu, v6.mtu, auto_payload, payload_budget(v6.max_datagram_size, 8, 65536)) == 1392
+
+
+# -- status ---------------------------------------------------------------------------------------
+
+
+def _status(choice: mtus.MtuChoice, negotiated: int = 0) -> Any:
+    from l3ptp.controller.status import network_status
+    from l3ptp.controller.supervision import NetworkSupervisor
+    from l3ptp.ipc.control_messages import CLI_REPLIES, SessionState, StatusReply, WorkerStatus
+
+    net = mtus.apply(net_of(mtu="auto"), choice)
+    sup = NetworkSupervisor("office", 1)
+    sup.start(0.0)
+    sup.on_spawned(0, 100, 0.0)
+    reports = {}
+    if negotiated:
+        reports[0] = WorkerStatus(network="office", queue=0, pid=100, state=SessionState.ESTABLISHED,
+                                  peer="198.18.0.2:4433", rtt_ms=1.0, mtu=negotiated, counters={}, drops={},
+                                  queue_depth=0, seq_lost=0, sessions=1, key_updates=0, last_error="")
+    st = network_status(net, sup, reports, mtu_source=choice.source, mtu_note=choice.note)
+    reply = StatusReply(controller_pid=1, uptime=1.0, node_id="alpha", networks=(st,))
+    assert CLI_REPLIES.decode_untrusted(CLI_REPLIES.encode(reply)) == reply  # the new fields travel
+    return st
+
+
+def test_status_shows_the_chosen_mtu_and_that_it_came_from_auto() -> None:
+    from l3ptp.controller.cli import format_status
+    from l3ptp.ipc.control_messages import StatusReply
+
+    st = _status(mtus.derive(1500, 4, where="toward 198.18.0.2"))
+    assert (st.mtu, st.interface_mtu, st.mtu_source) == (1412, 1412, "auto")
+    text = format_status(StatusReply(controller_pid=1, uptime=1.0, node_id="alpha", networks=(st,)))
+    assert "  mtu: 1412 (auto: path MTU 1500 toward 198.18.0.2)" in text.splitlines()
+
+    st = _status(mtus.derive(1500, 4, where="toward 198.18.0.2"), negotiated=1280)
+    text = format_status(StatusReply(controller_pid=1, uptime=1.0, node_id="alpha", networks=(st,)))
+    assert "  mtu: 1280 (negotiated; interface 1412; auto: path MTU 1500 toward 198.18.0.2)" in text.splitlines()
+
+    st = _status(mtus.derive(1300, 4))
+    text = format_status(StatusReply(controller_pid=1, uptime=1.0, node_id="alpha", networks=(st,)))
+    assert ("  mtu: 1280 (auto-fallback: path MTU 1300 is below 1368, the least that carries 1280 over IPv4:"
+            " fell back to 1280)") in text.splitlines()
+
+
+def test_status_of_a_fixed_mtu_says_nothing_more() -> None:
+    from l3ptp.controller.cli import format_status
+    from l3ptp.ipc.control_messages import StatusReply
+
+    st = _status(mtus.MtuChoice(1280, 1350, mtus.CONFIG))
+    text = format_status(StatusReply(controller_pid=1, uptime=1.0, node_id="alpha", networks=(st,)))
+    assert "  mtu: 1280" in text.splitlines()
