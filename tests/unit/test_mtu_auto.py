@@ -290,3 +290,26 @@ def test_status_of_a_fixed_mtu_says_nothing_more() -> None:
     st = _status(mtus.MtuChoice(1280, 1350, mtus.CONFIG))
     text = format_status(StatusReply(controller_pid=1, uptime=1.0, node_id="alpha", networks=(st,)))
     assert "  mtu: 1280" in text.splitlines()
+
+
+# -- the runtime keeps the choice; the probes are unprivileged --------------------------------------
+
+
+def test_a_running_network_keeps_its_chosen_mtu_over_a_readvertising_reload() -> None:
+    from l3ptp.controller.networks import NetworkRuntime
+
+    configured = net_of(mtu="auto")
+    rt = NetworkRuntime(configured, mtus.derive(1500, 4))
+    assert (rt.net.mtu, rt.net.max_datagram_size, rt.configured) == (1412, 1472, configured)
+    readvertised = dataclasses.replace(configured, advertised_routes=(ipaddress.ip_network("198.19.9.0/24"),))
+    rt.reconfigure(readvertised)
+    assert (rt.net.mtu, rt.net.max_datagram_size, rt.configured) == (1412, 1472, readvertised)
+    assert rt.net.advertised_routes == readvertised.advertised_routes
+    assert NetworkRuntime(net_of()).mtu.source == mtus.CONFIG
+
+
+def test_the_probes_work_without_privilege() -> None:
+    from l3ptp.controller.pathmtu import interfaces_mtu, route_mtu
+
+    assert route_mtu(IP("127.0.0.1"), 9) >= MTU_DEFAULT  # the loopback route's MTU
+    assert interfaces_mtu("") >= 0  # loopback is never counted; a sandbox may have no other interface
