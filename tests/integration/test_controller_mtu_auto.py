@@ -1,7 +1,7 @@
 """``mtu = "auto"`` through a real Controller (fake helper, fake spawner): what the helper and the workers get.
 
 No root: the path MTU comes from the host's own loopback route (a peer on 127.0.0.2), and a
-bind to an address the host does not have (192.0.2.1) makes the probe fail, which falls back.
+bind to an address the host does not have (198.18.255.1) makes the probe fail, which falls back.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def test_auto_networks_are_created_and_run_with_the_derived_mtu_or_the_fallback(
     derived = mtus.derive(path, 4)
     networks = {
         "office": office(mtu="auto", underlay={"local": "127.0.0.1", "peer": "127.0.0.2", "port": 4433}),
-        "lab": lab(mtu="auto", underlay={"local": "192.0.2.1", "peer": "192.0.2.2", "port": 5533}),
+        "lab": lab(mtu="auto", underlay={"local": "198.18.255.1", "peer": "198.18.255.2", "port": 5533}),
     }
 
     async def body() -> None:
@@ -38,7 +38,7 @@ def test_auto_networks_are_created_and_run_with_the_derived_mtu_or_the_fallback(
             assert (nets["office"]["interface_mtu"], nets["office"]["mtu_source"]) == (derived.mtu, "auto")
             assert nets["office"]["mtu_note"] == f"path MTU {path} toward 127.0.0.2"
             assert (nets["lab"]["interface_mtu"], nets["lab"]["mtu_source"]) == (1280, "auto-fallback")
-            assert nets["lab"]["mtu_note"].startswith("no route toward 192.0.2.2 (")
+            assert nets["lab"]["mtu_note"].startswith("no route toward 198.18.255.2 (")
             rc, out, _ = await env.cli("status")
             assert f"  mtu: {derived.mtu} (auto: path MTU {path} toward 127.0.0.2)" in out.splitlines(), out
 

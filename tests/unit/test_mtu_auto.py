@@ -86,9 +86,9 @@ def test_1500_over_ipv4_gives_about_1400() -> None:
 
 
 def test_1500_over_ipv6_gives_20_less() -> None:
-    c = mtus.derive(1500, 6, where="toward 2001:db8::1")
+    c = mtus.derive(1500, 6, where="toward fd00:18::1")
     assert (c.mtu, c.max_datagram_size, c.source) == (1392, 1452, mtus.AUTO)
-    assert c.note == "path MTU 1500 toward 2001:db8::1"
+    assert c.note == "path MTU 1500 toward fd00:18::1"
 
 
 def test_underlay_overhead() -> None:
@@ -186,10 +186,10 @@ def test_choose_resolves_a_peers_name() -> None:
 
     async def resolve(host: str, port: int) -> list[Any]:
         assert (host, port) == ("peer.example", 4433)
-        return [IP("2001:db8::7")]
+        return [IP("fd00:18::7")]
 
     c = run(choose(net, "l3-", resolve=resolve, probe=Probe(1500)))
-    assert (c.mtu, c.note) == (1392, "path MTU 1500 toward 2001:db8::7")
+    assert (c.mtu, c.note) == (1392, "path MTU 1500 toward fd00:18::7")
 
 
 def test_choose_falls_back_when_there_is_no_route_or_no_name() -> None:
