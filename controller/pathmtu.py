@@ -117,7 +117,7 @@ async def choose(
         try:
             path = probe(peer, u.port, u.local)
         except OSError as exc:
-            return mtus.fallback(f"no route toward {peer} ({exc.strerror or exc}): fell back to the default", cap)
+            return mtus.fallback(f"no path MTU toward {peer} ({exc.strerror or exc}): fell back to the default", cap)
         return mtus.derive(path, peer.version, mds_cap=cap, where=f"toward {peer}")
     version = u.local.version if u.local is not None else 4
     try:

@@ -196,7 +196,7 @@ def test_choose_falls_back_when_there_is_no_route_or_no_name() -> None:
     net = parse_config(config({"lab": lab(mtu="auto")})).networks[0]
     c = run(choose(net, "l3-", probe=Probe(OSError(101, "Network is unreachable"))))
     assert (c.mtu, c.max_datagram_size, c.source) == (MTU_DEFAULT, MAX_DATAGRAM_SIZE_DEFAULT, mtus.FALLBACK)
-    assert c.note == "no route toward 198.18.0.3 (Network is unreachable): fell back to the default"
+    assert c.note == "no path MTU toward 198.18.0.3 (Network is unreachable): fell back to the default"
 
     named = dataclasses.replace(net, underlay=dataclasses.replace(net.underlay, peer="nowhere.example"))
 
