@@ -148,6 +148,16 @@ def _traffic(counters: dict[str, int]) -> str:
     return f"{_bytes(rx_b)} received ({rx_p} packets), {_bytes(tx_b)} sent ({tx_p} packets)"
 
 
+def _mtu(n: Any) -> str:
+    """`1412 (auto: path MTU 1500 toward ...)`; the interface's MTU too when the session runs at less."""
+    parts = []
+    if n.interface_mtu and n.interface_mtu != n.mtu:
+        parts.append(f"negotiated; interface {n.interface_mtu}")
+    if n.mtu_source and n.mtu_source != "config":
+        parts.append(f"{printable(n.mtu_source)}: {printable(n.mtu_note)}" if n.mtu_note else printable(n.mtu_source))
+    return f"{n.mtu}" + (f" ({'; '.join(parts)})" if parts else "")
+
+
 def format_status(reply: Any, *, verbose: bool = False) -> str:
     """A `wg show`-like text view of a StatusReply.
 
@@ -166,7 +176,7 @@ def format_status(reply: Any, *, verbose: bool = False) -> str:
         peer = f"{p(n.peer)}:{n.port}" if n.peer else f"port {n.port}"
         lines.append(f"  role: {n.role.value}, underlay peer: {peer}")
         lines.append(f"  tunnel: {', '.join(n.addresses)} -> {', '.join(n.peer_addresses)}")
-        lines.append(f"  mtu: {n.mtu}")
+        lines.append(f"  mtu: {_mtu(n)}")
         lines.append(f"  rtt: {n.rtt_ms:.1f} ms")
         lines.append(f"  transfer: {_traffic(n.counters)}")
         if n.paths:

@@ -267,6 +267,27 @@ def datagram_budget(max_datagram_size: int, overhead: int = QUIC_DATAGRAM_OVERHE
     return max_datagram_size - overhead - HEADER_LEN
 
 
+# ---- mtu = "auto" (issue 16; docs/protocol.md, "MTU policy") ---------------
+
+#: The configuration value that derives the tunnel MTU from the underlay path.
+MTU_AUTO = "auto"
+#: UDP header in front of every QUIC packet.
+UDP_HEADER = 8
+#: Linux socket options of the path MTU probe (Python's socket module lacks
+#: them): <linux/in.h> and <linux/in6.h>.
+IP_MTU_DISCOVER = 10
+IP_PMTUDISC_DO = 2
+IP_MTU = 14
+IPV6_MTU_DISCOVER = 23
+IPV6_PMTUDISC_DO = 2
+IPV6_MTU = 24
+#: <linux/sockios.h>, <linux/if.h>: an interface's MTU and flags by name.
+SIOCGIFFLAGS = 0x8913
+SIOCGIFMTU = 0x8921
+IFF_UP = 0x1
+IFF_LOOPBACK = 0x8
+
+
 # ---- REALITY (issue 15; docs/protocol.md, "REALITY") ----------------------
 
 #: A REALITY short id is at most 8 bytes (16 hex digits in the configuration).

@@ -355,6 +355,12 @@ class NetworkStatus(Record):
     peer_keys: Annotated[tuple[Annotated[str, Text(64)], ...], Items(MAX_QUEUES)] = ()
     #: The current underlay path: the peer's address and port each queue talks to now, each once.
     paths: Annotated[tuple[Annotated[str, Text(64)], ...], Items(MAX_QUEUES)] = ()
+    #: The interface's MTU (`mtu` above is the smallest negotiated one once a session runs).
+    interface_mtu: Annotated[int, Range(0, MTU_MAX)] = 0
+    #: Where the MTU came from: "config", "auto" or "auto-fallback" ("" : not running).
+    mtu_source: Annotated[str, Text(16)] = ""
+    #: For "auto": the path it was derived from, or why it fell back.
+    mtu_note: Reason = ""
 
 
 @message("cli.status_reply")
