@@ -302,7 +302,7 @@ def test_a_running_network_keeps_its_chosen_mtu_over_a_readvertising_reload() ->
     rt = NetworkRuntime(configured, mtus.derive(1500, 4))
     assert (rt.net.mtu, rt.net.max_datagram_size, rt.configured) == (1412, 1472, configured)
     readvertised = dataclasses.replace(configured, advertised_routes=(ipaddress.ip_network("198.19.9.0/24"),))
-    rt.reconfigure(readvertised)
+    rt.reconfigure(readvertised, b"")
     assert (rt.net.mtu, rt.net.max_datagram_size, rt.configured) == (1412, 1472, readvertised)
     assert rt.net.advertised_routes == readvertised.advertised_routes
     assert NetworkRuntime(net_of()).mtu.source == mtus.CONFIG
