@@ -70,6 +70,8 @@ class Renewal:
         self.renew_wanted = ""  #: why a renewal is wanted ("": none)
         self._renew_at: float | None = None  #: connector: next attempt
         self._renew_started = float("-inf")  #: connector: when the last successor started
+        #: A switch happened: does the new session match the keys (they may have changed meanwhile)?
+        self._recheck = False
         self._unpinned_at: float | None = None  #: the active session is closed then, unless replaced
 
     # ---- inputs --------------------------------------------------------
@@ -91,7 +93,7 @@ class Renewal:
         log.info("rekeyed", own_key_changed=own_changed, pinned=len(pinned_now(self.config, time.time())),
                  peer_sources=len(peer_sources))
         if self._loop is not None:
-            self._check_session(self._now(), "our key changed" if own_changed else "", again=True)
+            self._check_session(self._now(), "", again=True)
             self._schedule()
 
     def _check_session(self: Tunnel, now: float, why: str, *, again: bool = False) -> None:
@@ -100,6 +102,8 @@ class Renewal:
         active = self.active
         if active is None or not active.session.established:
             return
+        if active.session.params.private_key != self.config.private_key:
+            why = why or "our key changed"
         if active.session.peer_fingerprint not in pinned_now(self.config, time.time()):
             why = why or "the peer's key is no longer pinned"
             if self._unpinned_at is None:
@@ -151,7 +155,7 @@ class Renewal:
             self.successor = None
         self.renewals += 1
         self.renew_wanted, self._renew_at, self._unpinned_at = "", None, None
-        self.multi = True
+        self.multi = self._recheck = True  # a reload during the handshake may have changed the keys again
         log.info("session_renewed", old=f"{old.addr[0]}:{old.addr[1]}", new=f"{new.addr[0]}:{new.addr[1]}",
                  renewals=self.renewals)
         return True
@@ -198,7 +202,7 @@ class Renewal:
     # ---- time ----------------------------------------------------------
 
     def _renewal_deadlines(self: Tunnel) -> list[float]:
-        out = list(self.retiring.values())
+        out = list(self.retiring.values()) + ([0.0] if self._recheck else [])
         for t in (self._renew_at, self._unpinned_at):
             if t is not None:
                 out.append(t)
@@ -212,7 +216,10 @@ class Renewal:
         if self._renew_at is not None and now >= self._renew_at:
             self._renew_at = None
             self.renew(now, self.renew_wanted or "retry")
-        if any(self.config.peer_keys_not_after):  # a pinned key may have just passed its not-after time
+        if self._recheck:
+            self._recheck = False
+            self._check_session(now, "", again=True)
+        elif any(self.config.peer_keys_not_after):  # a pinned key may have just passed its not-after time
             self._check_session(now, "")
         active = self.active
         if self._unpinned_at is not None and now >= self._unpinned_at:

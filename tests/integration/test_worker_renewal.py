@@ -195,3 +195,27 @@ def test_a_reality_connector_renews_through_the_gate() -> None:
             assert lt.reality is not None and lt.reality.counters()["reality_passed"] == 2
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_key_changed_again_while_a_renewal_is_on_its_way_is_renewed_once_more(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The successor was started with the key of the first reload; the second reload's key must not be lost
+    when that successor takes over (and the same for the listener's key during a connector's renewal)."""
+    monkeypatch.setattr(renewal, "RENEW_RETRY", 0.5)
+
+    async def main() -> None:
+        c2, c3, l2 = new_keys(), new_keys(), new_keys()
+        async with worker_pair() as pair:
+            assert await pair.wait_established()
+            lt, ct = pair.listener.tunnel, pair.connector.tunnel
+            rekey(lt, pins=(pair.ckeys.fingerprint, c2.fingerprint, c3.fingerprint))
+            rekey(ct, pins=(pair.lkeys.fingerprint, l2.fingerprint))
+            rekey(ct, own=c2)
+            rekey(ct, own=c3)  # before the successor with c2 is established
+            rekey(lt, own=l2)  # and the listener's own key during that handshake
+            assert await wait_for(lambda: lt.active is not None and ct.active is not None
+                                  and lt.active.session.peer_fingerprint == c3.fingerprint
+                                  and ct.active.session.peer_fingerprint == l2.fingerprint, 15)
+            assert lt.established and ct.established and ct.renew_failures == 0
+
+    asyncio.run(asyncio.wait_for(main(), 60))

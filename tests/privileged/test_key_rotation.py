@@ -72,7 +72,7 @@ def test_both_ends_rotate_their_keys_with_reloads_under_traffic_and_no_ping_is_l
             rc, out, err = lab.cli(h, "reload")
             assert rc == 0 and "applied live: demo" in out, (out, err)
         wait_until(lambda: all(lab.network(h)["peer_keys"] == [new[p.name][1]] for h, p in ((lab.a, lab.b), (lab.b, lab.a))),
-                   20, "both peers to prove their new keys", every=0.2)
+                   40, "both peers to prove their new keys", every=0.2)
         # 3. Unpin the old keys.
         for h, peer in ((lab.a, lab.b), (lab.b, lab.a)):
             assert "applied live: demo" in _reload(lab, h, [new[peer.name][1]])
@@ -81,6 +81,8 @@ def test_both_ends_rotate_their_keys_with_reloads_under_traffic_and_no_ping_is_l
         if ping.poll() is None:
             os.killpg(ping.pid, 9)
             ping.wait()
+        assert ping.stdout is not None
+        ping.stdout.close()
     m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
     assert m, out
     assert int(m.group(1)) == count and int(m.group(2)) == count, out  # not one lost
