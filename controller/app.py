@@ -270,6 +270,7 @@ class Controller:
                     last_error=rt.last_error if rt is not None else "",
                     mtu_source=rt.mtu.source if rt is not None else "",
                     mtu_note=rt.mtu.note if rt is not None else "",
+                    local_key=rt.fingerprint() if rt is not None else "",
                 )
             )
         return status_reply(

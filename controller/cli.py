@@ -186,8 +186,8 @@ def format_status(reply: Any, *, verbose: bool = False) -> str:
         if n.counters.get("renewals") or n.counters.get("renew_failures"):
             lines.append(f"  renewals: {n.counters.get('renewals', 0)}, failed {n.counters.get('renew_failures', 0)}"
                          " (sessions moved to a new connection without a gap: keys rotated)")
-        if n.peer_keys:
-            lines.append(f"  peer key: {', '.join(p(k) for k in n.peer_keys)}")
+        if n.peer_keys or n.local_key:
+            lines.append(f"  peer key: {', '.join(p(k) for k in n.peer_keys) or '-'}, our key: {p(n.local_key) or '-'}")
         drops = ", ".join(f"{p(k)} {v}" for k, v in n.drops.items() if v) or "none"
         lines.append(f"  drops: {drops}")
         reality = _reality(n.counters)

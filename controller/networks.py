@@ -76,6 +76,14 @@ class NetworkRuntime:
         return (hashlib.sha256(self.key if key is None else key).digest(), net.peer_key, net.peer_keys,
                 net.peer_sources())
 
+    def fingerprint(self) -> str:
+        """Our key's fingerprint ("" before it was read)."""
+        if not self.key:
+            return ""
+        from l3ptp.worker.keys import fingerprint, private_key_from_raw
+
+        return fingerprint(private_key_from_raw(self.key))
+
     def note_error(self, text: str) -> None:
         self.last_error = text
 

@@ -116,6 +116,7 @@ def network_status(
     last_error: str = "",
     mtu_source: str = "",
     mtu_note: str = "",
+    local_key: str = "",
 ) -> NetworkStatus:
     """Aggregate one network. `sup` is None for a network that is not running."""
     queues: list[QueueStatus] = []
@@ -171,6 +172,7 @@ def network_status(
         last_error=error[:512],
         queues=tuple(queues),
         peer_keys=tuple(sorted({qs.peer_key for qs in queues if qs.peer_key})),
+        local_key=local_key,
         paths=tuple(dict.fromkeys(qs.peer for qs in queues if qs.peer)),
         interface_mtu=net.mtu if sup is not None else 0,
         mtu_source=mtu_source[:16],

@@ -353,6 +353,8 @@ class NetworkStatus(Record):
     queues: Annotated[tuple[QueueStatus, ...], Items(MAX_QUEUES)]
     #: The keys the peers of its queues proved (fingerprints, each once): which key the peer uses now.
     peer_keys: Annotated[tuple[Annotated[str, Text(64)], ...], Items(MAX_QUEUES)] = ()
+    #: Our key's fingerprint, as the running workers have it ("": not running).
+    local_key: Annotated[str, Text(64)] = ""
     #: The current underlay path: the peer's address and port each queue talks to now, each once.
     paths: Annotated[tuple[Annotated[str, Text(64)], ...], Items(MAX_QUEUES)] = ()
     #: The interface's MTU (`mtu` above is the smallest negotiated one once a session runs).

@@ -104,7 +104,10 @@ def test_status_shows_renewals_and_the_key_each_peer_proved() -> None:
             await until(lambda: len(env.controller.networks["office"].reports) == 2)
             rc, out, _ = await env.cli("status")
             assert rc == 0
-            assert "renewals: 2, failed 1" in out and f"peer key: {KEY_B}" in out
+            from l3ptp.worker import keys
+
+            ours = keys.fingerprint(keys.private_key_from_raw(KEY))
+            assert "renewals: 2, failed 1" in out and f"peer key: {KEY_B}, our key: {ours}" in out
             assert "path migrations: 2" in out and "path: 198.18.0.2:40000, 198.18.0.2:40001" in out
             rc, out, _ = await env.cli("status", "-v")
             assert out.count(f"peer key {KEY_B}") == 2 and "peer 198.18.0.2:40001" in out

@@ -93,6 +93,7 @@ def test_both_ends_rotate_their_keys_with_reloads_under_traffic_and_no_ping_is_l
         assert net["counters"]["renewals"] >= 2  # each queue moved at least once
         assert net["counters"].get("renew_failures", 0) == 0
         rc, text, _ = lab.cli(h, "status")
-        assert rc == 0 and f"peer key: {new[peer.name][1]}" in text and "renewals:" in text
+        assert rc == 0 and f"peer key: {new[peer.name][1]}, our key: {new[h.name][1]}" in text and "renewals:" in text
+        assert net["local_key"] == new[h.name][1]
     # And the tunnel still works afterwards, with the new keys alone.
     assert " 0% packet loss" in lab.ping(lab.a, lab.b.overlay4, count=3).stdout
