@@ -36,6 +36,11 @@ MAX_PENDING = 256
 PENDING_TIMEOUT = 2.0
 #: Datagrams buffered per pending sender (a ClientHello spans 1-3 Initials; clients retransmit).
 MAX_PENDING_DATAGRAMS = 8
+#: New senders examined per second (a token bucket with one second of burst). Each costs the Initial's key
+#: derivation, its decryption and one X25519 (about 0.13 ms of CPU in all); past the budget a new sender
+#: is refused unexamined ("over_budget": relayed or dropped like any refusal), so that a flood of
+#: senders costs at most this many examinations a second (docs/threat-model.md).
+NEW_SENDER_RATE = 1000
 #: Relay flows at once (one socket each: well inside the default 1024 open files); idle this long: closed.
 MAX_RELAY_FLOWS = 256
 RELAY_IDLE = 30.0
@@ -67,9 +72,11 @@ class _Pending:
 
 class RealityGate:
     def __init__(self, credential: reality.Credential, *, camouflage: bool, clock_skew: float = reality.MAX_SKEW,
-                 max_pending: int = MAX_PENDING, pending_timeout: float = PENDING_TIMEOUT) -> None:
+                 max_pending: int = MAX_PENDING, pending_timeout: float = PENDING_TIMEOUT,
+                 new_sender_rate: int = NEW_SENDER_RATE) -> None:
         self.credential, self.camouflage = credential, camouflage
         self.max_skew, self.max_pending, self.pending_timeout = clock_skew, max_pending, pending_timeout
+        self.rate, self._tokens, self._tokens_at = new_sender_rate, float(new_sender_rate), None
         self.replay = reality.ReplayCache(window=clock_skew)
         self._pending: dict[Hashable, _Pending] = {}
 
@@ -95,6 +102,8 @@ class RealityGate:
         if p is None:
             if len(self._pending) >= self.max_pending:
                 return self._refuse("pending_full", (data,))
+            if not self._take_token(now):
+                return self._refuse("over_budget", (data,))
             p = self._pending[sender] = _Pending(now, header.dcid, qi.CryptoAssembler(), [])
         elif header.dcid != p.dcid or len(p.datagrams) >= MAX_PENDING_DATAGRAMS:
             del self._pending[sender]
@@ -117,6 +126,16 @@ class RealityGate:
         if verdict is reality.Verdict.OK:
             return Decision(Action.PASS, tuple(p.datagrams))
         return self._refuse("bad_initial" if verdict is None else verdict.value, tuple(p.datagrams))
+
+    def _take_token(self, now: float) -> bool:
+        """One new sender's examination from the budget (NEW_SENDER_RATE a second, a second of burst)."""
+        if self._tokens_at is not None:
+            self._tokens = min(float(self.rate), self._tokens + (now - self._tokens_at) * self.rate)
+        self._tokens_at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
 
     def expire(self, now: float) -> list[tuple[Hashable, Decision]]:
         """Senders that did not complete their ClientHello in time, with what to do with what they sent."""

@@ -103,3 +103,21 @@ def test_junk_from_a_new_sender_is_refused_without_state(junk: bytes) -> None:
     gate = RealityGate(CRED, camouflage=False)
     (d,) = feed(gate, "j", [junk])
     assert d.action is Action.DROP and len(gate) == 0
+
+
+def test_new_senders_are_examined_within_a_budget_and_the_rest_refused_unexamined(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flood of senders costs at most `new_sender_rate` examinations (decryption, X25519) a second."""
+    examined = []
+    real = reality.open_random
+    monkeypatch.setattr(reality, "open_random", lambda *a, **kw: examined.append(1) or real(*a, **kw))
+    gate = RealityGate(CRED, camouflage=True, new_sender_rate=50)
+    plain = aioquic_client(["h3"])[1][:1]
+    decisions = [gate.datagram(("198.18.9.9", port), plain[0], 0.0, NOW) for port in range(1000, 1200)]
+    assert [d.reason for d in decisions].count("bad_tag") == 50 == len(examined)
+    over = [d for d in decisions if d.reason == "over_budget"]
+    assert len(over) == 150 and all(d.action is Action.RELAY and d.datagrams == (plain[0],) for d in over)
+    # The budget refills with time: our peer gets through a second later, examined.
+    flight = sealed_flight()
+    assert feed(gate, "peer", flight[:1], t=1.0)[0].action is Action.PASS
+    assert len(gate) == 0
