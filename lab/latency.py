@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         result = asyncio.run(run)
     if args.json:
-        json.dump(result, sys.stdout)
+        print("\n" + json.dumps(result))  # the last line (the workers log to stdout)
         return 0
     print(render({f"{args.engine} ({len(result['samples'])})": summarize([result])}))
     return 0
@@ -306,7 +306,7 @@ def compare(args: argparse.Namespace) -> int:
         for name in order:
             proc = subprocess.run([interpreters[name], *common], cwd=here, capture_output=True, text=True,
                                   env={**os.environ, "PYTHONPATH": str(here)}, check=True)
-            results[name].append(json.loads(proc.stdout))
+            results[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(f"round {r + 1} {name}: rtt median "
                   f"{statistics.median(per_sample(s)['rtt'] for s in results[name][-1]['samples']):.1f} µs",
                   file=sys.stderr)
