@@ -131,7 +131,8 @@ def instrument_classes() -> None:
     Datapath.from_tun_batch = _part("from_tun", Datapath.from_tun_batch)  # type: ignore[method-assign]
 
 
-async def measure(engine_name: str, samples: int, warmup: int, gap: float, size: int, spin: bool = False) -> dict[str, Any]:
+async def measure(engine_name: str, samples: int, warmup: int, gap: float, size: int, spin: bool = False,
+                  offload: bool = True) -> dict[str, Any]:
     from l3ptp.ipc.control_messages import Engine
     from tests.support.packets import ipv4_icmp_echo
     from tests.support.worker_fixtures import addresses, worker_pair
@@ -143,7 +144,7 @@ async def measure(engine_name: str, samples: int, warmup: int, gap: float, size:
     payload = bytes(max(0, size - 28))
     out: list[dict[str, Any]] = []
     async with worker_pair(engine=Engine(engine_name), listener_kw={"keepalive": 25.0},
-                           connector_kw={"keepalive": 25.0}) as pair:
+                           connector_kw={"keepalive": 25.0}, tunnel_kw={"gso": offload, "gro": offload}) as pair:
         a, b = pair.connector, pair.listener
         instrument(a.tunnel, "A")
         instrument(b.tunnel, "B")
@@ -276,12 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print the raw samples as JSON")
     ap.add_argument("--compare", metavar="BASE", help="another checkout with its .venv: interleaved A/B")
     ap.add_argument("--rounds", type=int, default=3, help="with --compare: runs of each, alternating")
+    ap.add_argument("--no-offload", action="store_true", help="workers without UDP GSO and GRO")
     ap.add_argument("--spin", action="store_true", help="busy-wait through the gap instead of sleeping")
     ap.add_argument("--uvloop", action="store_true", help="run on uvloop instead of asyncio")
     args = ap.parse_args(argv)
     if args.compare:
         return compare(args)
-    run = measure(args.engine, args.samples, args.warmup, args.gap, args.size, args.spin)
+    run = measure(args.engine, args.samples, args.warmup, args.gap, args.size, args.spin, not args.no_offload)
     if args.uvloop:
         import uvloop
         result = uvloop.run(run)
@@ -299,7 +301,7 @@ def compare(args: argparse.Namespace) -> int:
     interpreters = {"base": str(Path(args.compare) / ".venv/bin/python"), "this": sys.executable}
     common = ["-m", "lab.latency", "--json", "--engine", args.engine, "--samples", str(args.samples),
               "--warmup", str(args.warmup), "--gap", str(args.gap), "--size", str(args.size)]
-    common += ["--uvloop"] * args.uvloop + ["--spin"] * args.spin
+    common += ["--uvloop"] * args.uvloop + ["--spin"] * args.spin + ["--no-offload"] * args.no_offload
     results: dict[str, list[dict[str, Any]]] = {"base": [], "this": []}
     for r in range(args.rounds):
         order = ("base", "this") if r % 2 == 0 else ("this", "base")
