@@ -462,11 +462,12 @@ class Tunnel(Connections, Renewal):
         deadlines += self.core.deadlines(active.policy if active is not None else None,
                                          active is not None and active.session.established,
                                          [peer.policy for peer in self.candidates.values()]) + self._renewal_deadlines()
+        when = min(deadlines) if deadlines else None
+        if self._timer is not None and self._timer.when() == when:
+            return  # unchanged: no new handle, and no cancelled one left in the loop's timer heap
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
-        if deadlines:
-            self._timer = self._loop.call_at(min(deadlines), self._guarded, self._on_timer)
+        self._timer = None if when is None else self._loop.call_at(when, self._guarded, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
