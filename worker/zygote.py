@@ -10,7 +10,8 @@ child's collections do not write to, and so copy, the shared pages) and then for
 per request. A child shares those pages copy-on-write with the zygote and its siblings.
 
 What it holds: nothing secret and nothing privileged. It runs as the controller's user with
-the controller's (no) capabilities, with no_new_privs; it never sees a worker's configuration
+the controller's (no) capabilities, with no_new_privs, not dumpable (no ptrace by a worker of
+the same uid); it never sees a worker's configuration
 (the controller writes it into the child's stdin pipe after the fork); it opens no zmq
 context, no asyncio loop, no socket but its one SOCK_SEQPACKET to the controller; it is
 single-threaded (checked before every fork).
@@ -50,7 +51,7 @@ from l3ptp.ipc import seqpacket
 from l3ptp.ipc.constants import FORK_MESSAGE_MAX
 from l3ptp.ipc.errors import DecodeError
 from l3ptp.ipc.fork_messages import FORK_REPLIES, FORK_REQUESTS, ForkedExited, ForkFailed, ForkWorker, WorkerForked
-from l3ptp.ipc.hardening import PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG, libc, prctl
+from l3ptp.ipc.hardening import PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG, libc, prctl
 
 __all__ = ["DEFAULT_TARGET", "main", "set_process_name"]
 
@@ -87,6 +88,7 @@ def _load(target: str) -> Callable[[], int]:
 def _become_worker(stdin_fd: int, request: ForkWorker) -> None:
     """In the child, before the target runs: what a fresh ``python -m l3ptp.worker`` would have."""
     os.setsid()
+    prctl(PR_SET_DUMPABLE, 1)
     if stdin_fd != 0:
         os.dup2(stdin_fd, 0)
         os.close(stdin_fd)
@@ -204,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.getppid() != args.parent:
         return 0  # the controller died before the line above
     prctl(PR_SET_NO_NEW_PRIVS, 1)
+    # Not dumpable: a worker (same uid) taken over through a parser bug cannot ptrace the zygote and so
+    # every worker forked after it. A child is made dumpable again, as an exec'd worker is.
+    prctl(PR_SET_DUMPABLE, 0)
     set_process_name(ZYGOTE_NAME)
     sock = socket.socket(fileno=args.socket_fd)
     sock.setblocking(True)

@@ -78,6 +78,7 @@ def test_workers_are_forked_by_the_zygote_with_only_their_stdin_and_their_exits_
         for pid, seen in ((a, sa), (b, sb)):
             assert seen["ppid"] == zygote and seen["sid"] == pid == seen["pgid"]  # its own session
             assert seen["preloaded"] == ["yes"] and seen["comm"] == "l3ptp-worker" and seen["sigterm_default"]
+            assert seen["dumpable"] == 1  # as an exec'd worker; its zygote is not
             # stdin (its config pipe), stdout and stderr: no socket of the zygote, no pidfd of a sibling.
             assert sorted(seen["fds"]) == ["0", "1", "2"] and seen["fds"]["0"].startswith("pipe:"), seen["fds"]
         assert sa["random"] != sb["random"] and sa["urandom"] != sb["urandom"]

@@ -172,12 +172,14 @@ def test_workers_are_forked_by_the_zygote_and_hold_only_their_own_queue(lab: Lab
         zst = proc_status(zygote)  # holds nothing: the controller's uid, no capability, no TUN queue
         assert all(int(u) == lab.controller_uid for u in zst["Uid"].split())
         assert int(zst["CapEff"], 16) == 0 and int(zst["CapPrm"], 16) == 0 and zst["NoNewPrivs"].strip() == "1"
+        assert os.stat(f"/proc/{zygote}/status").st_uid == 0  # not dumpable: its /proc files are root's
         zfds = _fds(zygote)
         assert "/dev/net/tun" not in zfds.values()
         zygote_own = {t for t in zfds.values() if t.startswith(("socket:", "anon_inode:[pidfd]", "anon_inode:[eventpoll]"))}
         for w in pids["workers"]:
             with open(f"/proc/{w}/comm") as f:
                 assert f.read().strip() == "l3ptp-worker"
+            assert os.stat(f"/proc/{w}/status").st_uid == lab.controller_uid  # dumpable, as an exec'd worker
             fds = _fds(w)
             assert list(fds.values()).count("/dev/net/tun") == 1, fds
             assert not {t for t in fds.values() if t.startswith("socket:")} & zygote_own, (fds, zfds)

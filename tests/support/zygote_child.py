@@ -7,6 +7,7 @@ open fds and what they are, the str hash seed check, a random number) as JSON to
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import random
@@ -37,7 +38,8 @@ def main() -> int:
         comm = f.read().strip()
     seen = {"ppid": os.getppid(), "sid": os.getsid(0), "pgid": os.getpgid(0), "fds": _fds(), "comm": comm,
             "preloaded": PRELOADED, "random": random.random(), "urandom": os.urandom(8).hex(),
-            "sigterm_default": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, "argv": sys.argv}
+            "sigterm_default": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, "argv": sys.argv,
+            "dumpable": ctypes.CDLL(None).prctl(3, 0, 0, 0, 0)}  # PR_GET_DUMPABLE
     tmp = f"{prefix}{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(seen, f)
