@@ -210,3 +210,26 @@ def test_the_zygote_dies_with_its_controller_but_the_workers_do_not(tmp_path) ->
         if worker > 0:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(worker, signal.SIGKILL)
+
+
+def test_the_zygote_refuses_a_malformed_request_and_ends_at_eof() -> None:
+    import socket
+
+    from l3ptp.ipc import seqpacket
+    from l3ptp.ipc.fork_messages import FORK_REPLIES, FORK_REQUESTS, ForkFailed, ForkWorker
+    from l3ptp.worker.zygote import Zygote
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    zygote = Zygote(theirs, target=lambda: 0)
+    try:
+        for data in (b"\x93garbage", FORK_REQUESTS.encode(ForkWorker(network="n", queue=0))):  # no stdin fd
+            seqpacket.send(ours, data)
+            assert zygote._request()
+            reply = FORK_REPLIES.decode_untrusted(seqpacket.recv(ours, 4096, 1)[0])
+            assert isinstance(reply, ForkFailed) and reply.reason.startswith("bad request"), reply
+        assert zygote.children == {}
+        ours.close()
+        assert not zygote._request()  # the controller is gone
+    finally:
+        zygote.sel.close()
+        theirs.close()
