@@ -36,6 +36,7 @@ Children it leaves running then (handed over, or after a controller crash) are r
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import gc
 import importlib
@@ -115,6 +116,8 @@ def _fork(stdin_fd: int, request: ForkWorker, target: Callable[[], int]) -> int:
     except BaseException:  # noqa: BLE001 - the child must never return into the zygote's loop
         traceback.print_exc()
     finally:
+        with contextlib.suppress(BaseException):
+            atexit._run_exitfuncs()  # as an interpreter's exit would (logging's shutdown)
         with contextlib.suppress(BaseException):
             sys.stdout.flush()
             sys.stderr.flush()
