@@ -158,8 +158,10 @@ class ForkServer:
             elif isinstance(msg, ForkedExited):
                 seqpacket.close_fds(fds)
                 self._exited(msg.pid, msg.returncode)
-            else:
+            else:  # a WorkerForked without its pidfd: a zygote that says nonsense is not used again
                 seqpacket.close_fds(fds)
+                self._lose()
+                return
 
     def _forked(self, pid: int, pidfd: int) -> None:
         self.children[pid] = pidfd
