@@ -262,12 +262,15 @@ class Controller:
             rt = self.networks.get(net.name)
             nets.append(
                 network_status(
-                    net,
+                    rt.net if rt is not None else net,  # rt.net: with the MTU chosen (mtu = "auto")
                     rt.sup if rt is not None else None,
                     rt.reports if rt is not None else {},
                     admin_down=net.name in self.admin_down or not net.enabled,
                     routes=[str(r) for r in sorted(rt.routes.installed, key=str)] if rt is not None else (),
                     last_error=rt.last_error if rt is not None else "",
+                    mtu_source=rt.mtu.source if rt is not None else "",
+                    mtu_note=rt.mtu.note if rt is not None else "",
+                    local_key=rt.fingerprint() if rt is not None else "",
                 )
             )
         return status_reply(

@@ -148,6 +148,16 @@ def _traffic(counters: dict[str, int]) -> str:
     return f"{_bytes(rx_b)} received ({rx_p} packets), {_bytes(tx_b)} sent ({tx_p} packets)"
 
 
+def _mtu(n: Any) -> str:
+    """`1412 (auto: path MTU 1500 toward ...)`; the interface's MTU too when the session runs at less."""
+    parts = []
+    if n.interface_mtu and n.interface_mtu != n.mtu:
+        parts.append(f"negotiated; interface {n.interface_mtu}")
+    if n.mtu_source and n.mtu_source != "config":
+        parts.append(f"{printable(n.mtu_source)}: {printable(n.mtu_note)}" if n.mtu_note else printable(n.mtu_source))
+    return f"{n.mtu}" + (f" ({'; '.join(parts)})" if parts else "")
+
+
 def format_status(reply: Any, *, verbose: bool = False) -> str:
     """A `wg show`-like text view of a StatusReply.
 
@@ -166,11 +176,18 @@ def format_status(reply: Any, *, verbose: bool = False) -> str:
         peer = f"{p(n.peer)}:{n.port}" if n.peer else f"port {n.port}"
         lines.append(f"  role: {n.role.value}, underlay peer: {peer}")
         lines.append(f"  tunnel: {', '.join(n.addresses)} -> {', '.join(n.peer_addresses)}")
-        lines.append(f"  mtu: {n.mtu}")
+        lines.append(f"  mtu: {_mtu(n)}")
         lines.append(f"  rtt: {n.rtt_ms:.1f} ms")
         lines.append(f"  transfer: {_traffic(n.counters)}")
+        if n.paths:
+            lines.append(f"  path: {', '.join(p(a) for a in n.paths)}")
         if n.counters.get("path_migrations"):
             lines.append(f"  path migrations: {n.counters['path_migrations']} (the peer moved; see its address per queue, -v)")
+        if n.counters.get("renewals") or n.counters.get("renew_failures"):
+            lines.append(f"  renewals: {n.counters.get('renewals', 0)}, failed {n.counters.get('renew_failures', 0)}"
+                         " (sessions moved to a new connection without a gap: keys rotated)")
+        if n.peer_keys or n.local_key:
+            lines.append(f"  peer key: {', '.join(p(k) for k in n.peer_keys) or '-'}, our key: {p(n.local_key) or '-'}")
         drops = ", ".join(f"{p(k)} {v}" for k, v in n.drops.items() if v) or "none"
         lines.append(f"  drops: {drops}")
         reality = _reality(n.counters)

@@ -22,13 +22,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import signal
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from l3ptp.controller import mtu as mtus
 from l3ptp.controller.config import IPNetwork, NetworkConfig
 from l3ptp.controller.helper_client import HelperError
+from l3ptp.controller.pathmtu import choose as choose_mtu
 from l3ptp.controller.routes import RouteTable
 from l3ptp.controller.supervision import Kill, NetworkFailed, NetworkSupervisor, Spawn, Terminate
 from l3ptp.controller.worker_config import build_worker_config, worker_uid
@@ -45,7 +48,11 @@ log = structlog.get_logger("l3ptp.controller")
 class NetworkRuntime:
     """Runtime state of one running network."""
 
-    def __init__(self, net: NetworkConfig) -> None:
+    def __init__(self, net: NetworkConfig, mtu: mtus.MtuChoice | None = None) -> None:
+        #: The network as configured; `net` is what it runs with (its MTU chosen: `mtu = "auto"`).
+        self.configured = net
+        self.mtu = mtu if mtu is not None else mtus.fixed(net)
+        net = mtus.apply(net, self.mtu)
         self.net = net
         self.sup = NetworkSupervisor(net.name, net.queues)
         self.routes = RouteTable(net)
@@ -58,14 +65,34 @@ class NetworkRuntime:
         self.refused_late: set[int] = set()
         #: The network's last error, shown in status; set only by `note_error`.
         self.last_error = ""
+        #: The private key its workers are to have (read from the key file at spawn and reload), and what
+        #: each queue's worker was started with or told (`keying`): a worker behind gets a Rekey.
+        self.key = b""
+        self.keyed: dict[int, tuple[object, ...]] = {}
+
+    def keying(self, key: bytes | None = None) -> tuple[object, ...]:
+        """What a `Rekey` carries, in a form to compare (the key as its digest)."""
+        net = self.net
+        return (hashlib.sha256(self.key if key is None else key).digest(), net.peer_key, net.peer_keys,
+                net.peer_sources())
+
+    def fingerprint(self) -> str:
+        """Our key's fingerprint ("" before it was read)."""
+        if not self.key:
+            return ""
+        from l3ptp.worker.keys import fingerprint, private_key_from_raw
+
+        return fingerprint(private_key_from_raw(self.key))
 
     def note_error(self, text: str) -> None:
         self.last_error = text
 
-    def reconfigure(self, net: NetworkConfig) -> None:
-        """A reload changed only what the network advertises: keep running with `net`."""
-        self.net = net
-        self.routes.set_network(net)
+    def reconfigure(self, net: NetworkConfig, key: bytes) -> None:
+        """A reload changed only what a running network takes on (plan.LIVE_FIELDS, the key): keep running
+        with `net` (and the MTU chosen) and `key`; the route table judges the peers' routes again."""
+        self.configured = net
+        self.net, self.key = mtus.apply(net, self.mtu), key
+        self.routes.set_network(self.net)
 
 
 class NetworkLifecycle:
@@ -101,8 +128,10 @@ class NetworkLifecycle:
 
     async def bring_up(self, net: NetworkConfig, survivors: dict[int, tuple[int, bytes]] | None = None,
                        info: Any = None) -> None:
-        rt = NetworkRuntime(net)
+        rt = NetworkRuntime(net, await self.choose_mtu(net, info))
         self.running[net.name] = rt
+        with contextlib.suppress(Exception):  # unreadable: a spawn fails and says why; adopted workers keep theirs
+            rt.key = self.ctl.key_loader(net.key_path(self.ctl.config.node))
         try:
             await self.fresh_tickets(rt)
         except (HelperError, KeyError) as exc:
@@ -115,6 +144,18 @@ class NetworkLifecycle:
         await self.ctl.handover.adopt_survivors(rt, survivors or {})
         await self.execute(rt, rt.sup.start(self.ctl.clock()), fresh=True)
         log.info("network_up", network=net.name, queues=net.queues)
+
+    async def choose_mtu(self, net: NetworkConfig, info: Any = None) -> mtus.MtuChoice:
+        """The MTU `net` comes up with (`mtu = "auto"`: derived from the path; `info`: the helper still has it)."""
+        choice = await choose_mtu(net, self.ctl.config.controller.interface_prefix)
+        if info is not None:
+            choice = mtus.keep_running(choice, info.mtu)
+        if choice.source == mtus.FALLBACK:
+            log.warning("mtu_auto_fallback", network=net.name, mtu=choice.mtu, reason=choice.note)
+        elif choice.source == mtus.AUTO:
+            log.info("mtu_auto", network=net.name, mtu=choice.mtu, max_datagram_size=choice.max_datagram_size,
+                     path_mtu=choice.path_mtu, note=choice.note)
+        return choice
 
     async def bring_down(self, name: str, reason: str, *, destroy: bool = True) -> None:
         rt = self.running.get(name)
@@ -141,7 +182,7 @@ class NetworkLifecycle:
             if name in known or not rt.tickets:
                 continue  # the helper has it, or it was never created
             log.warning("network_lost_by_helper", network=name)
-            net = rt.net
+            net = rt.configured
             await self.bring_down(name, "the helper no longer has this network")
             await self.bring_up(net)
 
@@ -191,6 +232,7 @@ class NetworkLifecycle:
             )
             data = WORKER_CONFIG.encode(config)
             rt.advertised[queue] = rt.net.advertised_routes
+            rt.key, rt.keyed[queue] = config.private_key, rt.keying(config.private_key)
             pid = await ctl.spawner.spawn(rt.net.name, queue, data)
         except Exception as exc:  # OSError, a key that cannot be read, ...
             log.error("worker_spawn_failed", network=rt.net.name, queue=queue, error=str(exc))

@@ -10,8 +10,12 @@ added / removed / changed / unchanged:
   keep their PIDs and traffic keeps flowing.
 * *changed* networks are restarted (down with the old config, up with the
   new one); *added* ones come up, *removed* ones go down.
-* *readvertised* networks differ only in `advertised_routes`: their workers
-  are told (a ROUTE_UPDATE to the peer), not restarted.
+* *live* networks differ only in what a running network takes on without a
+  restart (`LIVE_FIELDS`: advertised, accepted routes, pinned peer keys, the
+  key file; globally, the node's key file): their workers are told (a
+  ROUTE_UPDATE to the peer, new keys: a renewal of the session without a gap,
+  docs/protocol.md "Renewal"), not restarted. A key file whose *contents*
+  changed is found by the caller (`reload`), not here.
 * settings that only take effect when the controller restarts (runtime_dir,
   admin_group, polkit, metrics) are listed in `restart_required` so the operator is
   told instead of being silently ignored.
@@ -27,7 +31,7 @@ import dataclasses
 
 from l3ptp.controller.config import Config
 
-__all__ = ["Plan", "diff"]
+__all__ = ["LIVE_FIELDS", "Plan", "diff"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -38,14 +42,14 @@ class Plan:
     removed: tuple[str, ...] = ()
     changed: tuple[str, ...] = ()
     unchanged: tuple[str, ...] = ()
-    #: Only `advertised_routes` changed: told to the running workers, no restart.
-    readvertised: tuple[str, ...] = ()
+    #: Only `LIVE_FIELDS` (or the node's key file) changed: applied to the running workers, no restart.
+    live: tuple[str, ...] = ()
     #: Controller settings that changed but need a controller restart.
     restart_required: tuple[str, ...] = ()
 
     @property
     def empty(self) -> bool:
-        return not (self.added or self.removed or self.changed or self.readvertised or self.restart_required)
+        return not (self.added or self.removed or self.changed or self.live or self.restart_required)
 
     def summary(self) -> str:
         parts = [
@@ -54,7 +58,7 @@ class Plan:
                 ("added", self.added),
                 ("removed", self.removed),
                 ("changed", self.changed),
-                ("routes re-advertised", self.readvertised),
+                ("applied live", self.live),
                 ("unchanged", self.unchanged),
             )
             if names
@@ -64,10 +68,14 @@ class Plan:
         return "; ".join(parts) or "no networks"
 
 
+#: What a running network takes on without a restart (the node's key file too, see `_worker_globals`).
+LIVE_FIELDS = ("advertised_routes", "accepted_routes", "peer_key", "peer_keys", "key_file")
+
+
 def _worker_globals(config: Config) -> tuple[object, ...]:
-    """Global settings that end up in every WorkerConfig."""
+    """Global settings that end up in every WorkerConfig and need a restart (not the node's key file)."""
     c = config.controller
-    return (config.node, c.helper_socket, c.status_interval, c.worker_user)
+    return (config.node.id, c.helper_socket, c.status_interval, c.worker_user)
 
 
 def diff(old: Config | None, new: Config) -> Plan:
@@ -77,15 +85,16 @@ def diff(old: Config | None, new: Config) -> Plan:
     globals_changed = _worker_globals(old) != _worker_globals(new)
     old_by_name = {n.name: n for n in old.networks}
     new_names = {n.name for n in new.networks}
-    added, changed, readvertised, unchanged = [], [], [], []
+    key_file_changed = old.node.key_file != new.node.key_file
+    added, changed, live, unchanged = [], [], [], []
     for net in new.networks:
         before = old_by_name.get(net.name)
         if before is None:
             added.append(net.name)
-        elif before == net and not globals_changed:
+        elif before == net and not globals_changed and not (key_file_changed and not net.key_file):
             unchanged.append(net.name)
-        elif not globals_changed and dataclasses.replace(before, advertised_routes=net.advertised_routes) == net:
-            readvertised.append(net.name)
+        elif not globals_changed and dataclasses.replace(before, **{f: getattr(net, f) for f in LIVE_FIELDS}) == net:
+            live.append(net.name)
         else:
             changed.append(net.name)
     removed = tuple(n.name for n in old.networks if n.name not in new_names)
@@ -98,4 +107,4 @@ def diff(old: Config | None, new: Config) -> Plan:
         restart.append("controller.polkit")
     if old.metrics != new.metrics:
         restart.append("metrics")
-    return Plan(tuple(added), removed, tuple(changed), tuple(unchanged), tuple(readvertised), tuple(restart))
+    return Plan(tuple(added), removed, tuple(changed), tuple(unchanged), tuple(live), tuple(restart))

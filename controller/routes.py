@@ -89,6 +89,8 @@ def accept_routes(net: NetworkConfig, advertised: Iterable[str]) -> AcceptedRout
 class _QueueRoutes:
     key: tuple[int, int] | None = None
     routes: frozenset[IPNetwork] = frozenset()
+    #: What the peer advertised (judged again when a reload changes `accepted_routes`).
+    advertised: tuple[str, ...] = ()
 
 
 class RouteTable:
@@ -101,8 +103,12 @@ class RouteTable:
         self.installed: frozenset[IPNetwork] = frozenset()
 
     def set_network(self, net: NetworkConfig) -> None:
-        """The network's configuration changed in place (a reload): later updates are judged by `net`."""
+        """The network's configuration changed in place (a reload): what the peers advertised is judged again
+        by `net` (its `accepted_routes` may have changed), and so are later updates."""
         self.net = net
+        for queue, q in self._queues.items():
+            if q.key is not None:
+                q.routes = self._judge(queue, q.advertised).accepted
 
     def on_peer_routes(self, queue: int, session: int, epoch: int, routes: Iterable[str]) -> AcceptedRoutes | None:
         """Apply one PeerRoutes. None when stale (an older or equal (session, epoch))."""
@@ -110,6 +116,13 @@ class RouteTable:
         key = (session, epoch)
         if q.key is not None and key <= q.key:
             return None
+        q.advertised = tuple(routes)
+        update = self._judge(queue, q.advertised)
+        q.key, q.routes = key, update.accepted
+        return update
+
+    def _judge(self, queue: int, routes: Iterable[str]) -> AcceptedRoutes:
+        """Which of `routes` (queue `queue`'s peer's) are accepted, within the network's route limit."""
         update = accept_routes(self.net, routes)
         others: set[IPNetwork] = set()
         for other, qr in self._queues.items():
@@ -122,7 +135,6 @@ class RouteTable:
             reason = f"network route limit ({MAX_ROUTES_PER_NETWORK}) reached"
             update = AcceptedRoutes(update.accepted - frozenset(over),
                                  update.refused + tuple(RefusedRoute(str(r), reason) for r in over))
-        q.key, q.routes = key, update.accepted
         return update
 
     def reset_queue(self, queue: int) -> None:

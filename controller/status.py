@@ -5,8 +5,9 @@ when a new worker serves the queue) and builds the CLI's view from it:
 
 * counters and drops of a network are the per-key sums over its queues;
 * rtt_ms is the mean over queues whose session is established (0 if none);
-* mtu is the smallest negotiated MTU of the queues, or the configured one
-  before any READY;
+* mtu is the smallest negotiated MTU of the queues, or the interface's
+  before any READY; interface_mtu is the interface's (for ``mtu = "auto"``
+  the derived one), mtu_source and mtu_note say where it came from;
 * the state follows `network_state`: FAILED / DOWN / STOPPING override;
   UP when every queue is established, DEGRADED when some are (or a worker
   is waiting to restart), CONNECTING when workers run but none is
@@ -113,6 +114,9 @@ def network_status(
     admin_down: bool = False,
     routes: Iterable[str] = (),
     last_error: str = "",
+    mtu_source: str = "",
+    mtu_note: str = "",
+    local_key: str = "",
 ) -> NetworkStatus:
     """Aggregate one network. `sup` is None for a network that is not running."""
     queues: list[QueueStatus] = []
@@ -167,6 +171,12 @@ def network_status(
         routes=tuple(str(r) for r in routes),
         last_error=error[:512],
         queues=tuple(queues),
+        peer_keys=tuple(sorted({qs.peer_key for qs in queues if qs.peer_key})),
+        local_key=local_key,
+        paths=tuple(dict.fromkeys(qs.peer for qs in queues if qs.peer)),
+        interface_mtu=net.mtu if sup is not None else 0,
+        mtu_source=mtu_source[:16],
+        mtu_note=mtu_note[:512],
     )
 
 

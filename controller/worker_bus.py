@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from l3ptp.ipc.control_messages import Advertise, Heartbeat, PeerRoutes, WorkerExiting, WorkerHello, WorkerStatus
+from l3ptp.ipc.control_messages import Advertise, Heartbeat, PeerRoutes, Rekey, WorkerExiting, WorkerHello, WorkerStatus
 
 if TYPE_CHECKING:
     from l3ptp.controller.app import Controller
@@ -58,6 +58,21 @@ class WorkerBus:
         rt.advertised[queue] = net.advertised_routes
         log.info("routes_advertised", network=net.name, queue=queue, routes=[str(r) for r in net.advertised_routes])
 
+    async def rekey(self, rt: NetworkRuntime, queue: int) -> None:
+        """Tell queue `queue`'s worker the network's key, pinned peer keys and peer sources (it renews its
+        session where they no longer match it)."""
+        ident = rt.idents.get(queue)
+        if ident is None or self.ctl.bus is None or not rt.key:
+            return
+        net = rt.net
+        await self.ctl.bus.send(ident, Rekey(
+            network=net.name, queue=queue, private_key=rt.key, peer_key=net.peer_key,
+            peer_keys=tuple(k for k, _ in net.peer_keys), peer_keys_not_after=tuple(t for _, t in net.peer_keys),
+            peer_sources=tuple(str(r) for r in net.peer_sources()),
+        ))
+        rt.keyed[queue] = rt.keying()
+        log.info("worker_rekeyed", network=net.name, queue=queue, pinned=len(net.peer_keys) or 1)
+
     async def run(self) -> None:
         assert self.ctl.bus is not None
         while True:
@@ -89,6 +104,8 @@ class WorkerBus:
             if rt.advertised.get(msg.queue) != rt.net.advertised_routes:
                 # Started before a reload changed the routes, and not yet on the bus then.
                 await self.advertise(rt, msg.queue)
+            if rt.key and rt.keyed.get(msg.queue) != rt.keying():  # the same for the keys (or started before the rest)
+                await self.rekey(rt, msg.queue)
             if isinstance(msg, WorkerStatus):
                 rt.reports[msg.queue] = msg
         elif rt.idents.get(msg.queue) != ident:

@@ -108,6 +108,8 @@ MAX_PREFIXES_PER_LIST = 256
 NODE_ID_MAX = 64
 REASON_MAX = 512
 FEATURES_MAX = 32
+#: HELLO feature: the sender acts on RENEW (a connector opens a new connection and moves the session to it).
+FEATURE_RENEW = "renew"
 
 #: Message size caps per channel (bytes), checked before decoding.
 HELPER_MESSAGE_MAX = 16 * 1024
@@ -267,6 +269,27 @@ METRICS_PORT_DEFAULT = 9586
 def datagram_budget(max_datagram_size: int, overhead: int = QUIC_DATAGRAM_OVERHEAD_MAX) -> int:
     """Largest inner IP packet that fits one DATAGRAM for this QUIC packet size."""
     return max_datagram_size - overhead - HEADER_LEN
+
+
+# ---- mtu = "auto" (issue 16; docs/protocol.md, "MTU policy") ---------------
+
+#: The configuration value that derives the tunnel MTU from the underlay path.
+MTU_AUTO = "auto"
+#: UDP header in front of every QUIC packet.
+UDP_HEADER = 8
+#: Linux socket options of the path MTU probe (Python's socket module lacks
+#: them): <linux/in.h> and <linux/in6.h>.
+IP_MTU_DISCOVER = 10
+IP_PMTUDISC_DO = 2
+IP_MTU = 14
+IPV6_MTU_DISCOVER = 23
+IPV6_PMTUDISC_DO = 2
+IPV6_MTU = 24
+#: <linux/sockios.h>, <linux/if.h>: an interface's MTU and flags by name.
+SIOCGIFFLAGS = 0x8913
+SIOCGIFMTU = 0x8921
+IFF_UP = 0x1
+IFF_LOOPBACK = 0x8
 
 
 # ---- REALITY (issue 15; docs/protocol.md, "REALITY") ----------------------

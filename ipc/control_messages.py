@@ -276,6 +276,21 @@ class Advertise(Message):
     local_sources: Prefixes
 
 
+@message("bus.rekey")
+class Rekey(Message):
+    """A reload changed the network's key (or the contents of its key file), its pinned peer keys or what
+    the peer may send from: the worker applies them to the running session, renewing it without a gap
+    where they no longer match it (docs/protocol.md, "Renewal"). Fields as in `WorkerConfig`."""
+
+    network: NetworkName
+    queue: QueueIndex
+    private_key: Annotated[bytes, Blob(32, 32)]
+    peer_key: Fingerprint
+    peer_keys: Annotated[tuple[Fingerprint, ...], Items(PEER_KEYS_MAX)] = ()
+    peer_keys_not_after: Annotated[tuple[Annotated[float, Range(0.0, 2.0**40)], ...], Items(PEER_KEYS_MAX)] = ()
+    peer_sources: Prefixes = ()
+
+
 # ---- CLI <-> controller ----------------------------------------------------
 
 
@@ -336,6 +351,18 @@ class NetworkStatus(Record):
     routes: Prefixes
     last_error: Reason
     queues: Annotated[tuple[QueueStatus, ...], Items(MAX_QUEUES)]
+    #: The keys the peers of its queues proved (fingerprints, each once): which key the peer uses now.
+    peer_keys: Annotated[tuple[Annotated[str, Text(64)], ...], Items(MAX_QUEUES)] = ()
+    #: Our key's fingerprint, as the running workers have it ("": not running).
+    local_key: Annotated[str, Text(64)] = ""
+    #: The current underlay path: the peer's address and port each queue talks to now, each once.
+    paths: Annotated[tuple[Annotated[str, Text(64)], ...], Items(MAX_QUEUES)] = ()
+    #: The interface's MTU (`mtu` above is the smallest negotiated one once a session runs).
+    interface_mtu: Annotated[int, Range(0, MTU_MAX)] = 0
+    #: Where the MTU came from: "config", "auto" or "auto-fallback" ("" : not running).
+    mtu_source: Annotated[str, Text(16)] = ""
+    #: For "auto": the path it was derived from, or why it fell back.
+    mtu_note: Reason = ""
 
 
 @message("cli.status_reply")
@@ -361,6 +388,6 @@ class CommandFailed(Message):
 
 WORKER_CONFIG = Channel("worker-config", WORKER_CONFIG_MAX, (WorkerConfig,))
 BUS_UP = Channel("bus-up", BUS_MESSAGE_MAX, (WorkerHello, WorkerStatus, PeerRoutes, WorkerExiting))
-BUS_DOWN = Channel("bus-down", BUS_MESSAGE_MAX, (Heartbeat, Shutdown, Advertise, Handover))
+BUS_DOWN = Channel("bus-down", BUS_MESSAGE_MAX, (Heartbeat, Shutdown, Advertise, Handover, Rekey))
 CLI_REQUESTS = Channel("cli-request", CLI_MESSAGE_MAX, (StatusRequest, UpRequest, DownRequest, ReloadRequest))
 CLI_REPLIES = Channel("cli-reply", CLI_MESSAGE_MAX, (StatusReply, CommandResult, CommandFailed))

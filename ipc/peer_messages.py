@@ -82,10 +82,20 @@ class Keepalive(Message):
     drop_counters: Counts
 
 
+@message("renew")
+class Renew(Message):
+    """Listener -> connector, ESTABLISHED only, and only to a connector whose HELLO listed the feature
+    FEATURE_RENEW: open a new connection and move the session to it (docs/protocol.md, "Renewal"). The
+    listener cannot start a connection itself; it asks when its own key changed or the connector's key is
+    no longer pinned."""
+
+    reason: Reason
+
+
 @message("close")
 class Close(Message):
     code: U16
     reason: Reason
 
 
-PEER_CONTROL = Channel("peer-control", CONTROL_FRAME_MAX, (Hello, Challenge, Auth, Ready, RouteUpdate, Keepalive, Close))
+PEER_CONTROL = Channel("peer-control", CONTROL_FRAME_MAX, (Hello, Challenge, Auth, Ready, RouteUpdate, Keepalive, Renew, Close))

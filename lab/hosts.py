@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from lab.interrupts import Interrupts
@@ -108,6 +108,17 @@ class Lab(LabTools):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @classmethod
+    def started(cls, *, wait: float = 40.0, **kw: Any) -> Iterator[Lab]:
+        """Build and start a lab, yield it, close it: the body of a test module's lab fixture."""
+        lab = cls(**kw)
+        try:
+            lab.build()
+            lab.start(wait=wait)
+            yield lab
+        finally:
+            lab.close()
 
     # ---- building ----------------------------------------------------------------
 

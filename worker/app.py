@@ -25,6 +25,7 @@ from l3ptp.ipc.control_messages import (
     Handover,
     Heartbeat,
     PeerRoutes,
+    Rekey,
     Shutdown,
     WorkerConfig,
     WorkerExiting,
@@ -102,10 +103,12 @@ def status_message(config: WorkerConfig, tunnel: Tunnel) -> WorkerStatus:
                   "icmp_too_big_sent": tunnel.datapath.icmp_too_big_sent,
                   "peer_route_limit": c.peer_route_limit,
                   # UDP datagrams the kernel refused to send, and received ones no connection took.
-                  "udp_send_errors": min(tunnel.udp_send_errors, _U64_MAX),
+                  "udp_send_errors": min(tunnel.udp.send_errors if tunnel.udp else 0, _U64_MAX),
                   "udp_ignored": min(tunnel.udp_ignored, _U64_MAX),
                   # The peer's address changed under its connection (NAT rebinding, roaming).
                   "path_migrations": min(tunnel.path_migrations, _U64_MAX),
+                  # Sessions moved to a new connection without a gap (key rotation), and failed attempts.
+                  **{k: min(v, _U64_MAX) for k, v in tunnel.renewal_counters().items()},
                   # A connector's peer name that did not resolve (each attempt; last_error says why).
                   "peer_resolve_failures": min(tunnel.peer_resolve_failures, _U64_MAX),
                   # REALITY listener: senders passed, refused by reason, relayed (docs/protocol.md).
@@ -186,6 +189,11 @@ async def run_worker(
                     tunnel.advertise(msg.advertised_routes, msg.local_sources)
                     for routes in last_routes:  # a new controller knows nothing of the peer's routes yet
                         bus.send(routes)
+                continue
+            if isinstance(msg, Rekey):
+                if (msg.network, msg.queue) == (config.network, config.queue):
+                    tunnel.rekey(private_key=msg.private_key, peer_key=msg.peer_key, peer_keys=msg.peer_keys,
+                                 peer_keys_not_after=msg.peer_keys_not_after, peer_sources=msg.peer_sources)
                 continue
             assert isinstance(msg, Heartbeat)
 

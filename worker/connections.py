@@ -36,7 +36,7 @@ from .admission import has_token
 from .core import PeerPolicy
 from .ippacket import PrefixSet
 from .policy import looks_like_initial, normalize_ip
-from .session import Closed, Established, RoutesChanged, Send, Session, SessionParams, State
+from .session import Closed, Established, RenewRequested, RoutesChanged, Send, Session, SessionParams, State
 
 if TYPE_CHECKING:
     from .tunnel import Tunnel
@@ -240,21 +240,27 @@ class Connections:
         peer = Peer(conn, self._new_session(now), addr, self.core.admitted(now))
         peer.cids = (decision.original_dcid, conn.host_cid) + ((decision.retry_scid,) if decision.retry_scid else ())
         self.candidates[addr] = peer
+        self.multi = self.multi or (self.active is not None and self.active.addr == addr)
         if self.active is None:
             self.state = SessionState.HANDSHAKING
         log.debug("candidate_admitted", peer=addr_text(addr), validated=decision.retry_scid is not None)
         return peer
 
     def _all_peers(self: Tunnel) -> list[Peer]:
-        peers = list(self.candidates.values())
+        peers = [*self.candidates.values(), *self._renewal_peers()]
         if self.active is not None:
             peers.append(self.active)
         return peers
 
     def _route(self: Tunnel, data: bytes, addr: tuple[Any, ...], now: float) -> Peer | None:
+        if self.multi:  # a renewal: connections share the peer's address (worker/renewal.py)
+            by_cid = self._by_cid(data)
+            if by_cid is not None:
+                return by_cid
         is_new_initial = looks_like_initial(data)
         active = self.active
-        if active is not None and active.addr == addr and not (is_new_initial and active.handshake_done):
+        if active is not None and active.addr == addr and not (is_new_initial and active.handshake_done) \
+                and not (self.multi and addr in self.candidates):  # a renewal's candidate: its own checks below
             return active
         cand = self.candidates.get(addr)
         if cand is not None and not (is_new_initial and cand.handshake_done):
@@ -324,6 +330,7 @@ class Connections:
         conn = self.engine.QuicConnection(configuration=self._configuration(True))
         reality_link.connect(conn, self._peer_addr, now, self.config)
         self.active = Peer(conn, self._new_session(now), self._peer_addr, self.core.connecting(now))
+        self.active.cids = (conn.host_cid,)
         self.state = SessionState.HANDSHAKING
         self._transmit(self.active)
         log.debug("quic_connect", peer=addr_text(self._peer_addr))
@@ -338,7 +345,7 @@ class Connections:
             if event is None:
                 return
             if isinstance(event, ev.DatagramFrameReceived):
-                if peer is not self.active or not peer.session.established:
+                if (peer is not self.active and peer not in self.retiring) or not peer.session.established:
                     # Apart from the session's totals: a stranger's DATAGRAMs
                     # must not move the active session's key-update budget.
                     self.counters.unauth_rx_packets += 1
@@ -418,10 +425,13 @@ class Connections:
                     self.on_routes(self.sessions, action)
             elif isinstance(action, Closed):
                 self._close_peer(peer, action)
+            elif isinstance(action, RenewRequested) and peer is self.active:
+                self.renew(self._now(), f"the peer asked: {action.reason}")
 
     def _on_established(self: Tunnel, peer: Peer, est: Established) -> None:
         old = self.active
-        if old is not None and old is not peer:
+        renewed = old is not None and old is not peer and self._switching(old, peer)
+        if old is not None and old is not peer and not renewed:
             self._apply(old, old.session.close(ErrorCode.SHUTDOWN, "replaced by a new session"))
         self.candidates.pop(peer.addr, None)
         self.active = peer
@@ -432,6 +442,7 @@ class Connections:
             tx_context_id=est.tx_context_id,
             rx_context_id=est.rx_context_id,
             peer_addresses=est.peer_tunnel_addresses,
+            keep_previous=renewed,
         )
         self.state = SessionState.ESTABLISHED
         self.last_error = ""
@@ -457,6 +468,7 @@ class Connections:
             self.counters.drop(DropReason.DGRAM_LOST_ON_CLOSE, lost)
         if self.candidates.get(peer.addr) is peer:
             del self.candidates[peer.addr]
+        self._forget(peer, reason)
         if self.active is peer:
             self.active = None
             self.datapath.stop_session()
@@ -464,7 +476,10 @@ class Connections:
             self.last_error = reason
             log.info("session_ended", peer=addr_text(peer.addr), reason=reason[:200])
             if self.state is not SessionState.STOPPED:
-                if self.config.role is PeerRole.CONNECT:
+                if self.config.role is PeerRole.CONNECT and self.successor is not None:
+                    self.active, self.successor = self.successor, None  # the renewal's connection is the next
+                    self.active.policy.expires, self.state = float("inf"), SessionState.HANDSHAKING
+                elif self.config.role is PeerRole.CONNECT:
                     self._schedule_reconnect()
                 else:
                     self.state = SessionState.CONNECTING

@@ -69,6 +69,7 @@ class Datapath:
         "max_payload",
         "tx_context_id",
         "rx_context_id",
+        "rx_previous",
         "established",
         "queue_max",
         "_seq",
@@ -98,6 +99,8 @@ class Datapath:
         self.max_payload = 0
         self.tx_context_id = 0
         self.rx_context_id = 0
+        #: The replaced session's context id, accepted while it retires (worker/renewal.py); -1: none.
+        self.rx_previous = -1
         self.established = False
         self.queue_max = queue_max
         self._seq = 0
@@ -116,8 +119,10 @@ class Datapath:
     # ---- session lifecycle ------------------------------------------------
 
     def start_session(self, *, mtu: int, max_payload: int, tx_context_id: int, rx_context_id: int,
-                      peer_addresses: Iterable[str] = ()) -> None:
-        """Open the data path for a freshly established session."""
+                      peer_addresses: Iterable[str] = (), keep_previous: bool = False) -> None:
+        """Open the data path for a freshly established session; `keep_previous`: it replaces a session
+        whose DATAGRAMs are still accepted until `rx_previous` is set back to -1."""
+        self.rx_previous = self.rx_context_id if keep_previous and self.established else -1
         self.peer_v4 = self.peer_v6 = None
         for text in peer_addresses:
             ip = ipaddress.ip_interface(text).ip
@@ -222,7 +227,7 @@ class Datapath:
         except BadPacket as exc:
             c.drops[exc.reason] += 1
             return None
-        if context_id != self.rx_context_id:
+        if context_id != self.rx_context_id and context_id != self.rx_previous:
             c.drops[DropReason.DGRAM_UNKNOWN_CONTEXT] += 1
             return None
         reason = check_ip_untrusted(packet, mtu=self.mtu, allowed_src=self.peer_sources, direction=Direction.FROM_PEER)

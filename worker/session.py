@@ -36,8 +36,8 @@ session does not verify. The listener tells nothing about itself before that
 proof (protocol version 2): its HELLO follows a good AUTH, and every
 authentication failure, a wrong network or endpoint included, closes with
 AUTH_FAILED and the one reason AUTH_FAILED_REASON on the wire. Nothing is read from or written to TUN before
-ESTABLISHED. After ESTABLISHED, only ROUTE_UPDATE, KEEPALIVE and CLOSE are
-legal. Every (role, state, message) not in `TRANSITIONS` is a protocol
+ESTABLISHED. After ESTABLISHED, only ROUTE_UPDATE, KEEPALIVE, CLOSE and (listener
+to a connector that listed the feature "renew") RENEW are legal. Every (role, state, message) not in `TRANSITIONS` is a protocol
 violation: the session sends CLOSE(PROTOCOL_VIOLATION) and ends. CLOSE is
 accepted in every state.
 """
@@ -52,6 +52,7 @@ from l3ptp.ipc.constants import (
     AUTH_FAILED_REASON,
     AUTH_NONCE_LEN,
     DEAD_PEER_INTERVALS,
+    FEATURE_RENEW,
     HEADER_LEN,
     IP_VERSION_4,
     IP_VERSION_6,
@@ -62,14 +63,15 @@ from l3ptp.ipc.constants import (
 )
 from l3ptp.ipc.counters import Counters
 from l3ptp.ipc.errors import ErrorCode
-from l3ptp.ipc.peer_messages import Auth, Challenge, Close, Hello, Keepalive, Ready, RouteUpdate
+from l3ptp.ipc.peer_messages import Auth, Challenge, Close, Hello, Keepalive, Ready, Renew, RouteUpdate
 from l3ptp.ipc.schema import Message
 from l3ptp.ipc.text import printable
 from l3ptp.ipc.types import PeerRole
 
 from . import keys
+from .session_actions import Action, Closed, Established, RenewRequested, RoutesChanged, Send
 
-__all__ = ["Closed", "Established", "RoutesChanged", "Send", "Session", "SessionParams", "State", "TRANSITIONS",
+__all__ = ["Closed", "Established", "RenewRequested", "RoutesChanged", "Send", "Session", "SessionParams", "State", "TRANSITIONS",
            "accepted_mtu"]
 
 
@@ -86,49 +88,6 @@ class State(enum.Enum):
     AWAIT_READY = enum.auto()
     ESTABLISHED = enum.auto()
     CLOSED = enum.auto()
-
-
-# ---- actions ----------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Send:
-    message: Message
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Established:
-    mtu: int
-    #: Context id we put on DATAGRAMs we send (the peer's choice).
-    tx_context_id: int
-    #: Context id we accept on DATAGRAMs we receive (our choice).
-    rx_context_id: int
-    peer_tunnel_addresses: tuple[str, ...]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class RoutesChanged:
-    epoch: int
-    routes: tuple[str, ...]
-    tunnel_addresses: tuple[str, ...]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Closed:
-    code: ErrorCode
-    reason: str
-    #: True when we closed (and sent CLOSE); False when the peer did.
-    local: bool
-    #: What the peer is told (CLOSE and the QUIC reason phrase) when it must
-    #: not learn `reason` (authentication failures); None: `reason`.
-    peer_reason: str | None = None
-
-    @property
-    def wire_reason(self) -> str:
-        return self.reason if self.peer_reason is None else self.peer_reason
-
-
-Action = Send | Established | RoutesChanged | Closed
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -189,6 +148,7 @@ TRANSITIONS: dict[tuple[PeerRole, State, type[Message]], tuple[str, State]] = {
     (PeerRole.CONNECT, State.ESTABLISHED, RouteUpdate): ("_on_route_update", State.ESTABLISHED),
     (PeerRole.LISTEN, State.ESTABLISHED, Keepalive): ("_on_keepalive", State.ESTABLISHED),
     (PeerRole.CONNECT, State.ESTABLISHED, Keepalive): ("_on_keepalive", State.ESTABLISHED),
+    (PeerRole.CONNECT, State.ESTABLISHED, Renew): ("_on_renew", State.ESTABLISHED),
 }
 
 
@@ -451,6 +411,18 @@ class Session:
         self.peer_counters = msg
         return []
 
+    def _on_renew(self, msg: Renew, now: float) -> list[Action]:
+        return [RenewRequested(self.peer_text(msg.reason))]
+
+    def request_renewal(self, reason: str) -> list[Action]:
+        """Listener, ESTABLISHED: ask the connector to move the session to a new connection (RENEW), if its
+        HELLO said it can; [] otherwise (the caller's deadline, if any, still holds)."""
+        hello = self._peer_hello
+        if self.state is not State.ESTABLISHED or self.params.role is not PeerRole.LISTEN or hello is None \
+                or FEATURE_RENEW not in hello.supported_features:
+            return []
+        return [Send(Renew(reason=reason[:REASON_MAX]))]
+
     # ---- helpers ---------------------------------------------------------
 
     def _hello(self) -> Hello:
@@ -464,7 +436,7 @@ class Session:
             network_id=self.params.network_id,
             endpoint_id=self.params.endpoint_id,
             node_id=self.params.node_id,
-            supported_features=(),
+            supported_features=(FEATURE_RENEW,),
             max_datagram_payload=self._max_payload,
             requested_mtu=self.params.requested_mtu,
             supported_address_families=tuple(families),

@@ -55,6 +55,7 @@ from .admission import Admission
 from .connections import Connections, Peer, addr_text, session_params
 from .core import TunnelCore
 from .datapath import Datapath
+from .renewal import Renewal
 from .engine import EngineClasses, load_engine
 from .policy import RESTART_HINT, normalize_ip
 from .session import RoutesChanged, State
@@ -85,7 +86,7 @@ class TunnelStatus:
     peer_key: str = ""  #: fingerprint of the key the active peer proved ("" before)
 
 
-class Tunnel(Connections):
+class Tunnel(Connections, Renewal):
     """Run the peer link of one worker queue until `stop`."""
 
     def __init__(
@@ -126,6 +127,7 @@ class Tunnel(Connections):
         self.sessions = 0
         self.path_migrations = 0  #: times the active peer's address changed under one connection (roaming)
         self.peer_resolve_failures = 0  #: connector: its peer's name did not resolve (retried with the backoff)
+        self._init_renewal()
         self.last_error = ""
         #: Received UDP datagrams no connection took (noise, a stranger's RESTART_HINT, refused attempts:
         #: these also count under their initial_* drop reason); reported as the counter `udp_ignored`.
@@ -218,10 +220,6 @@ class Tunnel(Connections):
     def key_updates(self) -> int:
         """QUIC key updates this worker started (RFC 9001, 6)."""
         return self.core.key_updates
-
-    @property
-    def udp_send_errors(self) -> int:
-        return self.udp.send_errors if self.udp is not None else 0
 
     @property
     def established(self) -> bool:
@@ -463,7 +461,7 @@ class Tunnel(Connections):
         active = self.active
         deadlines += self.core.deadlines(active.policy if active is not None else None,
                                          active is not None and active.session.established,
-                                         [peer.policy for peer in self.candidates.values()])
+                                         [peer.policy for peer in self.candidates.values()]) + self._renewal_deadlines()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -495,4 +493,5 @@ class Tunnel(Connections):
             self._reconnect()
         if self.core.start_hint_due(now):
             self._send_start_hint(now)
+        self._renewal_timer(now)
         self._schedule()

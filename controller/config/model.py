@@ -148,6 +148,9 @@ class NetworkConfig:
     #: Every key pinned for the peer, with its not-after time (unix seconds; 0.0 = none); () = `peer_key`
     #: alone. With `peer_keys` set, `peer_key` is the first of them (or the one given, listed first).
     peer_keys: tuple[tuple[str, float], ...] = ()
+    #: ``mtu = "auto"``: `mtu` (MTU_DEFAULT, the fallback) and `max_datagram_size` (a cap, MAX_DATAGRAM_SIZE_MAX
+    #: unless set) are replaced by what the underlay path gives when the network comes up (controller/mtu.py).
+    mtu_auto: bool = False
 
     def addresses(self) -> tuple[IPInterface, ...]:
         """Local tunnel addresses (with prefix length), IPv4 first, then IPv6."""

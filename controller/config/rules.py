@@ -45,7 +45,13 @@ def check_mtu(col: Collector, draft: Draft) -> None:
         return
     if ok(mds):
         budget = datagram_budget(mds)
-        if mtu > budget:
+        if draft.get("mtu_auto") is True and mtu > budget:
+            col.add(
+                draft.key("max_datagram_size"),
+                f"{mds} caps the QUIC packet size of mtu = \"auto\" at a DATAGRAM budget of {budget},"
+                f" below the fallback {mtu}; raise it to at least {mtu + mds - budget} or leave it out",
+            )
+        elif mtu > budget:
             col.add(
                 draft.key("mtu"),
                 f"{mtu} exceeds the DATAGRAM budget {budget} of max_datagram_size {mds}"

@@ -64,6 +64,7 @@ from l3ptp.ipc.constants import (
     MAX_QUEUES,
     METRICS_ADDRESS_DEFAULT,
     METRICS_PORT_DEFAULT,
+    MTU_AUTO,
     MTU_DEFAULT,
     MTU_MAX,
     MTU_MIN,
@@ -160,9 +161,14 @@ def _parse_network(col: Collector, name: str, body: Any, path: str, prefix: Any)
     v["enabled"] = f("enabled", boolean, True)
     v["interface"] = _network_interface(col, tbl, path, name if name_ok else None, prefix)
     v["role"] = f("role", choice(ROLES))
-    v["mtu"] = f("mtu", integer(MTU_MIN, MTU_MAX), MTU_DEFAULT)
+    mtu = f("mtu", mtu_setting, MTU_DEFAULT)
+    # "auto": the controller derives mtu and max_datagram_size from the underlay path when the network
+    # comes up (controller/mtu.py); until then mtu is the fallback and max_datagram_size the cap.
+    v["mtu_auto"] = mtu == MTU_AUTO
+    v["mtu"] = MTU_DEFAULT if v["mtu_auto"] else mtu
     v["max_datagram_size"] = f(
-        "max_datagram_size", integer(MAX_DATAGRAM_SIZE_MIN, MAX_DATAGRAM_SIZE_MAX), MAX_DATAGRAM_SIZE_DEFAULT
+        "max_datagram_size", integer(MAX_DATAGRAM_SIZE_MIN, MAX_DATAGRAM_SIZE_MAX),
+        MAX_DATAGRAM_SIZE_MAX if v["mtu_auto"] else MAX_DATAGRAM_SIZE_DEFAULT,
     )
     v["queues"] = f("queues", integer(1, MAX_QUEUES), 1)
     for version in (4, 6):
@@ -201,6 +207,16 @@ def _parse_network(col: Collector, name: str, body: Any, path: str, prefix: Any)
     check_mtu(col, draft)
     check_prefixes(col, draft)
     return draft
+
+
+def mtu_setting(value: Any, path: str, col: Collector) -> int | str | Bad:
+    """`mtu`: an integer MTU_MIN..MTU_MAX, or "auto" (derived from the underlay path)."""
+    if isinstance(value, str):
+        if value == MTU_AUTO:
+            return value
+        col.add(path, f'{value!r} is not a valid MTU: an integer {MTU_MIN}..{MTU_MAX}, or "{MTU_AUTO}"')
+        return BAD
+    return integer(MTU_MIN, MTU_MAX)(value, path, col)
 
 
 def _network_interface(

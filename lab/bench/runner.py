@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -251,36 +252,45 @@ def plan_baselines(args: argparse.Namespace, results: list[dict[str, Any]]) -> l
     return plans
 
 
+#: `--mtu` values: the default MTU (1280, no `mtu` key) and `mtu = "auto"` (derived from the underlay path).
+L3PTP_MTUS = ("1280", "auto")
+
+
+def l3ptp_name(queues: int, engine: str, mtu: str) -> str:
+    """`l3ptp q=1 qh3` at the default MTU, `l3ptp@auto q=1 qh3` with ``mtu = "auto"``."""
+    return f"l3ptp{'' if mtu == '1280' else '@' + mtu} q={queues} {engine}"
+
+
 def plan_l3ptp(args: argparse.Namespace, results: list[dict[str, Any]]) -> list[Plan]:
     plans: list[Plan] = []
-    for queues in args.queues:
-        for engine in args.engine:
-            name = f"l3ptp q={queues} {engine}"
+    for queues, engine, mtu in itertools.product(args.queues, args.engine, args.mtu):
+        name = l3ptp_name(queues, engine, mtu)
 
-            def body(lab: Any, config: dict[str, Any], started: list[int], extra: list[str],
-                     queues: int = queues, engine: str = engine) -> None:
-                lab.start(wait=args.timeout)
+        def body(lab: Any, config: dict[str, Any], started: list[int], extra: list[str],
+                 queues: int = queues, engine: str = engine, mtu: str = mtu) -> None:
+            lab.start(wait=args.timeout)
 
-                def pids() -> dict[str, int]:
-                    out = {}
-                    for host in lab.hosts.values():
-                        p = lab.pids(host)
-                        out[f"{host.name}.helper"] = p["helper"]
-                        out[f"{host.name}.controller"] = p["controller"]
-                        for i, w in enumerate(p["workers"]):
-                            out[f"{host.name}.worker{i}"] = w
-                    return {k: v for k, v in out.items() if v}
+            def pids() -> dict[str, int]:
+                out = {}
+                for host in lab.hosts.values():
+                    p = lab.pids(host)
+                    out[f"{host.name}.helper"] = p["helper"]
+                    out[f"{host.name}.controller"] = p["controller"]
+                    for i, w in enumerate(p["workers"]):
+                        out[f"{host.name}.worker{i}"] = w
+                return {k: v for k, v in out.items() if v}
 
-                started.extend(pids().values())
-                config.update(kind="l3ptp", queues=queues, engine=engine, dst=lab.b.overlay4,
-                              mtu=link_mtu(lab.a, "l3p-demo"))
-                say(f"{config['name']}: tunnel up, MTU {config['mtu']}; processes {pids()}")
-                run_tests(lab, config, dst=lab.b.overlay4, iface="l3p-demo", pids=pids, args=args,
-                          watch=L3ptpWatch(lab))
-                config["summary"] = summarize(config)
-                results.append(config)
+            started.extend(pids().values())
+            config.update(kind="l3ptp", queues=queues, engine=engine, dst=lab.b.overlay4,
+                          mtu=link_mtu(lab.a, "l3p-demo"), mtu_setting=mtu)
+            say(f"{config['name']}: tunnel up, MTU {config['mtu']}; processes {pids()}")
+            run_tests(lab, config, dst=lab.b.overlay4, iface="l3p-demo", pids=pids, args=args,
+                      watch=L3ptpWatch(lab))
+            config["summary"] = summarize(config)
+            results.append(config)
 
-            plans.append((name, body, {"queues": queues, "engine": engine}))
+        auto = {"mtu": "auto"} if mtu == "auto" else None
+        plans.append((name, body, {"queues": queues, "engine": engine, "config_a": auto, "config_b": auto}))
     return plans
 
 
@@ -320,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=5.0, help="length of each iperf3 run (default 5)")
     p.add_argument("--queues", type=_list(int, range(1, 9)), default=[1, 2], metavar="N[,N...]",
                    help="l3ptp queue counts to sweep (default 1,2)")
+    p.add_argument("--mtu", type=_list(str, L3PTP_MTUS), default=list(L3PTP_MTUS), metavar="M[,M...]",
+                   help="l3ptp MTU settings: 1280 (the default) and/or auto (mtu = \"auto\": derived from the "
+                        "underlay path, 1412 on the lab's 1500-byte veth); default 1280,auto")
     p.add_argument("--engine", type=_list(str, ENGINES), default=["aioquic", "qh3"], metavar="E[,E...]",
                    help="QUIC engines to sweep: aioquic, qh3, auto (default aioquic,qh3; those not installed are skipped)")
     p.add_argument("--baselines", type=_list(str, BASELINES), default=list(BASELINES), metavar="B[,B...]",
@@ -386,13 +399,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": {"ncpu": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
                     "cpu": _cpu_model()},
         "settings": {"seconds": args.seconds, "udp_rate": args.udp_rate, "udp_len": UDP_LEN,
-                     "tunnel_mtu": TUNNEL_MTU, "pings": args.pings, "rounds": args.rounds},
+                     "tunnel_mtu": TUNNEL_MTU, "l3ptp_mtu": args.mtu, "pings": args.pings, "rounds": args.rounds},
         "commit": _commit(),
         "configs": results,
     }
     if results:
         at_defaults = [c for c in results if not c["name"].endswith(EQUAL_MTU_SUFFIX)]
-        equal = [c for c in results if c["name"].endswith(EQUAL_MTU_SUFFIX) or c.get("kind") == "l3ptp"]
+        equal = [c for c in results if c["name"].endswith(EQUAL_MTU_SUFFIX)
+                 or (c.get("kind") == "l3ptp" and c.get("mtu_setting", "1280") == "1280")]
         report["medians"] = {"defaults": aggregate(at_defaults, REFERENCE),
                              "equal_mtu": aggregate(equal, REFERENCE + EQUAL_MTU_SUFFIX)}
         print(f"\nmedian of {args.rounds} interleaved round(s) [lowest-highest]; ratios against {REFERENCE}'s "

@@ -29,6 +29,7 @@ from l3ptp.ipc.control_messages import (
     Advertise,
     Handover,
     PeerRoutes,
+    Rekey,
     Shutdown,
     SessionState,
     WorkerHello,
@@ -456,7 +457,11 @@ def test_orderly_stop_hands_the_workers_over_and_the_next_controller_adopts_them
                 assert not os.path.exists(marker)  # taken
                 for p in procs:  # the next controller speaks to them (ends their grace)
                     await _next_down(env.worker(p.pid), Advertise)
+                    assert (await _next_down(env.worker(p.pid), Rekey)).private_key == KEY  # the key it holds now
                 assert nxt.status(verbose=False).networks[0].state.value != "failed"
+                # It knows the key its adopted workers have: a reload of the same file changes nothing.
+                result = await nxt.apply(make_config(env.runtime))
+                assert result.ok and result.message == "unchanged: office", result.message
             finally:
                 for r in reporters:
                     r.cancel()
@@ -616,7 +621,7 @@ def test_reload_of_advertised_routes_only_tells_the_workers(tmp_path: Any) -> No
             new = make_config(env.runtime, {"office": office(queues=2, advertised_routes=["198.19.11.0/24",
                                                                                           "198.19.12.0/24"])})
             result = await env.controller.apply(new)
-            assert result.ok and "routes re-advertised: office" in result.message
+            assert result.ok and "applied live: office" in result.message
             assert {p.pid for p in env.spawner.live("office")} == {procs[0].pid, procs[1].pid}
 
             async def advertise_to(pid: int) -> Advertise:

@@ -470,7 +470,7 @@ def test_reload_of_advertised_routes_reaches_the_peer_without_a_restart() -> Non
         narrower = v4.replace(".0/24", ".0/25")
         lab.write_config(lab.a, {**lab.a.network, "advertised_routes": [narrower, v6]}, lab.a.underlay_table)
         rc, out, err = lab.cli(lab.a, "reload")
-        assert rc == 0 and "routes re-advertised: demo" in out, (out, err)
+        assert rc == 0 and "applied live: demo" in out, (out, err)
         wait_for("b to install the narrower route", lambda: our_routes(lab, lab.b) == {narrower, v6}, timeout=20,
                  lab=lab)
         assert {h.name: lab.pids(h)["workers"] for h in (lab.a, lab.b)} == workers

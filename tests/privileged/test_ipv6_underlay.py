@@ -15,13 +15,7 @@ pytestmark = [pytest.mark.privileged, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    lab = Lab(queues=2, underlay_ipv6=True)
-    try:
-        lab.build()
-        lab.start(wait=40)
-        yield lab
-    finally:
-        lab.close()
+    yield from Lab.started(queues=2, underlay_ipv6=True)
 
 
 def test_the_tunnel_runs_over_an_ipv6_underlay(lab: Lab) -> None:

@@ -21,13 +21,7 @@ NEW_SOURCE = "198.18.0.3"
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
     # The listener filters nothing by address here (underlay.peer unset): an address change must pass.
-    lab = Lab(queues=1, config_a={"underlay": {"peer": None}})
-    try:
-        lab.build()
-        lab.start(wait=40)
-        yield lab
-    finally:
-        lab.close()
+    yield from Lab.started(queues=1, config_a={"underlay": {"peer": None}})
 
 
 def queue(lab: Lab, host) -> dict:  # type: ignore[no-untyped-def]

@@ -276,3 +276,18 @@ def test_list_option_parsing() -> None:
     args = runner.build_parser().parse_args(["--queues", "1,2", "--engine", "aioquic", "--baselines", "veth"])
     assert args.queues == [1, 2] and args.engine == ["aioquic"] and args.baselines == ["veth"]
     assert args.seconds == 5.0 and args.udp_rate == "300M" and args.rounds == 3
+
+
+def test_l3ptp_runs_at_1280_and_at_auto() -> None:
+    args = runner.build_parser().parse_args(["--queues", "1", "--engine", "qh3"])
+    assert args.mtu == ["1280", "auto"]
+    plans = runner.plan_l3ptp(args, [])
+    assert [(name, kw) for name, _body, kw in plans] == [
+        ("l3ptp q=1 qh3", {"queues": 1, "engine": "qh3", "config_a": None, "config_b": None}),
+        ("l3ptp@auto q=1 qh3", {"queues": 1, "engine": "qh3", "config_a": {"mtu": "auto"},
+                                "config_b": {"mtu": "auto"}}),
+    ]
+    only = runner.build_parser().parse_args(["--mtu", "auto"])
+    assert only.mtu == ["auto"]
+    with pytest.raises(SystemExit):
+        runner.build_parser().parse_args(["--mtu", "1400"])

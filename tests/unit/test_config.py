@@ -430,7 +430,7 @@ def test_unknown_key_suggests_close_match() -> None:
 @pytest.mark.parametrize(
     ("net", "path", "message"),
     [
-        (office(mtu="1280"), "networks.office.mtu", "expected an integer, got a string"),
+        (office(mtu="1280"), "networks.office.mtu", "'1280' is not a valid MTU: an integer 576..9000, or \"auto\""),
         (office(mtu=True), "networks.office.mtu", "expected an integer, got a boolean"),
         (office(mtu=1280.0), "networks.office.mtu", "expected an integer, got a float"),
         (office(queues=[1]), "networks.office.queues", "expected an integer, got an array"),

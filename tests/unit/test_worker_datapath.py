@@ -116,3 +116,19 @@ def test_no_silent_drop_in_datapath_source() -> None:
     for i, line in enumerate(lines):
         if line.strip() in ("continue", "return None"):
             assert "drops[" in lines[i - 1] or "drop(" in lines[i - 1], (i, line)
+
+
+def test_a_renewed_session_still_accepts_the_replaced_ones_context_until_it_retires() -> None:
+    good = ipv4_udp("198.19.0.2", "198.19.0.1", b"hi")
+    dp = _dp()
+    dp.start_session(mtu=1280, max_payload=1318, tx_context_id=TX_CTX + 1, rx_context_id=RX_CTX + 1,
+                     keep_previous=True)
+    assert dp.from_peer(encode_datagram(RX_CTX + 1, 1, good)) is not None
+    assert dp.from_peer(encode_datagram(RX_CTX, 2, good)) is not None  # in flight on the replaced one
+    dp.rx_previous = -1  # it retired
+    assert dp.from_peer(encode_datagram(RX_CTX, 3, good)) is None
+    _only(dp, DropReason.DGRAM_UNKNOWN_CONTEXT)
+    # A session that replaces none (a reconnect) keeps nothing of the one before.
+    dp.stop_session()
+    dp.start_session(mtu=1280, max_payload=1318, tx_context_id=1, rx_context_id=2, keep_previous=True)
+    assert dp.rx_previous == -1

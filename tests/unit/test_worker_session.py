@@ -7,7 +7,7 @@ import pytest
 from l3ptp.ipc.counters import Counters
 from l3ptp.ipc.errors import ErrorCode
 from l3ptp.ipc.constants import AUTH_FAILED_REASON, PROTOCOL_VERSION
-from l3ptp.ipc.peer_messages import Auth, Challenge, Close, Hello, Keepalive, Ready, RouteUpdate
+from l3ptp.ipc.peer_messages import Auth, Challenge, Close, Hello, Keepalive, Ready, Renew, RouteUpdate
 from l3ptp.ipc.types import PeerRole
 from l3ptp.worker import keys
 from l3ptp.worker.session import (
@@ -418,3 +418,24 @@ def test_routes_adding_up_beyond_one_ready_close_with_limit() -> None:
     assert listener.peer_routes == before and listener.route_epoch == 3
     assert listener.counters.peer_route_limit == 1
 
+
+
+def test_renew_goes_only_to_a_connector_that_said_it_acts_on_it() -> None:
+    from l3ptp.worker.session import RenewRequested
+
+    listener, connector, lfp, _ = _pair()
+    _run(listener, connector, lfp)
+    # The connector's HELLO lists the feature: the listener may ask; the connector is told why.
+    [renew] = _sends(listener.request_renewal("our key changed"))
+    assert isinstance(renew, Renew)
+    assert connector.receive(renew, 1.0) == [RenewRequested("our key changed")]
+    assert connector.state is State.ESTABLISHED
+    # Only the listener asks, and only a connector may be asked.
+    assert connector.request_renewal("x") == []
+    listener.receive(Renew(reason="no"), 1.0)
+    assert listener.close_code is ErrorCode.PROTOCOL_VIOLATION
+    # A connector whose HELLO did not list it (an older l3ptp) is not asked: it would close the session.
+    old_listener, _, _, _ = _pair()
+    old_listener.receive(_hello_from(connector.params), 0.1)
+    old_listener.state = State.ESTABLISHED
+    assert old_listener.request_renewal("x") == []
