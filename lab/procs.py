@@ -98,8 +98,10 @@ def workers_in(netns: str, *, spares: bool = False) -> list[int]:
             continue
         with contextlib.suppress(OSError):  # psutil gives no namespaces: the ns link's inode says which
             if os.stat(f"/proc/{proc.pid}/ns/net").st_ino == ns and alive(proc.pid):
-                spare = any(a == "--queue" and b == "-1" for a, b in zip(cmdline, cmdline[1:])) or _comm(proc.pid) \
-                    == "l3ptp-zygote"  # the fork server: its children, the workers, have its cmdline
+                # The fork server, from its exec on (it names itself l3ptp-zygote only once it runs); the
+                # workers it forks have its cmdline too, and name themselves l3ptp-worker at once.
+                zygote = any("l3ptp.worker.zygote" in arg for arg in cmdline) and _comm(proc.pid) != "l3ptp-worker"
+                spare = zygote or any(a == "--queue" and b == "-1" for a, b in zip(cmdline, cmdline[1:]))
                 if spares or not spare or _holds_tun(proc.pid):
                     out.append(proc.pid)
     return sorted(out)
