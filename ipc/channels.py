@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .codec import Channel
 from .control_messages import BUS_DOWN, BUS_UP, CLI_REPLIES, CLI_REQUESTS, WORKER_CONFIG
+from .fork_messages import FORK_REPLIES, FORK_REQUESTS
 from .helper_messages import HELPER_REPLIES, HELPER_REQUESTS
 from .peer_messages import PEER_CONTROL
 
@@ -16,4 +17,6 @@ ALL_CHANNELS: tuple[Channel, ...] = (
     CLI_REQUESTS,
     CLI_REPLIES,
     PEER_CONTROL,
+    FORK_REQUESTS,
+    FORK_REPLIES,
 )

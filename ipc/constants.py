@@ -114,6 +114,10 @@ FEATURE_RENEW = "renew"
 #: Message size caps per channel (bytes), checked before decoding.
 HELPER_MESSAGE_MAX = 16 * 1024
 WORKER_CONFIG_MAX = 64 * 1024
+#: Cap on one controller <-> fork server (zygote) message (ipc/fork_messages.py).
+FORK_MESSAGE_MAX = 4 * 1024
+#: How often the controller starts a fork server before it spawns every worker as its own process.
+FORK_SERVER_STARTS_MAX = 5
 BUS_MESSAGE_MAX = 256 * 1024
 CLI_MESSAGE_MAX = 1024 * 1024
 

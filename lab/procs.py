@@ -75,9 +75,18 @@ def _holds_tun(pid: int) -> bool:
     return False
 
 
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def workers_in(netns: str, *, spares: bool = False) -> list[int]:
     """Live l3ptp worker processes inside the network namespace `netns`, from /proc; with `spares`,
-    also the controller's spare while it waits for a config (``--queue -1``, holding no TUN queue yet)."""
+    also the controller's spare while it waits for a config (``--queue -1``, holding no TUN queue yet)
+    and its fork server (``l3ptp-zygote``; the workers it forks are ``l3ptp-worker``)."""
     try:
         ns = os.stat(f"/run/netns/{netns}").st_ino
     except OSError:
@@ -89,7 +98,10 @@ def workers_in(netns: str, *, spares: bool = False) -> list[int]:
             continue
         with contextlib.suppress(OSError):  # psutil gives no namespaces: the ns link's inode says which
             if os.stat(f"/proc/{proc.pid}/ns/net").st_ino == ns and alive(proc.pid):
-                spare = any(a == "--queue" and b == "-1" for a, b in zip(cmdline, cmdline[1:]))
+                # The fork server, from its exec on (it names itself l3ptp-zygote only once it runs); the
+                # workers it forks have its cmdline too, and name themselves l3ptp-worker at once.
+                zygote = any("l3ptp.worker.zygote" in arg for arg in cmdline) and _comm(proc.pid) != "l3ptp-worker"
+                spare = zygote or any(a == "--queue" and b == "-1" for a, b in zip(cmdline, cmdline[1:]))
                 if spares or not spare or _holds_tun(proc.pid):
                     out.append(proc.pid)
     return sorted(out)

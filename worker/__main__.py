@@ -136,8 +136,20 @@ def _engine_name(config: WorkerConfig) -> str:
         return f"unavailable ({exc})"
 
 
-def main() -> int:
+def preload() -> None:
+    """What the fork server (worker/zygote.py) runs once before it forks workers: the warm-up.
+    (Importing this module has already imported everything a worker runs.)"""
     warm_up()
+
+
+def forked_main() -> int:
+    """`main` in a child of the fork server, which has warmed up already (`preload`)."""
+    return main(warm=False)
+
+
+def main(*, warm: bool = True) -> int:
+    if warm:
+        warm_up()
     try:
         config = read_config(sys.stdin.buffer)
     except DecodeError as exc:

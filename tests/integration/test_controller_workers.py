@@ -135,7 +135,9 @@ def test_two_controllers_real_workers_traffic_kill9_and_sigterm() -> None:
             net = node.controller.wait_network(NET, _established, 20, "session established")
             pid = net["queues"][0]["pid"]
             assert pid_alive(pid) and pid != node.controller.pid
-            assert proc_status(pid)["PPid"] == str(node.controller.pid)  # the controller's child
+            zygote = int(proc_status(pid)["PPid"])  # forked by the controller's fork server, its child
+            assert proc_status(zygote)["Name"] == "l3ptp-zygote", proc_status(zygote)
+            assert proc_status(zygote)["PPid"] == str(node.controller.pid)
             assert proc_status(pid)["NoNewPrivs"] == "1"
             assert net["restarts"] == 0
         assert alpha.helper.call(lambda: list(alpha.helper.helper.claims)) == [(NET, 0)]

@@ -21,7 +21,7 @@ CHILD = "import os, sys, time; d = sys.stdin.buffer.read(); open(sys.argv[1] + s
 
 def _live_pids(sp: ProcessSpawner) -> set[int]:
     """The pids the spawner still owns (its own children and the adopted ones)."""
-    return set(sp._procs) | set(sp._adopted)
+    return set(sp._procs) | set(sp._adopted) | {pid for fs in sp._servers for pid in fs.children}
 
 
 def test_a_spare_takes_the_next_spawn_and_is_ended_with_the_rest(tmp_path) -> None:
@@ -30,7 +30,7 @@ def test_a_spare_takes_the_next_spawn_and_is_ended_with_the_rest(tmp_path) -> No
 
     async def main() -> None:
         sp = ProcessSpawner(lambda pid, rc: exits.append((pid, rc)),
-                            argv=lambda net, q: [sys.executable, "-c", CHILD, prefix])
+                            argv=lambda net, q: [sys.executable, "-c", CHILD, prefix], fork_server=None)
         first = await sp.spawn("n", 0, b"config 0")
         for _ in range(200):  # the spare is being started
             if sp._spare is not None:
@@ -68,7 +68,7 @@ def test_an_adopted_pid_is_signalled_and_its_exit_reported() -> None:
         other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # not its child
         try:
             sp = ProcessSpawner(lambda pid, rc: exits.append((pid, rc)),
-                                argv=lambda net, q: [sys.executable, "-c", CHILD, "/nonexistent/"])
+                                argv=lambda net, q: [sys.executable, "-c", CHILD, "/nonexistent/"], fork_server=None)
             assert sp.adopt(other.pid) and not sp.adopt(other.pid)
             assert other.pid in _live_pids(sp)
             sp.signal(other.pid, signal.SIGTERM)
@@ -97,7 +97,7 @@ def test_a_released_child_outlives_the_spawner_and_its_event_loop(tmp_path) -> N
 
     async def main() -> None:
         sp = ProcessSpawner(lambda pid, rc: exits.append((pid, rc)),
-                            argv=lambda net, q: [sys.executable, "-c", CHILD, prefix])
+                            argv=lambda net, q: [sys.executable, "-c", CHILD, prefix], fork_server=None)
         released = await sp.spawn("n", 0, b"config 0")
         other = await sp.spawn("n", 1, b"config 1")
         kept.append(released)

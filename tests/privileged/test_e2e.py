@@ -142,6 +142,52 @@ def test_processes_run_with_least_privilege(lab: Lab) -> None:
         assert hst["NoNewPrivs"].strip() == "1"
 
 
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(") ", 1)[1].split()[1])
+
+
+def _fds(pid: int) -> dict[int, str]:
+    out = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out[int(fd)] = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            pass  # closed meanwhile
+    return out
+
+
+def test_workers_are_forked_by_the_zygote_and_hold_only_their_own_queue(lab: Lab) -> None:
+    """The fork server: each worker is a child of the controller's zygote (not of the controller), with
+    one TUN queue, none of the zygote's fds (its socket to the controller, the pidfds of its children),
+    and the same uid, no capabilities and no_new_privs (test_processes_run_with_least_privilege)."""
+    for host in lab.hosts.values():
+        pids = lab.pids(host)
+        zygotes = {_ppid(w) for w in pids["workers"]}
+        assert len(zygotes) == 1, zygotes
+        zygote = zygotes.pop()
+        with open(f"/proc/{zygote}/comm") as f:
+            assert f.read().strip() == "l3ptp-zygote"
+        assert _ppid(zygote) == pids["controller"]
+        zst = proc_status(zygote)  # holds nothing: the controller's uid, no capability, no TUN queue
+        assert all(int(u) == lab.controller_uid for u in zst["Uid"].split())
+        assert int(zst["CapEff"], 16) == 0 and int(zst["CapPrm"], 16) == 0 and zst["NoNewPrivs"].strip() == "1"
+        assert os.stat(f"/proc/{zygote}/status").st_uid == 0  # not dumpable: its /proc files are root's
+        zfds = _fds(zygote)
+        assert "/dev/net/tun" not in zfds.values()
+        zygote_own = {t for t in zfds.values() if t.startswith(("socket:", "anon_inode:[pidfd]", "anon_inode:[eventpoll]"))}
+        for w in pids["workers"]:
+            with open(f"/proc/{w}/comm") as f:
+                assert f.read().strip() == "l3ptp-worker"
+            assert os.stat(f"/proc/{w}/status").st_uid == lab.controller_uid  # dumpable, as an exec'd worker
+            fds = _fds(w)
+            assert list(fds.values()).count("/dev/net/tun") == 1, fds
+            assert not {t for t in fds.values() if t.startswith("socket:")} & zygote_own, (fds, zfds)
+            assert "anon_inode:[pidfd]" not in fds.values() and fds[0].startswith("pipe:")
+            with open(f"/proc/{w}/fdinfo/{next(fd for fd, t in fds.items() if t == '/dev/net/tun')}") as f:
+                assert f"iff:\t{IFNAME}" in f.read()
+
+
 def test_kill_9_worker_during_iperf3_restarts_and_keeps_the_interface(lab: Lab) -> None:
     ifindex = lab.links(lab.a)[IFNAME]["index"]
     seen_missing = threading.Event()
@@ -328,10 +374,12 @@ def test_kill_9_controller_then_restarted_controller_adopts_the_workers() -> Non
     for lab in _lab(queues=2):
         ifindex = lab.links(lab.a)[IFNAME]["index"]
         old = lab.pids(lab.a)
+        zygote = _ppid(old["workers"][0])
         os.kill(old["controller"], signal.SIGKILL)
         lab.a.procs["controller"].wait(10)
         time.sleep(2)  # systemd's RestartSec
         assert all(pid_alive(p) for p in old["workers"])  # they outlive it
+        assert not pid_alive(zygote)  # its fork server does not
         lab.start_controller(lab.a)
         lab.wait_established(40)
         new = lab.pids(lab.a)
