@@ -120,7 +120,7 @@ def test_a_renewal_the_peer_refuses_leaves_the_running_session_alone(monkeypatch
             assert await pair.listener.tun.async_wait_packets(1, 2) == [p]
             # The listener starts to pin c3: the next attempt succeeds.
             rekey(lt, pins=(pair.ckeys.fingerprint, c3.fingerprint))
-            assert await wait_for(lambda: ct.renewals == 1, 10)
+            assert await wait_for(lambda: ct.renewals == 1 and lt.renewals == 1, 10)  # the listener switches on READY, later
             assert lt.active is not None and lt.active.session.peer_fingerprint == c3.fingerprint
 
     asyncio.run(asyncio.wait_for(main(), 60))
@@ -130,16 +130,20 @@ def test_a_peer_key_no_longer_pinned_ends_the_session_after_the_grace(monkeypatc
     monkeypatch.setattr(renewal, "RENEW_GRACE", 0.5)
 
     async def main() -> None:
+        from structlog.testing import capture_logs
+
         async with worker_pair() as pair:
             assert await pair.wait_established()
             lt, ct = pair.listener.tunnel, pair.connector.tunnel
-            rekey(lt, pins=(new_keys().fingerprint,))  # the connector's key is no longer pinned
-            # RENEW: the connector tries, the listener refuses its (old) key; then the grace ends it.
-            assert await wait_for(lambda: ct.renew_failures >= 1, 10)
-            assert await wait_for(lambda: lt.sessions == 1 and not lt.established, 5)
-            assert "no longer pinned" in lt.last_error or "no longer pinned" in ct.last_error
-            await asyncio.sleep(1.0)
+            with capture_logs() as logs:
+                rekey(lt, pins=(new_keys().fingerprint,))  # the connector's key is no longer pinned
+                # RENEW: the connector tries, the listener refuses its (old) key; then the grace ends it.
+                assert await wait_for(lambda: ct.renew_failures >= 1, 10)
+                assert await wait_for(lambda: lt.sessions == 1 and not lt.established, 5)
+                await asyncio.sleep(1.0)
             assert not lt.established  # and no way back in with that key
+            ended = [e["reason"] for e in logs if e["event"] == "session_ended" and e.get("peer")]
+            assert any("AUTH_FAILED: the peer's key is no longer pinned" in r for r in ended), ended
 
     asyncio.run(asyncio.wait_for(main(), 60))
 
