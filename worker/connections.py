@@ -324,13 +324,18 @@ class Connections:
             self.engine.receive_many(peer.conn, list(passed[:-1]), addr, now)
         return peer
 
-    def _connect(self: Tunnel) -> None:
+    def _client_peer(self: Tunnel, now: float, policy: PeerPolicy) -> Peer:
+        """Connector: a new connection to the peer (the active one, or a renewal's successor), not yet sent."""
         assert self._peer_addr is not None
-        now = self._now()
         conn = self.engine.QuicConnection(configuration=self._configuration(True))
         reality_link.connect(conn, self._peer_addr, now, self.config)
-        self.active = Peer(conn, self._new_session(now), self._peer_addr, self.core.connecting(now))
-        self.active.cids = (conn.host_cid,)
+        peer = Peer(conn, self._new_session(now), self._peer_addr, policy)
+        peer.cids = (conn.host_cid,)
+        return peer
+
+    def _connect(self: Tunnel) -> None:
+        now = self._now()
+        self.active = self._client_peer(now, self.core.connecting(now))
         self.state = SessionState.HANDSHAKING
         self._transmit(self.active)
         log.debug("quic_connect", peer=addr_text(self._peer_addr))

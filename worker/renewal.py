@@ -34,7 +34,7 @@ import structlog
 from l3ptp.ipc.errors import ErrorCode
 from l3ptp.ipc.types import PeerRole
 
-from . import keys, reality_link
+from . import keys
 from .connections import Peer, pinned_now
 from .ippacket import PrefixSet
 from .session import State
@@ -128,11 +128,8 @@ class Renewal:
             self._renew_at = self._renew_started + RENEW_RETRY
             return
         self._renew_started = now
-        conn = self.engine.QuicConnection(configuration=self._configuration(True))
-        reality_link.connect(conn, self._peer_addr, now, self.config)
         policy = dataclasses.replace(self.core.connecting(now), expires=now + self.core.candidate_lifetime)
-        peer = self.successor = Peer(conn, self._new_session(now), self._peer_addr, policy)
-        peer.cids = (conn.host_cid,)
+        peer = self.successor = self._client_peer(now, policy)
         self._renew_at = None
         self.multi = True
         log.info("renewal_started", why=why)
@@ -148,9 +145,7 @@ class Renewal:
         old.policy.expires = float("inf")  # its end is RETIRE_DRAIN, not a candidate's lifetime
         self.retiring[old] = self._now() + RETIRE_DRAIN
         while len(self.retiring) > 4:  # bounded: the oldest goes at once
-            oldest = next(iter(self.retiring))
-            del self.retiring[oldest]
-            self._apply(oldest, oldest.session.close(ErrorCode.SHUTDOWN, "replaced by a new session"))
+            self._end_retired(next(iter(self.retiring)))
         if new is self.successor:
             self.successor = None
         self.renewals += 1
@@ -174,6 +169,12 @@ class Renewal:
             self.datapath.rx_previous = -1
         self.multi = self.successor is not None or bool(self.retiring) or (
             self.active is not None and self.active.addr in self.candidates)
+
+    def _end_retired(self: Tunnel, peer: Peer) -> None:
+        """A retiring connection's time is up (or too many retire): CLOSE(SHUTDOWN) and gone."""
+        self.retiring.pop(peer, None)
+        self._apply(peer, peer.session.close(ErrorCode.SHUTDOWN, "replaced by a new session"))
+        self._forget(peer, "retired")
 
     def _by_cid(self: Tunnel, data: bytes) -> Peer | None:
         """The connection whose connection IDs include `data`'s destination CID (None: none of ours). A
@@ -211,8 +212,7 @@ class Renewal:
     def _renewal_timer(self: Tunnel, now: float) -> None:
         for peer, t in list(self.retiring.items()):
             if now >= t:
-                self._apply(peer, peer.session.close(ErrorCode.SHUTDOWN, "replaced by a new session"))
-                self._forget(peer, "retired")
+                self._end_retired(peer)
         if self._renew_at is not None and now >= self._renew_at:
             self._renew_at = None
             self.renew(now, self.renew_wanted or "retry")
