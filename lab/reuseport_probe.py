@@ -65,6 +65,34 @@ def program(map_fd: int, n: int) -> bytes:
     return b"".join(p)
 
 
+def bound_socket(port: int) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind(("127.0.0.1", port))
+    s.setblocking(False)
+    return s
+
+
+def register(map_fd: int, queue: int, sock: socket.socket) -> None:
+    key, val = ctypes.c_uint32(queue), ctypes.c_uint32(sock.fileno())
+    bpf(BPF_MAP_UPDATE_ELEM, struct.pack("<IIQQQ", map_fd, 0, ctypes.addressof(key), ctypes.addressof(val), 0))
+
+
+def steered(socks: list[socket.socket], n: int) -> tuple[int, int]:
+    """After a moment: how many datagrams each socket got for its own queue (DCID[0] % n), and for another."""
+    time.sleep(0.2)
+    ok = bad = 0
+    for q, s in enumerate(socks):
+        while True:
+            try:
+                d = s.recv(2048)
+            except BlockingIOError:
+                break
+            dcid0 = d[6] if d[0] & 0x80 else d[1]
+            ok, bad = (ok + 1, bad) if dcid0 % n == q else (ok, bad + 1)
+    return ok, bad
+
+
 def main(n: int = 3) -> None:
     map_fd = bpf(BPF_MAP_CREATE, struct.pack("<IIIII", MAP_REUSEPORT_SOCKARRAY, 4, 4, n, 0))
     code = program(map_fd, n)
@@ -78,62 +106,27 @@ def main(n: int = 3) -> None:
     except OSError as exc:
         print("load failed", exc, log.value.decode()[-2000:])
         raise
-    socks = []
+    socks: list[socket.socket] = []
     port = 0
-    for q in range(n):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        s.bind(("127.0.0.1", port))
-        port = s.getsockname()[1]
-        s.setblocking(False)
-        socks.append(s)
-    order = [2, 0, 1] if n == 3 else list(range(n))  # map entries not in bind order
-    for q in order:
-        key = ctypes.c_uint32(q)
-        val = ctypes.c_uint32(socks[q].fileno())
-        bpf(BPF_MAP_UPDATE_ELEM, struct.pack("<IIQQQ", map_fd, 0, ctypes.addressof(key), ctypes.addressof(val), 0))
+    for _ in range(n):
+        socks.append(bound_socket(port))
+        port = socks[0].getsockname()[1]
+    for q in [2, 0, 1] if n == 3 else range(n):  # map entries not in bind order
+        register(map_fd, q, socks[q])
     socks[0].setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_EBPF, struct.pack("i", prog_fd))
     tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     for i in range(30):
         first = bytes([i * 7 % 256])
-        short = b"\x40" + first + os.urandom(20)
-        long_ = b"\xc0" + b"\x00\x00\x00\x01" + b"\x08" + first + os.urandom(20)
-        for pkt in (short, long_):
-            tx.sendto(pkt, ("127.0.0.1", port))
-    time.sleep(0.2)
-    ok = bad = 0
-    for q, s in enumerate(socks):
-        while True:
-            try:
-                d = s.recv(2048)
-            except BlockingIOError:
-                break
-            dcid0 = d[6] if d[0] & 0x80 else d[1]
-            if dcid0 % n == q:
-                ok += 1
-            else:
-                bad += 1
+        tx.sendto(b"\x40" + first + os.urandom(20), ("127.0.0.1", port))  # short header
+        tx.sendto(b"\xc0" + b"\x00\x00\x00\x01" + b"\x08" + first + os.urandom(20), ("127.0.0.1", port))  # long
+    ok, bad = steered(socks, n)
     # a restarted worker: socket 1 replaced by a new one, re-registered under its queue
     socks[1].close()
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    s.bind(("127.0.0.1", port)); s.setblocking(False); socks[1] = s
-    key, val = ctypes.c_uint32(1), ctypes.c_uint32(s.fileno())
-    bpf(BPF_MAP_UPDATE_ELEM, struct.pack("<IIQQQ", map_fd, 0, ctypes.addressof(key), ctypes.addressof(val), 0))
+    socks[1] = bound_socket(port)
+    register(map_fd, 1, socks[1])
     for i in range(30):
         tx.sendto(b"\x40" + bytes([i]) + os.urandom(20), ("127.0.0.1", port))
-    time.sleep(0.2)
-    ok2 = bad2 = 0
-    for q, s in enumerate(socks):
-        while True:
-            try:
-                d = s.recv(2048)
-            except BlockingIOError:
-                break
-            if d[1] % n == q:
-                ok2 += 1
-            else:
-                bad2 += 1
+    ok2, bad2 = steered(socks, n)
     print(f"steered {ok} right, {bad} wrong; after a socket was replaced: {ok2} right, {bad2} wrong")
 
 
