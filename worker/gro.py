@@ -6,12 +6,13 @@ through netfilter, routing and TCP, one ACK decision). Only what the kernel's ow
 merge is merged, and only within one batch handed to `coalesce` (what one UDP wake-up of the worker received):
 
 * IPv4 without options and not a fragment, or IPv6 without extension headers; TCP with a payload, flags ACK and
-  at most PSH; IP and TCP lengths that match the packet; a valid TCP checksum (the merged packet goes up
-  with NEEDS_CSUM, which the kernel trusts: a packet with a bad checksum must never be "repaired" by merging;
-  it is written on its own and the kernel drops it);
+  at most PSH; IP and TCP lengths that match the packet; a valid IPv4 header checksum and a valid TCP checksum
+  (the merged packet goes up with NEEDS_CSUM, which the kernel trusts, and a new IPv4 header: a packet with a
+  bad checksum must never be "repaired" by merging; it is written on its own and the kernel drops it);
 * the same flow (addresses, ports), the same ACK number, window, TCP options, IPv4 TOS, TTL and DF or IPv6
-  first word and hop limit, the next sequence number, the first packet's payload size (the last one may be
-  shorter, and nothing follows it or a packet with PSH), at most 65535 bytes of IP packet.
+  first word and hop limit, the next sequence number (IPv4: and the next identification, as a sender's
+  segmentation makes them), the first packet's payload size (the last one may be shorter, and nothing follows
+  it or a packet with PSH), at most 65535 bytes of IP packet.
 
 Anything else is written as it came, behind a zero virtio_net_hdr, after its flow's open super-packet is closed
 (a FIN or a pure ACK of a flow never overtakes data of that flow written before it). A merged packet carries
@@ -40,21 +41,24 @@ Packet = bytes | memoryview
 class _Item:
     """An open super-packet: its packets, the next sequence number, the segment size, the IP length so far."""
 
-    __slots__ = ("packets", "match", "version", "iphl", "tcphl", "gso", "next_seq", "total", "closed", "psh")
+    __slots__ = ("packets", "match", "version", "iphl", "tcphl", "gso", "next_seq", "next_id", "total", "closed",
+                 "psh")
 
     def __init__(self, packet: Packet, match: bytes, version: int, iphl: int, tcphl: int, payload: int,
-                 seq: int, psh: bool) -> None:
+                 seq: int, ident: int, psh: bool) -> None:
         self.packets = [packet]
         self.match, self.version, self.iphl, self.tcphl = match, version, iphl, tcphl
         self.gso, self.next_seq, self.total = payload, (seq + payload) & 0xFFFFFFFF, len(packet)
+        self.next_id = (ident + (version == 4)) & 0xFFFF  # IPv6 has none: always 0
         self.closed, self.psh = psh, psh
 
-    def append(self, packet: Packet, match: bytes, payload: int, seq: int, psh: bool) -> bool:
-        if (self.closed or match != self.match or seq != self.next_seq or payload > self.gso
-                or self.total + payload > IP_MAX + (IPV6_HEADER if self.version == 6 else 0)):
+    def append(self, packet: Packet, match: bytes, payload: int, seq: int, ident: int, psh: bool) -> bool:
+        if (self.closed or match != self.match or seq != self.next_seq or ident != self.next_id
+                or payload > self.gso or self.total + payload > IP_MAX + (IPV6_HEADER if self.version == 6 else 0)):
             return False
         self.packets.append(packet)
         self.next_seq, self.total = (seq + payload) & 0xFFFFFFFF, self.total + payload
+        self.next_id = (ident + (self.version == 4)) & 0xFFFF
         self.closed, self.psh = psh or payload < self.gso, psh
         return True
 
@@ -75,8 +79,9 @@ class _Item:
         return [header, ip, bytes(tcp), *(memoryview(p)[hl:] for p in self.packets)]
 
 
-def _parse(packet: Packet) -> tuple[bytes, bytes, int, int, int, int, int, bool] | None:
-    """(flow, match, version, iphl, tcphl, payload, seq, psh) of a packet that may be merged; None otherwise.
+def _parse(packet: Packet) -> tuple[bytes, bytes, int, int, int, int, int, int, bool] | None:
+    """(flow, match, version, iphl, tcphl, payload, seq, IPv4 identification or 0, psh) of a packet that may be
+    merged; None otherwise.
     `flow` is also returned (as the first item, `match` empty) for any other TCP packet, to close its flow."""
     try:
         version, iphl, tcphl = ip_tcp_offsets(packet)
@@ -86,22 +91,24 @@ def _parse(packet: Packet) -> tuple[bytes, bytes, int, int, int, int, int, bool]
     tcp = iphl
     if version == 4:
         flow = bytes(packet[12:20]) + bytes(packet[tcp:tcp + 4])
-        fits = iphl == 20 and int.from_bytes(packet[2:4], "big") == size
+        fits = iphl == 20 and int.from_bytes(packet[2:4], "big") == size and ones_sum(packet[:20]) == 0xFFFF
         ip_match = bytes((packet[1], packet[8], packet[6] & 0x40))
+        ident = int.from_bytes(packet[4:6], "big")
     else:
         flow = bytes(packet[8:40]) + bytes(packet[tcp:tcp + 4])
         fits = int.from_bytes(packet[4:6], "big") + IPV6_HEADER == size
         ip_match = bytes(packet[0:4]) + bytes(packet[7:8])
+        ident = 0
     payload = size - iphl - tcphl
     flags = packet[tcp + 13]
     if (not fits or payload <= 0 or flags & ~(TCP_ACK | TCP_PSH) or not flags & TCP_ACK
             or fold(pseudo_sum(packet[:iphl], version, size - iphl), ones_sum(packet[tcp:])) != 0xFFFF):
-        return flow, b"", version, iphl, tcphl, 0, 0, False
+        return flow, b"", version, iphl, tcphl, 0, 0, 0, False
     # Everything that must be equal to merge: IP fields, ACK number, data offset + window, options.
     match = ip_match + bytes(packet[tcp + 8:tcp + 13]) + bytes(packet[tcp + 14:tcp + 16]) + \
         bytes(packet[tcp + 20:tcp + tcphl])
     seq = int.from_bytes(packet[tcp + 4:tcp + 8], "big")
-    return flow, match, version, iphl, tcphl, payload, seq, bool(flags & TCP_PSH)
+    return flow, match, version, iphl, tcphl, payload, seq, ident, bool(flags & TCP_PSH)
 
 
 def coalesce(packets: Sequence[Packet]) -> list[tuple[list[Packet], list[Packet]]]:
@@ -113,13 +120,13 @@ def coalesce(packets: Sequence[Packet]) -> list[tuple[list[Packet], list[Packet]
         if parsed is None:
             out.append(packet)
             continue
-        flow, match, version, iphl, tcphl, payload, seq, psh = parsed
+        flow, match, version, iphl, tcphl, payload, seq, ident, psh = parsed
         item = open_items.get(flow)
         if not match:  # not mergeable: the flow's open super-packet ends before it
             open_items.pop(flow, None)
             out.append(packet)
-        elif item is None or not item.append(packet, match, payload, seq, psh):
-            open_items[flow] = item = _Item(packet, match, version, iphl, tcphl, payload, seq, psh)
+        elif item is None or not item.append(packet, match, payload, seq, ident, psh):
+            open_items[flow] = item = _Item(packet, match, version, iphl, tcphl, payload, seq, ident, psh)
             out.append(item)
     return [(entry.encode(), entry.packets) if isinstance(entry, _Item) else ([PLAIN_HEADER, entry], [entry])
             for entry in out]
