@@ -26,8 +26,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .vnet import (
-    GSO_TCPV4, GSO_TCPV6, IP_MAX, IPV6_HEADER, NEEDS_CSUM, PLAIN_HEADER, TCP_PSH, BadVnet, encode_header, fold,
-    ip_header, ip_tcp_offsets, ones_sum, pseudo_sum,
+    GSO_TCPV4, GSO_TCPV6, IP_MAX, IPV6_HEADER, NEEDS_CSUM, PLAIN_HEADER, PROTO_TCP, TCP_PSH, BadVnet, encode_header,
+    fold, ip_header, ip_tcp_offsets, ones_sum, pseudo_sum,
 )
 
 __all__ = ["coalesce"]
@@ -83,31 +83,29 @@ def _parse(packet: Packet) -> tuple[bytes, bytes, int, int, int, int, int, int, 
     """(flow, match, version, iphl, tcphl, payload, seq, IPv4 identification or 0, psh) of a packet that may be
     merged; None otherwise.
     `flow` is also returned (as the first item, `match` empty) for any other TCP packet, to close its flow."""
+    p = packet if isinstance(packet, bytes) else bytes(packet)  # one copy; slices of bytes are bytes
     try:
-        version, iphl, tcphl = ip_tcp_offsets(packet)
+        version, iphl, tcphl = ip_tcp_offsets(p)
     except BadVnet:
         return None
-    size = len(packet)
-    tcp = iphl
+    size, tcp = len(p), iphl
     if version == 4:
-        flow = bytes(packet[12:20]) + bytes(packet[tcp:tcp + 4])
-        fits = iphl == 20 and int.from_bytes(packet[2:4], "big") == size and ones_sum(packet[:20]) == 0xFFFF
-        ip_match = bytes((packet[1], packet[8], packet[6] & 0x40))
-        ident = int.from_bytes(packet[4:6], "big")
+        flow = p[12:20] + p[tcp:tcp + 4]
+        fits = iphl == 20 and int.from_bytes(p[2:4], "big") == size and ones_sum(p[:20]) == 0xFFFF
+        ip_match, ident, pseudo_from = bytes((p[1], p[8], p[6] & 0x40)), int.from_bytes(p[4:6], "big"), 12
     else:
-        flow = bytes(packet[8:40]) + bytes(packet[tcp:tcp + 4])
-        fits = int.from_bytes(packet[4:6], "big") + IPV6_HEADER == size
-        ip_match = bytes(packet[0:4]) + bytes(packet[7:8])
-        ident = 0
+        flow = p[8:40] + p[tcp:tcp + 4]
+        fits = int.from_bytes(p[4:6], "big") + IPV6_HEADER == size
+        ip_match, ident, pseudo_from = p[0:4] + p[7:8], 0, 8
     payload = size - iphl - tcphl
-    flags = packet[tcp + 13]
+    flags = p[tcp + 13]
+    # The TCP checksum over the pseudo-header: the addresses and the segment are contiguous, one sum.
     if (not fits or payload <= 0 or flags & ~(TCP_ACK | TCP_PSH) or not flags & TCP_ACK
-            or fold(pseudo_sum(packet[:iphl], version, size - iphl), ones_sum(packet[tcp:])) != 0xFFFF):
+            or fold(ones_sum(p[pseudo_from:]), PROTO_TCP, size - iphl) != 0xFFFF):
         return flow, b"", version, iphl, tcphl, 0, 0, 0, False
     # Everything that must be equal to merge: IP fields, ACK number, data offset + window, options.
-    match = ip_match + bytes(packet[tcp + 8:tcp + 13]) + bytes(packet[tcp + 14:tcp + 16]) + \
-        bytes(packet[tcp + 20:tcp + tcphl])
-    seq = int.from_bytes(packet[tcp + 4:tcp + 8], "big")
+    match = ip_match + p[tcp + 8:tcp + 13] + p[tcp + 14:tcp + 16] + p[tcp + 20:tcp + tcphl]
+    seq = int.from_bytes(p[tcp + 4:tcp + 8], "big")
     return flow, match, version, iphl, tcphl, payload, seq, ident, bool(flags & TCP_PSH)
 
 

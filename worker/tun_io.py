@@ -75,6 +75,8 @@ class TunIO:
     def __init__(self, fd: int, mode: TunMode, counters: Counters, written: Callable[[Any], None]) -> None:
         self.fd, self.mode, self._counters, self._written = fd, mode, counters, written
         self._pending: list[Any] = []
+        #: Segments of a split read past the batch's limit: the first packets of the next batch.
+        self.carry: list[bytes] = []
         self._read_size = READ_VNET if mode.vnet else READ_PLAIN
         self.gso_split = 0  #: super-packets read and split
         self.gso_segments = 0  #: the IP packets they made
@@ -87,10 +89,13 @@ class TunIO:
                 "tun_gro_merged": self.gro_merged}
 
     def read_batch(self, limit: int) -> tuple[list[bytes], str | None]:
-        """Up to `limit` reads until EAGAIN: the IP packets, and why the queue is unusable (None: it is fine)."""
-        packets: list[bytes] = []
+        """At most `limit` IP packets (reads until EAGAIN), and why the queue is unusable (None: it is fine).
+        A super-packet's segments past `limit` are kept in `carry` for the next batch (the caller comes back
+        for them without waiting for the fd): so a batch never holds more than a plain TUN's, and the bounded
+        queue toward QUIC is not overrun by the 45 segments of each read."""
+        packets, self.carry = self.carry[:limit], self.carry[limit:]
         read, fd, size, vnet = os.read, self.fd, self._read_size, self.mode.vnet
-        for _ in range(limit):
+        for _ in range(limit - len(packets)):  # at most `limit` reads, refused ones included
             try:
                 data = read(fd, size)
             except (BlockingIOError, InterruptedError):
@@ -113,7 +118,11 @@ class TunIO:
             if len(pieces) > 1:
                 self.gso_split += 1
                 self.gso_segments += len(pieces)
-            packets += pieces
+            room = limit - len(packets)
+            packets += pieces[:room]
+            self.carry = pieces[room:]
+            if self.carry:
+                break
         return packets, None
 
     def write(self, packet: Any) -> None:

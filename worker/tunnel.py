@@ -397,6 +397,8 @@ class Tunnel(Connections, Renewal):
         self._transmit(peer)
         if self.udp.send_errors > errors and payloads:  # the kernel refused UDP datagrams carrying them
             self.counters.drop(DropReason.DGRAM_SEND_ERROR, min(self.udp.send_errors - errors, len(payloads)))
+        if self.tun.carry and self._loop is not None:  # the rest of a split super-packet: next, not dropped
+            self._loop.call_soon(self._guarded, self._on_tun_readable)
         self._schedule()
 
     def _guarded(self, callback: Callable[[], None]) -> None:

@@ -44,6 +44,7 @@ MAX_SEGMENTS = 1024
 IPV6_HEADER = 40
 TCP_MIN_HEADER = 20
 TCP_FIN, TCP_PSH = 0x01, 0x08
+_H, _HH, _SEQ = struct.Struct("!H"), struct.Struct("!HH"), struct.Struct("!I")
 #: Largest IP packet: the IPv4 total length and IPv6 payload length fields are 16 bits.
 IP_MAX = 65535
 
@@ -156,22 +157,37 @@ def split(data: bytes) -> list[bytes]:
         raise BadVnet("gso_type does not match the IP version")
     if gso_size == 0 or len(packet) - iphl - tcphl > gso_size * MAX_SEGMENTS:
         raise BadVnet("gso_size 0 or too small for the payload")
-    view = memoryview(packet)
-    ip, tcp = view[:iphl], view[iphl:iphl + tcphl]
-    payload = view[iphl + tcphl:]
-    seq = int.from_bytes(tcp[4:8], "big")
-    tcp_flags = tcp[13]
-    head_len = iphl + tcphl
+    return _segments(packet, version, iphl, tcphl, gso_size)
+
+
+def _segments(packet: bytes, version: int, iphl: int, tcphl: int, gso: int) -> list[bytes]:
+    """The segments of a TCP super-packet. The header sums are computed once without the fields that change
+    (lengths, IPv4 identification, TCP sequence and flags) and completed per segment by arithmetic; only each
+    payload chunk is summed (one `int.from_bytes`)."""
+    ip, tcp, payload = packet[:iphl], packet[iphl:iphl + tcphl], memoryview(packet)[iphl + tcphl:]
+    seq, offset, flags = int.from_bytes(tcp[4:8], "big"), tcp[12], tcp[13]
+    # TCP: everything but sequence, data offset + flags and checksum; plus the pseudo-header's addresses and protocol.
+    tcp_sum = fold(ones_sum(tcp[:4]), ones_sum(tcp[8:12]), ones_sum(tcp[14:16]), ones_sum(tcp[18:]), PROTO_TCP,
+                   ones_sum(ip[12:20] if version == 4 else ip[8:40]))
+    if version == 4:  # everything but total length, identification and checksum
+        ident, ip_sum = int.from_bytes(ip[4:6], "big"), fold(ones_sum(ip[:2]), ones_sum(ip[6:10]), ones_sum(ip[12:]))
+        ip_head, ip_mid, ip_tail = ip[:2], ip[6:10], ip[12:]
+    else:
+        ip_head, ip_tail = ip[:4], ip[6:]
+    tcp_head, tcp_mid, tcp_win, tcp_tail = tcp[:4], tcp[8:12], tcp[14:16], tcp[18:]
+    count = -(-len(payload) // gso) or 1
     out = []
-    count = -(-len(payload) // gso_size) or 1
     for i in range(count):
-        chunk = payload[i * gso_size:(i + 1) * gso_size]
-        last = i == count - 1
-        segment_flags = tcp_flags if last else tcp_flags & ~(TCP_FIN | TCP_PSH)
+        chunk = payload[i * gso:(i + 1) * gso]
         length = tcphl + len(chunk)
-        th = b"".join((tcp[:4], ((seq + i * gso_size) & 0xFFFFFFFF).to_bytes(4, "big"), tcp[8:13],
-                       bytes((segment_flags,)), tcp[14:16], b"\0\0", tcp[18:]))
-        csum = checksum(pseudo_sum(ip, version, length), ones_sum(th), ones_sum(chunk))
-        out.append(b"".join((ip_header(ip, version, head_len + len(chunk), i), th[:16], csum.to_bytes(2, "big"),
-                             th[18:], chunk)))
+        s = (seq + i * gso) & 0xFFFFFFFF
+        word = offset << 8 | (flags if i == count - 1 else flags & ~(TCP_FIN | TCP_PSH))
+        csum = ~fold(tcp_sum, length, s >> 16, s & 0xFFFF, word, ones_sum(chunk)) & 0xFFFF
+        tcp_part = (tcp_head, _SEQ.pack(s), tcp_mid, _H.pack(word), tcp_win, _H.pack(csum), tcp_tail, chunk)
+        if version == 4:
+            total, segment_id = iphl + length, (ident + i) & 0xFFFF
+            out.append(b"".join((ip_head, _HH.pack(total, segment_id), ip_mid,
+                                 _H.pack(~fold(ip_sum, total, segment_id) & 0xFFFF), ip_tail, *tcp_part)))
+        else:
+            out.append(b"".join((ip_head, _H.pack(length), ip_tail, *tcp_part)))
     return out

@@ -103,3 +103,18 @@ def test_a_failed_write_drops_every_packet_it_carried() -> None:
             io.queue(p)
         io.flush()
         assert counters.drops[DropReason.TUN_WRITE_ERROR] == 2 and written == [] and io.gro_writes == 0
+
+
+def test_segments_past_the_batch_limit_wait_for_the_next_batch() -> None:
+    """A batch holds at most `limit` packets, as with a plain TUN: the rest of a super-packet is carried over,
+    not handed to the bounded queue toward QUIC at once (where it would be dropped as queue_full)."""
+    data = os.urandom(12000)
+    with FakeTun() as tun:
+        io, _, _ = make(tun, OFFLOAD)
+        tun.inject(super_packet(4, data, 1000))  # 12 segments
+        tun.inject(vnet.PLAIN_HEADER + ipv4_udp(A4, B4, b"after"))
+        first, _ = io.read_batch(5)
+        second, _ = io.read_batch(5)
+        third, _ = io.read_batch(5)
+        assert first + second + third[:2] == segments(4, data, 1000) and len(first) == len(second) == 5
+        assert third[2:] == [ipv4_udp(A4, B4, b"after")] and io.carry == []
