@@ -83,6 +83,8 @@ def _parse(packet: Packet) -> tuple[bytes, bytes, int, int, int, int, int, int, 
     """(flow, match, version, iphl, tcphl, payload, seq, IPv4 identification or 0, psh) of a packet that may be
     merged; None otherwise.
     `flow` is also returned (as the first item, `match` empty) for any other TCP packet, to close its flow."""
+    if len(packet) < 40 or packet[9 if packet[0] >> 4 == 4 else 6] != PROTO_TCP:  # not TCP (IPv4 or IPv6)
+        return None
     p = packet if isinstance(packet, bytes) else bytes(packet)  # one copy; slices of bytes are bytes
     try:
         version, iphl, tcphl = ip_tcp_offsets(p)

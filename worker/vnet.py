@@ -144,6 +144,8 @@ def split(data: bytes) -> list[bytes]:
     segments of a TCP super-packet. BadVnet for anything else."""
     if len(data) <= VNET_HDR_LEN:
         raise BadVnet("shorter than a virtio_net_hdr and an IP header")
+    if data[:2] == b"\0\0":  # the common case: no flags, no GSO
+        return [data[VNET_HDR_LEN:]]
     flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = _HDR.unpack_from(data)
     packet = data[VNET_HDR_LEN:]
     if gso_type == GSO_NONE:
