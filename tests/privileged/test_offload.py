@@ -1,6 +1,6 @@
 """TUN offloads end to end (docs/worker.md, "TUN offloads"): real IFF_VNET_HDR devices in two namespaces.
 
-With `offload = "auto"` (the default) the sender's worker reads TSO super-packets and splits them, the
+With `offload = "auto"` the sender's worker reads TSO super-packets and splits them, the
 receiver's worker coalesces what it writes, and a byte stream with a known digest arrives intact in both
 directions and both IP families. One end with `offload = "off"` interoperates with one with it on (no
 negotiation: the wire is the same). A restarted helper adopts the device in its recorded mode.
@@ -103,9 +103,12 @@ def vnet_hdr(lab: Lab, host: Host) -> bool:
     return "vnet_hdr on" in out
 
 
+ON = {"offload": "auto"}
+
+
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    yield from _lab(queues=1)
+    yield from _lab(queues=1, config_a=ON, config_b=ON)
 
 
 def test_super_packets_are_split_and_writes_coalesced_both_ways_both_families(lab: Lab) -> None:
@@ -130,7 +133,7 @@ def test_super_packets_are_split_and_writes_coalesced_both_ways_both_families(la
 
 def test_one_end_without_offload_interoperates() -> None:
     """a: offload off (a plain TUN), b: on. No negotiation: both directions carry intact data."""
-    for lab in _lab(queues=1, config_a={"offload": "off"}):
+    for lab in _lab(queues=1, config_a={"offload": "off"}, config_b=ON):
         assert not vnet_hdr(lab, lab.a)
         assert vnet_hdr(lab, lab.b)
         transfer(lab, lab.a, lab.b, lab.b.overlay6, size=8 * 1024 * 1024)
@@ -142,7 +145,7 @@ def test_one_end_without_offload_interoperates() -> None:
 
 
 def test_restarted_helper_adopts_the_device_in_its_mode() -> None:
-    for lab in _lab(queues=1):
+    for lab in _lab(queues=1, config_a=ON, config_b=ON):
         old_workers = lab.pids(lab.a)["workers"]
         os.kill(lab.a.procs["helper"].pid, signal.SIGKILL)
         lab.a.procs["helper"].wait(10)
