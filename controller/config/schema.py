@@ -34,7 +34,7 @@ ENGINES: Final[tuple[str, ...]] = tuple(e.value for e in Engine)
 #: Worker event loops: "auto" is asyncio (uvloop measured slower, docs/performance.md).
 EVENT_LOOPS: Final[tuple[str, ...]] = tuple(e.value for e in EventLoop)
 #: TUN offloads of a network: "auto" creates its device with IFF_VNET_HDR (the workers split and coalesce where
-#: the kernel allows), "off" without (docs/worker.md, "TUN offloads").
+#: the kernel allows), "off" (the default: not yet faster, docs/performance.md) without (docs/worker.md).
 OFFLOADS: Final[tuple[str, ...]] = ("auto", "off")
 #: Highest CPU number accepted in `cpus`.
 CPU_MAX: Final = 4095

@@ -256,14 +256,14 @@ def plan_baselines(args: argparse.Namespace, results: list[dict[str, Any]]) -> l
 L3PTP_MTUS = ("1280", "auto")
 
 
-#: `--offload` values: the network's `offload` at its default ("auto": TUN offloads where the kernel allows) or "off".
-L3PTP_OFFLOADS = ("on", "off")
+#: `--offload` values: the network's `offload`, "off" (the default) or "auto" (TUN offloads where the kernel allows).
+L3PTP_OFFLOADS = ("off", "auto")
 
 
-def l3ptp_name(queues: int, engine: str, mtu: str, offload: str = "on") -> str:
-    """`l3ptp q=1 qh3` at the default MTU, `l3ptp@auto q=1 qh3` with ``mtu = "auto"``; ` offload=off` without
+def l3ptp_name(queues: int, engine: str, mtu: str, offload: str = "off") -> str:
+    """`l3ptp q=1 qh3` at the default MTU, `l3ptp@auto q=1 qh3` with ``mtu = "auto"``; ` offload=auto` with
     TUN offloads."""
-    return f"l3ptp{'' if mtu == '1280' else '@' + mtu} q={queues} {engine}{' offload=off' * (offload == 'off')}"
+    return f"l3ptp{'' if mtu == '1280' else '@' + mtu} q={queues} {engine}{' offload=auto' * (offload == 'auto')}"
 
 
 def plan_l3ptp(args: argparse.Namespace, results: list[dict[str, Any]]) -> list[Plan]:
@@ -294,7 +294,7 @@ def plan_l3ptp(args: argparse.Namespace, results: list[dict[str, Any]]) -> list[
             config["summary"] = summarize(config)
             results.append(config)
 
-        extra = {**({"mtu": "auto"} if mtu == "auto" else {}), **({"offload": "off"} if offload == "off" else {})}
+        extra = {**({"mtu": "auto"} if mtu == "auto" else {}), **({"offload": "auto"} if offload == "auto" else {})}
         plans.append((name, body, {"queues": queues, "engine": engine, "config_a": extra or None,
                                    "config_b": extra or None}))
     return plans
@@ -339,9 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mtu", type=_list(str, L3PTP_MTUS), default=list(L3PTP_MTUS), metavar="M[,M...]",
                    help="l3ptp MTU settings: 1280 (the default) and/or auto (mtu = \"auto\": derived from the "
                         "underlay path, 1412 on the lab's 1500-byte veth); default 1280,auto")
-    p.add_argument("--offload", type=_list(str, L3PTP_OFFLOADS), default=["on"], metavar="O[,O...]",
-                   help="l3ptp TUN offloads: on (offload = \"auto\", the default) and/or off; 'on,off' measures "
-                        "both in the same rounds (default on)")
+    p.add_argument("--offload", type=_list(str, L3PTP_OFFLOADS), default=["off"], metavar="O[,O...]",
+                   help="l3ptp TUN offloads: off (the default) and/or auto (offload = \"auto\"); 'off,auto' "
+                        "measures both in the same rounds (default off)")
     p.add_argument("--engine", type=_list(str, ENGINES), default=["aioquic", "qh3"], metavar="E[,E...]",
                    help="QUIC engines to sweep: aioquic, qh3, auto (default aioquic,qh3; those not installed are skipped)")
     p.add_argument("--baselines", type=_list(str, BASELINES), default=list(BASELINES), metavar="B[,B...]",

@@ -184,7 +184,7 @@ def test_full_config_round_trips_into_expected_values() -> None:
                 keepalive_interval=5.0,
                 engine="auto",
                 event_loop="auto",
-                offload="auto",
+                offload="off",
                 cpus=(),
                 peer_key=KEY_A,
                 key_file="/etc/l3ptp/office.key",
@@ -212,7 +212,7 @@ def test_full_config_round_trips_into_expected_values() -> None:
                 keepalive_interval=KEEPALIVE_INTERVAL_DEFAULT,
                 engine="auto",
                 event_loop="auto",
-                offload="auto",
+                offload="off",
                 cpus=(),
                 peer_key=KEY_B,
                 key_file="",
@@ -1230,6 +1230,16 @@ def test_every_key_is_documented(cls: type) -> None:
         if field.name != "name":
             assert f"| `{field.name}` |" in text, field.name
 
+
+
+def test_offload_key_defaults_to_off_and_is_checked() -> None:
+    doc = tomllib.loads(EXAMPLE.read_text())
+    assert parse_config(doc).networks[0].offload == "off"
+    doc["networks"]["office"]["offload"] = "auto"
+    assert parse_config(doc).networks[0].offload == "auto"
+    doc["networks"]["office"]["offload"] = "on"
+    with pytest.raises(ConfigError, match="offload"):
+        parse_config(doc)
 
 
 def test_engine_key_defaults_to_auto_and_is_checked() -> None:
