@@ -1232,23 +1232,15 @@ def test_every_key_is_documented(cls: type) -> None:
 
 
 
-def test_offload_key_defaults_to_off_and_is_checked() -> None:
+@pytest.mark.parametrize(("key", "default", "other", "bad"),
+                         [("engine", "auto", "qh3", "quiche"), ("offload", "off", "auto", "on")])
+def test_choice_key_has_its_default_and_is_checked(key: str, default: str, other: str, bad: str) -> None:
     doc = tomllib.loads(EXAMPLE.read_text())
-    assert parse_config(doc).networks[0].offload == "off"
-    doc["networks"]["office"]["offload"] = "auto"
-    assert parse_config(doc).networks[0].offload == "auto"
-    doc["networks"]["office"]["offload"] = "on"
-    with pytest.raises(ConfigError, match="offload"):
-        parse_config(doc)
-
-
-def test_engine_key_defaults_to_auto_and_is_checked() -> None:
-    doc = tomllib.loads(EXAMPLE.read_text())
-    assert parse_config(doc).networks[0].engine == "auto"
-    doc["networks"]["office"]["engine"] = "qh3"
-    assert parse_config(doc).networks[0].engine == "qh3"
-    doc["networks"]["office"]["engine"] = "quiche"
-    with pytest.raises(ConfigError, match="engine"):
+    assert getattr(parse_config(doc).networks[0], key) == default
+    doc["networks"]["office"][key] = other
+    assert getattr(parse_config(doc).networks[0], key) == other
+    doc["networks"]["office"][key] = bad
+    with pytest.raises(ConfigError, match=key):
         parse_config(doc)
 
 
