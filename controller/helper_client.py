@@ -143,6 +143,7 @@ class HelperClient:
         queues: int,
         worker_uid: int,
         adopt: bool = False,
+        offload: bool = False,
     ) -> NetworkCreated:
         req = CreateNetwork(
             name=name,
@@ -152,6 +153,7 @@ class HelperClient:
             queues=queues,
             worker_uid=worker_uid,
             adopt=adopt,
+            offload=offload,
         )
         return await self.request_expect(req, NetworkCreated)
 

@@ -117,6 +117,7 @@ class NetworkLifecycle:
             queues=net.queues,
             worker_uid=worker_uid(self.ctl.config),
             adopt=True,
+            offload=net.offload != "off",
         )
         rt.tickets = list(created.tickets)
         if not created.adopted and rt.routes.installed:

@@ -22,7 +22,7 @@ from l3ptp.ipc.helper_messages import (HELPER_PROTOCOL, HELPER_REPLIES, AddRoute
 from l3ptp.ipc.schema import Message
 
 from .policy import Policy, PolicyRefused, check_address, check_ifname, check_mtu, check_prefix
-from .state import HelperState, Network
+from .state import VNET, HelperState, Network
 
 
 def audit(action: str, *, peer: Any = None, result: str, role: Any = None, **fields: Any) -> None:
@@ -152,7 +152,7 @@ class Dispatcher:
     def _created(self, s: ClientSession, net: Network, adopted: bool) -> Outcome:
         tickets = self.state.issue(net, self.clock())
         self._audit(s, "CreateNetwork", "ok", network=net.name, ifname=net.ifname, ifindex=net.ifindex,
-                    queues=net.queues, worker_uid=net.worker_uid, adopted=adopted)
+                    queues=net.queues, worker_uid=net.worker_uid, offload=net.offload, adopted=adopted)
         return Outcome(NetworkCreated(name=net.name, ifname=net.ifname, ifindex=net.ifindex, tickets=tickets,
                                       ticket_ttl=self.state.ticket_ttl, adopted=adopted))
 
@@ -167,7 +167,7 @@ class Dispatcher:
         if req.queues > p.max_queues:
             raise PolicyRefused(ErrorCode.LIMIT, f"at most {p.max_queues} queues")
         net = Network(name=req.name, ifname=req.ifname, ifindex=0, mtu=req.mtu, addresses=tuple(req.addresses),
-                      queues=req.queues, worker_uid=req.worker_uid, fds=[])
+                      queues=req.queues, worker_uid=req.worker_uid, fds=[], offload=req.offload)
         old = self.state.networks.get(req.name)
         if old is not None:
             if req.adopt and old.spec() == net.spec():
@@ -178,7 +178,8 @@ class Dispatcher:
         if len(self.state.networks) >= p.max_networks:
             raise PolicyRefused(ErrorCode.LIMIT, f"at most {p.max_networks} networks")
         net.ifindex, net.fds = self._kernel(f"create {req.ifname}", self.kernel.create_network, req.ifname, req.mtu,
-                                            net.addresses, req.queues, f"{req.name}:{req.queues}:{req.worker_uid}")
+                                            net.addresses, req.queues,
+                                            f"{req.name}:{req.queues}:{req.worker_uid}" + VNET * req.offload)
         self.state.add(net)
         try:
             self._guard(net.guarded())

@@ -4,8 +4,9 @@ Routes carry the policy's protocol and table, rules its protocol and our priorit
 `cleanup` match exactly those, and links with our prefix that are TUN devices. NetlinkError becomes OSError; `ok`
 lists errnos that count as success.
 
-Kill switch: each TUN is IFF_PERSIST and named in its ifalias (`ALIAS`name:queues:worker_uid), outlives the helper
-and workers, and a restarted helper `adopt`s it (queues re-opened by name, detached until claimed). Every prefix a
+Kill switch: each TUN is IFF_PERSIST and named in its ifalias (`ALIAS`name:queues:worker_uid, then `VNET` for a
+device with TUN offloads), outlives the helper and workers, and a restarted helper `adopt`s it (queues re-opened by
+name in the recorded mode, detached until claimed). Every prefix a
 network routes or addresses also has an `unreachable` route of ours at KILL_SWITCH_METRIC (docs/helper.md).
 """
 
@@ -25,6 +26,7 @@ from l3ptp.ipc.constants import ROUTE_TABLE_DEFAULT as RT_MAIN
 from l3ptp.ipc.errors import ErrorCode
 
 from .policy import Policy, PolicyRefused
+from .state import VNET
 
 TUNSETOWNER, TUNSETPERSIST, TUNSETQUEUE = 0x400454CC, 0x400454CB, 0x400454D9
 IFF_ATTACH_QUEUE, IFF_DETACH_QUEUE, RTN_UNICAST, RTN_UNREACHABLE, ALIAS = 0x0200, 0x0400, 1, 7, "l3ptp:"
@@ -32,6 +34,10 @@ TUN_FLAGS = pytun.IFF_TUN | pytun.IFF_NO_PI | pytun.IFF_MULTI_QUEUE
 TUN_EACCES = ("cannot open /dev/net/tun: the helper's user needs read-write access to it (the kernel still requires "
               "CAP_NET_ADMIN); the package's tmpfiles.d/l3ptp.conf grants it at boot, now: systemd-tmpfiles --create l3ptp.conf")
 IFA_F_NODAD, FIB_RULE_INVERT, UNSET = 0x02, 0x2, 2**32 - 1
+#: TUN offloads (docs/helper.md): every packet carries a virtio_net_hdr. The flag is the device's, set by the queue
+#: that creates it (or re-opens it when no queue is attached): the device records it at the end of its ifalias so a
+#: restarted helper re-opens it in the same mode, and the worker reads it back with TUNGETIFF.
+IFF_VNET_HDR = 0x4000
 ADDR_GEN_MODE_NONE = 1  # IN6_ADDR_GEN_MODE_NONE
 FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
 RuleKey = tuple[int, int, int | None, int | None, bool]  # priority, table, fwmark, suppress_prefixlength, "not"
@@ -50,12 +56,14 @@ def set_queue(fd: int, flags: int) -> None:
     fcntl.ioctl(fd, TUNSETQUEUE, bytes(16) + flags.to_bytes(2, "little") + bytes(22))
 
 
-def open_queues(ifname: str, queues: int, owner_uid: int, *, adopt: bool = False) -> list[int]:
+def open_queues(ifname: str, queues: int, owner_uid: int, *, adopt: bool = False, vnet: bool = False) -> list[int]:
     """Create `ifname` with `queues` queues (close-on-exec fds); queue 0 is IFF_TUN_EXCL: EBUSY if it exists.
-    With `adopt`, open `queues` more queues of the existing device, detached (its workers keep theirs)."""
+    With `adopt`, open `queues` more queues of the existing device, detached (its workers keep theirs).
+    `vnet`: with IFF_VNET_HDR (TUN offloads)."""
     fds: list[int] = []
+    base = TUN_FLAGS | IFF_VNET_HDR * vnet
     try:
-        for flags in [TUN_FLAGS | pytun.IFF_TUN_EXCL * (not adopt)] + [TUN_FLAGS] * (queues - 1):
+        for flags in [base | pytun.IFF_TUN_EXCL * (not adopt)] + [base] * (queues - 1):
             dev = pytun.TunTapDevice(name=ifname, flags=flags)
             fds.append(os.dup(dev.fileno()))
             dev.close()
@@ -82,7 +90,7 @@ class Kernel:
 
     def create_network(self, ifname: str, mtu: int, addresses: tuple[str, ...], queues: int,
                        alias: str) -> tuple[int, list[int]]:
-        fds = open_queues(ifname, queues, os.geteuid())
+        fds = open_queues(ifname, queues, os.geteuid(), vnet=alias.endswith(VNET))
         try:
             index = _nl(self.ipr.link_lookup, ifname=ifname)[0]
             # No IPv6 link-local address: a point-to-point L3 tunnel needs none, and
@@ -199,10 +207,11 @@ class Kernel:
         routes = self._our_routes()
         for index, name, alias in self._our_links():
             try:
-                net_name, queues, uid = alias.removeprefix(ALIAS).rsplit(":", 2)
+                offload = alias.endswith(VNET)
+                net_name, queues, uid = alias.removeprefix(ALIAS).removesuffix(VNET).rsplit(":", 2)
                 if not alias.startswith(ALIAS) or not 1 <= int(queues) <= self.policy.max_queues:
                     raise ValueError(alias)
-                fds = open_queues(name, int(queues), os.geteuid(), adopt=True)
+                fds = open_queues(name, int(queues), os.geteuid(), adopt=True, vnet=offload)
             except (ValueError, OSError):
                 _nl(self.ipr.link, "del", index=index, ok=(errno.ENODEV,))
                 dropped.append(name)
@@ -211,7 +220,7 @@ class Kernel:
             addrs = [f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}" for a in _nl(self.ipr.get_addr, index=index)]
             nets.append({"name": net_name, "ifname": name, "ifindex": index, "mtu": link.get("IFLA_MTU"),
                          "addresses": tuple(str(ipaddress.ip_interface(a)) for a in addrs), "queues": int(queues),
-                         "worker_uid": int(uid), "fds": fds, "detached": set(range(int(queues))),
+                         "worker_uid": int(uid), "offload": offload, "fds": fds, "detached": set(range(int(queues))),
                          "routes": {text: r.get("RTA_PRIORITY", 0) for _, r, text in routes
                                     if r["type"] == RTN_UNICAST and r.get("RTA_OIF") == index}})
         return nets, dropped, [text for _, r, text in routes if r["type"] == RTN_UNREACHABLE]

@@ -15,6 +15,10 @@ from l3ptp.ipc.errors import ErrorCode
 from .policy import PolicyRefused
 
 
+#: The end of a device's ifalias when it has TUN offloads (IFF_VNET_HDR): `netops` creates and adopts by it.
+VNET = ":vnet"
+
+
 @dataclasses.dataclass(slots=True, kw_only=True)
 class Network:
     name: str
@@ -25,11 +29,12 @@ class Network:
     queues: int
     worker_uid: int
     fds: list[int]
+    offload: bool = False  # TUN offloads: the device has IFF_VNET_HDR
     routes: dict[str, int] = dataclasses.field(default_factory=dict)  # prefix -> metric
     detached: set[int] = dataclasses.field(default_factory=set)  # adopted queues not yet handed out
 
     def spec(self) -> tuple[object, ...]:
-        return (self.ifname, self.mtu, tuple(sorted(self.addresses)), self.queues, self.worker_uid)
+        return (self.ifname, self.mtu, tuple(sorted(self.addresses)), self.queues, self.worker_uid, self.offload)
 
     def guarded(self) -> set[str]:  # what its kill switch covers: its routes and its addresses' networks
         return {*self.routes, *(str(ipaddress.ip_interface(a).network) for a in self.addresses)}

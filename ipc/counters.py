@@ -37,6 +37,9 @@ class DropReason(enum.StrEnum):
     TUN_BAD_PACKET = enum.auto()
     #: IP version nibble is neither 4 nor 6.
     TUN_BAD_IP_VERSION = enum.auto()
+    #: A TUN with offloads (IFF_VNET_HDR): a read whose virtio_net_hdr or super-packet cannot be turned into IP
+    #: packets (worker/vnet.py); counted once per read, as one packet.
+    TUN_BAD_VNET = enum.auto()
     #: Source address outside our local allowed prefixes.
     TUN_SRC_NOT_ALLOWED = enum.auto()
     #: Larger than the tunnel MTU or the negotiated DATAGRAM budget.

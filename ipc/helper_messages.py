@@ -57,6 +57,8 @@ class CreateNetwork(Message):
     queues: QueueCount
     worker_uid: U32
     adopt: bool
+    #: TUN offloads: create the device with IFF_VNET_HDR (its workers split and coalesce; docs/helper.md).
+    offload: bool = False
 
 
 @message("helper.claim_queue")

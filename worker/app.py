@@ -101,6 +101,8 @@ def status_message(config: WorkerConfig, tunnel: Tunnel) -> WorkerStatus:
         # Traffic counters plus what the data path did with packets over the MTU.
         counters={**c.snapshot(), "tun_fragmented": tunnel.datapath.fragmented,
                   "icmp_too_big_sent": tunnel.datapath.icmp_too_big_sent,
+                  # TUN offloads (docs/worker.md): super-packets split, coalesced writes.
+                  **{k: min(v, _U64_MAX) for k, v in tunnel.tun.counters().items()},
                   "peer_route_limit": c.peer_route_limit,
                   # UDP datagrams the kernel refused to send, and received ones no connection took.
                   "udp_send_errors": min(tunnel.udp.send_errors if tunnel.udp else 0, _U64_MAX),

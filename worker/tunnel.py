@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import errno
 import os
 import random
 import socket
@@ -59,7 +58,8 @@ from .renewal import Renewal
 from .engine import EngineClasses, load_engine
 from .policy import RESTART_HINT, normalize_ip
 from .session import RoutesChanged, State
-from .udp import UDP_MAX, UdpIO
+from .tun_io import TunIO, TunMode, probe
+from .udp import UdpIO
 
 __all__ = ["Tunnel", "TunnelStatus"]
 
@@ -102,6 +102,7 @@ class Tunnel(Connections, Renewal):
         gro: bool = True,
         key_update_packets: int = KEY_UPDATE_PACKETS,
         key_update_interval: float = KEY_UPDATE_INTERVAL,
+        tun_mode: TunMode | None = None,
     ) -> None:
         self.config = config
         self.tun_fd = tun_fd
@@ -118,6 +119,7 @@ class Tunnel(Connections, Renewal):
                                key_update_interval=key_update_interval)
         self.datapath = Datapath(local_sources=config.local_sources, peer_sources=config.peer_sources)
         self.counters = self.datapath.counters
+        self.tun = TunIO(tun_fd, tun_mode or probe(tun_fd), self.counters, self.datapath.written)  # offloads
         self._drops = self.counters.drops
         self._key = keys.private_key_from_raw(config.private_key)
         self._cert = keys.self_signed_certificate(self._key) if config.role is PeerRole.LISTEN else None
@@ -168,6 +170,7 @@ class Tunnel(Connections, Renewal):
         self.sock.setblocking(False)
         self.udp = UdpIO(self.sock, gso=self._gso, gro=self._gro)
         os.set_blocking(self.tun_fd, False)
+        log.info("tun_mode", vnet=self.tun.mode.vnet, offload=self.tun.mode.offload, reason=self.tun.mode.reason)
         self._loop.add_reader(self.sock.fileno(), self._guarded, self._on_udp_readable)
         try:
             if self.config.role is PeerRole.CONNECT:
@@ -296,6 +299,7 @@ class Tunnel(Connections, Renewal):
             receive_many(peer.conn, batch, addr, now)
         for peer in touched.values():
             self._process_events(peer)
+        self.tun.flush()
         active = self.active
         if active is not None and self.core.key_update_due_by_packets(active.policy, self._packets_under_key()):
             self._update_keys(active, now)
@@ -369,21 +373,10 @@ class Tunnel(Connections, Renewal):
         if peer is None or not peer.session.established:
             self._stop_tun()
             return
-        packets: list[bytes] = []
-        read = os.read
-        fd = self.tun_fd
-        for _ in range(TUN_READ_BATCH):
-            try:
-                packet = read(fd, UDP_MAX)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:
-                self._tun_lost(exc.strerror or str(exc))
-                return
-            if not packet:  # end of file: a TUN queue never reads empty
-                self._tun_lost("end of file")
-                return
-            packets.append(packet)
+        packets, lost = self.tun.read_batch(TUN_READ_BATCH)  # super-packets split (TUN offloads)
+        if lost is not None:
+            self._tun_lost(lost)
+            return
         if not packets:
             return
         conn = peer.conn
@@ -391,7 +384,7 @@ class Tunnel(Connections, Renewal):
         payloads = self.datapath.from_tun_batch(packets, self._queue_depth(conn))
         if self.datapath.to_tun:  # ICMP "too big" for oversize packets: back into the TUN
             for error in self.datapath.to_tun:
-                self._write_tun(error)
+                self.tun.write(error)
             self.datapath.to_tun.clear()
         send = conn.send_datagram_frame
         for payload in payloads:
@@ -404,6 +397,8 @@ class Tunnel(Connections, Renewal):
         self._transmit(peer)
         if self.udp.send_errors > errors and payloads:  # the kernel refused UDP datagrams carrying them
             self.counters.drop(DropReason.DGRAM_SEND_ERROR, min(self.udp.send_errors - errors, len(payloads)))
+        if self.tun.carry and self._loop is not None:  # the rest of a split super-packet: next, not dropped
+            self._loop.call_soon(self._guarded, self._on_tun_readable)
         self._schedule()
 
     def _guarded(self, callback: Callable[[], None]) -> None:
@@ -437,15 +432,8 @@ class Tunnel(Connections, Renewal):
         self.stop(ErrorCode.SHUTDOWN, self.exit_reason)
 
     def _write_tun(self, packet: memoryview) -> None:
-        try:
-            os.write(self.tun_fd, packet)
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.ENOBUFS):
-                self.counters.drop(DropReason.TUN_WRITE_EAGAIN)
-            else:
-                self.counters.drop(DropReason.TUN_WRITE_ERROR)
-            return
-        self.datapath.written(packet)
+        """A packet from the peer: written, or with TUN offloads queued to be coalesced (`tun.flush`)."""
+        self.tun.queue(packet)
 
     # ---- timers ------------------------------------------------------------
 
@@ -495,4 +483,5 @@ class Tunnel(Connections, Renewal):
         if self.core.start_hint_due(now):
             self._send_start_hint(now)
         self._renewal_timer(now)
+        self.tun.flush()
         self._schedule()

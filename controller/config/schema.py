@@ -33,6 +33,9 @@ ROLES: Final[tuple[str, ...]] = tuple(r.value for r in PeerRole)
 ENGINES: Final[tuple[str, ...]] = tuple(e.value for e in Engine)
 #: Worker event loops: "auto" is asyncio (uvloop measured slower, docs/performance.md).
 EVENT_LOOPS: Final[tuple[str, ...]] = tuple(e.value for e in EventLoop)
+#: TUN offloads of a network: "auto" creates its device with IFF_VNET_HDR (the workers split and coalesce where
+#: the kernel allows), "off" (the default: not yet faster, docs/performance.md) without (docs/worker.md).
+OFFLOADS: Final[tuple[str, ...]] = ("auto", "off")
 #: Highest CPU number accepted in `cpus`.
 CPU_MAX: Final = 4095
 NODE_ID_RE: Final = re.compile(NODE_ID_PATTERN)
@@ -74,6 +77,7 @@ NETWORK_KEYS: Final = (
     "keepalive_interval",
     "engine",
     "event_loop",
+    "offload",
     "cpus",
     "peer_key",
     "peer_keys",

@@ -256,18 +256,23 @@ def plan_baselines(args: argparse.Namespace, results: list[dict[str, Any]]) -> l
 L3PTP_MTUS = ("1280", "auto")
 
 
-def l3ptp_name(queues: int, engine: str, mtu: str) -> str:
-    """`l3ptp q=1 qh3` at the default MTU, `l3ptp@auto q=1 qh3` with ``mtu = "auto"``."""
-    return f"l3ptp{'' if mtu == '1280' else '@' + mtu} q={queues} {engine}"
+#: `--offload` values: the network's `offload`, "off" (the default) or "auto" (TUN offloads where the kernel allows).
+L3PTP_OFFLOADS = ("off", "auto")
+
+
+def l3ptp_name(queues: int, engine: str, mtu: str, offload: str = "off") -> str:
+    """`l3ptp q=1 qh3` at the default MTU, `l3ptp@auto q=1 qh3` with ``mtu = "auto"``; ` offload=auto` with
+    TUN offloads."""
+    return f"l3ptp{'' if mtu == '1280' else '@' + mtu} q={queues} {engine}{' offload=auto' * (offload == 'auto')}"
 
 
 def plan_l3ptp(args: argparse.Namespace, results: list[dict[str, Any]]) -> list[Plan]:
     plans: list[Plan] = []
-    for queues, engine, mtu in itertools.product(args.queues, args.engine, args.mtu):
-        name = l3ptp_name(queues, engine, mtu)
+    for queues, engine, mtu, offload in itertools.product(args.queues, args.engine, args.mtu, args.offload):
+        name = l3ptp_name(queues, engine, mtu, offload)
 
         def body(lab: Any, config: dict[str, Any], started: list[int], extra: list[str],
-                 queues: int = queues, engine: str = engine, mtu: str = mtu) -> None:
+                 queues: int = queues, engine: str = engine, mtu: str = mtu, offload: str = offload) -> None:
             lab.start(wait=args.timeout)
 
             def pids() -> dict[str, int]:
@@ -282,15 +287,16 @@ def plan_l3ptp(args: argparse.Namespace, results: list[dict[str, Any]]) -> list[
 
             started.extend(pids().values())
             config.update(kind="l3ptp", queues=queues, engine=engine, dst=lab.b.overlay4,
-                          mtu=link_mtu(lab.a, "l3p-demo"), mtu_setting=mtu)
+                          mtu=link_mtu(lab.a, "l3p-demo"), mtu_setting=mtu, offload=offload)
             say(f"{config['name']}: tunnel up, MTU {config['mtu']}; processes {pids()}")
             run_tests(lab, config, dst=lab.b.overlay4, iface="l3p-demo", pids=pids, args=args,
                       watch=L3ptpWatch(lab))
             config["summary"] = summarize(config)
             results.append(config)
 
-        auto = {"mtu": "auto"} if mtu == "auto" else None
-        plans.append((name, body, {"queues": queues, "engine": engine, "config_a": auto, "config_b": auto}))
+        extra = {**({"mtu": "auto"} if mtu == "auto" else {}), **({"offload": "auto"} if offload == "auto" else {})}
+        plans.append((name, body, {"queues": queues, "engine": engine, "config_a": extra or None,
+                                   "config_b": extra or None}))
     return plans
 
 
@@ -333,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mtu", type=_list(str, L3PTP_MTUS), default=list(L3PTP_MTUS), metavar="M[,M...]",
                    help="l3ptp MTU settings: 1280 (the default) and/or auto (mtu = \"auto\": derived from the "
                         "underlay path, 1412 on the lab's 1500-byte veth); default 1280,auto")
+    p.add_argument("--offload", type=_list(str, L3PTP_OFFLOADS), default=["off"], metavar="O[,O...]",
+                   help="l3ptp TUN offloads: off (the default) and/or auto (offload = \"auto\"); 'off,auto' "
+                        "measures both in the same rounds (default off)")
     p.add_argument("--engine", type=_list(str, ENGINES), default=["aioquic", "qh3"], metavar="E[,E...]",
                    help="QUIC engines to sweep: aioquic, qh3, auto (default aioquic,qh3; those not installed are skipped)")
     p.add_argument("--baselines", type=_list(str, BASELINES), default=list(BASELINES), metavar="B[,B...]",
@@ -399,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": {"ncpu": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
                     "cpu": _cpu_model()},
         "settings": {"seconds": args.seconds, "udp_rate": args.udp_rate, "udp_len": UDP_LEN,
-                     "tunnel_mtu": TUNNEL_MTU, "l3ptp_mtu": args.mtu, "pings": args.pings, "rounds": args.rounds},
+                     "tunnel_mtu": TUNNEL_MTU, "l3ptp_mtu": args.mtu, "l3ptp_offload": args.offload, "pings": args.pings, "rounds": args.rounds},
         "commit": _commit(),
         "configs": results,
     }

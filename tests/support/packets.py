@@ -24,9 +24,11 @@ __all__ = [
     "internet_checksum",
     "ipv4",
     "ipv4_icmp_echo",
+    "ipv4_tcp",
     "ipv4_udp",
     "ipv6",
     "ipv6_icmp_echo",
+    "ipv6_tcp",
     "ipv6_udp",
 ]
 
@@ -40,7 +42,9 @@ MULTICAST_DESTINATIONS = frozenset(
 )
 
 PROTO_ICMP = 1
+PROTO_TCP = 6
 PROTO_UDP = 17
+TCP_ACK = 0x10
 PROTO_ICMPV6 = 58
 ICMP_ECHO_REQUEST = 8
 ICMPV6_ECHO_REQUEST = 128
@@ -174,3 +178,32 @@ def ipv6_icmp_echo(
     csum = internet_checksum(_pseudo_v6(src, dst, PROTO_ICMPV6, len(unsummed)) + unsummed)
     body = _ICMP_ECHO.pack(ICMPV6_ECHO_REQUEST, 0, csum, ident, seq) + payload
     return ipv6(src, dst, PROTO_ICMPV6, body, hop_limit=hop_limit)
+
+
+def _tcp(pseudo_header_for, src: Address, dst: Address, payload: bytes, sport: int, dport: int, seq: int, ack: int,
+         flags: int, window: int, options: bytes) -> bytes:
+    options += b"\1" * (-len(options) % 4)  # NOP padding
+    offset = (20 + len(options)) // 4
+    header = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, offset << 4, flags, window, 0, 0) + options
+    csum = internet_checksum(pseudo_header_for(src, dst, PROTO_TCP, len(header) + len(payload)) + header + payload)
+    return header[:16] + csum.to_bytes(2, "big") + header[18:] + payload
+
+
+def ipv4_tcp(
+    src: Address, dst: Address, payload: bytes = b"", *, seq: int = 1000, ack: int = 1, flags: int = TCP_ACK,
+    window: int = 501, options: bytes = b"", ident: int = 0, df: bool = True, ttl: int = 64,
+    ip_options: bytes = b"", sport: int = DEFAULT_SPORT, dport: int = DEFAULT_DPORT,
+) -> bytes:
+    """A complete IPv4/TCP segment (TCP `options` NOP-padded to 4 bytes; `ip_options` zero-padded)."""
+    body = _tcp(_pseudo_v4, src, dst, payload, sport, dport, seq, ack, flags, window, options)
+    return ipv4(src, dst, PROTO_TCP, body, ttl=ttl, df=df, ident=ident, options=ip_options)
+
+
+def ipv6_tcp(
+    src: Address, dst: Address, payload: bytes = b"", *, seq: int = 1000, ack: int = 1, flags: int = TCP_ACK,
+    window: int = 501, options: bytes = b"", hop_limit: int = 64, sport: int = DEFAULT_SPORT,
+    dport: int = DEFAULT_DPORT,
+) -> bytes:
+    """A complete IPv6/TCP segment."""
+    body = _tcp(_pseudo_v6, src, dst, payload, sport, dport, seq, ack, flags, window, options)
+    return ipv6(src, dst, PROTO_TCP, body, hop_limit=hop_limit)

@@ -196,12 +196,15 @@ async def worker_pair(
     connector_kw: dict[str, Any] | None = None,
     engine: Engine = Engine.AIOQUIC,
     tunnel_kw: dict[str, Any] | None = None,
+    listener_tunnel_kw: dict[str, Any] | None = None,
+    connector_tunnel_kw: dict[str, Any] | None = None,
 ) -> AsyncIterator[Pair]:
     """A started listener + connector over loopback; stopped on exit.
 
     `engine` is the default of both sides; ``listener_kw``/``connector_kw``
     (make_config arguments) may override it per side. `tunnel_kw` goes to
-    both `Tunnel`s (e.g. ``gso=False``). A node the test puts into the
+    both `Tunnel`s (e.g. ``gso=False``), ``listener_tunnel_kw``/``connector_tunnel_kw`` to one
+    (e.g. its ``tun_mode``). A node the test puts into the
     `Pair` in place of another (a restart) is the one stopped on exit.
     """
     listener_kw = {"engine": engine, **(listener_kw or {})}
@@ -214,8 +217,8 @@ async def worker_pair(
                        index=index, queue=queue, **(listener_kw or {}))
     ccfg = make_config(PeerRole.CONNECT, own=ckeys, peer_fp=connector_pin or lkeys.fingerprint, port=port,
                        index=index, queue=queue, **(connector_kw or {}))
-    listener = make_node(lcfg, lsock, **(tunnel_kw or {}))
-    connector = make_node(ccfg, udp_socket(), **(tunnel_kw or {}))
+    listener = make_node(lcfg, lsock, **(tunnel_kw or {}), **(listener_tunnel_kw or {}))
+    connector = make_node(ccfg, udp_socket(), **(tunnel_kw or {}), **(connector_tunnel_kw or {}))
     listener.start()
     connector.start()
     pair = Pair(listener, connector, lkeys, ckeys)

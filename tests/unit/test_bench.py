@@ -291,3 +291,17 @@ def test_l3ptp_runs_at_1280_and_at_auto() -> None:
     assert only.mtu == ["auto"]
     with pytest.raises(SystemExit):
         runner.build_parser().parse_args(["--mtu", "1400"])
+
+
+def test_l3ptp_runs_with_and_without_tun_offloads() -> None:
+    args = runner.build_parser().parse_args(["--queues", "1", "--engine", "qh3", "--mtu", "1280"])
+    assert args.offload == ["off"]
+    args = runner.build_parser().parse_args(["--queues", "1", "--engine", "qh3", "--mtu", "1280",
+                                             "--offload", "off,auto"])
+    assert [(name, kw) for name, _body, kw in runner.plan_l3ptp(args, [])] == [
+        ("l3ptp q=1 qh3", {"queues": 1, "engine": "qh3", "config_a": None, "config_b": None}),
+        ("l3ptp q=1 qh3 offload=auto", {"queues": 1, "engine": "qh3", "config_a": {"offload": "auto"},
+                                        "config_b": {"offload": "auto"}}),
+    ]
+    with pytest.raises(SystemExit):
+        runner.build_parser().parse_args(["--offload", "on"])

@@ -184,6 +184,7 @@ def test_full_config_round_trips_into_expected_values() -> None:
                 keepalive_interval=5.0,
                 engine="auto",
                 event_loop="auto",
+                offload="off",
                 cpus=(),
                 peer_key=KEY_A,
                 key_file="/etc/l3ptp/office.key",
@@ -211,6 +212,7 @@ def test_full_config_round_trips_into_expected_values() -> None:
                 keepalive_interval=KEEPALIVE_INTERVAL_DEFAULT,
                 engine="auto",
                 event_loop="auto",
+                offload="off",
                 cpus=(),
                 peer_key=KEY_B,
                 key_file="",
@@ -1230,13 +1232,15 @@ def test_every_key_is_documented(cls: type) -> None:
 
 
 
-def test_engine_key_defaults_to_auto_and_is_checked() -> None:
+@pytest.mark.parametrize(("key", "default", "other", "bad"),
+                         [("engine", "auto", "qh3", "quiche"), ("offload", "off", "auto", "on")])
+def test_choice_key_has_its_default_and_is_checked(key: str, default: str, other: str, bad: str) -> None:
     doc = tomllib.loads(EXAMPLE.read_text())
-    assert parse_config(doc).networks[0].engine == "auto"
-    doc["networks"]["office"]["engine"] = "qh3"
-    assert parse_config(doc).networks[0].engine == "qh3"
-    doc["networks"]["office"]["engine"] = "quiche"
-    with pytest.raises(ConfigError, match="engine"):
+    assert getattr(parse_config(doc).networks[0], key) == default
+    doc["networks"]["office"][key] = other
+    assert getattr(parse_config(doc).networks[0], key) == other
+    doc["networks"]["office"][key] = bad
+    with pytest.raises(ConfigError, match=key):
         parse_config(doc)
 
 

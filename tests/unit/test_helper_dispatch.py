@@ -299,3 +299,17 @@ def test_rules_are_ensured_before_routes_and_sockets_and_audited_when_added(make
     assert calls.count("ensure_rules") + 1 == [x[0] for x in env.kernel.calls].count("ensure_rules")
     added = [r for r in env.records if r["action"] == "AddRules"]
     assert len(added) == 1 and added[0]["rules"] == env.kernel.rules and added[0]["result"] == "ok"
+
+
+def test_offload_is_recorded_in_the_alias_and_part_of_the_spec(make_env) -> None:
+    """TUN offloads (IFF_VNET_HDR) are the device's: the alias records them (netops creates and adopts by it),
+    and a network asked for in the other mode is another spec (EXISTS), never silently reused."""
+    env = make_env()
+    c = env.session(hm.Role.CONTROLLER)
+    assert isinstance(env.create(c, offload=True), hm.NetworkCreated)
+    assert env.kernel.aliases["l3p-n1"] == f"n1:2:{WORKER_UID}:vnet"
+    assert env.last()["offload"] is True
+    assert env.create(c, adopt=True).code is ErrorCode.EXISTS  # offload off now: another spec
+    assert env.create(c, adopt=True, offload=True).adopted
+    assert isinstance(env.create(c, name="n2"), hm.NetworkCreated)
+    assert env.kernel.aliases["l3p-n2"] == f"n2:2:{WORKER_UID}"

@@ -1,0 +1,158 @@
+"""The worker's TUN queue: plain reads and writes, or with TUN offloads (IFF_VNET_HDR). A shell.
+
+`probe` asks the kernel how the helper made the device (TUNGETIFF on the worker's own queue fd, no capability
+needed) and, for an IFF_VNET_HDR device, enables TSO4/TSO6 and checksum offload (TUNSETOFFLOAD, also
+capability-free on an attached queue: the setting is the device's, every worker of the network sets the same).
+Three modes, each logged with its reason by the tunnel at start:
+
+* plain: the device has no IFF_VNET_HDR (the network's `offload = "off"`, or not a TUN at all: the tests' fake);
+* vnet without offload (the fallback): the device has IFF_VNET_HDR but the kernel refused TUNSETOFFLOAD; every
+  packet still carries a virtio_net_hdr (always gso_type NONE), nothing is split or coalesced;
+* offload: reads may be super-packets, split into IP packets (`vnet.split`); what the peer sends is queued
+  and coalesced (`gro.coalesce`) when `flush` runs at the end of each UDP wake-up.
+
+None of it changes the wire: the peer gets one IP packet per DATAGRAM in every mode, so either end may use any
+mode (docs/worker.md, "TUN offloads").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import fcntl
+import os
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from l3ptp.ipc.counters import Counters, DropReason
+
+from .gro import coalesce
+from .vnet import IP_MAX, IPV6_HEADER, PLAIN_HEADER, VNET_HDR_LEN, BadVnet, split
+
+__all__ = ["TunIO", "TunMode", "probe"]
+
+TUNSETOFFLOAD, TUNGETIFF = 0x400454D0, 0x800454D2
+IFF_VNET_HDR = 0x4000
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 = 0x01, 0x02, 0x04
+OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+#: A plain read: the largest IP packet. With a virtio_net_hdr: the header and the largest super-packet.
+READ_PLAIN, READ_VNET = IP_MAX, VNET_HDR_LEN + IP_MAX + IPV6_HEADER
+_IFREQ = struct.Struct("16sH")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TunMode:
+    #: Every packet read and written carries a virtio_net_hdr (the device has IFF_VNET_HDR).
+    vnet: bool
+    #: TSO and checksum offload are on: reads are split, writes coalesced.
+    offload: bool
+    reason: str
+
+
+PLAIN = TunMode(False, False, "device without IFF_VNET_HDR")
+
+
+def probe(fd: int, ioctl: Callable[..., Any] = fcntl.ioctl) -> TunMode:
+    """The mode of TUN queue `fd`, with offloads switched on where the device allows."""
+    try:
+        flags = _IFREQ.unpack_from(ioctl(fd, TUNGETIFF, bytes(40)))[1]
+    except OSError as exc:
+        return TunMode(False, False, f"not a TUN device ({os.strerror(exc.errno or errno.EINVAL)})")
+    if not flags & IFF_VNET_HDR:
+        return PLAIN
+    try:
+        ioctl(fd, TUNSETOFFLOAD, OFFLOADS)
+    except OSError as exc:
+        return TunMode(True, False, f"TUNSETOFFLOAD refused ({os.strerror(exc.errno or errno.EINVAL)}): "
+                                    "virtio_net_hdr without offloads")
+    return TunMode(True, True, "TSO4, TSO6 and checksum offload on")
+
+
+class TunIO:
+    """Reads and writes of one TUN queue in its `TunMode`; counts what it splits, coalesces and drops."""
+
+    def __init__(self, fd: int, mode: TunMode, counters: Counters, written: Callable[[Any], None]) -> None:
+        self.fd, self.mode, self._counters, self._written = fd, mode, counters, written
+        self._pending: list[Any] = []
+        #: Segments of a split read past the batch's limit: the first packets of the next batch.
+        self.carry: list[bytes] = []
+        self._read_size = READ_VNET if mode.vnet else READ_PLAIN
+        self.gso_split = 0  #: super-packets read and split
+        self.gso_segments = 0  #: the IP packets they made
+        self.gro_writes = 0  #: writes of coalesced super-packets
+        self.gro_merged = 0  #: the packets they carried
+
+    def counters(self) -> dict[str, int]:
+        return {"tun_offload": int(self.mode.offload), "tun_gso_split": self.gso_split,
+                "tun_gso_segments": self.gso_segments, "tun_gro_writes": self.gro_writes,
+                "tun_gro_merged": self.gro_merged}
+
+    def read_batch(self, limit: int) -> tuple[list[bytes], str | None]:
+        """At most `limit` IP packets (reads until EAGAIN), and why the queue is unusable (None: it is fine).
+        A super-packet's segments past `limit` are kept in `carry` for the next batch (the caller comes back
+        for them without waiting for the fd): so a batch never holds more than a plain TUN's, and the bounded
+        queue toward QUIC is not overrun by the 45 segments of each read."""
+        packets, self.carry = self.carry[:limit], self.carry[limit:]
+        read, fd, size, vnet = os.read, self.fd, self._read_size, self.mode.vnet
+        for _ in range(limit - len(packets)):  # at most `limit` reads, refused ones included
+            try:
+                data = read(fd, size)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                return packets, exc.strerror or str(exc)
+            if not data:  # end of file: a TUN queue never reads empty
+                return packets, "end of file"
+            if not vnet:
+                packets.append(data)
+                continue
+            try:
+                pieces = split(data)
+            except BadVnet:
+                c = self._counters
+                c.tun_rx_packets += 1
+                c.tun_rx_bytes += len(data)
+                c.drops[DropReason.TUN_BAD_VNET] += 1
+                continue
+            if len(pieces) > 1:
+                self.gso_split += 1
+                self.gso_segments += len(pieces)
+            room = limit - len(packets)
+            packets += pieces[:room]
+            self.carry = pieces[room:]
+            if self.carry:
+                break
+        return packets, None
+
+    def write(self, packet: Any) -> None:
+        """Write one packet now (an ICMP error of the worker's own)."""
+        self._write([PLAIN_HEADER, packet] if self.mode.vnet else [packet], (packet,))
+
+    def queue(self, packet: Any) -> None:
+        """A packet from the peer: written now, or with offloads at the next `flush` (coalesced)."""
+        if self.mode.offload:
+            self._pending.append(packet)
+        else:
+            self.write(packet)
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        for buffers, packets in coalesce(pending):
+            if self._write(buffers, packets) and len(packets) > 1:
+                self.gro_writes += 1
+                self.gro_merged += len(packets)
+
+    def _write(self, buffers: list[Any], packets: Any) -> bool:
+        try:
+            os.writev(self.fd, buffers)
+        except OSError as exc:
+            reason = DropReason.TUN_WRITE_EAGAIN if exc.errno in (errno.EAGAIN, errno.ENOBUFS) \
+                else DropReason.TUN_WRITE_ERROR
+            self._counters.drops[reason] += len(packets)
+            return False
+        for packet in packets:
+            self._written(packet)
+        return True
