@@ -88,6 +88,13 @@ class EventLoop(enum.StrEnum):
     UVLOOP = "uvloop"
 
 
+class UnderlayPorts(enum.StrEnum):
+    """How a network's queues use UDP ports: all on one port (steered by connection ID), or port + queue."""
+
+    SHARED = "shared"
+    PER_QUEUE = "per-queue"
+
+
 class NetworkState(enum.StrEnum):
     """What the controller reports about a network."""
 
@@ -119,8 +126,11 @@ class WorkerConfig(Message):
     local_address: AddressStr | None
     #: connect: the peer's underlay address or DNS name (resolved by the worker); listen: optional filter (an address).
     peer_address: Hostname | None
-    #: UDP port of this queue (base port + queue index).
+    #: UDP port of this queue: the network's one port (`ports` shared), or base port + queue index (per-queue).
     port: Annotated[int, Range(1, 65535)]
+    #: shared: every queue on `port` (listen: SO_REUSEPORT, steered by the helper); the connection IDs of
+    #: queue k satisfy cid[0] % queues == k in both modes (worker/steering.py).
+    ports: UnderlayPorts = UnderlayPorts.SHARED
     mtu: Annotated[int, Range(MTU_MIN, MTU_MAX)]
     max_datagram_size: Annotated[int, Range(MAX_DATAGRAM_SIZE_MIN, MAX_DATAGRAM_SIZE_MAX)]
     keepalive_interval: Annotated[float, Range(0.05, 3600.0)]

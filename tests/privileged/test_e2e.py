@@ -27,7 +27,7 @@ from tests.support.controller_process import pid_alive, proc_status, wait_until
 pytestmark = [pytest.mark.privileged, pytest.mark.slow]
 
 IFNAME = "l3p-demo"
-CAP_NET_ADMIN_BIT = 1 << 12
+CAP_NET_ADMIN_BIT = 1 << 12 | 1 << 39  # CAP_NET_ADMIN and CAP_BPF (the shared port's steering)
 
 
 def _lab(setup: Any = None, **kw: Any) -> Iterator[Lab]:
