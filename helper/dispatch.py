@@ -267,13 +267,11 @@ class Dispatcher:
         net = self._owned_queue(s, req) if req.shared else None
         self._kernel("protect socket", self.kernel.protect_socket, fd)
         self._ensure_rules(s)
-        steered = False
         if net is not None:
-            steered = self._kernel("steer socket", self.kernel.steer_socket, net.name, net.queues, req.queue, fd,
-                                   not net.adopted)
+            self._kernel("steer socket", self.kernel.steer_socket, net.name, net.queues, req.queue, fd)
         self._audit(s, "ProtectSocket", "ok", mark=self.policy.socket_mark,
-                    **({"network": net.name, "queue": req.queue, "steered": steered} if net is not None else {}))
-        return Outcome(SocketProtected(mark=self.policy.socket_mark, steered=steered))
+                    **({"network": net.name, "queue": req.queue, "steered": True} if net is not None else {}))
+        return Outcome(SocketProtected(mark=self.policy.socket_mark, steered=net is not None))
 
     def _owned_queue(self, s: ClientSession, req: ProtectSocket) -> Network:
         """The network of a shared-port ProtectSocket, if this worker owns `req.queue` of it: the queue it claimed

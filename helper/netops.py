@@ -145,7 +145,7 @@ class Kernel:
         finally:
             sock.detach()
 
-    def steer_socket(self, network: str, queues: int, queue: int, fd: int, fresh: bool) -> bool:
+    def steer_socket(self, network: str, queues: int, queue: int, fd: int) -> None:
         """Steer `network`'s port: the SO_REUSEPORT UDP socket `fd` serves `queue` (helper/reuseport.py)."""
         try:
             sock = socket.socket(fileno=fd)
@@ -157,7 +157,7 @@ class Kernel:
         finally:
             sock.detach()
         try:
-            return self.steering.register(network, queues, queue, fd, fresh=fresh)
+            self.steering.register(network, queues, queue, fd)
         except SteeringUnavailable as exc:
             raise PolicyRefused(ErrorCode.SYSTEM, str(exc.strerror)) from None
 
@@ -232,7 +232,7 @@ class Kernel:
             addrs = [f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}" for a in _nl(self.ipr.get_addr, index=index)]
             nets.append({"name": net_name, "ifname": name, "ifindex": index, "mtu": link.get("IFLA_MTU"),
                          "addresses": tuple(str(ipaddress.ip_interface(a)) for a in addrs), "queues": int(queues),
-                         "worker_uid": int(uid), "fds": fds, "detached": set(range(int(queues))), "adopted": True,
+                         "worker_uid": int(uid), "fds": fds, "detached": set(range(int(queues))),
                          "routes": {text: r.get("RTA_PRIORITY", 0) for _, r, text in routes
                                     if r["type"] == RTN_UNICAST and r.get("RTA_OIF") == index}})
         return nets, dropped, [text for _, r, text in routes if r["type"] == RTN_UNREACHABLE]

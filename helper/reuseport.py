@@ -16,9 +16,13 @@ leaves, so a restarting worker would swap two queues' traffic; the map is keyed 
 
 Lifetime: the map and program fds live in the helper (`Steering`); the program attached to the group holds its
 map, so steering goes on while the helper is down. A restarted helper has neither fd: it builds a new map as
-the workers register their sockets again and attaches the new program (which replaces the old one for the
-whole group) only once every queue has its socket in the new map (`register`, `complete`). Closing the fds
-(DestroyNetwork) frees both once the workers' sockets are gone: nothing is pinned, nothing is left behind.
+the workers register their sockets again (the controller asks them to, with fresh tickets, as soon as it has
+a new helper session) and attaches its new program, which replaces the old one for the whole group and so
+frees the old map and the sockets in it. Until a queue's worker has registered again its datagrams are dropped
+by the new program (milliseconds after a restart: the controller sends every worker its Reregister at once).
+Closing the fds (DestroyNetwork) frees both once the workers' sockets are gone: nothing is pinned, nothing is
+left behind. Neither bpffs (not mounted in every container) nor systemd's fd store (not there outside systemd)
+is needed.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ import os
 import platform
 import socket
 import struct
+import time
+
+from l3ptp.ipc.constants import STEERING_RELEASE_WAIT
 
 __all__ = ["SteeringUnavailable", "Steering", "program"]
 
@@ -126,38 +133,46 @@ class _Group:
     queues: int
     map_fd: int
     prog_fd: int
-    registered: set[int]
-    attached: bool
+
+
+def _attach(fd: int, prog_fd: int) -> None:
+    sock = socket.socket(fileno=fd)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_EBPF, struct.pack("i", prog_fd))
+    finally:
+        sock.detach()
 
 
 class Steering:
     """The helper's steering maps and programs, one per network with a shared port."""
 
-    def __init__(self, load=_load) -> None:  # type: ignore[no-untyped-def]
-        self._load = load
+    def __init__(self, load=_load, clock=time.monotonic, sleep=time.sleep) -> None:  # type: ignore[no-untyped-def]
+        self._load, self._clock, self._sleep = load, clock, sleep
         self.groups: dict[str, _Group] = {}
 
-    def register(self, network: str, queues: int, queue: int, fd: int, *, fresh: bool) -> bool:
-        """Put the UDP socket `fd` in `network`'s map at `queue` and attach the program to its group; True when
-        attached. `fresh`: this helper created the network (no older program can be steering its group), so
-        the program is attached at once; otherwise (adopted after a helper restart) only once every queue
-        registered, the old program keeping on steering with the old map until then."""
+    def register(self, network: str, queues: int, queue: int, fd: int) -> None:
+        """Steer `network`'s port: its program attached to the group of the SO_REUSEPORT UDP socket `fd` (every
+        time: a group whose sockets all closed, all workers restarted, is a new group), then `fd` in the map at
+        `queue`. A socket still in an older helper's map cannot join ours (EBUSY) until that map is freed, which
+        our program's attach sets off (it replaces the old program, the map's last holder): retried for at most
+        STEERING_RELEASE_WAIT seconds (about 25 ms measured)."""
         g = self.groups.get(network)
         if g is None or g.queues != queues:
             self.drop(network)
             map_fd, prog_fd = self._load(queues)
-            g = self.groups[network] = _Group(queues, map_fd, prog_fd, set(), False)
+            g = self.groups[network] = _Group(queues, map_fd, prog_fd)
+        _attach(fd, g.prog_fd)
         key, value = ctypes.c_uint32(queue), ctypes.c_uint32(fd)
-        _bpf(BPF_MAP_UPDATE_ELEM, struct.pack("<IIQQQ", g.map_fd, 0, ctypes.addressof(key), ctypes.addressof(value), 0))
-        g.registered.add(queue)
-        if fresh or g.attached or len(g.registered) == queues:
-            sock = socket.socket(fileno=fd)
+        attr = struct.pack("<IIQQQ", g.map_fd, 0, ctypes.addressof(key), ctypes.addressof(value), 0)
+        deadline = self._clock() + STEERING_RELEASE_WAIT
+        while True:
             try:
-                sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_EBPF, struct.pack("i", g.prog_fd))
-            finally:
-                sock.detach()
-            g.attached = True
-        return g.attached
+                _bpf(BPF_MAP_UPDATE_ELEM, attr)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EBUSY or self._clock() > deadline:
+                    raise
+            self._sleep(0.002)
 
     def drop(self, network: str) -> None:
         """Close the network's map and program (DestroyNetwork): the kernel frees them with the last socket."""

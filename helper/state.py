@@ -27,7 +27,6 @@ class Network:
     fds: list[int]
     routes: dict[str, int] = dataclasses.field(default_factory=dict)  # prefix -> metric
     detached: set[int] = dataclasses.field(default_factory=set)  # adopted queues not yet handed out
-    adopted: bool = False  # left by a previous helper: its port may still be steered by that helper's program
 
     def spec(self) -> tuple[object, ...]:
         return (self.ifname, self.mtu, tuple(sorted(self.addresses)), self.queues, self.worker_uid)

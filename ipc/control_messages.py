@@ -286,6 +286,17 @@ class Advertise(Message):
     local_sources: Prefixes
 
 
+@message("bus.reregister")
+class Reregister(Message):
+    """A restarted helper lost the steering map of a shared port (docs/helper.md, "Shared port"): the worker
+    registers its UDP socket again (`ProtectSocket` with this fresh ticket of its queue); the helper attaches
+    its new program once every queue has."""
+
+    network: NetworkName
+    queue: QueueIndex
+    ticket: Ticket
+
+
 @message("bus.rekey")
 class Rekey(Message):
     """A reload changed the network's key (or the contents of its key file), its pinned peer keys or what
@@ -351,6 +362,8 @@ class NetworkStatus(Record):
     #: Underlay peer address and base port, as configured.
     peer: Annotated[str, Text(64)]
     port: U16
+    #: `underlay.ports`: every queue on `port` (shared), or queue k on port + k (per-queue).
+    ports: UnderlayPorts = UnderlayPorts.SHARED
     addresses: Interfaces
     peer_addresses: Interfaces
     mtu: Annotated[int, Range(0, MTU_MAX)]
@@ -398,6 +411,6 @@ class CommandFailed(Message):
 
 WORKER_CONFIG = Channel("worker-config", WORKER_CONFIG_MAX, (WorkerConfig,))
 BUS_UP = Channel("bus-up", BUS_MESSAGE_MAX, (WorkerHello, WorkerStatus, PeerRoutes, WorkerExiting))
-BUS_DOWN = Channel("bus-down", BUS_MESSAGE_MAX, (Heartbeat, Shutdown, Advertise, Handover, Rekey))
+BUS_DOWN = Channel("bus-down", BUS_MESSAGE_MAX, (Heartbeat, Shutdown, Advertise, Handover, Rekey, Reregister))
 CLI_REQUESTS = Channel("cli-request", CLI_MESSAGE_MAX, (StatusRequest, UpRequest, DownRequest, ReloadRequest))
 CLI_REPLIES = Channel("cli-reply", CLI_MESSAGE_MAX, (StatusReply, CommandResult, CommandFailed))

@@ -147,8 +147,7 @@ class RoutesChanged(Message):
 @message("helper.socket_protected")
 class SocketProtected(Message):
     mark: U32
-    #: shared: the steering program is attached to the port's group (False while a restarted helper waits for
-    #: the other queues' sockets).
+    #: The socket is its queue's on the network's shared port (a shared ProtectSocket).
     steered: bool = False
 
 

@@ -31,7 +31,7 @@ from l3ptp.ipc.types import PeerRole
 
 from .engine import EngineClasses
 
-__all__ = ["QueueGate", "cid_source", "dcid_queue", "pin_queue", "queue_cid", "shares_port"]
+__all__ = ["QueueGate", "cid_source", "dcid_queue", "pin_queue", "queue_cid", "register_again", "shares_port"]
 
 
 def queue_cid(queue: int, queues: int, length: int, randbytes: Callable[[int], bytes] = os.urandom) -> bytes:
@@ -64,6 +64,18 @@ def pin_queue(engine: EngineClasses, queue: int, queues: int) -> EngineClasses:
         return engine
     cls = engine.pin_cids(engine.QuicConnection, lambda length: queue_cid(queue, queues, length))
     return dataclasses.replace(engine, QuicConnection=cls)
+
+
+def register_again(config: WorkerConfig, sock: Any, ticket: str) -> bool:
+    """`Reregister` from the controller (a restarted helper): ProtectSocket again with the fresh `ticket` of
+    this queue. Blocking (the caller runs it off the loop); True when the helper's program steers the port."""
+    from .helper_client import WorkerHelperClient
+
+    helper = WorkerHelperClient(config.helper_socket)
+    try:
+        return helper.protect_socket(sock, config.network, config.queue, True, ticket).steered
+    finally:
+        helper.close()
 
 
 class QueueGate:

@@ -130,10 +130,9 @@ class FakeKernel:
         self.calls.append(("protect", fd))
         self.protected.append(os.fstat(fd).st_ino)
 
-    def steer_socket(self, network: str, queues: int, queue: int, fd: int, fresh: bool) -> bool:
-        self.calls.append(("steer", network, queues, queue, fresh))
+    def steer_socket(self, network: str, queues: int, queue: int, fd: int) -> None:
+        self.calls.append(("steer", network, queues, queue))
         self.steered.setdefault(network, {})[queue] = os.fstat(fd).st_ino
-        return fresh or len(self.steered[network]) == queues
 
     def unsteer(self, network: str) -> None:
         self.calls.append(("unsteer", network))

@@ -35,7 +35,7 @@ def test_a_worker_steers_only_the_queue_it_claimed(make_env) -> None:  # noqa: F
         assert isinstance(env.d.handle(unclaimed, hm.ProtectSocket(network="n1", queue=0, shared=True),
                                        [udp.fileno()]).reply, hm.Failed)
         ok = env.d.handle(w1, hm.ProtectSocket(network="n1", queue=1, shared=True), [udp.fileno()]).reply
-        assert isinstance(ok, hm.SocketProtected) and ok.steered  # a network this helper made: attached at once
+        assert isinstance(ok, hm.SocketProtected) and ok.steered
         assert env.kernel.steered == {"n1": {1: os.fstat(udp.fileno()).st_ino}}
         assert env.last()["action"] == "ProtectSocket"
         assert (env.last()["network"], env.last()["queue"], env.last()["steered"]) == ("n1", 1, True)
