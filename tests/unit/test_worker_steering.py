@@ -14,6 +14,7 @@ from l3ptp.worker import keys
 from l3ptp.worker.admission import Admission, parse_initial
 from l3ptp.worker.engine import available_engines, load_engine
 from l3ptp.worker.steering import QueueGate, cid_source, dcid_queue, pin_queue, queue_cid
+from l3ptp.worker.warmup import exchange
 
 QUEUES, QUEUE = 3, 2
 ENGINES = available_engines()
@@ -37,7 +38,8 @@ def test_dcid_queue_reads_the_byte_the_helpers_program_reads() -> None:
 
 def _handshake(engine_name: Any, pinned: bool) -> tuple[list[bytes], list[bytes], Any, Any]:
     """Client and server of `engine_name` (pinned to QUEUE of QUEUES, or raw) through their handshake and a
-    little traffic: (every DCID the client sent, every CID the server issued, client, server)."""
+    PING (worker/warmup.py's in-memory pair): (every DCID the client sent, every CID the server issued, client,
+    server)."""
     e = load_engine(engine_name)
     if pinned:
         e = pin_queue(e, QUEUE, QUEUES)
@@ -46,38 +48,26 @@ def _handshake(engine_name: Any, pinned: bool) -> tuple[list[bytes], list[bytes]
     e.configure_tls(ccfg, True, key, None)
     scfg = e.QuicConfiguration(is_client=False, alpn_protocols=[ALPN])
     e.configure_tls(scfg, False, key, keys.self_signed_certificate(key))
-    caddr, saddr = ("127.0.0.1", 2), ("127.0.0.1", 1)
     client = e.QuicConnection(configuration=ccfg)
-    client.connect(saddr, now=0.0)
-    server: Any = None
+    client.connect(("127.0.0.1", 1), now=0.0)
     dcids: list[bytes] = []
-    issued: list[bytes] = []
-    for rnd in range(40):
-        now = rnd * 0.01
+    events: list[tuple[str, Any]] = []
+
+    def on_round(rnd: int, out: list[bytes], server: Any) -> None:
         if rnd == 20:
             client.send_ping(1)
-        out = [d for d, _ in client.datagrams_to_send(now=now)]
-        for d in out:
-            at = 6 if d[0] & 0x80 else 1
-            dcids.append(d[at:at + 8])
-        if out and server is None:
-            initial = parse_initial(out[0])
-            assert initial is not None
-            server = e.QuicConnection(configuration=scfg, original_destination_connection_id=initial.dcid)
-            issued.append(server.host_cid)
-        if out:
-            e.receive_many(server, out, caddr, now)
-        if server is not None:
-            back = [d for d, _ in server.datagrams_to_send(now=now)]
-            if back:
-                e.receive_many(client, back, saddr, now)
-            while (event := server.next_event()) is not None:
-                if isinstance(event, e.events.ConnectionIdIssued):
-                    issued.append(event.connection_id)
-        while client.next_event() is not None:
-            pass
-    assert server is not None and server._handshake_complete
+        dcids.extend(d[6:14] if d[0] & 0x80 else d[1:9] for d in out)
+
+    server, done = exchange(e, client, scfg, 40, until_done=False, on_round=on_round, events=events)
+    assert done
+    issued = [_first_host_cid(server)] + [ev.connection_id for who, ev in events
+                                          if who == "server" and isinstance(ev, e.events.ConnectionIdIssued)]
     return dcids, issued, client, server
+
+
+def _first_host_cid(server: Any) -> bytes:
+    first = getattr(server, "_local_initial_source_connection_id", None)  # aioquic: its handshake CID
+    return first if first is not None else server.host_cid
 
 
 @pytest.mark.parametrize("engine", ENGINES)
