@@ -95,6 +95,32 @@ def test_every_queue_on_the_one_port_each_talking_to_its_own_peer_queue(lab: Lab
     assert helper_log.count('"steered": true') >= QUEUES, lab.tail(lab.a, "helper")
 
 
+def test_datagrams_naming_a_queue_reach_its_worker_from_any_source_port(lab: Lab) -> None:
+    """Short-header datagrams whose DCID names queue q, from 40 source ports each (the kernel's own hash would
+    spread them over both sockets): every one reaches worker q (counted there as `udp_ignored`: no connection
+    has that CID), none another queue's worker (`dgram_wrong_queue`)."""
+    per_queue = 40
+
+    def send() -> int:
+        sent = 0
+        for q in range(QUEUES):
+            for _ in range(per_queue):
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    dcid = bytes([q + QUEUES * (os.urandom(1)[0] // QUEUES)]) + os.urandom(7)
+                    s.sendto(b"\x40" + dcid + os.urandom(40), (lab.a.underlay, BASE_PORT))
+                    sent += 1
+        return sent
+
+    def ignored() -> dict[int, int]:
+        return {q: s["counters"]["udp_ignored"] for q, s in _queues(lab, lab.a).items()}
+
+    before = ignored()
+    assert run_as(send, netns=lab.b.netns) == QUEUES * per_queue
+    wait_for("every datagram counted", lambda: all(ignored()[q] - before[q] >= per_queue for q in range(QUEUES)),
+             timeout=10, lab=lab)
+    assert _wrong(lab) == {q: 0 for q in range(QUEUES)}
+
+
 def test_parallel_flows_reach_their_own_workers(lab: Lab) -> None:
     _flows_reach_every_queue(lab)
 
