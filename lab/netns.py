@@ -2,7 +2,7 @@
 
 * `setns(name)` moves the calling (single-threaded) process into a named
   namespace; `enter(...)` is the preexec_fn the lab's processes start with
-  (namespace, then uid/gid, optionally CAP_NET_ADMIN only);
+  (namespace, then uid/gid, optionally the helper's CAP_NET_ADMIN and CAP_BPF only);
 * `netlink(name)` is pyroute2's netlink inside a namespace, patient with a
   loaded machine (the lab builds its hosts with it: no `ip` command);
 * `NetnsRegistry` creates uniquely named namespaces with `ip netns add` for a
