@@ -80,3 +80,4 @@ def test_destroy_network_drops_its_steering(make_env) -> None:  # noqa: F811
         udp.close()
     env.d.handle(c, hm.DestroyNetwork(name="n1"))
     assert ("unsteer", "n1") in env.kernel.calls and env.kernel.steered == {}
+
