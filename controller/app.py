@@ -159,7 +159,7 @@ class Controller:
             self._spawn_task(self.worker_bus.run())
             self._spawn_task(self.cli_server.run())
             self._spawn_task(self._run_timers())
-            self._spawn_task(self.helper_link.watch(self.ops, self.lifecycle.restart_lost))
+            self._spawn_task(self.helper_link.watch(self.ops, self.lifecycle.restart_lost, self.lifecycle.reregister))
             self.metrics_snapshot = self.status(verbose=True)
             m = self.config.metrics
             if m.enabled:

@@ -175,6 +175,8 @@ def format_status(reply: Any, *, verbose: bool = False) -> str:
         lines.append(f"  interface: {p(n.interface)}")
         peer = f"{p(n.peer)}:{n.port}" if n.peer else f"port {n.port}"
         lines.append(f"  role: {n.role.value}, underlay peer: {peer}")
+        lines.append(f"  udp ports: {n.ports}, " + (f"{n.port} for every queue" if n.ports == "shared"
+                                                     else f"{n.port} + queue index"))
         lines.append(f"  tunnel: {', '.join(n.addresses)} -> {', '.join(n.peer_addresses)}")
         lines.append(f"  mtu: {_mtu(n)}")
         lines.append(f"  rtt: {n.rtt_ms:.1f} ms")

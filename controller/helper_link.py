@@ -5,7 +5,10 @@ was lost. At start `reconcile` destroys the helper's networks that are no
 longer configured and enabled and returns the others (to adopt). `watch`
 asks the helper for its networks every HELPER_PROBE_INTERVAL, logs a lost
 and a regained helper, and hands the names it knows to `on_networks` (which
-restarts the networks a restarted helper no longer has).
+restarts the networks a restarted helper no longer has), and after every new
+session but the first calls `on_new_session` (the networks on one shared UDP
+port have their workers register their sockets again: a restarted helper
+lost the steering map; docs/helper.md, "Shared port").
 """
 
 from __future__ import annotations
@@ -35,11 +38,14 @@ class HelperLink:
         self._connect = connect
         self._socket_path = socket_path
         self.helper: HelperClient | None = None
+        #: Sessions opened so far (a new one may be a restarted helper's).
+        self.sessions = 0
 
     async def ensure(self) -> HelperClient:
         """The helper session, connected anew when there is none or it was lost."""
         if self.helper is None or self.helper.closed:
             self.helper = await self._connect(self._socket_path())
+            self.sessions += 1
         return self.helper
 
     def close(self) -> None:
@@ -60,7 +66,8 @@ class HelperLink:
                 present[info.name] = info
         return present
 
-    async def watch(self, ops: asyncio.Lock, on_networks: Callable[[set[str]], Awaitable[None]]) -> None:
+    async def watch(self, ops: asyncio.Lock, on_networks: Callable[[set[str]], Awaitable[None]],
+                    on_new_session: Callable[[set[str]], Awaitable[None]] | None = None) -> None:
         """Notice a lost helper, reconnect, and rebuild what a restarted helper no longer has.
 
         A helper that restarts (crash, upgrade) adopts our interfaces and
@@ -72,7 +79,7 @@ class HelperLink:
         anew, workers spawned with fresh tickets, routes re-added as the peer
         re-announces them).
         """
-        lost = False
+        lost, seen = False, self.sessions
         while True:
             await asyncio.sleep(HELPER_PROBE_INTERVAL)
             async with ops:
@@ -88,3 +95,6 @@ class HelperLink:
                     log.info("helper_reconnected")
                     lost = False
                 await on_networks(known)
+                if self.sessions != seen and on_new_session is not None:
+                    await on_new_session(known)
+                seen = self.sessions

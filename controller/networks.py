@@ -35,7 +35,7 @@ from l3ptp.controller.pathmtu import choose as choose_mtu
 from l3ptp.controller.routes import RouteTable
 from l3ptp.controller.supervision import Kill, NetworkFailed, NetworkSupervisor, Spawn, Terminate
 from l3ptp.controller.worker_config import build_worker_config, worker_uid
-from l3ptp.ipc.control_messages import WORKER_CONFIG, Shutdown, WorkerStatus
+from l3ptp.ipc.control_messages import WORKER_CONFIG, Reregister, Shutdown, WorkerStatus
 
 if TYPE_CHECKING:
     from l3ptp.controller.app import Controller
@@ -186,6 +186,24 @@ class NetworkLifecycle:
             net = rt.configured
             await self.bring_down(name, "the helper no longer has this network")
             await self.bring_up(net)
+
+    async def reregister(self, known: set[str]) -> None:
+        """A new helper session (perhaps a restarted helper, which lost its steering maps): every worker of a
+        listening network on one shared UDP port registers its socket again, with a fresh ticket of its queue
+        (helper/reuseport.py: the helper attaches a new program once every queue did)."""
+        for name, rt in list(self.running.items()):
+            net = rt.net
+            if (name not in known or net.role != "listen" or net.queues < 2 or net.underlay.ports != "shared"
+                    or not rt.idents):
+                continue
+            try:
+                await self.fresh_tickets(rt)
+            except HelperError as exc:
+                log.warning("reregister_failed", network=name, error=str(exc))
+                continue
+            for queue, ident in list(rt.idents.items()):
+                await self.ctl.worker_bus.send(ident, Reregister(network=name, queue=queue, ticket=rt.tickets[queue]))
+            log.info("workers_reregister", network=name, queues=sorted(rt.idents))
 
     async def execute(self, rt: NetworkRuntime, actions: list[Any], *, fresh: bool = False) -> None:
         """Carry out `actions` in order; the follow-ups of one (what the supervisor says to a spawn that

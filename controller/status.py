@@ -27,6 +27,7 @@ from l3ptp.ipc.control_messages import (
     QueueStatus,
     SessionState,
     StatusReply,
+    UnderlayPorts,
     WorkerStatus,
 )
 from l3ptp.ipc.types import PeerRole
@@ -161,6 +162,7 @@ def network_status(
         role=PeerRole(net.role),
         peer=str(peer_addr),
         port=u.port,
+        ports=UnderlayPorts(u.ports),
         addresses=tuple(str(a) for a in net.addresses()),
         peer_addresses=tuple(str(a) for a in net.peer_addresses()),
         mtu=min(mtus) if mtus else net.mtu,

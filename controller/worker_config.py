@@ -15,7 +15,7 @@ import pwd
 from collections.abc import Callable
 
 from l3ptp.controller.config import Config, NetworkConfig
-from l3ptp.ipc.control_messages import Engine, EventLoop, WorkerConfig
+from l3ptp.ipc.control_messages import Engine, EventLoop, UnderlayPorts, WorkerConfig
 from l3ptp.ipc.types import PeerRole
 
 __all__ = ["KeyLoader", "build_worker_config", "load_key_raw", "load_reality_key_raw", "worker_uid"]
@@ -79,6 +79,7 @@ def build_worker_config(
         local_address=str(net.underlay.local) if net.underlay.local is not None else None,
         peer_address=str(net.underlay.peer) if net.underlay.peer is not None else None,
         port=net.queue_port(queue),
+        ports=UnderlayPorts(net.underlay.ports),
         mtu=net.mtu,
         max_datagram_size=net.max_datagram_size,
         keepalive_interval=net.keepalive_interval,

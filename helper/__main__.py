@@ -15,7 +15,7 @@ from .policy import PolicyError, load_policy
 from .server import Server, open_listener, systemd_listener
 from .state import HelperState
 
-CAP_NET_ADMIN = 12
+CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
 
 
 def missing_capabilities(status_path: str = "/proc/self/status") -> str | None:
@@ -28,6 +28,16 @@ def missing_capabilities(status_path: str = "/proc/self/status") -> str | None:
     if not capeff & (1 << CAP_NET_ADMIN):
         return "missing capability CAP_NET_ADMIN (run as root or with AmbientCapabilities=CAP_NET_ADMIN)"
     return None
+
+
+def steering_warning(status_path: str = "/proc/self/status") -> str | None:
+    """Without CAP_BPF (or CAP_SYS_ADMIN) shared-port networks cannot be steered: said at start, and refused
+    with the same words at each shared-port ProtectSocket (per-queue networks work)."""
+    with open(status_path) as f:
+        capeff = next((int(line.split()[1], 16) for line in f if line.startswith("CapEff:")), 0)
+    if capeff & (1 << CAP_BPF | 1 << CAP_SYS_ADMIN):
+        return None
+    return 'missing capability CAP_BPF: networks with underlay.ports = "shared" will fail; add CAP_BPF or set underlay.ports = "per-queue"'
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"l3ptp-helper: {missing}", file=sys.stderr)
         return 2 if policy is None else 1
     harden_process()
+    warning = steering_warning()
+    if warning:
+        log.warning("capability_missing", reason=warning)
     kernel = Kernel(policy)
     if args.cleanup:
         audit("cleanup", result="ok", **kernel.cleanup())

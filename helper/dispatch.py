@@ -45,6 +45,7 @@ class ClientSession:
     last: float = 0.0  # when its last request came (for the idle time-out and eviction)
     role: Role | None = None
     used: set[type] = dataclasses.field(default_factory=set)
+    claimed: tuple[str, int] | None = None  # (network, queue) of its ClaimQueue: its ProtectSocket may steer it
 
 
 class Violation(Exception):
@@ -139,7 +140,7 @@ class Dispatcher:
         if fds and kind is not ProtectSocket:
             self._audit(s, action, "fds_discarded", count=len(fds))
         try:
-            return getattr(self, rule.handler)(s, fds[0] if kind is ProtectSocket else req)
+            return getattr(self, rule.handler)(s, req, *fds[:1] if kind is ProtectSocket else ())
         except PolicyRefused as exc:
             self._audit(s, action, "refused", code=exc.code.name, reason=exc.reason)
             return Outcome(Failed(code=exc.code, reason=exc.reason[:500]))
@@ -212,6 +213,7 @@ class Dispatcher:
         if queue in net.detached:  # adopted: its packets went to the old worker's queue until now
             self._kernel("attach queue", self.kernel.attach, net.fds[queue])
             net.detached.discard(queue)
+        s.claimed = (net.name, queue)
         self._audit(s, "ClaimQueue", "ok", network=net.name, ifname=net.ifname, queue=queue)
         return Outcome(QueueGranted(name=net.name, ifname=net.ifname, queue=queue, mtu=net.mtu), fd=net.fds[queue])
 
@@ -260,15 +262,34 @@ class Dispatcher:
         self._audit(s, "RemoveRoutes", "ok", network=net.name, ifname=net.ifname, removed=gone)
         return Outcome(RoutesChanged(name=net.name, routes=tuple(net.routes)))
 
-    def handle_protect_socket(self, s: ClientSession, fd: int) -> Outcome:
-        """ProtectSocket with its one received fd (the server closes its copy after)."""
+    def handle_protect_socket(self, s: ClientSession, req: ProtectSocket, fd: int) -> Outcome:
+        """ProtectSocket with its one received fd (the server closes its copy after): SO_MARK, and with
+        `shared` the socket steered as its queue's on the network's one port (helper/reuseport.py)."""
+        net = self._owned_queue(s, req) if req.shared else None
         self._kernel("protect socket", self.kernel.protect_socket, fd)
         self._ensure_rules(s)
-        self._audit(s, "ProtectSocket", "ok", mark=self.policy.socket_mark)
-        return Outcome(SocketProtected(mark=self.policy.socket_mark))
+        if net is not None:
+            self._kernel("steer socket", self.kernel.steer_socket, net.name, net.queues, req.queue, fd)
+        self._audit(s, "ProtectSocket", "ok", mark=self.policy.socket_mark,
+                    **({"network": net.name, "queue": req.queue, "steered": True} if net is not None else {}))
+        return Outcome(SocketProtected(mark=self.policy.socket_mark, steered=net is not None))
+
+    def _owned_queue(self, s: ClientSession, req: ProtectSocket) -> Network:
+        """The network of a shared-port ProtectSocket, if this worker owns `req.queue` of it: the queue it claimed
+        on this connection, or one a fresh ticket names (a running worker registering with a restarted helper;
+        the ticket is consumed, its TUN queue is not touched)."""
+        if req.ticket is not None:
+            net, queue = self.state.claim(req.ticket, s.peer.uid, self.clock())
+            owned = (net.name, queue)
+        else:
+            owned = s.claimed if s.claimed is not None else ("", -1)
+        if owned != (req.network, req.queue):
+            raise PolicyRefused(ErrorCode.NOT_PERMITTED, f"queue {req.queue} of {req.network} is not this worker's")
+        return self._network(owned[0])
 
     def destroy(self, net: Network) -> list[str]:
         self.state.forget(net.name)
+        self.kernel.unsteer(net.name)
         routes = list(net.routes)
         self.kernel.destroy_network(net.ifname, net.ifindex, net.fds, routes)
         self._unguard()

@@ -26,6 +26,7 @@ from l3ptp.ipc.constants import ROUTE_TABLE_DEFAULT as RT_MAIN
 from l3ptp.ipc.errors import ErrorCode
 
 from .policy import Policy, PolicyRefused
+from .reuseport import Steering, SteeringUnavailable
 from .state import VNET
 
 TUNSETOWNER, TUNSETPERSIST, TUNSETQUEUE = 0x400454CC, 0x400454CB, 0x400454D9
@@ -83,9 +84,10 @@ def open_queues(ifname: str, queues: int, owner_uid: int, *, adopt: bool = False
 
 class Kernel:
     def __init__(self, policy: Policy) -> None:
-        self.policy, self.ipr = policy, IPRoute()
+        self.policy, self.ipr, self.steering = policy, IPRoute(), Steering()
 
     def close(self) -> None:
+        self.steering.close()
         self.ipr.close()
 
     def create_network(self, ifname: str, mtu: int, addresses: tuple[str, ...], queues: int,
@@ -150,6 +152,25 @@ class Kernel:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.policy.socket_mark)
         finally:
             sock.detach()
+
+    def steer_socket(self, network: str, queues: int, queue: int, fd: int) -> None:
+        """Steer `network`'s port: the SO_REUSEPORT UDP socket `fd` serves `queue` (helper/reuseport.py)."""
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            raise PolicyRefused(ErrorCode.BAD_REQUEST, "fd is not a socket") from None
+        try:
+            if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
+                raise PolicyRefused(ErrorCode.BAD_REQUEST, "a shared-port socket needs SO_REUSEPORT before bind")
+        finally:
+            sock.detach()
+        try:
+            self.steering.register(network, queues, queue, fd)
+        except SteeringUnavailable as exc:
+            raise PolicyRefused(ErrorCode.SYSTEM, str(exc.strerror)) from None
+
+    def unsteer(self, network: str) -> None:
+        self.steering.drop(network)
 
     def wanted_rules(self) -> list[RuleKey]:
         """P: fwmark M lookup main. With a table T also wg-quick's P+1: lookup main suppress_prefixlength 0

@@ -305,3 +305,8 @@ HOSTNAME_PATTERN = r"[A-Za-z0-9.:-]{1,253}"
 
 #: Keys pinned for one peer at once (issue 18: an old and a new one while rotating; a few spare).
 PEER_KEYS_MAX = 8
+
+# ---- one UDP port per network (helper/reuseport.py) -------------------------
+#: Seconds a restarted helper waits for a socket to leave the previous helper's steering map (freed by the
+#: kernel after our program replaced the old one; about 25 ms measured) before refusing it with BUSY.
+STEERING_RELEASE_WAIT = 0.5

@@ -88,6 +88,13 @@ class EventLoop(enum.StrEnum):
     UVLOOP = "uvloop"
 
 
+class UnderlayPorts(enum.StrEnum):
+    """How a network's queues use UDP ports: all on one port (steered by connection ID), or port + queue."""
+
+    SHARED = "shared"
+    PER_QUEUE = "per-queue"
+
+
 class NetworkState(enum.StrEnum):
     """What the controller reports about a network."""
 
@@ -119,8 +126,11 @@ class WorkerConfig(Message):
     local_address: AddressStr | None
     #: connect: the peer's underlay address or DNS name (resolved by the worker); listen: optional filter (an address).
     peer_address: Hostname | None
-    #: UDP port of this queue (base port + queue index).
+    #: UDP port of this queue: the network's one port (`ports` shared), or base port + queue index (per-queue).
     port: Annotated[int, Range(1, 65535)]
+    #: shared: every queue on `port` (listen: SO_REUSEPORT, steered by the helper); the connection IDs of
+    #: queue k satisfy cid[0] % queues == k in both modes (worker/steering.py).
+    ports: UnderlayPorts = UnderlayPorts.SHARED
     mtu: Annotated[int, Range(MTU_MIN, MTU_MAX)]
     max_datagram_size: Annotated[int, Range(MAX_DATAGRAM_SIZE_MIN, MAX_DATAGRAM_SIZE_MAX)]
     keepalive_interval: Annotated[float, Range(0.05, 3600.0)]
@@ -276,6 +286,17 @@ class Advertise(Message):
     local_sources: Prefixes
 
 
+@message("bus.reregister")
+class Reregister(Message):
+    """A restarted helper lost the steering map of a shared port (docs/helper.md, "Shared port"): the worker
+    registers its UDP socket again (`ProtectSocket` with this fresh ticket of its queue); the helper attaches
+    its new program once every queue has."""
+
+    network: NetworkName
+    queue: QueueIndex
+    ticket: Ticket
+
+
 @message("bus.rekey")
 class Rekey(Message):
     """A reload changed the network's key (or the contents of its key file), its pinned peer keys or what
@@ -341,6 +362,8 @@ class NetworkStatus(Record):
     #: Underlay peer address and base port, as configured.
     peer: Annotated[str, Text(64)]
     port: U16
+    #: `underlay.ports`: every queue on `port` (shared), or queue k on port + k (per-queue).
+    ports: UnderlayPorts = UnderlayPorts.SHARED
     addresses: Interfaces
     peer_addresses: Interfaces
     mtu: Annotated[int, Range(0, MTU_MAX)]
@@ -388,6 +411,6 @@ class CommandFailed(Message):
 
 WORKER_CONFIG = Channel("worker-config", WORKER_CONFIG_MAX, (WorkerConfig,))
 BUS_UP = Channel("bus-up", BUS_MESSAGE_MAX, (WorkerHello, WorkerStatus, PeerRoutes, WorkerExiting))
-BUS_DOWN = Channel("bus-down", BUS_MESSAGE_MAX, (Heartbeat, Shutdown, Advertise, Handover, Rekey))
+BUS_DOWN = Channel("bus-down", BUS_MESSAGE_MAX, (Heartbeat, Shutdown, Advertise, Handover, Rekey, Reregister))
 CLI_REQUESTS = Channel("cli-request", CLI_MESSAGE_MAX, (StatusRequest, UpRequest, DownRequest, ReloadRequest))
 CLI_REPLIES = Channel("cli-reply", CLI_MESSAGE_MAX, (StatusReply, CommandResult, CommandFailed))

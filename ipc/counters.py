@@ -92,6 +92,12 @@ class DropReason(enum.StrEnum):
     #: datagrams than a handshake needs (CANDIDATE_DATAGRAMS_MAX).
     INITIAL_TO_CANDIDATE = enum.auto()
 
+    # one UDP port per network (worker/steering.py)
+    #: A UDP datagram whose destination CID names another queue of the network's shared port: it reached this
+    #: worker while steering was not in place (a worker restarting, a restarted helper's program not yet
+    #: attached). Never fed to QUIC nor to admission.
+    DGRAM_WRONG_QUEUE = enum.auto()
+
 
 #: Names of the traffic counters, in `Counters.snapshot()` order.
 TRAFFIC_FIELDS: tuple[str, ...] = (

@@ -47,11 +47,12 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
 
 
 def capset(mask: int) -> None:
-    """capset(2): effective, permitted and inheritable all `mask` (capabilities 0..31);
+    """capset(2): effective, permitted and inheritable all `mask` (capabilities 0..63: CAP_BPF is 39);
     raises OSError (with errno) if the kernel refuses."""
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
-    data[0].effective = data[0].permitted = data[0].inheritable = mask
+    for i in range(2):
+        data[i].effective = data[i].permitted = data[i].inheritable = (mask >> (32 * i)) & 0xFFFFFFFF
     if libc().capset(ctypes.byref(header), ctypes.byref(data)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"capset failed: {os.strerror(err)}")

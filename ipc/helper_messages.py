@@ -17,7 +17,7 @@ from .errors import ErrorCode
 from .schema import U16, U32, Items, Message, PrefixStr, Range, Record, message, record
 from .types import IfName, Interfaces, NetworkName, Reason, Ticket
 
-HELPER_PROTOCOL = 2  # 2: ListNetworks pages (after / more)
+HELPER_PROTOCOL = 3  # 2: ListNetworks pages (after / more); 3: ProtectSocket names its network and queue
 
 Mtu = Annotated[int, Range(MTU_MIN, MTU_MAX)]
 QueueCount = Annotated[int, Range(1, MAX_QUEUES)]
@@ -82,7 +82,18 @@ class RemoveRoutes(Message):
 
 @message("helper.protect_socket")
 class ProtectSocket(Message):
-    """The UDP socket to protect travels as SCM_RIGHTS with this request."""
+    """The UDP socket to protect travels as SCM_RIGHTS with this request.
+
+    With `shared` the socket is one of `network`'s workers on the network's one UDP port (SO_REUSEPORT): the
+    helper also puts it in the network's steering map at `queue` (docs/helper.md, "Shared port"). Allowed
+    only for the (network, queue) this connection claimed, or with `ticket` (a fresh ticket for that queue,
+    when a running worker registers again with a restarted helper).
+    """
+
+    network: NetworkName | None = None
+    queue: QueueIndex = 0
+    shared: bool = False
+    ticket: Ticket | None = None
 
 
 @message("helper.destroy_network")
@@ -138,6 +149,8 @@ class RoutesChanged(Message):
 @message("helper.socket_protected")
 class SocketProtected(Message):
     mark: U32
+    #: The socket is its queue's on the network's shared port (a shared ProtectSocket).
+    steered: bool = False
 
 
 @message("helper.network_destroyed")

@@ -7,7 +7,9 @@ the package list. `machine_pair()` unpacks two copies, makes two network
 namespaces joined by one veth pair (the underlay, 198.18.0.1/24 and
 198.18.0.2/24, device ``ul0`` on both sides) and boots each tree with
 ``systemd-nspawn --boot`` inside its namespace, with ``CAP_NET_ADMIN`` (lost
-otherwise when the namespace is given by path) and a ``/dev/net/tun`` node of
+otherwise when the namespace is given by path) and ``CAP_BPF`` with the
+``bpf`` system call (the helper's shared-port steering program; neither is in
+nspawn's default set) and a ``/dev/net/tun`` node of
 its own bound in (mode 0666 like stock Debian, or 0600 like some hosts).
 Everything needed comes from Debian's ``systemd-container`` and
 ``mmdebstrap`` packages (docs/packaging.md, "Booted-machine tests").
@@ -187,7 +189,7 @@ class Machine:
     def boot(self, timeout: float = 90.0) -> Machine:
         cmd = ["systemd-nspawn", "-D", str(self.root), "--boot", "--register=no", "--keep-unit", "-q",
                f"--machine={self.name}", f"--network-namespace-path=/run/netns/{self.netns}",
-               "--capability=CAP_NET_ADMIN", f"--bind={self.tun}:/dev/net/tun", "--console=read-only"]
+               "--capability=CAP_NET_ADMIN,CAP_BPF", "--system-call-filter=bpf", f"--bind={self.tun}:/dev/net/tun", "--console=read-only"]
         with open(self.console, "wb") as console:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
                                          start_new_session=True)

@@ -1,7 +1,7 @@
 """`make demo` (`python -m lab.demo`): a dual-stack tunnel between two network namespaces.
 
 Root only. Builds the `lab` (two namespaces joined by a veth underlay in
-198.18.0.0/16), runs on each side the helper with CAP_NET_ADMIN only and the
+198.18.0.0/16), runs on each side the helper with CAP_NET_ADMIN and CAP_BPF only and the
 controller and workers as an unprivileged uid, brings up one tunnel
 (198.19.0.0/16 and fd00::/8, two queues by default), pings across in both
 address families and both directions, runs a short iperf3 TCP and UDP test,
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace, interrupts: labmod.Interrupts) -> int:
         say("building two hosts (network namespaces) joined by a veth underlay")
         lab.build()
         say(f"unprivileged uid {lab.controller_uid} runs the controllers and workers; "
-             f"helpers run as uid {lab.helper_uid} with CAP_NET_ADMIN only")
+             f"helpers run as uid {lab.helper_uid} with CAP_NET_ADMIN and CAP_BPF only")
         lab.start(wait=args.timeout)
         for host in lab.hosts.values():  # the lab tracks what it started; workers are the controllers'
             pids += lab.pids(host)["workers"]

@@ -4,7 +4,7 @@ Root only. Host A and host B are network namespaces joined by a veth pair
 (the underlay, 198.18.0.0/16). Each runs the whole stack the way a
 production host does:
 
-* ``l3ptp-helper`` as its own unprivileged uid holding only CAP_NET_ADMIN
+* ``l3ptp-helper`` as its own unprivileged uid holding only CAP_NET_ADMIN and CAP_BPF
   (ambient, as systemd's ``User=`` + ``AmbientCapabilities=`` would give it),
   with a root-owned policy file;
 * ``l3ptp-controller`` and its workers as a second uid with no capability;
@@ -285,7 +285,7 @@ class Lab(LabTools):
         return proc
 
     def start_helper(self, host: Host, *, wait: float = 20.0) -> subprocess.Popen[bytes]:
-        """l3ptp-helper with CAP_NET_ADMIN only (its own uid, or uid 0 if /dev/net/tun is root-only)."""
+        """l3ptp-helper with CAP_NET_ADMIN and CAP_BPF only (its own uid, or uid 0 if /dev/net/tun is root-only)."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(host.helper_socket)
         proc = self.spawn(host, "helper", [self.python, "-m", "l3ptp.helper", "--policy", host.policy_path],
@@ -331,7 +331,7 @@ class Lab(LabTools):
         """Helpers, then controllers, on both hosts; wait for every queue to be established."""
         for host in self.hosts.values():
             self.start_helper(host)
-            self.say(f"host {host.name}: helper up (pid {host.procs['helper'].pid}, CAP_NET_ADMIN only)")
+            self.say(f"host {host.name}: helper up (pid {host.procs['helper'].pid}, CAP_NET_ADMIN and CAP_BPF only)")
         for host in self.hosts.values():
             self.start_controller(host)
             self.say(f"host {host.name}: controller up (pid {host.procs['controller'].pid}, no capabilities)")

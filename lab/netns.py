@@ -2,7 +2,7 @@
 
 * `setns(name)` moves the calling (single-threaded) process into a named
   namespace; `enter(...)` is the preexec_fn the lab's processes start with
-  (namespace, then uid/gid, optionally CAP_NET_ADMIN only);
+  (namespace, then uid/gid, optionally the helper's CAP_NET_ADMIN and CAP_BPF only);
 * `netlink(name)` is pyroute2's netlink inside a namespace, patient with a
   loaded machine (the lab builds its hosts with it: no `ip` command);
 * `NetnsRegistry` creates uniquely named namespaces with `ip netns add` for a
@@ -32,7 +32,9 @@ from l3ptp.ipc.hardening import PR_CAP_AMBIENT, PR_CAPBSET_DROP, capset, libc, p
 __all__ = ["NetnsRegistry", "enter", "ip", "ip_json", "netlink", "run_as", "setns"]
 
 CLONE_NEWNET = 0x40000000
-CAP_NET_ADMIN = 12
+CAP_NET_ADMIN, CAP_BPF = 12, 39
+#: The helper's capabilities: netlink and TUN; loading the shared port's steering program (helper/reuseport.py).
+HELPER_CAPS = (CAP_NET_ADMIN, CAP_BPF)
 PR_SET_KEEPCAPS = 8
 PR_CAP_AMBIENT_RAISE = 2
 NETLINK_CHILD_TIMEOUT = 15  # seconds; see netlink()
@@ -68,10 +70,10 @@ def netlink(netns: str) -> Any:
 def enter(netns: str, uid: int | None = None, gid: int | None = None, net_admin_only: bool = False) -> Callable[[], None]:
     """A preexec_fn: enter `netns`, then become uid/gid.
 
-    With `net_admin_only`, every capability but CAP_NET_ADMIN leaves the
-    bounding set first; a non-root `uid` then keeps CAP_NET_ADMIN as an
-    ambient capability (systemd's AmbientCapabilities=), while uid 0 ends up
-    with exactly the bounding set after exec.
+    With `net_admin_only`, every capability but the helper's (HELPER_CAPS:
+    CAP_NET_ADMIN and CAP_BPF) leaves the bounding set first; a non-root `uid`
+    then keeps them as ambient capabilities (systemd's AmbientCapabilities=),
+    while uid 0 ends up with exactly the bounding set after exec.
     """
 
     def run() -> None:
@@ -81,16 +83,17 @@ def enter(netns: str, uid: int | None = None, gid: int | None = None, net_admin_
         if net_admin_only:
             last = int(open("/proc/sys/kernel/cap_last_cap").read())
             for cap in range(last + 1):
-                if cap != CAP_NET_ADMIN:
+                if cap not in HELPER_CAPS:
                     prctl(PR_CAPBSET_DROP, cap)
             prctl(PR_SET_KEEPCAPS, 1)
         os.setgroups([])
         os.setgid(gid if gid is not None else uid)
         os.setuid(uid)
         if net_admin_only:
-            capset(1 << CAP_NET_ADMIN)
+            capset(sum(1 << cap for cap in HELPER_CAPS))
             if uid != 0:
-                prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAP_NET_ADMIN)
+                for cap in HELPER_CAPS:
+                    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap)
 
     return run
 

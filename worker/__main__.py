@@ -32,6 +32,7 @@ from .app import ZmqBus, run_worker
 from .helper_client import HelperError, WorkerHelperClient
 from .policy import normalize_ip
 from .privileges import PrivilegeError, drop_privileges
+from .steering import shares_port
 
 EXIT_FATAL = 2
 
@@ -44,7 +45,9 @@ def read_config(stream) -> WorkerConfig:  # type: ignore[no-untyped-def]
 
 
 def make_udp_socket(config: WorkerConfig) -> socket.socket:
-    """Listener: bind (local_address or any, port). Connector: bind any port of the peer's family."""
+    """Listener: bind (local_address or any, port), with SO_REUSEPORT on a shared port (its network's other
+    queues bind it too; the kernel admits only sockets of the same effective uid to the group). Connector:
+    bind any port of the peer's family."""
     if config.role is PeerRole.LISTEN:
         host = config.local_address or "::"
         port = config.port
@@ -71,6 +74,8 @@ def make_udp_socket(config: WorkerConfig) -> socket.socket:
     for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, opt, UDP_SOCKET_BUFFER)
+    if shares_port(config):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     sock.setblocking(False)
     return sock
@@ -167,7 +172,8 @@ def main(*, warm: bool = True) -> int:
         helper = WorkerHelperClient(config.helper_socket)
         grant, tun_fd = helper.claim_queue(config.ticket)
         sock = make_udp_socket(config)
-        mark = helper.protect_socket(sock)
+        shared = shares_port(config)
+        mark = helper.protect_socket(sock, config.network, config.queue, shared).mark
         helper.close()
     except (HelperError, OSError) as exc:
         return _fatal(config, f"helper: {exc}", log)
@@ -179,6 +185,7 @@ def main(*, warm: bool = True) -> int:
     except ImportError:
         return _fatal(config, "event_loop = uvloop but uvloop is not installed (pip install l3ptp[fast])", log)
     log.info("worker_starting", ifname=grant.ifname, tun_queue=grant.queue, mark=mark, port=sock.getsockname()[1],
+             ports=str(config.ports) if shared else "own",
              cpu=config.cpu, event_loop="uvloop" if factory else "asyncio", engine=_engine_name(config))
     # The start-up objects (modules, engines, the warm-up's: some 43,000) leave the collector's reach: a
     # full collection, rare but at any packet, then scans what the worker made since instead of pausing

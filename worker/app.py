@@ -17,6 +17,8 @@ import os
 import socket
 from typing import Protocol
 
+import structlog
+
 from l3ptp.ipc.constants import CONTROLLER_SILENCE_TIMEOUT
 from l3ptp.ipc.control_messages import (
     BUS_DOWN,
@@ -26,6 +28,7 @@ from l3ptp.ipc.control_messages import (
     Heartbeat,
     PeerRoutes,
     Rekey,
+    Reregister,
     Shutdown,
     WorkerConfig,
     WorkerExiting,
@@ -36,8 +39,12 @@ from l3ptp.ipc.errors import DecodeError, ErrorCode
 from l3ptp.ipc.schema import Message
 from l3ptp.ipc.text import printable
 
+from . import steering
+from .helper_client import HelperError
 from .session import RoutesChanged
 from .tunnel import Tunnel
+
+log = structlog.get_logger("l3ptp.worker")
 
 __all__ = ["Bus", "ZmqBus", "run_worker", "status_message"]
 
@@ -171,6 +178,16 @@ async def run_worker(
             bus.send(status_message(config, tunnel))
             await asyncio.sleep(config.status_interval)
 
+    reregistering: set[asyncio.Future[None]] = set()  # kept until done (a task nobody holds may vanish)
+
+    async def reregister(ticket: str) -> None:
+        """A restarted helper rebuilds the shared port's steering (worker/steering.py); off the loop (blocking)."""
+        try:
+            steered = await loop.run_in_executor(None, steering.register_again, config, udp_sock, ticket)
+            log.info("socket_registered_again", steered=steered)
+        except (HelperError, OSError) as exc:
+            log.warning("socket_register_again_failed", error=str(exc))
+
     async def bus_loop() -> None:
         nonlocal reason, last_heard, handover_deadline
         assert bus is not None
@@ -191,6 +208,12 @@ async def run_worker(
                     tunnel.advertise(msg.advertised_routes, msg.local_sources)
                     for routes in last_routes:  # a new controller knows nothing of the peer's routes yet
                         bus.send(routes)
+                continue
+            if isinstance(msg, Reregister):
+                if (msg.network, msg.queue) == (config.network, config.queue):
+                    task = asyncio.ensure_future(reregister(msg.ticket))
+                    reregistering.add(task)
+                    task.add_done_callback(reregistering.discard)
                 continue
             if isinstance(msg, Rekey):
                 if (msg.network, msg.queue) == (config.network, config.queue):

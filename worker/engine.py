@@ -54,6 +54,9 @@ class EngineClasses:
     #: Start a QUIC key update (RFC 9001, 6); False, and nothing done, while
     #: the handshake is not confirmed (an endpoint must not update before).
     update_keys: Callable[[Any], bool]
+    #: pin_cids(connection class, new_cid): a subclass whose host CIDs (first and NEW_CONNECTION_ID) and, as a
+    #: client, first destination CID are `new_cid(length)` (one UDP port per network: worker/steering.py).
+    pin_cids: Callable[[type, Callable[[int], bytes]], type]
 
 
 def payload_budget(max_datagram_size: int, cid_len: int, remote_frame_max: int | None) -> int:

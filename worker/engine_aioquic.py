@@ -10,6 +10,7 @@ itself is imported only when the engine is loaded.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 from cryptography import x509
@@ -153,6 +154,28 @@ def burst_pacer_class() -> type:
     return BurstPacer
 
 
+def _aioquic_pin_cids(base: type, new_cid: Callable[[int], bytes]) -> type:
+    """aioquic draws its CIDs from os.urandom in `__init__` (the first host CID; a client's first DCID) and in
+    `_replenish_connection_ids` (NEW_CONNECTION_ID): both replaced before any is sent or used for keys (a
+    client's Initial keys are derived from the DCID in `connect`)."""
+
+    class PinnedCids(base):  # type: ignore[misc,valid-type]
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            first = self._host_cids[0]
+            first.cid = self.host_cid = self._local_initial_source_connection_id = new_cid(len(first.cid))
+            if self._is_client:
+                self._peer_cid.cid = self._original_destination_connection_id = new_cid(len(self._peer_cid.cid))
+
+        def _replenish_connection_ids(self) -> None:
+            known = len(self._host_cids)
+            super()._replenish_connection_ids()
+            for issued in self._host_cids[known:]:
+                issued.cid = new_cid(len(issued.cid))
+
+    return PinnedCids
+
+
 def aioquic_engine() -> EngineClasses:
     from aioquic.quic import events
     from aioquic.quic.configuration import QuicConfiguration
@@ -169,6 +192,7 @@ def aioquic_engine() -> EngineClasses:
         smoothed_rtt=lambda conn: float(conn._loss._rtt_smoothed or 0.0),
         peer_certificate=lambda conn: getattr(conn.tls, "_peer_certificate", None),
         update_keys=_aioquic_update_keys,
+        pin_cids=_aioquic_pin_cids,
     )
 
 

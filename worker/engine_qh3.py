@@ -19,7 +19,13 @@ qh3 2.x differs from aioquic in ways that matter here, each handled by
   ``cryptography``), and the client must opt in to Ed25519 signatures;
 - the peer CID is not exposed, so the budget assumes the longest CID (20
   bytes), the same worst case config validation uses;
-- path MTU probing is off, so the packet size is the configured one.
+- path MTU probing is off, so the packet size is the configured one;
+- its Rust core draws NEW_CONNECTION_ID CIDs itself, out of our reach: a connection pinned to a queue
+  (`_qh3_pin_cids`, one UDP port per network) tells its core the peer allows 2 active CIDs (the least
+  RFC 9000 allows; qh3 refuses 1), so it issues ONE spare CID that is not pinned. l3ptp's connectors
+  (both engines) never switch to a spare CID (they keep the handshake's: no active migration), so every
+  packet carries the pinned one; a peer that did switch would have its packets dropped on another queue
+  (`dgram_wrong_queue`) and the session would end by dead-peer detection.
 
 qh3 itself is imported only when the engine is loaded; `qh3_engine` raises
 `EngineUnavailable` when it is not installed.
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import ssl
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from cryptography import x509
@@ -256,6 +263,31 @@ def _qh3_peer_certificate(conn: Any) -> x509.Certificate | None:
         return None
 
 
+#: Position of active_connection_id_limit among the arguments qh3's `_call_core` passes to
+#: `apply_peer_transport_parameters` (qh3 2.x, _hazmat.pyi; checked by tests/unit/test_worker_steering.py).
+_CID_LIMIT_ARG = 11
+
+
+def _qh3_pin_cids(base: type, new_cid: Callable[[int], bytes]) -> type:
+    """qh3 picks the first host CID and a client's first DCID in Python (`__init__`; the core is created later,
+    from them); replaced there. NEW_CONNECTION_ID CIDs come from the Rust core: it is told the peer's limit is 2,
+    so it issues one, unpinned (see the module doc)."""
+
+    class PinnedCids(base):  # type: ignore[misc,valid-type]
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.host_cid = new_cid(len(self.host_cid))
+            if self._is_client:
+                self._original_destination_connection_id = new_cid(len(self._original_destination_connection_id))
+
+        def _call_core(self, operation: Any, *args: Any) -> Any:
+            if getattr(operation, "__name__", "") == "apply_peer_transport_parameters":
+                args = (*args[:_CID_LIMIT_ARG], 2, *args[_CID_LIMIT_ARG + 1:])
+            return super()._call_core(operation, *args)
+
+    return PinnedCids
+
+
 def qh3_engine() -> EngineClasses:
     try:
         from qh3.quic import events
@@ -274,4 +306,5 @@ def qh3_engine() -> EngineClasses:
         smoothed_rtt=_qh3_rtt,
         peer_certificate=_qh3_peer_certificate,
         update_keys=_qh3_update_keys,
+        pin_cids=_qh3_pin_cids,
     )

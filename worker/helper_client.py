@@ -71,12 +71,15 @@ class WorkerHelperClient:
         assert isinstance(answer, QueueGranted)
         return answer, fds[0]
 
-    def protect_socket(self, sock: socket.socket) -> int:
-        """Ask the helper to mark the UDP socket; return the mark."""
-        answer, fds = self._request(ProtectSocket(), SocketProtected, [sock.fileno()])
+    def protect_socket(self, sock: socket.socket, network: str | None = None, queue: int = 0,
+                       shared: bool = False, ticket: str | None = None) -> SocketProtected:
+        """Ask the helper to mark the UDP socket, and with `shared` to steer `network`'s port to it for `queue`
+        (the queue claimed on this connection, or the one `ticket` names)."""
+        answer, fds = self._request(ProtectSocket(network=network, queue=queue, shared=shared, ticket=ticket),
+                                    SocketProtected, [sock.fileno()])
         seqpacket.close_fds(fds)
         assert isinstance(answer, SocketProtected)
-        return answer.mark
+        return answer
 
     def close(self) -> None:
         self.sock.close()

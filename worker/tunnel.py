@@ -56,6 +56,7 @@ from .core import TunnelCore
 from .datapath import Datapath
 from .renewal import Renewal
 from .engine import EngineClasses, load_engine
+from .steering import QueueGate, cid_source, pin_queue
 from .policy import RESTART_HINT, normalize_ip
 from .session import RoutesChanged, State
 from .tun_io import TunIO, TunMode, probe
@@ -86,7 +87,7 @@ class TunnelStatus:
     peer_key: str = ""  #: fingerprint of the key the active peer proved ("" before)
 
 
-class Tunnel(Connections, Renewal):
+class Tunnel(QueueGate, Connections, Renewal):
     """Run the peer link of one worker queue until `stop`."""
 
     def __init__(
@@ -107,7 +108,7 @@ class Tunnel(Connections, Renewal):
         self.config = config
         self.tun_fd = tun_fd
         self.sock = udp_sock
-        self.engine = engine or load_engine(config.engine)
+        self.engine = pin_queue(engine or load_engine(config.engine), config.queue, config.queues)
         self._budget = self.engine.datagram_budget
         self._queue_depth = self.engine.queue_depth
         self._gso = gso
@@ -155,7 +156,7 @@ class Tunnel(Connections, Renewal):
         #: QUIC configurations by is_client, each built once (its TLS
         #: certificate and key converted once, not per connection attempt).
         self._configs: dict[bool, Any] = {}
-        self.admission = Admission() if config.role is PeerRole.LISTEN else None
+        self.admission = Admission(randbytes=cid_source(config)) if config.role is PeerRole.LISTEN else None
         #: REALITY listener: the gate before the engine and the camouflage relay (None: off).
         self.reality = reality_link.RealityListener(config, udp_sock) if self.admission and config.reality_key else None
 

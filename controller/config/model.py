@@ -90,13 +90,16 @@ class UnderlayConfig:
 
     `local` is the bind address (listen) or optional source address (connect);
     `peer` is the address to connect to (connect) or an optional filter
-    (listen). Queue k uses UDP port ``port + k``.
+    (listen). `ports` "shared" (the default): every queue uses UDP port `port`, each flow steered to its
+    queue's worker by connection ID (docs/helper.md, "Shared port"); "per-queue": queue k uses ``port + k``.
+    Both ends of a tunnel must say the same.
     """
 
     local: IPAddress | None
     #: connect: an IP address or a DNS name (resolved by the workers, again at each reconnect).
     peer: IPAddress | str | None
     port: int
+    ports: str = "shared"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -187,7 +190,7 @@ class NetworkConfig:
         """UDP port of queue `queue` (0-based); ValueError outside ``0..queues-1``."""
         if isinstance(queue, bool) or not isinstance(queue, int) or not 0 <= queue < self.queues:
             raise ValueError(f"queue {queue!r} is outside 0..{self.queues - 1}")
-        return self.underlay.port + queue
+        return self.underlay.port + queue * (self.underlay.ports == "per-queue")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

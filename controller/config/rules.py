@@ -172,7 +172,7 @@ def _check_listen_ports(col: Collector, drafts: list[Draft]) -> None:
         local, port = u["local"], u["port"]
         if not isinstance(local, ADDRESS_TYPES) or not isinstance(port, int):
             continue
-        last = port + queues - 1
+        last = port + queues - 1 if u.get("ports") == "per-queue" else port
         for other, olocal, oport, olast in binds:
             if port <= olast and oport <= last and _addresses_collide(local, olocal):
                 col.add(

@@ -11,7 +11,7 @@ import re
 from typing import Final
 
 from l3ptp.ipc.constants import KILL_SWITCH_METRIC, MTU_DEFAULT, WORKER_STATUS_TIMEOUT
-from l3ptp.ipc.control_messages import Engine, EventLoop
+from l3ptp.ipc.control_messages import Engine, EventLoop, UnderlayPorts
 from l3ptp.ipc.types import FINGERPRINT_PATTERN, NETWORK_NAME_PATTERN, NODE_ID_PATTERN, PeerRole
 
 #: Controller status interval bounds (seconds).
@@ -85,5 +85,7 @@ NETWORK_KEYS: Final = (
     "underlay",
     "reality",
 )
-UNDERLAY_KEYS: Final = ("local", "peer", "port")
+UNDERLAY_KEYS: Final = ("local", "peer", "port", "ports")
+#: `underlay.ports`: "shared" (one UDP port per network, the default) or "per-queue" (port + queue).
+PORT_MODES: Final[tuple[str, ...]] = tuple(p.value for p in UnderlayPorts)
 PREFIX_LISTS: Final = ("advertised_routes", "accepted_routes", "allowed_sources")

@@ -35,6 +35,7 @@ from l3ptp.controller.config.schema import (
     NODE_KEYS,
     OFFLOADS,
     PORT_MAX,
+    PORT_MODES,
     PREFIX_LISTS,
     ROLES,
     ROUTE_METRIC_MAX,
@@ -277,6 +278,7 @@ def _parse_underlay(col: Collector, tbl: Mapping[str, Any], draft: Draft) -> dic
     role, queues = draft.get("role"), draft.get("queues")
     peer = col.field(utbl, path, "peer", _peer_address if role == "connect" else ip_address, None)
     port = col.field(utbl, path, "port", integer(1, PORT_MAX))
+    ports = col.field(utbl, path, "ports", choice(PORT_MODES), "shared")
     lpath, ppath = join(path, "local"), join(path, "peer")
 
     if role == "listen" and local is None:
@@ -289,11 +291,11 @@ def _parse_underlay(col: Collector, tbl: Mapping[str, Any], draft: Draft) -> dic
         col.add(ppath, f"{peer} is not a unicast address")
     if isinstance(local, ADDRESS_TYPES) and isinstance(peer, ADDRESS_TYPES) and local.version != peer.version:
         col.add(ppath, f"{peer} is IPv{peer.version} but underlay.local {local} is IPv{local.version}")
-    if isinstance(port, int) and isinstance(queues, int) and port + queues - 1 > PORT_MAX:
+    if ports == "per-queue" and isinstance(port, int) and isinstance(queues, int) and port + queues - 1 > PORT_MAX:
         col.add(
             join(path, "port"),
             f"{port} with {queues} queues needs ports up to {port + queues - 1}, above {PORT_MAX}",
         )
-    return {"local": local, "peer": peer, "port": port}
+    return {"local": local, "peer": peer, "port": port, "ports": ports}
 
 

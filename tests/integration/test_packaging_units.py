@@ -116,11 +116,12 @@ def test_security_exposure(sysroot: Path, unit: str) -> None:
     assert score <= MAX_EXPOSURE[unit], f"{unit} exposure {score} > {MAX_EXPOSURE[unit]}"
 
 
-def test_helper_unit_has_only_cap_net_admin_and_the_tun_device() -> None:
+def test_helper_unit_has_only_cap_net_admin_cap_bpf_and_the_tun_device() -> None:
     s = unit_settings(PKG / "systemd/l3ptp-helper.service")
     assert s["User"] == ["l3ptp-helper"]
-    assert s["AmbientCapabilities"] == ["CAP_NET_ADMIN"]
-    assert s["CapabilityBoundingSet"] == ["CAP_NET_ADMIN"]
+    assert s["AmbientCapabilities"] == ["CAP_NET_ADMIN CAP_BPF"]
+    assert s["CapabilityBoundingSet"] == ["CAP_NET_ADMIN CAP_BPF"]
+    assert s["SystemCallFilter"][-1] == "bpf"  # after ~@privileged, which holds it
     assert s["NoNewPrivileges"] == ["yes"]
     assert s["DevicePolicy"] == ["closed"]
     assert s["DeviceAllow"] == ["/dev/net/tun rw"]

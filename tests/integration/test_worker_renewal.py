@@ -61,11 +61,16 @@ class Traffic:
         return len(self.sent_up), lost_up, lost_down
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["one-queue", "queue-1-of-3-shared-port"])
 @pytest.mark.parametrize("engine", ENGINES)
-def test_both_ends_rotate_their_keys_under_traffic_without_losing_a_packet(engine: Engine) -> None:
+def test_both_ends_rotate_their_keys_under_traffic_without_losing_a_packet(engine: Engine, shared: bool) -> None:
+    """`shared`: queue 1 of 3 on a shared port, the CIDs of every connection (the successors' too) pinned to the
+    queue, datagrams of other queues dropped (worker/steering.py): renewal works the same."""
+    pin = {"queues": 3} if shared else {}
+
     async def main() -> None:
         l2, c2 = new_keys(), new_keys()
-        async with worker_pair(engine=engine) as pair:
+        async with worker_pair(engine=engine, queue=1 if shared else 0, listener_kw=pin, connector_kw=pin) as pair:
             assert await pair.wait_established()
             lt, ct = pair.listener.tunnel, pair.connector.tunnel
             traffic = Traffic(pair)
@@ -99,6 +104,7 @@ def test_both_ends_rotate_their_keys_under_traffic_without_losing_a_packet(engin
 
             report = status_message(pair.connector.config, ct)
             assert report.counters["renewals"] == 2 and report.peer_key == l2.fingerprint
+            assert status_message(pair.listener.config, lt).drops["dgram_wrong_queue"] == 0
 
     asyncio.run(asyncio.wait_for(main(), 80))
 

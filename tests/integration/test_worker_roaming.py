@@ -55,17 +55,23 @@ class Nat:
             s.close()
 
 
+@pytest.mark.parametrize("queue", [(0, 1), (1, 3)], ids=["one-queue", "queue-1-of-3-shared-port"])
 @pytest.mark.parametrize("engine", ENGINES)
-def test_a_nat_rebinding_keeps_the_session_and_traffic_resumes_within_a_second(engine: Engine) -> None:
+def test_a_nat_rebinding_keeps_the_session_and_traffic_resumes_within_a_second(engine: Engine,
+                                                                               queue: tuple[int, int]) -> None:
+    """With queue 1 of 3 on a shared port the CIDs are pinned to the queue and the listener drops datagrams
+    of other queues (worker/steering.py): the moved peer's packets still carry its queue's CID."""
+    pin = {"queue": queue[0], "queues": queue[1]}
+
     async def main() -> None:
         loop = asyncio.get_running_loop()
         lkeys, ckeys = new_keys(), new_keys()
         lsock = udp_socket()
         port = lsock.getsockname()[1]
         nat = Nat(loop, ("127.0.0.1", port))
-        lcfg = make_config(PeerRole.LISTEN, own=lkeys, peer_fp=ckeys.fingerprint, port=port, engine=engine)
+        lcfg = make_config(PeerRole.LISTEN, own=lkeys, peer_fp=ckeys.fingerprint, port=port, engine=engine, **pin)
         ccfg = make_config(PeerRole.CONNECT, own=ckeys, peer_fp=lkeys.fingerprint,
-                           port=nat.inside.getsockname()[1], engine=engine)
+                           port=nat.inside.getsockname()[1], engine=engine, **pin)
         listener, connector = make_node(lcfg, lsock), make_node(ccfg, udp_socket())
         listener.start()
         connector.start()
@@ -94,6 +100,7 @@ def test_a_nat_rebinding_keeps_the_session_and_traffic_resumes_within_a_second(e
             from l3ptp.worker.app import status_message
 
             assert status_message(lcfg, lt).counters["path_migrations"] == 1
+            assert status_message(lcfg, lt).drops["dgram_wrong_queue"] == 0
         finally:
             await connector.stop()
             await listener.stop()

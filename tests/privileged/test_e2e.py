@@ -1,7 +1,7 @@
 """End to end: the whole system in two network namespaces, as `make demo` runs it.
 
 Real multi-queue TUN devices, real routes, real processes with real
-privileges (helper with CAP_NET_ADMIN only, controller and workers as an
+privileges (helper with CAP_NET_ADMIN and CAP_BPF only, controller and workers as an
 unprivileged uid), real traffic from ping and iperf3. Everything through
 `lab.hosts` (the top-level harness), which the demo and the benchmark use too.
 """
@@ -27,7 +27,7 @@ from tests.support.controller_process import pid_alive, proc_status, wait_until
 pytestmark = [pytest.mark.privileged, pytest.mark.slow]
 
 IFNAME = "l3p-demo"
-CAP_NET_ADMIN_BIT = 1 << 12
+CAP_NET_ADMIN_BIT = 1 << 12 | 1 << 39  # CAP_NET_ADMIN and CAP_BPF (the shared port's steering)
 
 
 def _lab(setup: Any = None, **kw: Any) -> Iterator[Lab]:

@@ -59,6 +59,7 @@ class FakeKernel:
         self.links: dict[str, int] = {}
         self.routes: set[tuple[int, str]] = set()
         self.protected: list[int] = []
+        self.steered: dict[str, dict[int, int]] = {}  # network -> queue -> inode of the steered socket
         self.rules: list[str] = []
         self.kill_switch_routes: set[str] = set()
         self.aliases: dict[str, str] = {}
@@ -128,6 +129,14 @@ class FakeKernel:
     def protect_socket(self, fd: int) -> None:
         self.calls.append(("protect", fd))
         self.protected.append(os.fstat(fd).st_ino)
+
+    def steer_socket(self, network: str, queues: int, queue: int, fd: int) -> None:
+        self.calls.append(("steer", network, queues, queue))
+        self.steered.setdefault(network, {})[queue] = os.fstat(fd).st_ino
+
+    def unsteer(self, network: str) -> None:
+        self.calls.append(("unsteer", network))
+        self.steered.pop(network, None)
 
     def close(self) -> None:
         """Close every queue fd still held (networks the test did not destroy)."""

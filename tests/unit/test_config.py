@@ -565,12 +565,29 @@ def test_underlay_port_range(port: int) -> None:
     assert_only_error(data, "networks.office.underlay.port", "outside 1..65535")
 
 
-def test_underlay_port_plus_queues_must_fit() -> None:
+def test_underlay_port_plus_queues_must_fit_with_per_queue_ports() -> None:
     error = assert_only_error(
-        config({"office": underlay(office(queues=3), port=65534)}), "networks.office.underlay.port", "65536"
+        config({"office": underlay(office(queues=3), port=65534, ports="per-queue")}), "networks.office.underlay.port",
+        "65536",
     )
     assert "65535" in error
-    assert parse_net(underlay(office(queues=2), port=65534)).queue_port(1) == 65535
+    assert parse_net(underlay(office(queues=2), port=65534, ports="per-queue")).queue_port(1) == 65535
+
+
+def test_underlay_ports_shared_by_default_every_queue_on_the_one_port() -> None:
+    net = parse_net(underlay(office(queues=3), port=65535))
+    assert net.underlay.ports == "shared"
+    assert [net.queue_port(q) for q in range(3)] == [65535] * 3
+    assert_only_error(config({"office": underlay(office(), ports="one")}), "networks.office.underlay.ports",
+                      "'shared'")
+
+
+def test_shared_port_networks_collide_only_on_their_one_port() -> None:
+    a = underlay(office(queues=4), port=5000)
+    b = underlay(office(interface="l3p-b", queues=4, local_ipv4="198.19.1.1/24", peer_ipv4="198.19.1.2/24"),
+                 port=5001)
+    parse_config(config({"a": a, "b": b}))  # per-queue, a's 5000..5003 would hold 5001
+    assert_only_error(config({"a": underlay(a, ports="per-queue"), "b": b}), "networks.b.underlay.port", "collide")
 
 
 # -- MTU budget ---------------------------------------------------------------------------------
@@ -1011,8 +1028,8 @@ def test_listen_on_wildcard(local: str) -> None:
 def test_listen_port_collisions(
     a_local: str, a_port: int, a_queues: int, b_local: str, b_port: int, b_queues: int, collide: bool
 ) -> None:
-    a = underlay(office(queues=a_queues), local=a_local, port=a_port)
-    b = underlay(lab(role="listen", queues=b_queues), local=b_local, port=b_port, peer=DELETE)
+    a = underlay(office(queues=a_queues), local=a_local, port=a_port, ports="per-queue")
+    b = underlay(lab(role="listen", queues=b_queues), local=b_local, port=b_port, peer=DELETE, ports="per-queue")
     data = config({"a": a, "b": b})
     if collide:
         error = assert_only_error(data, "networks.b.underlay.port", "networks.a.underlay")
@@ -1208,7 +1225,9 @@ def test_key_path() -> None:
 
 def test_queue_port() -> None:
     net = dual_stack()
-    assert [net.queue_port(k) for k in range(net.queues)] == [4433, 4434, 4435]
+    assert [net.queue_port(k) for k in range(net.queues)] == [4433, 4433, 4433]  # shared, the default
+    per_queue = dataclasses.replace(net, underlay=dataclasses.replace(net.underlay, ports="per-queue"))
+    assert [per_queue.queue_port(k) for k in range(net.queues)] == [4433, 4434, 4435]
     for bad in (-1, 3, True):
         with pytest.raises(ValueError, match="outside 0..2"):
             net.queue_port(bad)

@@ -116,3 +116,20 @@ def test_status_reply_without_verbose_drops_queue_rows() -> None:
     st = network_status(network(), running(), {})
     reply = status_reply(controller_pid=7, uptime=-1.0, node_id="alpha", networks=[st], verbose=False)
     assert reply.networks[0].queues == () and reply.uptime == 0.0
+
+
+def test_status_shows_the_port_mode() -> None:
+    """`l3ptp status` (controller/cli.py): one line with the mode and the port(s); NetworkStatus carries it."""
+    from l3ptp.controller.cli import format_status
+    from l3ptp.ipc.control_messages import StatusReply
+    from tests.support.config_builders import underlay
+
+    for mode, line in (("shared", "  udp ports: shared, 4433 for every queue"),
+                       ("per-queue", "  udp ports: per-queue, 4433 + queue index")):
+        net = parse_config(config({"office": underlay(office(queues=2), port=4433, ports=mode)})).network("office")
+        assert net is not None
+        st = network_status(net, NetworkSupervisor("office", net.queues), {})
+        reply = StatusReply(controller_pid=1, uptime=1.0, node_id="alpha", networks=(st,))
+        assert CLI_REPLIES.decode_untrusted(CLI_REPLIES.encode(reply)) == reply
+        assert line in format_status(reply).splitlines()
+        assert st.ports == mode
