@@ -85,11 +85,15 @@ class QueueGate:
     _drops: Any
     _gate: tuple[int, int] | None = None  # (queue, queues) on a shared port; (-1, 0) elsewhere
 
-    def _route(self, data: bytes, addr: tuple[Any, ...], now: float) -> Any:
+    def _foreign(self, data: bytes) -> bool:
+        """On a shared port: `data`'s destination CID names another queue (it is not ours to answer)."""
         gate = self._gate
         if gate is None:
             gate = self._gate = (self.config.queue, self.config.queues) if shares_port(self.config) else (-1, 0)
-        if gate[1] and dcid_queue(data, gate[1]) != gate[0]:
+        return bool(gate[1]) and dcid_queue(data, gate[1]) != gate[0]
+
+    def _route(self, data: bytes, addr: tuple[Any, ...], now: float) -> Any:
+        if self._foreign(data):
             self._drops[DropReason.DGRAM_WRONG_QUEUE] += 1
             return None
         return super()._route(data, addr, now)  # type: ignore[misc]

@@ -310,9 +310,10 @@ class Tunnel(QueueGate, Connections, Renewal):
 
     def _hint(self, data: bytes, addr: tuple[Any, ...], now: float) -> None:
         """Listener: a short-header packet from the peer's address that no connection of ours knows (the
-        peer still talks to our predecessor): tell it, at most every HINT_EVERY s (never larger than what came)."""
+        peer still talks to our predecessor): tell it, at most every HINT_EVERY s (never larger than what came).
+        Not for another queue's packet on a shared port: that connection is alive at its own worker."""
         if (self.config.role is PeerRole.LISTEN and self.reality is None and data and data[0] & 0xC0 == 0x40
-                and len(data) >= len(RESTART_HINT)
+                and len(data) >= len(RESTART_HINT) and not self._foreign(data)
                 and (self._peer_ip is None or normalize_ip(addr[0]) == self._peer_ip) and self.core.restart_hint(now)):
             with contextlib.suppress(OSError):
                 self.sock.sendto(RESTART_HINT, addr)

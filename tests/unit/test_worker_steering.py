@@ -152,3 +152,23 @@ def test_a_datagram_for_another_queue_is_counted_and_dropped_on_a_shared_port() 
     per_queue = _Gated(shared=False)
     assert per_queue._route(other, ("198.18.0.2", 1), 0.0) == "routed"
     assert per_queue._drops[DropReason.DGRAM_WRONG_QUEUE] == 0
+
+
+def test_another_queues_packet_draws_no_restart_hint_on_a_shared_port() -> None:
+    """`Tunnel._hint` answers an unknown short-header packet with RESTART_HINT, but not one naming another queue:
+    that connection is alive at its own worker (a hint would make its connector probe for nothing)."""
+    from l3ptp.worker.policy import RESTART_HINT
+    from l3ptp.worker.tunnel import Tunnel
+
+    sent: list[bytes] = []
+
+    class Hinting(_Gated):
+        reality, _peer_ip = None, None
+        core = type("Core", (), {"restart_hint": staticmethod(lambda now: True)})()
+        sock = type("Sock", (), {"sendto": staticmethod(lambda data, addr: sent.append(data))})()
+
+    mine, other = b"\x40" + bytes([QUEUE]) + bytes(40), b"\x40" + bytes([QUEUE + 1]) + bytes(40)
+    for shared, data, hinted in ((True, other, False), (True, mine, True), (False, other, True)):
+        sent.clear()
+        Tunnel._hint(Hinting(shared), data, ("198.18.0.2", 1), 0.0)  # type: ignore[arg-type]
+        assert sent == ([RESTART_HINT] if hinted else []), (shared, data[1])
