@@ -130,6 +130,10 @@ class SessionClosed(Exception):
         super().__init__(reason)
 
 
+def _queue_mismatch(theirs: int, ours: int) -> str:
+    return f"the peer's queue {theirs} reached our queue {ours}: both ends need the same queues and underlay.ports"
+
+
 def _auth_failed(detail: str) -> SessionClosed:
     """An authentication failure: `detail` stays local, the peer gets the one reason."""
     return SessionClosed(ErrorCode.AUTH_FAILED, detail, AUTH_FAILED_REASON)
@@ -338,8 +342,10 @@ class Session:
 
     def _check_hello(self, msg: Hello) -> None:
         self._check_version(msg)
-        if msg.network_id != self.params.network_id or msg.endpoint_id != self.params.endpoint_id:
-            raise SessionClosed(ErrorCode.NETWORK_MISMATCH, "network or endpoint does not match")
+        if msg.network_id != self.params.network_id:
+            raise SessionClosed(ErrorCode.NETWORK_MISMATCH, "network does not match (both ends name it the same)")
+        if msg.endpoint_id != self.params.endpoint_id:
+            raise SessionClosed(ErrorCode.NETWORK_MISMATCH, _queue_mismatch(msg.endpoint_id, self.params.endpoint_id))
         mtu = accepted_mtu(self.params.requested_mtu, msg.requested_mtu, self._max_payload, msg.max_datagram_payload)
         if mtu < MTU_MIN:
             raise SessionClosed(ErrorCode.MTU_MISMATCH, f"accepted MTU {mtu} below {MTU_MIN}")
@@ -371,7 +377,12 @@ class Session:
             self._nonce, self.fingerprint, peer_fingerprint, self.params.network_id, self.params.endpoint_id
         )
         if not keys.verify_auth(msg.public_key, msg.signature, transcript):
-            # Also a connector of another network or endpoint: it signed its own.
+            # Also a connector of another network or endpoint: it signed its own. Its key is pinned, so the
+            # local log may say which (the wire still says only AUTH_FAILED).
+            hello = self._peer_hello
+            if hello is not None and hello.network_id == self.params.network_id \
+                    and hello.endpoint_id != self.params.endpoint_id:
+                raise _auth_failed(_queue_mismatch(hello.endpoint_id, self.params.endpoint_id))
             raise _auth_failed("bad AUTH signature (or another network or endpoint)")
         self.peer_fingerprint = peer_fingerprint
         assert self._peer_hello is not None  # AWAIT_AUTH follows the connector's HELLO
