@@ -25,6 +25,7 @@ import struct
 from l3ptp.ipc.constants import IP_VERSION_4, IP_VERSION_6
 
 from .ippacket import PrefixSet
+from .vnet import checksum, ones_sum
 
 __all__ = ["fragment_v4", "too_big"]
 
@@ -45,14 +46,8 @@ _TTL = 64
 
 
 def _checksum(data: bytes) -> int:
-    """RFC 1071. As 2**16 = 1 (mod 2**16 - 1), the end-around-carry sum of the
-    16-bit words is the whole buffer as one integer mod 0xFFFF (0xFFFF, not
-    0, unless every word is zero)."""
-    if len(data) % 2:
-        data += b"\0"
-    number = int.from_bytes(data, "big")
-    total = number % 0xFFFF or (0xFFFF if number else 0)
-    return ~total & 0xFFFF
+    """RFC 1071, the sum TUN offloads use too (`vnet.ones_sum`: the whole buffer as one integer mod 0xFFFF)."""
+    return checksum(ones_sum(data))
 
 
 def too_big(packet: bytes, mtu: int, allowed_src: PrefixSet, peer_v4: bytes | None,
