@@ -18,11 +18,16 @@ from .state import HelperState
 CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
 
 
+def _capeff(status_path: str) -> int:
+    """This process's effective capabilities (StopIteration: no CapEff line)."""
+    with open(status_path) as f:
+        return next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+
+
 def missing_capabilities(status_path: str = "/proc/self/status") -> str | None:
     """None if this process can do its job, else a message naming what is missing."""
     try:
-        with open(status_path) as f:
-            capeff = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+        capeff = _capeff(status_path)
     except (OSError, StopIteration, ValueError):
         return f"cannot read CapEff from {status_path}"
     if not capeff & (1 << CAP_NET_ADMIN):
@@ -33,8 +38,10 @@ def missing_capabilities(status_path: str = "/proc/self/status") -> str | None:
 def steering_warning(status_path: str = "/proc/self/status") -> str | None:
     """Without CAP_BPF (or CAP_SYS_ADMIN) shared-port networks cannot be steered: said at start, and refused
     with the same words at each shared-port ProtectSocket (per-queue networks work)."""
-    with open(status_path) as f:
-        capeff = next((int(line.split()[1], 16) for line in f if line.startswith("CapEff:")), 0)
+    try:
+        capeff = _capeff(status_path)
+    except StopIteration:
+        capeff = 0
     if capeff & (1 << CAP_BPF | 1 << CAP_SYS_ADMIN):
         return None
     return 'missing capability CAP_BPF: networks with underlay.ports = "shared" will fail; add CAP_BPF or set underlay.ports = "per-queue"'
