@@ -190,7 +190,7 @@ class NetworkLifecycle:
     async def reregister(self, known: set[str]) -> None:
         """A new helper session (perhaps a restarted helper, which lost its steering maps): every worker of a
         listening network on one shared UDP port registers its socket again, with a fresh ticket of its queue
-        (helper/reuseport.py: the helper attaches a new program once every queue did)."""
+        (helper/reuseport.py: the new program goes on with the first registration, each socket into its map)."""
         for name, rt in list(self.running.items()):
             net = rt.net
             if (name not in known or net.role != "listen" or net.queues < 2 or net.underlay.ports != "shared"

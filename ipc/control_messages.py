@@ -290,7 +290,7 @@ class Advertise(Message):
 class Reregister(Message):
     """A restarted helper lost the steering map of a shared port (docs/helper.md, "Shared port"): the worker
     registers its UDP socket again (`ProtectSocket` with this fresh ticket of its queue); the helper attaches
-    its new program once every queue has."""
+    its new program with the first registration and puts each socket in its new map."""
 
     network: NetworkName
     queue: QueueIndex
