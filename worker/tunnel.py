@@ -137,7 +137,9 @@ class Tunnel(QueueGate, Connections, Renewal):
         self.udp_ignored = 0
         self.state = SessionState.STARTING
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
+        #: The deadline `_timer` is armed for (uvloop returns a plain Handle, without `when()`, for one under 1 ms away).
+        self._timer_when: float | None = None
         self._reading_tun = False
         self._stopped: asyncio.Event | None = None
         self._stop_requested = False
@@ -453,10 +455,11 @@ class Tunnel(QueueGate, Connections, Renewal):
                                          active is not None and active.session.established,
                                          [peer.policy for peer in self.candidates.values()]) + self._renewal_deadlines()
         when = min(deadlines) if deadlines else None
-        if self._timer is not None and self._timer.when() == when:
+        if self._timer is not None and self._timer_when == when:
             return  # unchanged: no new handle, and no cancelled one left in the loop's timer heap
         if self._timer is not None:
             self._timer.cancel()
+        self._timer_when = when
         self._timer = None if when is None else self._loop.call_at(when, self._guarded, self._on_timer)
 
     def _on_timer(self) -> None:

@@ -577,6 +577,28 @@ def test_bursts_of_full_size_packets_arrive_in_order(engine: Engine, gso: bool) 
     run(main())
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_stream_of_packets_on_uvloop_keeps_the_workers_running(engine: Engine) -> None:
+    """`event_loop = "uvloop"`: for a deadline under 1 ms away uvloop's `call_at` returns a plain Handle
+    (it has no `when()`), which a loaded worker meets at once; the workers must keep running and deliver."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main():
+        async with worker_pair(engine=engine) as pair:
+            assert await pair.wait_established()
+            ct, lt = pair.connector.tunnel, pair.listener.tunnel
+            got = 0
+            for burst in range(60):
+                for i in range(32):
+                    pair.connector.tun.inject(ipv4_udp("198.19.0.2", "198.19.0.1", bytes([burst, i]) * 600))
+                got += len(await pair.listener.tun.async_wait_packets(32, 5))
+            assert got == 60 * 32
+            assert ct.exit_reason is None and lt.exit_reason is None
+            assert ct.established and lt.established and lt.sessions == 1
+
+    uvloop.run(asyncio.wait_for(main(), 45))
+
+
 @pytest.mark.parametrize(("lengine", "cengine"), ENGINE_PAIRS)
 def test_workers_update_keys_by_packet_count_and_by_time(lengine: Engine, cengine: Engine) -> None:
     """Key updates (RFC 9001, 6) every few DATAGRAMs and every fraction of a second, every
