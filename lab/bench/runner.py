@@ -259,20 +259,26 @@ L3PTP_MTUS = ("1280", "auto")
 #: `--offload` values: the network's `offload`, "off" (the default) or "auto" (TUN offloads where the kernel allows).
 L3PTP_OFFLOADS = ("off", "auto")
 
+#: `--event-loop` values: the network's `event_loop`, "auto" (the default: asyncio) or "uvloop".
+L3PTP_LOOPS = ("auto", "uvloop")
 
-def l3ptp_name(queues: int, engine: str, mtu: str, offload: str = "off") -> str:
+
+def l3ptp_name(queues: int, engine: str, mtu: str, offload: str = "off", loop: str = "auto") -> str:
     """`l3ptp q=1 qh3` at the default MTU, `l3ptp@auto q=1 qh3` with ``mtu = "auto"``; ` offload=auto` with
-    TUN offloads."""
-    return f"l3ptp{'' if mtu == '1280' else '@' + mtu} q={queues} {engine}{' offload=auto' * (offload == 'auto')}"
+    TUN offloads, ` uvloop` on uvloop."""
+    return (f"l3ptp{'' if mtu == '1280' else '@' + mtu} q={queues} {engine}{' offload=auto' * (offload == 'auto')}"
+            f"{' uvloop' * (loop == 'uvloop')}")
 
 
 def plan_l3ptp(args: argparse.Namespace, results: list[dict[str, Any]]) -> list[Plan]:
     plans: list[Plan] = []
-    for queues, engine, mtu, offload in itertools.product(args.queues, args.engine, args.mtu, args.offload):
-        name = l3ptp_name(queues, engine, mtu, offload)
+    for queues, engine, mtu, offload, loop in itertools.product(args.queues, args.engine, args.mtu, args.offload,
+                                                                args.event_loop):
+        name = l3ptp_name(queues, engine, mtu, offload, loop)
 
         def body(lab: Any, config: dict[str, Any], started: list[int], extra: list[str],
-                 queues: int = queues, engine: str = engine, mtu: str = mtu, offload: str = offload) -> None:
+                 queues: int = queues, engine: str = engine, mtu: str = mtu, offload: str = offload,
+                 loop: str = loop) -> None:
             lab.start(wait=args.timeout)
 
             def pids() -> dict[str, int]:
@@ -287,14 +293,15 @@ def plan_l3ptp(args: argparse.Namespace, results: list[dict[str, Any]]) -> list[
 
             started.extend(pids().values())
             config.update(kind="l3ptp", queues=queues, engine=engine, dst=lab.b.overlay4,
-                          mtu=link_mtu(lab.a, "l3p-demo"), mtu_setting=mtu, offload=offload)
+                          mtu=link_mtu(lab.a, "l3p-demo"), mtu_setting=mtu, offload=offload, event_loop=loop)
             say(f"{config['name']}: tunnel up, MTU {config['mtu']}; processes {pids()}")
             run_tests(lab, config, dst=lab.b.overlay4, iface="l3p-demo", pids=pids, args=args,
                       watch=L3ptpWatch(lab))
             config["summary"] = summarize(config)
             results.append(config)
 
-        extra = {**({"mtu": "auto"} if mtu == "auto" else {}), **({"offload": "auto"} if offload == "auto" else {})}
+        extra = {**({"mtu": "auto"} if mtu == "auto" else {}), **({"offload": "auto"} if offload == "auto" else {}),
+                 **({"event_loop": "uvloop"} if loop == "uvloop" else {})}
         plans.append((name, body, {"queues": queues, "engine": engine, "config_a": extra or None,
                                    "config_b": extra or None}))
     return plans
@@ -342,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offload", type=_list(str, L3PTP_OFFLOADS), default=["off"], metavar="O[,O...]",
                    help="l3ptp TUN offloads: off (the default) and/or auto (offload = \"auto\"); 'off,auto' "
                         "measures both in the same rounds (default off)")
+    p.add_argument("--event-loop", type=_list(str, L3PTP_LOOPS), default=["auto"], metavar="L[,L...]",
+                   help="l3ptp workers' event loop: auto (the default, asyncio) and/or uvloop (event_loop = "
+                        "\"uvloop\", needs l3ptp[fast]); 'auto,uvloop' measures both in the same rounds (default auto)")
     p.add_argument("--engine", type=_list(str, ENGINES), default=["aioquic", "qh3"], metavar="E[,E...]",
                    help="QUIC engines to sweep: aioquic, qh3, auto (default aioquic,qh3; those not installed are skipped)")
     p.add_argument("--baselines", type=_list(str, BASELINES), default=list(BASELINES), metavar="B[,B...]",
@@ -408,7 +418,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": {"ncpu": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
                     "cpu": _cpu_model()},
         "settings": {"seconds": args.seconds, "udp_rate": args.udp_rate, "udp_len": UDP_LEN,
-                     "tunnel_mtu": TUNNEL_MTU, "l3ptp_mtu": args.mtu, "l3ptp_offload": args.offload, "pings": args.pings, "rounds": args.rounds},
+                     "tunnel_mtu": TUNNEL_MTU, "l3ptp_mtu": args.mtu, "l3ptp_offload": args.offload,
+                     "l3ptp_event_loop": args.event_loop, "pings": args.pings, "rounds": args.rounds},
         "commit": _commit(),
         "configs": results,
     }

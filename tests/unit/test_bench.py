@@ -305,3 +305,17 @@ def test_l3ptp_runs_with_and_without_tun_offloads() -> None:
     ]
     with pytest.raises(SystemExit):
         runner.build_parser().parse_args(["--offload", "on"])
+
+
+def test_l3ptp_runs_on_asyncio_and_on_uvloop() -> None:
+    args = runner.build_parser().parse_args(["--queues", "1", "--engine", "aioquic", "--mtu", "1280"])
+    assert args.event_loop == ["auto"]
+    args = runner.build_parser().parse_args(["--queues", "1", "--engine", "aioquic", "--mtu", "1280",
+                                             "--event-loop", "auto,uvloop"])
+    assert [(name, kw) for name, _body, kw in runner.plan_l3ptp(args, [])] == [
+        ("l3ptp q=1 aioquic", {"queues": 1, "engine": "aioquic", "config_a": None, "config_b": None}),
+        ("l3ptp q=1 aioquic uvloop", {"queues": 1, "engine": "aioquic", "config_a": {"event_loop": "uvloop"},
+                                      "config_b": {"event_loop": "uvloop"}}),
+    ]
+    with pytest.raises(SystemExit):
+        runner.build_parser().parse_args(["--event-loop", "trio"])
