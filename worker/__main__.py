@@ -94,10 +94,10 @@ def _fatal(config: WorkerConfig, reason: str, log) -> int:  # type: ignore[no-un
 def loop_factory(choice: EventLoop) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop's loop factory for `uvloop`, None (plain asyncio) for `asyncio` and `auto`.
 
-    `auto` is asyncio because uvloop measured slower here: with aioquic its
-    millisecond timers stretch the pacer's sub-millisecond waits (TCP through
-    the tunnel fell to about a quarter), and with qh3 it gained nothing
-    (docs/performance.md). Raises ImportError for `uvloop` when it is missing.
+    `auto` is asyncio because uvloop did not measure faster here: with qh3
+    TCP x1 0.94x and CPU per GB 1.06x, with aioquic (and its BurstPacer)
+    TCP x1 1.04x, pings 1.1x (docs/performance.md, "uvloop"). Raises
+    ImportError for `uvloop` when it is missing.
     """
     if choice is not EventLoop.UVLOOP:
         return None
