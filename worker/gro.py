@@ -6,9 +6,17 @@ through netfilter, routing and TCP, one ACK decision). Only what the kernel's ow
 merge is merged, and only within one batch handed to `coalesce` (what one UDP wake-up of the worker received):
 
 * IPv4 without options and not a fragment, or IPv6 without extension headers; TCP with a payload, flags ACK and
-  at most PSH; IP and TCP lengths that match the packet; a valid IPv4 header checksum and a valid TCP checksum
-  (the merged packet goes up with NEEDS_CSUM, which the kernel trusts, and a new IPv4 header: a packet with a
-  bad checksum must never be "repaired" by merging; it is written on its own and the kernel drops it);
+  at most PSH; IP and TCP lengths that match the packet; a valid IPv4 header checksum (the merged packet gets a
+  new IPv4 header) and a valid TCP checksum. A packet with a bad checksum must never be "repaired" by merging.
+  Two ways ensure it, by destination:
+  - to one of `local` (the TUN's own addresses: delivered on this host), the worker does not sum payloads.
+    Each segment's checksum field gives the sum its sender claimed for its payload (RFC 1071 sums add up), and
+    the merged packet carries the sum of those claims in a complete TCP checksum, without NEEDS_CSUM: the
+    kernel verifies it over the whole super-packet before TCP takes it (`tcp_checksum_complete`, in C) and
+    drops all of it if any segment was corrupted (counted by the kernel as InCsumErrors), as it would have
+    dropped that segment;
+  - to anywhere else (routed on: a forwarded super-packet is re-segmented with fresh checksums, never
+    verified), each segment's TCP checksum is verified here and the merged packet goes with NEEDS_CSUM;
 * the same flow (addresses, ports), the same ACK number, window, TCP options, IPv4 TOS, TTL and DF or IPv6
   first word and hop limit, the next sequence number (IPv4: and the next identification, as a sender's
   segmentation makes them), the first packet's payload size (the last one may be shorter, and nothing follows
@@ -16,18 +24,19 @@ merge is merged, and only within one batch handed to `coalesce` (what one UDP wa
 
 Anything else is written as it came, behind a zero virtio_net_hdr, after its flow's open super-packet is closed
 (a FIN or a pure ACK of a flow never overtakes data of that flow written before it). A merged packet carries
-the first packet's headers with the total length (IPv4: a new header checksum), PSH if the last had it, the
-TCP pseudo-header sum in the checksum field, and a header gso_type TCPV4/TCPV6, gso_size = the segment
-payload, csum_start = the IP header length, csum_offset = 16, NEEDS_CSUM.
+the first packet's headers with the total length (IPv4: a new header checksum), PSH if the last had it, and a
+header gso_type TCPV4/TCPV6, gso_size = the segment payload; to a local address the complete TCP checksum and no
+flags, elsewhere the TCP pseudo-header sum in the checksum field, csum_start = the IP header length,
+csum_offset = 16, NEEDS_CSUM.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from .vnet import (
     GSO_TCPV4, GSO_TCPV6, IP_MAX, IPV6_HEADER, NEEDS_CSUM, PLAIN_HEADER, PROTO_TCP, TCP_PSH, BadVnet, encode_header,
-    fold, ip_header, ip_tcp_offsets, ones_sum, pseudo_sum,
+    checksum, fold, ip_header, ip_tcp_offsets, ones_sum, pseudo_sum,
 )
 
 __all__ = ["coalesce"]
@@ -42,20 +51,28 @@ class _Item:
     """An open super-packet: its packets, the next sequence number, the segment size, the IP length so far."""
 
     __slots__ = ("packets", "match", "version", "iphl", "tcphl", "gso", "next_seq", "next_id", "total", "closed",
-                 "psh")
+                 "psh", "claimed")
 
     def __init__(self, packet: Packet, match: bytes, version: int, iphl: int, tcphl: int, payload: int,
-                 seq: int, ident: int, psh: bool) -> None:
+                 seq: int, ident: int, psh: bool, claimed: int | None) -> None:
         self.packets = [packet]
+        #: Local destination: the sum of the payload sums the segments' checksums claim; None: verified here.
+        self.claimed = claimed
         self.match, self.version, self.iphl, self.tcphl = match, version, iphl, tcphl
         self.gso, self.next_seq, self.total = payload, (seq + payload) & 0xFFFFFFFF, len(packet)
         self.next_id = (ident + (version == 4)) & 0xFFFF  # IPv6 has none: always 0
         self.closed, self.psh = psh, psh
 
-    def append(self, packet: Packet, match: bytes, payload: int, seq: int, ident: int, psh: bool) -> bool:
+    def append(self, packet: Packet, match: bytes, payload: int, seq: int, ident: int, psh: bool,
+               claimed: int | None) -> bool:
         if (self.closed or match != self.match or seq != self.next_seq or ident != self.next_id
                 or payload > self.gso or self.total + payload > IP_MAX + (IPV6_HEADER if self.version == 6 else 0)):
             return False
+        if (self.claimed is None) != (claimed is None):  # never within one flow; checked, not assumed
+            return False
+        if self.claimed is not None and claimed is not None:
+            offset = self.total - self.iphl - self.tcphl  # where this payload starts in the merged one
+            self.claimed = fold(self.claimed, ((claimed << 8) | (claimed >> 8)) & 0xFFFF if offset & 1 else claimed)
         self.packets.append(packet)
         self.next_seq, self.total = (seq + payload) & 0xFFFFFFFF, self.total + payload
         self.next_id = (ident + (self.version == 4)) & 0xFFFF
@@ -73,15 +90,24 @@ class _Item:
         tcp = bytearray(head[iphl:hl])
         if self.psh:
             tcp[13] |= TCP_PSH
-        tcp[_TCP_CHECK:_TCP_CHECK + 2] = pseudo_sum(ip, version, self.total - iphl).to_bytes(2, "big")
-        header = encode_header(GSO_TCPV4 if version == 4 else GSO_TCPV6, flags=NEEDS_CSUM, hdr_len=hl,
-                               gso_size=self.gso, csum_start=iphl, csum_offset=_TCP_CHECK)
+        gso_type = GSO_TCPV4 if version == 4 else GSO_TCPV6
+        if self.claimed is not None:  # complete: verified by the kernel over the whole super-packet
+            tcp[_TCP_CHECK:_TCP_CHECK + 2] = b"\0\0"
+            check = checksum(pseudo_sum(ip, version, self.total - iphl), ones_sum(tcp), self.claimed)
+            tcp[_TCP_CHECK:_TCP_CHECK + 2] = check.to_bytes(2, "big")
+            header = encode_header(gso_type, hdr_len=hl, gso_size=self.gso)
+        else:
+            tcp[_TCP_CHECK:_TCP_CHECK + 2] = pseudo_sum(ip, version, self.total - iphl).to_bytes(2, "big")
+            header = encode_header(gso_type, flags=NEEDS_CSUM, hdr_len=hl, gso_size=self.gso, csum_start=iphl,
+                                   csum_offset=_TCP_CHECK)
         return [header, ip, bytes(tcp), *(memoryview(p)[hl:] for p in self.packets)]
 
 
-def _parse(packet: Packet) -> tuple[bytes, bytes, int, int, int, int, int, int, bool] | None:
-    """(flow, match, version, iphl, tcphl, payload, seq, IPv4 identification or 0, psh) of a packet that may be
-    merged; None otherwise.
+def _parse(packet: Packet, local: Collection[bytes]
+           ) -> tuple[bytes, bytes, int, int, int, int, int, int, bool, int | None] | None:
+    """(flow, match, version, iphl, tcphl, payload, seq, IPv4 identification or 0, psh, claimed) of a packet that
+    may be merged, `claimed` the payload sum its checksum claims when its destination is in `local` (else None,
+    its checksum verified); None otherwise.
     `flow` is also returned (as the first item, `match` empty) for any other TCP packet, to close its flow."""
     if len(packet) < 40 or packet[9 if packet[0] >> 4 == 4 else 6] != PROTO_TCP:  # not TCP (IPv4 or IPv6)
         return None
@@ -95,38 +121,45 @@ def _parse(packet: Packet) -> tuple[bytes, bytes, int, int, int, int, int, int, 
         flow = p[12:20] + p[tcp:tcp + 4]
         fits = iphl == 20 and int.from_bytes(p[2:4], "big") == size and ones_sum(p[:20]) == 0xFFFF
         ip_match, ident, pseudo_from = bytes((p[1], p[8], p[6] & 0x40)), int.from_bytes(p[4:6], "big"), 12
+        dst = p[16:20]
     else:
         flow = p[8:40] + p[tcp:tcp + 4]
         fits = int.from_bytes(p[4:6], "big") + IPV6_HEADER == size
         ip_match, ident, pseudo_from = p[0:4] + p[7:8], 0, 8
+        dst = p[24:40]
     payload = size - iphl - tcphl
     flags = p[tcp + 13]
-    # The TCP checksum over the pseudo-header: the addresses and the segment are contiguous, one sum.
+    claimed = None
+    if dst in local:  # what the payload sums to if the checksum is right: minus the rest of the sum
+        claimed = 0xFFFF - fold(ones_sum(p[pseudo_from:iphl]) if version == 4 else ones_sum(p[8:40]), PROTO_TCP,
+                                size - iphl, ones_sum(p[tcp:tcp + tcphl]))
     if (not fits or payload <= 0 or flags & ~(TCP_ACK | TCP_PSH) or not flags & TCP_ACK
-            or fold(ones_sum(p[pseudo_from:]), PROTO_TCP, size - iphl) != 0xFFFF):
-        return flow, b"", version, iphl, tcphl, 0, 0, 0, False
+            # The TCP checksum over the pseudo-header: the addresses and the segment are contiguous, one sum.
+            or (claimed is None and fold(ones_sum(p[pseudo_from:]), PROTO_TCP, size - iphl) != 0xFFFF)):
+        return flow, b"", version, iphl, tcphl, 0, 0, 0, False, None
     # Everything that must be equal to merge: IP fields, ACK number, data offset + window, options.
     match = ip_match + p[tcp + 8:tcp + 13] + p[tcp + 14:tcp + 16] + p[tcp + 20:tcp + tcphl]
     seq = int.from_bytes(p[tcp + 4:tcp + 8], "big")
-    return flow, match, version, iphl, tcphl, payload, seq, ident, bool(flags & TCP_PSH)
+    return flow, match, version, iphl, tcphl, payload, seq, ident, bool(flags & TCP_PSH), claimed
 
 
-def coalesce(packets: Sequence[Packet]) -> list[tuple[list[Packet], list[Packet]]]:
-    """The writes for `packets`, in order: (the buffers of one write, the packets it carries)."""
+def coalesce(packets: Sequence[Packet], local: Collection[bytes] = ()) -> list[tuple[list[Packet], list[Packet]]]:
+    """The writes for `packets`, in order: (the buffers of one write, the packets it carries). `local`: the
+    packed addresses delivered on this host (the TUN's own), whose super-packets the kernel verifies."""
     out: list[_Item | Packet] = []
     open_items: dict[bytes, _Item] = {}
     for packet in packets:
-        parsed = _parse(packet)
+        parsed = _parse(packet, local)
         if parsed is None:
             out.append(packet)
             continue
-        flow, match, version, iphl, tcphl, payload, seq, ident, psh = parsed
+        flow, match, version, iphl, tcphl, payload, seq, ident, psh, claimed = parsed
         item = open_items.get(flow)
         if not match:  # not mergeable: the flow's open super-packet ends before it
             open_items.pop(flow, None)
             out.append(packet)
-        elif item is None or not item.append(packet, match, payload, seq, ident, psh):
-            open_items[flow] = item = _Item(packet, match, version, iphl, tcphl, payload, seq, ident, psh)
+        elif item is None or not item.append(packet, match, payload, seq, ident, psh, claimed):
+            open_items[flow] = item = _Item(packet, match, version, iphl, tcphl, payload, seq, ident, psh, claimed)
             out.append(item)
     return [(entry.encode(), entry.packets) if isinstance(entry, _Item) else ([PLAIN_HEADER, entry], [entry])
             for entry in out]

@@ -20,9 +20,10 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import ipaddress
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from l3ptp.ipc.counters import Counters, DropReason
@@ -72,8 +73,11 @@ def probe(fd: int, ioctl: Callable[..., Any] = fcntl.ioctl) -> TunMode:
 class TunIO:
     """Reads and writes of one TUN queue in its `TunMode`; counts what it splits, coalesces and drops."""
 
-    def __init__(self, fd: int, mode: TunMode, counters: Counters, written: Callable[[Any], None]) -> None:
+    def __init__(self, fd: int, mode: TunMode, counters: Counters, written: Callable[[Any], None],
+                 local_addresses: Iterable[str] = ()) -> None:
         self.fd, self.mode, self._counters, self._written = fd, mode, counters, written
+        #: The TUN's own addresses (packed): coalesced packets to them are delivered here, checked by the kernel.
+        self._local = frozenset(ipaddress.ip_interface(a).ip.packed for a in local_addresses)
         self._pending: list[Any] = []
         #: Segments of a split read past the batch's limit: the first packets of the next batch.
         self.carry: list[bytes] = []
@@ -140,7 +144,7 @@ class TunIO:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        for buffers, packets in coalesce(pending):
+        for buffers, packets in coalesce(pending, self._local):
             if self._write(buffers, packets) and len(packets) > 1:
                 self.gro_writes += 1
                 self.gro_merged += len(packets)

@@ -3,7 +3,9 @@
 `vnet.split` of any header and bytes raises only `BadVnet`, and what it returns are IP packets no larger than
 an IP packet can be; a read through `TunIO` never raises and counts what it refuses as `tun_bad_vnet`.
 `gro.coalesce` of any packets (from the peer: also outside input) never raises, carries every packet exactly
-once, and every super-packet it makes splits back into exactly the packets it carries.
+once, and every super-packet it makes splits back into exactly the packets it carries. To a local address
+(checksums left to the kernel), a super-packet's checksum verifies when each packet it carries does and fails
+when one of them does not.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from l3ptp.ipc.counters import Counters, DropReason
 from l3ptp.worker import gro, vnet
 from l3ptp.worker.tun_io import TunIO, TunMode
 from tests.support.fake_tun import FakeTun
-from tests.unit.test_worker_offload import segments, super_packet
+from tests.unit.test_worker_offload import LOCAL, _tcp_checksum_verifies, segments, super_packet
 
 MANY = settings(max_examples=2000, deadline=None)
 
@@ -107,3 +109,23 @@ def test_coalesce_carries_each_packet_once_and_splits_back(packets: list[bytes])
             assert vnet.split(joined) == c
         else:
             assert joined == vnet.PLAIN_HEADER + bytes(c[0])
+
+
+@MANY
+@given(st.one_of(streams, st.lists(st.binary(max_size=120), max_size=12)))
+def test_coalesce_to_a_local_address_never_launders_a_bad_checksum(packets: list[bytes]) -> None:
+    writes = gro.coalesce(packets, LOCAL[4] | LOCAL[6])
+    carried = [p for _, c in writes for p in c]
+    assert sorted(carried) == sorted(packets)
+    for buffers, c in writes:
+        joined = b"".join(bytes(b) for b in buffers)
+        assert len(joined) - vnet.VNET_HDR_LEN <= vnet.IP_MAX + vnet.IPV6_HEADER
+        if len(c) == 1:
+            assert joined == vnet.PLAIN_HEADER + bytes(c[0])
+            continue
+        bad = sum(not _tcp_checksum_verifies(bytes(p)) for p in c)
+        if bad == 0:
+            assert _tcp_checksum_verifies(joined[vnet.VNET_HDR_LEN:])
+            assert vnet.split(joined) == c
+        elif bad == 1:  # (two bad ones could cancel out, as they could within one 16-bit checksum)
+            assert not _tcp_checksum_verifies(joined[vnet.VNET_HDR_LEN:])

@@ -162,3 +162,63 @@ def test_restarted_helper_adopts_the_device_in_its_mode() -> None:
         transfer(lab, lab.b, lab.a, lab.a.overlay4, size=8 * 1024 * 1024)
         a = settled(lab, lab.a, "tun_gro_writes", 1)
         assert a["tun_offload"] == 1 and a["tun_gso_split"] > 0
+
+
+def _kernel_check(_: object = None) -> dict[str, list[int]]:
+    """In a fresh namespace: a TUN with IFF_VNET_HDR at 198.19.0.2 and fd00::2; segments to a closed port,
+    coalesced for a local destination (no NEEDS_CSUM, the checksum built from theirs), written as one
+    super-packet, intact and with one payload byte changed. (RSTs read back, Tcp InCsumErrors added) each."""
+    import fcntl
+    import select
+    import struct
+    import subprocess
+
+    from l3ptp.worker import gro
+    from tests.unit.test_worker_offload import LOCAL, TIMESTAMPS, segments
+
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+    fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH", b"l3pk0", 0x0001 | 0x1000 | 0x4000))  # TUN, NO_PI, VNET_HDR
+    for cmd in (["ip", "link", "set", "l3pk0", "up", "mtu", "1280"],
+                ["ip", "addr", "add", "198.19.0.2/24", "dev", "l3pk0"],
+                ["ip", "addr", "add", "fd00::2/64", "dev", "l3pk0", "nodad"]):
+        subprocess.run(cmd, check=True, timeout=10)
+
+    def csum_errors() -> int:
+        rows = [line.split() for line in open("/proc/net/snmp") if line.startswith("Tcp:")]
+        return int(dict(zip(rows[0][1:], rows[1][1:]))["InCsumErrors"])
+
+    def drain() -> list[bytes]:
+        out = []
+        while select.select([fd], [], [], 0.3)[0]:
+            try:
+                out.append(os.read(fd, 70000))
+            except BlockingIOError:
+                break
+        return out
+
+    drain()
+    result = {}
+    for version in (4, 6):
+        for case in ("good", "corrupted"):
+            packets = [bytearray(p) for p in segments(version, os.urandom(4 * 1200), 1200, options=TIMESTAMPS)]
+            if case == "corrupted":
+                packets[2][-300] ^= 0x40
+            ((buffers, carried),) = gro.coalesce([bytes(p) for p in packets], LOCAL[version])
+            assert len(carried) == 4
+            before = csum_errors()
+            os.write(fd, b"".join(bytes(b) for b in buffers))
+            iphl = 20 if version == 4 else 40
+            rsts = [r for r in drain() if len(r) >= 10 + iphl + 20 and r[10 + iphl + 13] & 0x04]
+            result[f"{case} IPv{version}"] = [len(rsts), csum_errors() - before]
+    os.close(fd)
+    return result
+
+
+def test_the_kernel_verifies_a_super_packet_coalesced_for_its_own_address(netns: str) -> None:
+    """What coalescing to a local address relies on: the kernel checks the complete checksum of a super-packet
+    written without NEEDS_CSUM, takes it when intact (a closed port answers RST) and drops all of it,
+    counted as InCsumErrors, when one segment was corrupted."""
+    from lab.netns import run_as
+
+    assert run_as(_kernel_check, netns=netns, prepare=lambda: None) == {
+        "good IPv4": [1, 0], "corrupted IPv4": [0, 1], "good IPv6": [1, 0], "corrupted IPv6": [0, 1]}

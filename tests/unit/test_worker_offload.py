@@ -4,6 +4,7 @@ write), checked against packets built independently by tests/support/packets.py 
 from __future__ import annotations
 
 import os
+import socket
 import struct
 
 import pytest
@@ -156,6 +157,51 @@ def test_coalesced_header_is_what_the_kernel_expects() -> None:
     assert packet[33] & PSH  # the last segment's PSH
     pseudo = packet[12:20] + struct.pack("!xBH", 6, len(packet) - 20)
     assert packet[36:38] == ((~internet_checksum(pseudo)) & 0xFFFF).to_bytes(2, "big")  # the partial sum
+
+
+LOCAL = {4: frozenset({socket.inet_pton(socket.AF_INET, B4)}), 6: frozenset({socket.inet_pton(socket.AF_INET6, B6)})}
+
+
+def _tcp_checksum_verifies(packet: bytes) -> bool:
+    """What the kernel's `tcp_checksum_complete` checks: the sum over pseudo-header and segment is all ones."""
+    iphl = 20 if packet[0] >> 4 == 4 else 40
+    addresses = packet[12:20] if iphl == 20 else packet[8:40]
+    return internet_checksum(addresses + struct.pack("!xBH", 6, len(packet) - iphl) + packet[iphl:]) == 0
+
+
+@pytest.mark.parametrize("version", [4, 6])
+@pytest.mark.parametrize(("size", "gso"), [(3600, 1200), (6000, 1201), (65000, 1228), (2001, 1000)])
+def test_to_a_local_address_the_merged_checksum_is_complete_and_the_kernel_verifies_it(version: int, size: int,
+                                                                                       gso: int) -> None:
+    """To the TUN's own address no payload is summed here: the merged packet carries the complete checksum built
+    from the segments' own (odd segment sizes: sums of payloads at odd offsets swap bytes), without NEEDS_CSUM."""
+    data = os.urandom(size)
+    packets = segments(version, data, gso, options=TIMESTAMPS)
+    writes = gro.coalesce(packets, LOCAL[version])
+    assert len(writes) == 1 and writes[0][1] == packets
+    out = joined(writes[0][0])
+    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = struct.unpack("<BBHHHH", out[:10])
+    assert (flags, gso_type, gso_size, csum_start, csum_offset) == (0, GSO_TCPV4 if version == 4 else GSO_TCPV6,
+                                                                    gso, 0, 0)
+    assert hdr_len == (20 if version == 4 else 40) + 32
+    assert _tcp_checksum_verifies(out[10:])
+    assert vnet.split(out) == packets  # and the bytes are the same as merged the other way
+
+
+@pytest.mark.parametrize("version", [4, 6])
+@pytest.mark.parametrize("where", ["payload", "checksum field"])
+def test_a_corrupted_segment_to_a_local_address_fails_the_kernels_check_of_the_merged_packet(version: int,
+                                                                                            where: str) -> None:
+    """Merging never repairs: a segment whose checksum does not match its bytes (in the payload or the field)
+    makes the whole super-packet fail the kernel's verification; elsewhere it is not merged at all."""
+    packets = [bytearray(p) for p in segments(version, os.urandom(4 * 1200), 1200, options=TIMESTAMPS)]
+    iphl = 20 if version == 4 else 40
+    packets[2][-300 if where == "payload" else iphl + 17] ^= 0x40
+    merged = gro.coalesce([bytes(p) for p in packets], LOCAL[version])
+    assert len(merged) == 1
+    assert not _tcp_checksum_verifies(joined(merged[0][0])[10:])
+    routed = gro.coalesce([bytes(p) for p in packets])  # not a local destination: verified here
+    assert [len(carried) for _, carried in routed] == [2, 1, 1]
 
 
 def test_64k_limit_makes_several_super_packets() -> None:
