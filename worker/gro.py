@@ -129,13 +129,13 @@ def _parse(packet: Packet, local: Collection[bytes]
         dst = p[24:40]
     payload = size - iphl - tcphl
     flags = p[tcp + 13]
+    if not fits or payload <= 0 or flags & ~(TCP_ACK | TCP_PSH) or not flags & TCP_ACK:
+        return flow, b"", version, iphl, tcphl, 0, 0, 0, False, None
+    # The pseudo-header's addresses and the TCP segment are contiguous (no IPv4 options here): one sum.
     claimed = None
     if dst in local:  # what the payload sums to if the checksum is right: minus the rest of the sum
-        claimed = 0xFFFF - fold(ones_sum(p[pseudo_from:iphl]) if version == 4 else ones_sum(p[8:40]), PROTO_TCP,
-                                size - iphl, ones_sum(p[tcp:tcp + tcphl]))
-    if (not fits or payload <= 0 or flags & ~(TCP_ACK | TCP_PSH) or not flags & TCP_ACK
-            # The TCP checksum over the pseudo-header: the addresses and the segment are contiguous, one sum.
-            or (claimed is None and fold(ones_sum(p[pseudo_from:]), PROTO_TCP, size - iphl) != 0xFFFF)):
+        claimed = 0xFFFF - fold(ones_sum(p[pseudo_from:tcp + tcphl]), PROTO_TCP, size - iphl)
+    elif fold(ones_sum(p[pseudo_from:]), PROTO_TCP, size - iphl) != 0xFFFF:
         return flow, b"", version, iphl, tcphl, 0, 0, 0, False, None
     # Everything that must be equal to merge: IP fields, ACK number, data offset + window, options.
     match = ip_match + p[tcp + 8:tcp + 13] + p[tcp + 14:tcp + 16] + p[tcp + 20:tcp + tcphl]
