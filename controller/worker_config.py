@@ -80,6 +80,7 @@ def build_worker_config(
         peer_address=str(net.underlay.peer) if net.underlay.peer is not None else None,
         port=net.queue_port(queue),
         ports=UnderlayPorts(net.underlay.ports),
+        tso=net.offload != "gro",
         mtu=net.mtu,
         max_datagram_size=net.max_datagram_size,
         keepalive_interval=net.keepalive_interval,

@@ -131,6 +131,9 @@ class WorkerConfig(Message):
     #: shared: every queue on `port` (listen: SO_REUSEPORT, steered by the helper); the connection IDs of
     #: queue k satisfy cid[0] % queues == k in both modes (worker/steering.py).
     ports: UnderlayPorts = UnderlayPorts.SHARED
+    #: On a TUN with IFF_VNET_HDR: ask the kernel for TSO super-packets (`offload = "auto"`); False: only
+    #: coalesce what is written (`"gro"`; docs/worker.md, "TUN offloads").
+    tso: bool = True
     mtu: Annotated[int, Range(MTU_MIN, MTU_MAX)]
     max_datagram_size: Annotated[int, Range(MAX_DATAGRAM_SIZE_MIN, MAX_DATAGRAM_SIZE_MAX)]
     keepalive_interval: Annotated[float, Range(0.05, 3600.0)]

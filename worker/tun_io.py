@@ -9,7 +9,9 @@ Three modes, each logged with its reason by the tunnel at start:
 * vnet without offload (the fallback): the device has IFF_VNET_HDR but the kernel refused TUNSETOFFLOAD; every
   packet still carries a virtio_net_hdr (always gso_type NONE), nothing is split or coalesced;
 * offload: reads may be super-packets, split into IP packets (`vnet.split`); what the peer sends is queued
-  and coalesced (`gro.coalesce`) when `flush` runs at the end of each UDP wake-up.
+  and coalesced (`gro.coalesce`) when `flush` runs at the end of each UDP wake-up. With `offload = "gro"`
+  the worker asks the kernel for no offload (TUNSETOFFLOAD 0): reads are ordinary packets behind a zero
+  header, only the writes are coalesced.
 
 None of it changes the wire: the peer gets one IP packet per DATAGRAM in every mode, so either end may use any
 mode (docs/worker.md, "TUN offloads").
@@ -46,7 +48,7 @@ _IFREQ = struct.Struct("16sH")
 class TunMode:
     #: Every packet read and written carries a virtio_net_hdr (the device has IFF_VNET_HDR).
     vnet: bool
-    #: TSO and checksum offload are on: reads are split, writes coalesced.
+    #: Writes are coalesced, and reads split (TSO and checksum offload on, unless `offload = "gro"`).
     offload: bool
     reason: str
 
@@ -54,8 +56,9 @@ class TunMode:
 PLAIN = TunMode(False, False, "device without IFF_VNET_HDR")
 
 
-def probe(fd: int, ioctl: Callable[..., Any] = fcntl.ioctl) -> TunMode:
-    """The mode of TUN queue `fd`, with offloads switched on where the device allows."""
+def probe(fd: int, ioctl: Callable[..., Any] = fcntl.ioctl, *, tso: bool = True) -> TunMode:
+    """The mode of TUN queue `fd`, with offloads switched on where the device allows; without `tso` the kernel
+    is asked for none (it segments and checksums what it hands over) and only writes are coalesced."""
     try:
         flags = _IFREQ.unpack_from(ioctl(fd, TUNGETIFF, bytes(40)))[1]
     except OSError as exc:
@@ -63,10 +66,12 @@ def probe(fd: int, ioctl: Callable[..., Any] = fcntl.ioctl) -> TunMode:
     if not flags & IFF_VNET_HDR:
         return PLAIN
     try:
-        ioctl(fd, TUNSETOFFLOAD, OFFLOADS)
+        ioctl(fd, TUNSETOFFLOAD, OFFLOADS if tso else 0)
     except OSError as exc:
         return TunMode(True, False, f"TUNSETOFFLOAD refused ({os.strerror(exc.errno or errno.EINVAL)}): "
                                     "virtio_net_hdr without offloads")
+    if not tso:
+        return TunMode(True, True, "GRO only: writes coalesced, TSO and checksum offload off (offload = gro)")
     return TunMode(True, True, "TSO4, TSO6 and checksum offload on")
 
 

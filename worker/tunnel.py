@@ -120,8 +120,8 @@ class Tunnel(QueueGate, Connections, Renewal):
                                key_update_interval=key_update_interval)
         self.datapath = Datapath(local_sources=config.local_sources, peer_sources=config.peer_sources)
         self.counters = self.datapath.counters
-        self.tun = TunIO(tun_fd, tun_mode or probe(tun_fd), self.counters, self.datapath.written,  # offloads
-                         config.tunnel_addresses)
+        self.tun = TunIO(tun_fd, tun_mode or probe(tun_fd, tso=config.tso), self.counters,  # offloads
+                         self.datapath.written, config.tunnel_addresses)
         self._drops = self.counters.drops
         self._key = keys.private_key_from_raw(config.private_key)
         self._cert = keys.self_signed_certificate(self._key) if config.role is PeerRole.LISTEN else None

@@ -31,11 +31,12 @@ IPV6_MIN_MTU: Final = MTU_DEFAULT
 ROLES: Final[tuple[str, ...]] = tuple(r.value for r in PeerRole)
 #: QUIC engines a worker can use: "auto" takes qh3 when installed, else aioquic.
 ENGINES: Final[tuple[str, ...]] = tuple(e.value for e in Engine)
-#: Worker event loops: "auto" is asyncio (uvloop measured slower, docs/performance.md).
+#: Worker event loops: "auto" is asyncio (uvloop did not measure faster, docs/performance.md).
 EVENT_LOOPS: Final[tuple[str, ...]] = tuple(e.value for e in EventLoop)
 #: TUN offloads of a network: "auto" creates its device with IFF_VNET_HDR (the workers split and coalesce where
-#: the kernel allows), "off" (the default: not yet faster, docs/performance.md) without (docs/worker.md).
-OFFLOADS: Final[tuple[str, ...]] = ("auto", "off")
+#: the kernel allows), "gro" too but its workers only coalesce what they write (the kernel segments what it
+#: sends them), "off" (the default) without (docs/worker.md, docs/performance.md).
+OFFLOADS: Final[tuple[str, ...]] = ("auto", "gro", "off")
 #: Highest CPU number accepted in `cpus`.
 CPU_MAX: Final = 4095
 NODE_ID_RE: Final = re.compile(NODE_ID_PATTERN)

@@ -256,17 +256,19 @@ def plan_baselines(args: argparse.Namespace, results: list[dict[str, Any]]) -> l
 L3PTP_MTUS = ("1280", "auto")
 
 
-#: `--offload` values: the network's `offload`, "off" (the default) or "auto" (TUN offloads where the kernel allows).
-L3PTP_OFFLOADS = ("off", "auto")
+#: `--offload` values: the network's `offload`, "off" (the default), "gro" (coalesced writes only) or "auto" (TSO
+#: and GRO where the kernel allows).
+L3PTP_OFFLOADS = ("off", "gro", "auto")
 
 #: `--event-loop` values: the network's `event_loop`, "auto" (the default: asyncio) or "uvloop".
 L3PTP_LOOPS = ("auto", "uvloop")
 
 
 def l3ptp_name(queues: int, engine: str, mtu: str, offload: str = "off", loop: str = "auto") -> str:
-    """`l3ptp q=1 qh3` at the default MTU, `l3ptp@auto q=1 qh3` with ``mtu = "auto"``; ` offload=auto` with
-    TUN offloads, ` uvloop` on uvloop."""
-    return (f"l3ptp{'' if mtu == '1280' else '@' + mtu} q={queues} {engine}{' offload=auto' * (offload == 'auto')}"
+    """`l3ptp q=1 qh3` at the default MTU, `l3ptp@auto q=1 qh3` with ``mtu = "auto"``; ` offload=auto` (or
+    `=gro`) with TUN offloads, ` uvloop` on uvloop."""
+    return (f"l3ptp{'' if mtu == '1280' else '@' + mtu} q={queues} {engine}"
+            f"{'' if offload == 'off' else ' offload=' + offload}"
             f"{' uvloop' * (loop == 'uvloop')}")
 
 
@@ -300,7 +302,7 @@ def plan_l3ptp(args: argparse.Namespace, results: list[dict[str, Any]]) -> list[
             config["summary"] = summarize(config)
             results.append(config)
 
-        extra = {**({"mtu": "auto"} if mtu == "auto" else {}), **({"offload": "auto"} if offload == "auto" else {}),
+        extra = {**({"mtu": "auto"} if mtu == "auto" else {}), **({"offload": offload} if offload != "off" else {}),
                  **({"event_loop": "uvloop"} if loop == "uvloop" else {})}
         plans.append((name, body, {"queues": queues, "engine": engine, "config_a": extra or None,
                                    "config_b": extra or None}))
@@ -347,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="l3ptp MTU settings: 1280 (the default) and/or auto (mtu = \"auto\": derived from the "
                         "underlay path, 1412 on the lab's 1500-byte veth); default 1280,auto")
     p.add_argument("--offload", type=_list(str, L3PTP_OFFLOADS), default=["off"], metavar="O[,O...]",
-                   help="l3ptp TUN offloads: off (the default) and/or auto (offload = \"auto\"); 'off,auto' "
+                   help="l3ptp TUN offloads: off (the default), gro and/or auto (offload = \"gro\", \"auto\"); 'off,auto' "
                         "measures both in the same rounds (default off)")
     p.add_argument("--event-loop", type=_list(str, L3PTP_LOOPS), default=["auto"], metavar="L[,L...]",
                    help="l3ptp workers' event loop: auto (the default, asyncio) and/or uvloop (event_loop = "

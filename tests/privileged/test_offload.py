@@ -1,8 +1,8 @@
 """TUN offloads end to end (docs/worker.md, "TUN offloads"): real IFF_VNET_HDR devices in two namespaces.
 
 With `offload = "auto"` the sender's worker reads TSO super-packets and splits them, the
-receiver's worker coalesces what it writes, and a byte stream with a known digest arrives intact in both
-directions and both IP families. One end with `offload = "off"` interoperates with one with it on (no
+receiver's worker coalesces what it writes (with `"gro"` only the latter), and a byte stream with a known
+digest arrives intact in both directions and both IP families. One end with `offload = "off"` interoperates with one with it on (no
 negotiation: the wire is the same). A restarted helper adopts the device in its recorded mode.
 """
 
@@ -142,6 +142,20 @@ def test_one_end_without_offload_interoperates() -> None:
         a = counters(lab, lab.a)
         assert a["tun_offload"] == 0 and a["tun_gso_split"] == a["tun_gro_writes"] == 0
         assert b["tun_offload"] == 1 and b["tun_gro_writes"] > 0
+
+
+def test_gro_only_coalesces_writes_and_reads_plain_packets() -> None:
+    """a: offload = "gro" (writes coalesced, no TSO asked for), b: off. Both directions intact; a splits
+    nothing (the kernel segments what it hands over) and coalesces what it delivers."""
+    for lab in _lab(queues=1, config_a={"offload": "gro"}, config_b={"offload": "off"}):
+        assert vnet_hdr(lab, lab.a) and not vnet_hdr(lab, lab.b)
+        transfer(lab, lab.b, lab.a, lab.a.overlay4, size=8 * 1024 * 1024)
+        transfer(lab, lab.a, lab.b, lab.b.overlay6, size=8 * 1024 * 1024)
+        transfer(lab, lab.b, lab.a, lab.a.overlay6, size=8 * 1024 * 1024)
+        a = settled(lab, lab.a, "tun_gro_writes", 1)
+        assert a["tun_offload"] == 1 and a["tun_gso_split"] == 0
+        assert a["tun_gro_merged"] > 2 * a["tun_gro_writes"]
+        assert lab.network(lab.a)["drops"]["tun_bad_vnet"] == 0
 
 
 def test_restarted_helper_adopts_the_device_in_its_mode() -> None:

@@ -303,6 +303,10 @@ def test_l3ptp_runs_with_and_without_tun_offloads() -> None:
         ("l3ptp q=1 qh3 offload=auto", {"queues": 1, "engine": "qh3", "config_a": {"offload": "auto"},
                                         "config_b": {"offload": "auto"}}),
     ]
+    gro = runner.build_parser().parse_args(["--queues", "1", "--engine", "qh3", "--mtu", "1280", "--offload", "gro"])
+    assert [(name, kw) for name, _body, kw in runner.plan_l3ptp(gro, [])] == [
+        ("l3ptp q=1 qh3 offload=gro", {"queues": 1, "engine": "qh3", "config_a": {"offload": "gro"},
+                                       "config_b": {"offload": "gro"}})]
     with pytest.raises(SystemExit):
         runner.build_parser().parse_args(["--offload", "on"])
 

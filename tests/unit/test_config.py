@@ -1252,7 +1252,8 @@ def test_every_key_is_documented(cls: type) -> None:
 
 
 @pytest.mark.parametrize(("key", "default", "other", "bad"),
-                         [("engine", "auto", "qh3", "quiche"), ("offload", "off", "auto", "on")])
+                         [("engine", "auto", "qh3", "quiche"), ("offload", "off", "auto", "on"),
+                          ("offload", "off", "gro", "tso")])
 def test_choice_key_has_its_default_and_is_checked(key: str, default: str, other: str, bad: str) -> None:
     doc = tomllib.loads(EXAMPLE.read_text())
     assert getattr(parse_config(doc).networks[0], key) == default

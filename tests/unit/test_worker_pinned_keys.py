@@ -108,3 +108,11 @@ def test_neither_peer_key_nor_peer_keys_is_an_error() -> None:
     only = {k: v for k, v in office().items() if k != "peer_key"}
     with pytest.raises(ConfigError, match="peer_key: required"):
         parse_config(config({"n": only}))
+
+
+@pytest.mark.parametrize(("offload", "tso"), [("auto", True), ("gro", False), ("off", True)])
+def test_the_worker_asks_for_tso_only_with_offload_auto(offload: str, tso: bool) -> None:
+    """`offload = "gro"`: the helper makes the same IFF_VNET_HDR device, the worker asks the kernel for no TSO."""
+    cfg = parse_config(config({"n": office(offload=offload)}))
+    w = build_worker_config(cfg, cfg.networks[0], 0, "t" * 32, bus_path="/run/x.sock", key_loader=lambda p: bytes(32))
+    assert w.tso is tso

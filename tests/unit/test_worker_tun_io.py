@@ -25,7 +25,8 @@ def fake_ioctl(flags: int, offload_errno: int | None = None):
         calls.append(request)
         if request == tun_io.TUNGETIFF:
             return b"l3p-x".ljust(16, b"\0") + flags.to_bytes(2, "little") + bytes(22)
-        assert request == tun_io.TUNSETOFFLOAD and arg == tun_io.OFFLOADS
+        assert request == tun_io.TUNSETOFFLOAD
+        calls.append(arg)
         if offload_errno is not None:
             raise OSError(offload_errno, os.strerror(offload_errno))
         return 0
@@ -37,7 +38,12 @@ def test_probe_modes_and_fallbacks() -> None:
     assert probe(3, ioctl) == PLAIN and calls == [tun_io.TUNGETIFF]  # no IFF_VNET_HDR: offloads never asked for
     ioctl, calls = fake_ioctl(0x5101)
     mode = probe(3, ioctl)
-    assert (mode.vnet, mode.offload) == (True, True) and calls == [tun_io.TUNGETIFF, tun_io.TUNSETOFFLOAD]
+    assert (mode.vnet, mode.offload) == (True, True)
+    assert calls == [tun_io.TUNGETIFF, tun_io.TUNSETOFFLOAD, tun_io.OFFLOADS]
+    ioctl, calls = fake_ioctl(0x5101)  # offload = "gro": the kernel is asked for no offload, writes are coalesced
+    mode = probe(3, ioctl, tso=False)
+    assert (mode.vnet, mode.offload) == (True, True) and "GRO only" in mode.reason
+    assert calls == [tun_io.TUNGETIFF, tun_io.TUNSETOFFLOAD, 0]
     ioctl, _ = fake_ioctl(0x5101, errno.EINVAL)  # a kernel or device refusing the offloads
     mode = probe(3, ioctl)
     assert (mode.vnet, mode.offload) == (True, False) and "TUNSETOFFLOAD refused" in mode.reason
