@@ -31,6 +31,7 @@ import structlog
 from l3ptp.controller import mtu as mtus
 from l3ptp.controller.config import IPNetwork, NetworkConfig
 from l3ptp.controller.helper_client import HelperError
+from l3ptp.ipc.errors import ErrorCode, HelperFailed
 from l3ptp.controller.pathmtu import choose as choose_mtu
 from l3ptp.controller.routes import RouteTable
 from l3ptp.controller.supervision import Kill, NetworkFailed, NetworkSupervisor, Spawn, Terminate
@@ -134,7 +135,20 @@ class NetworkLifecycle:
         with contextlib.suppress(Exception):  # unreadable: a spawn fails and says why; adopted workers keep theirs
             rt.key = self.ctl.key_loader(net.key_path(self.ctl.config.node))
         try:
-            await self.fresh_tickets(rt)
+            try:
+                await self.fresh_tickets(rt)
+            except HelperFailed as exc:
+                if exc.code is not ErrorCode.EXISTS or info is None:
+                    raise  # EXISTS without a network of ours: its interface name is another network's
+                # The helper kept this network from before this controller started (networks outlive it),
+                # made with another spec than the configuration asks for now (mtu, addresses, queues,
+                # offload, worker user): re-created, as a reload changing these restarts it.
+                log.warning("network_spec_changed", network=net.name, action="re-created", helper=str(exc))
+                await (await self.ctl.helper_link.ensure()).destroy_network(net.name)
+                survivors, info, key = {}, None, rt.key  # its workers held the old interface's queues
+                rt = self.running[net.name] = NetworkRuntime(net, await self.choose_mtu(net))  # the MTU anew
+                rt.key = key
+                await self.fresh_tickets(rt)
         except (HelperError, KeyError) as exc:
             rt.note_error(f"helper: {exc}")
             rt.sup.create_failed(rt.last_error)

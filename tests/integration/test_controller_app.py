@@ -342,6 +342,32 @@ def test_reconcile_destroys_unknown_networks_and_adopts_known() -> None:
     run(body)
 
 
+@pytest.mark.parametrize("changed", [{"offload": True}, {"queues": 1}, {"mtu": 1400}])
+def test_a_network_kept_with_another_spec_is_recreated_at_start(changed: dict[str, Any]) -> None:
+    """The configuration changed while the controller was stopped (offload, queues, a fixed MTU): the helper
+    still has the network in its old form and refuses to adopt it as asked (EXISTS). The new controller
+    re-creates it instead of leaving it down, as a reload changing these restarts it."""
+
+    def prefill(helper: FakeHelper) -> None:
+        fields = {"name": "office", "ifname": "l3p-office", "mtu": 1280, "addresses": ("198.19.0.1/24",),
+                  "queues": 2, "worker_uid": os.getuid(), "adopt": False}
+        helper.handle(CreateNetwork(**{**fields, **changed}))
+        helper.requests.clear()
+
+    async def body() -> None:
+        async with running(prefill=prefill) as env:
+            await until(lambda: len(env.spawner.live("office")) == 2)
+            kinds = [(type(r).__name__, getattr(r, "adopt", None)) for r in env.helper.requests
+                     if isinstance(r, (CreateNetwork, DestroyNetwork))]
+            assert kinds == [("CreateNetwork", True), ("DestroyNetwork", None), ("CreateNetwork", True)]
+            spec = env.helper.networks["office"].spec
+            assert (spec.offload, spec.queues, spec.mtu) == (False, 2, 1280)
+            net = env.controller.status(verbose=False).networks[0]
+            assert net.state.value != "failed" and net.last_error == ""
+
+    run(body)
+
+
 def test_workers_of_the_previous_controller_are_adopted_not_respawned() -> None:
     """A restarted controller takes over the workers that outlived its predecessor (they report on the
     bus by themselves), spawns only the missing queues, keeps the helper's routes, and respawns an
