@@ -32,6 +32,7 @@ csum_offset = 16, NEEDS_CSUM.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Collection, Sequence
 
 from .vnet import (
@@ -43,6 +44,9 @@ __all__ = ["coalesce"]
 
 TCP_ACK = 0x10
 _TCP_CHECK = 16
+#: The fixed IPv4 (no options) or IPv6 header and the first 16 bytes of TCP, read at once by `_parse`'s fast path.
+_V4 = struct.Struct("!BBHHHBBH8xHHIIBBH")
+_V6 = struct.Struct("!4xHBB32xHHIIBBH")
 
 Packet = bytes | memoryview
 
@@ -103,12 +107,53 @@ class _Item:
         return [header, ip, bytes(tcp), *(memoryview(p)[hl:] for p in self.packets)]
 
 
-def _parse(packet: Packet, local: Collection[bytes]
-           ) -> tuple[bytes, bytes, int, int, int, int, int, int, bool, int | None] | None:
+Parsed = tuple[bytes, bytes, int, int, int, int, int, int, bool, int | None]
+
+
+def _parse(packet: Packet, local: Collection[bytes]) -> Parsed | None:
     """(flow, match, version, iphl, tcphl, payload, seq, IPv4 identification or 0, psh, claimed) of a packet that
     may be merged, `claimed` the payload sum its checksum claims when its destination is in `local` (else None,
     its checksum verified); None otherwise.
-    `flow` is also returned (as the first item, `match` empty) for any other TCP packet, to close its flow."""
+    `flow` is also returned (as the first item, `match` empty) for any other TCP packet, to close its flow.
+
+    The common case, a packet that may merge, is read with one `struct` call; anything else (and anything
+    that fails a check on the way) is left to `_parse_any`, which gives the same answer for every packet
+    (tests/fuzz/test_fuzz_offload.py compares the two)."""
+    size = len(packet)
+    if size < 60:
+        return _parse_any(packet, local)
+    p = packet if isinstance(packet, bytes) else bytes(packet)  # one copy; slices of bytes are bytes
+    first = p[0]
+    if first == 0x45:  # IPv4 without options
+        _, tos, total, ident, frag, ttl, proto, _, _, _, seq, _, off, flags, _ = _V4.unpack_from(p)
+        tcphl = (off >> 4) * 4
+        if (proto != PROTO_TCP or frag & 0x3FFF or total != size or tcphl < 20 or size <= 20 + tcphl
+                or flags & ~(TCP_ACK | TCP_PSH) or not flags & TCP_ACK or ones_sum(p[:20]) != 0xFFFF):
+            return _parse_any(packet, local)
+        iphl, version, ip_match, dst, flow = 20, 4, bytes((tos, ttl, frag >> 8 & 0x40)), p[16:20], p[12:24]
+        pseudo_from = 12
+    elif first >> 4 == 6:
+        plen, nxt, _, _, _, seq, _, off, flags, _ = _V6.unpack_from(p)
+        tcphl = (off >> 4) * 4
+        if (nxt != PROTO_TCP or plen + IPV6_HEADER != size or tcphl < 20 or size <= 40 + tcphl
+                or flags & ~(TCP_ACK | TCP_PSH) or not flags & TCP_ACK):
+            return _parse_any(packet, local)
+        iphl, version, ident, ip_match, dst, flow = 40, 6, 0, p[0:4] + p[7:8], p[24:40], p[8:44]
+        pseudo_from = 8
+    else:
+        return _parse_any(packet, local)
+    end = iphl + tcphl
+    claimed = None
+    if dst in local:
+        claimed = 0xFFFF - fold(ones_sum(p[pseudo_from:end]), PROTO_TCP, size - iphl)
+    elif fold(ones_sum(p[pseudo_from:]), PROTO_TCP, size - iphl) != 0xFFFF:
+        return _parse_any(packet, local)
+    match = ip_match + p[iphl + 8:iphl + 13] + p[iphl + 14:iphl + 16] + p[iphl + 20:end]
+    return flow, match, version, iphl, tcphl, size - end, seq, ident, bool(flags & TCP_PSH), claimed
+
+
+def _parse_any(packet: Packet, local: Collection[bytes]) -> Parsed | None:
+    """`_parse` for any packet, field by field."""
     if len(packet) < 40 or packet[9 if packet[0] >> 4 == 4 else 6] != PROTO_TCP:  # not TCP (IPv4 or IPv6)
         return None
     p = packet if isinstance(packet, bytes) else bytes(packet)  # one copy; slices of bytes are bytes

@@ -129,3 +129,14 @@ def test_coalesce_to_a_local_address_never_launders_a_bad_checksum(packets: list
             assert vnet.split(joined) == c
         elif bad == 1:  # (two bad ones could cancel out, as they could within one 16-bit checksum)
             assert not _tcp_checksum_verifies(joined[vnet.VNET_HDR_LEN:])
+
+
+@MANY
+@given(st.one_of(streams, st.lists(st.binary(max_size=120), max_size=12)), st.booleans())
+def test_the_fast_parse_answers_as_the_field_by_field_one(packets: list[bytes], local: bool) -> None:
+    """`gro._parse` reads a packet that may merge with one struct call and leaves the rest to `_parse_any`:
+    for every packet both give the same answer."""
+    addresses = LOCAL[4] | LOCAL[6] if local else frozenset()
+    for packet in packets:
+        assert gro._parse(packet, addresses) == gro._parse_any(packet, addresses)
+        assert gro._parse(memoryview(packet), addresses) == gro._parse_any(packet, addresses)
