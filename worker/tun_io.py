@@ -28,10 +28,14 @@ import struct
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import structlog
+
 from l3ptp.ipc.counters import Counters, DropReason
 
 from .gro import coalesce
-from .vnet import IP_MAX, IPV6_HEADER, PLAIN_HEADER, VNET_HDR_LEN, BadVnet, split
+from .vnet import IP_MAX, IPV6_HEADER, NEEDS_CSUM, PLAIN_HEADER, VNET_HDR_LEN, BadVnet, split
+
+log = structlog.get_logger("l3ptp.worker")
 
 __all__ = ["TunIO", "TunMode", "probe"]
 
@@ -150,18 +154,33 @@ class TunIO:
             return
         pending, self._pending = self._pending, []
         for buffers, packets in coalesce(pending, self._local):
-            if self._write(buffers, packets) and len(packets) > 1:
+            # Merged for a local address: the checksum left to the kernel, without NEEDS_CSUM (docs/worker.md).
+            kernel_checked = len(packets) > 1 and not buffers[0][0] & NEEDS_CSUM
+            error = self._write(buffers, packets, refusable=kernel_checked)
+            if error == errno.EINVAL and kernel_checked:
+                # A kernel that refuses such a super-packet: its packets one by one, and from now on only
+                # merges this worker checked itself. Nothing is lost.
+                log.warning("tun_gro_fallback", reason="the kernel refused a super-packet without NEEDS_CSUM; "
+                                                       "checksums are verified by the worker from now on")
+                self._local = frozenset()
+                for packet in packets:
+                    self._write([PLAIN_HEADER, packet], (packet,))
+            elif not error and len(packets) > 1:
                 self.gro_writes += 1
                 self.gro_merged += len(packets)
 
-    def _write(self, buffers: list[Any], packets: Any) -> bool:
+    def _write(self, buffers: list[Any], packets: Any, *, refusable: bool = False) -> int:
+        """0 once written, else the errno (the packets counted as dropped, unless `refusable` and EINVAL:
+        the caller writes them again)."""
         try:
             os.writev(self.fd, buffers)
         except OSError as exc:
+            if refusable and exc.errno == errno.EINVAL:
+                return exc.errno
             reason = DropReason.TUN_WRITE_EAGAIN if exc.errno in (errno.EAGAIN, errno.ENOBUFS) \
                 else DropReason.TUN_WRITE_ERROR
             self._counters.drops[reason] += len(packets)
-            return False
+            return exc.errno or errno.EIO
         for packet in packets:
             self._written(packet)
-        return True
+        return 0

@@ -100,6 +100,36 @@ def test_without_offload_every_packet_is_written_alone_at_once(mode: TunMode) ->
         assert io.gro_writes == io.gso_split == 0
 
 
+def test_a_kernel_refusing_an_unflagged_super_packet_gets_its_packets_one_by_one(monkeypatch) -> None:
+    """Coalesced for a local address (no NEEDS_CSUM): a kernel that answers EINVAL gets the same packets one by
+    one, none lost, and from then on only super-packets the worker verified itself (NEEDS_CSUM)."""
+    real, refused = os.writev, []
+
+    def writev(fd: int, buffers: list) -> int:
+        header = bytes(buffers[0])
+        if header[1] and not header[0] & vnet.NEEDS_CSUM:  # a super-packet that leaves the check to the kernel
+            refused.append(header)
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real(fd, buffers)
+
+    monkeypatch.setattr(tun_io.os, "writev", writev)
+    first, second = segments(4, os.urandom(3600), 1200, flags=0x10), segments(4, os.urandom(3600), 1200, seq=9000,
+                                                                              flags=0x10)
+    with FakeTun() as tun:
+        counters, written = Counters(), []
+        io = TunIO(tun.worker_fd, OFFLOAD, counters, written.append, ("198.19.0.2/24",))  # B4: local
+        for p in first:
+            io.queue(p)
+        io.flush()
+        assert len(refused) == 1 and tun.read_all() == [vnet.PLAIN_HEADER + p for p in first]
+        for p in second:
+            io.queue(p)
+        io.flush()
+        (merged,) = tun.read_all()
+        assert merged[0] & vnet.NEEDS_CSUM and vnet.split(merged) == second and len(refused) == 1
+        assert written == first + second and counters.total_drops() == 0
+
+
 def test_a_failed_write_drops_every_packet_it_carried() -> None:
     packets = segments(4, os.urandom(2400), 1200, flags=0x10)
     with FakeTun() as tun:
