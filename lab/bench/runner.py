@@ -263,24 +263,30 @@ L3PTP_OFFLOADS = ("off", "gro", "auto")
 #: `--event-loop` values: the network's `event_loop`, "auto" (the default: asyncio) or "uvloop".
 L3PTP_LOOPS = ("auto", "uvloop")
 
+#: `--to` values: where l3ptp's tests send: "overlay" (the default: B's tunnel address, delivered by B's TUN
+#: as local traffic) or "routed" (B's address behind the tunnel, on its loopback, reached through the
+#: installed route: B's worker writes packets that are not for the TUN's own addresses, site-to-site traffic).
+L3PTP_DESTS = ("overlay", "routed")
 
-def l3ptp_name(queues: int, engine: str, mtu: str, offload: str = "off", loop: str = "auto") -> str:
+
+def l3ptp_name(queues: int, engine: str, mtu: str, offload: str = "off", loop: str = "auto",
+               dest: str = "overlay") -> str:
     """`l3ptp q=1 qh3` at the default MTU, `l3ptp@auto q=1 qh3` with ``mtu = "auto"``; ` offload=auto` (or
-    `=gro`) with TUN offloads, ` uvloop` on uvloop."""
+    `=gro`) with TUN offloads, ` uvloop` on uvloop, ` routed` to the address behind B."""
     return (f"l3ptp{'' if mtu == '1280' else '@' + mtu} q={queues} {engine}"
             f"{'' if offload == 'off' else ' offload=' + offload}"
-            f"{' uvloop' * (loop == 'uvloop')}")
+            f"{' uvloop' * (loop == 'uvloop')}{' routed' * (dest == 'routed')}")
 
 
 def plan_l3ptp(args: argparse.Namespace, results: list[dict[str, Any]]) -> list[Plan]:
     plans: list[Plan] = []
-    for queues, engine, mtu, offload, loop in itertools.product(args.queues, args.engine, args.mtu, args.offload,
-                                                                args.event_loop):
-        name = l3ptp_name(queues, engine, mtu, offload, loop)
+    for queues, engine, mtu, offload, loop, dest in itertools.product(args.queues, args.engine, args.mtu,
+                                                                      args.offload, args.event_loop, args.to):
+        name = l3ptp_name(queues, engine, mtu, offload, loop, dest)
 
         def body(lab: Any, config: dict[str, Any], started: list[int], extra: list[str],
                  queues: int = queues, engine: str = engine, mtu: str = mtu, offload: str = offload,
-                 loop: str = loop) -> None:
+                 loop: str = loop, dest: str = dest) -> None:
             lab.start(wait=args.timeout)
 
             def pids() -> dict[str, int]:
@@ -294,10 +300,11 @@ def plan_l3ptp(args: argparse.Namespace, results: list[dict[str, Any]]) -> list[
                 return {k: v for k, v in out.items() if v}
 
             started.extend(pids().values())
-            config.update(kind="l3ptp", queues=queues, engine=engine, dst=lab.b.overlay4,
+            dst = labmod.REMOTE4 if dest == "routed" else lab.b.overlay4
+            config.update(kind="l3ptp", queues=queues, engine=engine, dst=dst,
                           mtu=link_mtu(lab.a, "l3p-demo"), mtu_setting=mtu, offload=offload, event_loop=loop)
-            say(f"{config['name']}: tunnel up, MTU {config['mtu']}; processes {pids()}")
-            run_tests(lab, config, dst=lab.b.overlay4, iface="l3p-demo", pids=pids, args=args,
+            say(f"{config['name']}: tunnel up, MTU {config['mtu']}, tests to {dst}; processes {pids()}")
+            run_tests(lab, config, dst=dst, iface="l3p-demo", pids=pids, args=args,
                       watch=L3ptpWatch(lab))
             config["summary"] = summarize(config)
             results.append(config)
@@ -354,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--event-loop", type=_list(str, L3PTP_LOOPS), default=["auto"], metavar="L[,L...]",
                    help="l3ptp workers' event loop: auto (the default, asyncio) and/or uvloop (event_loop = "
                         "\"uvloop\", needs l3ptp[fast]); 'auto,uvloop' measures both in the same rounds (default auto)")
+    p.add_argument("--to", type=_list(str, L3PTP_DESTS), default=["overlay"], metavar="D[,D...]",
+                   help="where l3ptp's tests send: overlay (B's tunnel address, the default) and/or routed (B's "
+                        "address behind the tunnel, through the installed route: site-to-site traffic)")
     p.add_argument("--engine", type=_list(str, ENGINES), default=["aioquic", "qh3"], metavar="E[,E...]",
                    help="QUIC engines to sweep: aioquic, qh3, auto (default aioquic,qh3; those not installed are skipped)")
     p.add_argument("--baselines", type=_list(str, BASELINES), default=list(BASELINES), metavar="B[,B...]",

@@ -311,6 +311,17 @@ def test_l3ptp_runs_with_and_without_tun_offloads() -> None:
         runner.build_parser().parse_args(["--offload", "on"])
 
 
+def test_l3ptp_runs_to_the_overlay_address_and_to_the_routed_one() -> None:
+    args = runner.build_parser().parse_args(["--queues", "1", "--engine", "qh3", "--mtu", "1280"])
+    assert args.to == ["overlay"]
+    args = runner.build_parser().parse_args(["--queues", "1", "--engine", "qh3", "--mtu", "1280",
+                                             "--offload", "gro", "--to", "overlay,routed"])
+    assert [name for name, _body, _kw in runner.plan_l3ptp(args, [])] == [
+        "l3ptp q=1 qh3 offload=gro", "l3ptp q=1 qh3 offload=gro routed"]
+    with pytest.raises(SystemExit):
+        runner.build_parser().parse_args(["--to", "underlay"])
+
+
 def test_l3ptp_runs_on_asyncio_and_on_uvloop() -> None:
     args = runner.build_parser().parse_args(["--queues", "1", "--engine", "aioquic", "--mtu", "1280"])
     assert args.event_loop == ["auto"]
