@@ -175,8 +175,8 @@ class LabTools:
         return self.run(src, [*argv, dst], timeout=timeout, check=check)
 
     @contextlib.contextmanager
-    def iperf3_server(self, host: Host, *, port: int = 5201) -> Iterator[subprocess.Popen[str]]:
-        proc = self.popen(host, ["iperf3", "-s", "-1", "-p", str(port)])
+    def iperf3_server(self, host: Host, *, port: int = 5201, bind: str | None = None) -> Iterator[subprocess.Popen[str]]:
+        proc = self.popen(host, ["iperf3", "-s", "-1", "-p", str(port), *(["-B", bind] if bind else [])])
         try:
             deadline = time.monotonic() + 10
             while not self._listening(host, port) and time.monotonic() < deadline:
@@ -215,8 +215,10 @@ class LabTools:
 
     def iperf3(self, client: Host, server: Host, *, seconds: float = 2.0, udp_rate: str | None = None,
                streams: int = 1, reverse: bool = False, port: int = 5201, dst: str | None = None) -> dict[str, Any]:
-        """One bounded iperf3 run from `client` to `server` across the tunnel; iperf3's JSON result."""
-        with self.iperf3_server(server, port=port):
+        """One bounded iperf3 run from `client` to `server` across the tunnel; iperf3's JSON result. With `dst`
+        the server is bound to it: a UDP test to an address the reply would not come from by itself (one
+        behind the tunnel, on B's loopback) would otherwise see replies from the TUN's address and stall."""
+        with self.iperf3_server(server, port=port, bind=dst):
             argv = ["iperf3", "-c", dst or server.overlay4, "-p", str(port), "-t", str(seconds), "-J",
                     "-P", str(streams), "--connect-timeout", "3000"]
             if udp_rate:
