@@ -140,7 +140,7 @@ class NetworkConfig:
     #: Event loop of the workers: one of `EVENT_LOOPS`.
     event_loop: str
     #: TUN offloads: one of `OFFLOADS` ("auto": TSO/checksum offload and GRO where the kernel allows, "gro": GRO
-    #: only, "off").
+    #: only, the default, "off").
     offload: str
     #: CPUs to pin workers to: queue k runs on cpus[k % len(cpus)]; () = no pinning.
     cpus: tuple[int, ...]

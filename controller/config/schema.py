@@ -34,9 +34,12 @@ ENGINES: Final[tuple[str, ...]] = tuple(e.value for e in Engine)
 #: Worker event loops: "auto" is asyncio (uvloop did not measure faster, docs/performance.md).
 EVENT_LOOPS: Final[tuple[str, ...]] = tuple(e.value for e in EventLoop)
 #: TUN offloads of a network: "auto" creates its device with IFF_VNET_HDR (the workers split and coalesce where
-#: the kernel allows), "gro" too but its workers only coalesce what they write (the kernel segments what it
-#: sends them), "off" (the default) without (docs/worker.md, docs/performance.md).
+#: the kernel allows), "gro" (the default) too but its workers only coalesce what they write (the kernel
+#: segments what it sends them), "off" without (docs/worker.md, docs/performance.md).
 OFFLOADS: Final[tuple[str, ...]] = ("auto", "gro", "off")
+#: The default `offload`: measured the fastest for TCP, to the host and routed on, at no cost to UDP
+#: (docs/performance.md, "TUN offloads").
+OFFLOAD_DEFAULT: Final = "gro"
 #: Highest CPU number accepted in `cpus`.
 CPU_MAX: Final = 4095
 NODE_ID_RE: Final = re.compile(NODE_ID_PATTERN)

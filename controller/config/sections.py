@@ -33,6 +33,7 @@ from l3ptp.controller.config.schema import (
     NETWORK_KEYS,
     NETWORK_NAME_RE,
     NODE_KEYS,
+    OFFLOAD_DEFAULT,
     OFFLOADS,
     PORT_MAX,
     PORT_MODES,
@@ -189,7 +190,7 @@ def _parse_network(col: Collector, name: str, body: Any, path: str, prefix: Any)
     )
     v["engine"] = f("engine", choice(ENGINES), "auto")
     v["event_loop"] = f("event_loop", choice(EVENT_LOOPS), "auto")
-    v["offload"] = f("offload", choice(OFFLOADS), "off")
+    v["offload"] = f("offload", choice(OFFLOADS), OFFLOAD_DEFAULT)
     v["cpus"] = f("cpus", cpu_list, ())
     v["peer_key"] = f("peer_key", peer_key, None)
     v["peer_keys"] = f("peer_keys", peer_keys_of, ())

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from l3ptp.controller.config.schema import OFFLOAD_DEFAULT
 from l3ptp.ipc.control_messages import Engine
 from lab import bench as _package
 from lab import hosts as labmod
@@ -256,8 +257,8 @@ def plan_baselines(args: argparse.Namespace, results: list[dict[str, Any]]) -> l
 L3PTP_MTUS = ("1280", "auto")
 
 
-#: `--offload` values: the network's `offload`, "off" (the default), "gro" (coalesced writes only) or "auto" (TSO
-#: and GRO where the kernel allows).
+#: `--offload` values: the network's `offload`, "gro" (the default: coalesced writes only), "off" (a plain TUN) or
+#: "auto" (TSO and GRO where the kernel allows).
 L3PTP_OFFLOADS = ("off", "gro", "auto")
 
 #: `--event-loop` values: the network's `event_loop`, "auto" (the default: asyncio) or "uvloop".
@@ -269,12 +270,12 @@ L3PTP_LOOPS = ("auto", "uvloop")
 L3PTP_DESTS = ("overlay", "routed")
 
 
-def l3ptp_name(queues: int, engine: str, mtu: str, offload: str = "off", loop: str = "auto",
+def l3ptp_name(queues: int, engine: str, mtu: str, offload: str = OFFLOAD_DEFAULT, loop: str = "auto",
                dest: str = "overlay") -> str:
-    """`l3ptp q=1 qh3` at the default MTU, `l3ptp@auto q=1 qh3` with ``mtu = "auto"``; ` offload=auto` (or
-    `=gro`) with TUN offloads, ` uvloop` on uvloop, ` routed` to the address behind B."""
+    """`l3ptp q=1 qh3` at the defaults, `l3ptp@auto q=1 qh3` with ``mtu = "auto"``; ` offload=off` (or `=auto`)
+    with other TUN offloads than the default, ` uvloop` on uvloop, ` routed` to the address behind B."""
     return (f"l3ptp{'' if mtu == '1280' else '@' + mtu} q={queues} {engine}"
-            f"{'' if offload == 'off' else ' offload=' + offload}"
+            f"{'' if offload == OFFLOAD_DEFAULT else ' offload=' + offload}"
             f"{' uvloop' * (loop == 'uvloop')}{' routed' * (dest == 'routed')}")
 
 
@@ -309,7 +310,7 @@ def plan_l3ptp(args: argparse.Namespace, results: list[dict[str, Any]]) -> list[
             config["summary"] = summarize(config)
             results.append(config)
 
-        extra = {**({"mtu": "auto"} if mtu == "auto" else {}), **({"offload": offload} if offload != "off" else {}),
+        extra = {**({"mtu": "auto"} if mtu == "auto" else {}), **({"offload": offload} if offload != OFFLOAD_DEFAULT else {}),
                  **({"event_loop": "uvloop"} if loop == "uvloop" else {})}
         plans.append((name, body, {"queues": queues, "engine": engine, "config_a": extra or None,
                                    "config_b": extra or None}))
@@ -355,9 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mtu", type=_list(str, L3PTP_MTUS), default=list(L3PTP_MTUS), metavar="M[,M...]",
                    help="l3ptp MTU settings: 1280 (the default) and/or auto (mtu = \"auto\": derived from the "
                         "underlay path, 1412 on the lab's 1500-byte veth); default 1280,auto")
-    p.add_argument("--offload", type=_list(str, L3PTP_OFFLOADS), default=["off"], metavar="O[,O...]",
-                   help="l3ptp TUN offloads: off (the default), gro and/or auto (offload = \"gro\", \"auto\"); 'off,auto' "
-                        "measures both in the same rounds (default off)")
+    p.add_argument("--offload", type=_list(str, L3PTP_OFFLOADS), default=[OFFLOAD_DEFAULT], metavar="O[,O...]",
+                   help=f"l3ptp TUN offloads: gro (the default), off and/or auto (offload = \"off\", \"auto\"); "
+                        f"'gro,off' measures both in the same rounds (default {OFFLOAD_DEFAULT})")
     p.add_argument("--event-loop", type=_list(str, L3PTP_LOOPS), default=["auto"], metavar="L[,L...]",
                    help="l3ptp workers' event loop: auto (the default, asyncio) and/or uvloop (event_loop = "
                         "\"uvloop\", needs l3ptp[fast]); 'auto,uvloop' measures both in the same rounds (default auto)")

@@ -323,6 +323,7 @@ def test_reconcile_destroys_unknown_networks_and_adopts_known() -> None:
             queues=queues,
             worker_uid=os.getuid(),
             adopt=False,
+            offload=True,  # the configuration's default, offload = "gro"
         )
 
     def prefill(helper: FakeHelper) -> None:
@@ -342,7 +343,7 @@ def test_reconcile_destroys_unknown_networks_and_adopts_known() -> None:
     run(body)
 
 
-@pytest.mark.parametrize("changed", [{"offload": True}, {"queues": 1}, {"mtu": 1400}])
+@pytest.mark.parametrize("changed", [{"offload": False}, {"queues": 1}, {"mtu": 1400}])
 def test_a_network_kept_with_another_spec_is_recreated_at_start(changed: dict[str, Any]) -> None:
     """The configuration changed while the controller was stopped (offload, queues, a fixed MTU): the helper
     still has the network in its old form and refuses to adopt it as asked (EXISTS). The new controller
@@ -350,7 +351,7 @@ def test_a_network_kept_with_another_spec_is_recreated_at_start(changed: dict[st
 
     def prefill(helper: FakeHelper) -> None:
         fields = {"name": "office", "ifname": "l3p-office", "mtu": 1280, "addresses": ("198.19.0.1/24",),
-                  "queues": 2, "worker_uid": os.getuid(), "adopt": False}
+                  "queues": 2, "worker_uid": os.getuid(), "adopt": False, "offload": True}
         helper.handle(CreateNetwork(**{**fields, **changed}))
         helper.requests.clear()
 
@@ -361,7 +362,7 @@ def test_a_network_kept_with_another_spec_is_recreated_at_start(changed: dict[st
                      if isinstance(r, (CreateNetwork, DestroyNetwork))]
             assert kinds == [("CreateNetwork", True), ("DestroyNetwork", None), ("CreateNetwork", True)]
             spec = env.helper.networks["office"].spec
-            assert (spec.offload, spec.queues, spec.mtu) == (False, 2, 1280)
+            assert (spec.offload, spec.queues, spec.mtu) == (True, 2, 1280)
             net = env.controller.status(verbose=False).networks[0]
             assert net.state.value != "failed" and net.last_error == ""
 
@@ -378,7 +379,7 @@ def test_workers_of_the_previous_controller_are_adopted_not_respawned() -> None:
 
     def prefill(helper: FakeHelper) -> None:
         helper.handle(CreateNetwork(name="office", ifname="l3p-office", mtu=1280, addresses=("198.19.0.1/24",),
-                                    queues=2, worker_uid=os.getuid(), adopt=False))
+                                    queues=2, worker_uid=os.getuid(), adopt=False, offload=True))
         helper.handle(AddRoutes(name="office", routes=("198.19.8.0/24",), metric=100, allow_default=False))
 
     async def keep_reporting(controller: Controller) -> None:
@@ -413,7 +414,7 @@ def test_after_an_orderly_stop_nothing_is_awaited_for_adoption() -> None:
 
     def prefill(helper: FakeHelper) -> None:
         helper.handle(CreateNetwork(name="office", ifname="l3p-office", mtu=1280, addresses=("198.19.0.1/24",),
-                                    queues=2, worker_uid=os.getuid(), adopt=False))
+                                    queues=2, worker_uid=os.getuid(), adopt=False, offload=True))
 
     async def body() -> None:
         loop = asyncio.get_running_loop()

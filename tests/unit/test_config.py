@@ -184,7 +184,7 @@ def test_full_config_round_trips_into_expected_values() -> None:
                 keepalive_interval=5.0,
                 engine="auto",
                 event_loop="auto",
-                offload="off",
+                offload="gro",  # the default
                 cpus=(),
                 peer_key=KEY_A,
                 key_file="/etc/l3ptp/office.key",
@@ -212,7 +212,7 @@ def test_full_config_round_trips_into_expected_values() -> None:
                 keepalive_interval=KEEPALIVE_INTERVAL_DEFAULT,
                 engine="auto",
                 event_loop="auto",
-                offload="off",
+                offload="gro",  # the default
                 cpus=(),
                 peer_key=KEY_B,
                 key_file="",
@@ -1252,8 +1252,8 @@ def test_every_key_is_documented(cls: type) -> None:
 
 
 @pytest.mark.parametrize(("key", "default", "other", "bad"),
-                         [("engine", "auto", "qh3", "quiche"), ("offload", "off", "auto", "on"),
-                          ("offload", "off", "gro", "tso")])
+                         [("engine", "auto", "qh3", "quiche"), ("offload", "gro", "auto", "on"),
+                          ("offload", "gro", "off", "tso")])
 def test_choice_key_has_its_default_and_is_checked(key: str, default: str, other: str, bad: str) -> None:
     doc = tomllib.loads(EXAMPLE.read_text())
     assert getattr(parse_config(doc).networks[0], key) == default
