@@ -122,8 +122,10 @@ def _parse(packet: Packet, local: Collection[bytes]) -> Parsed | None:
     size = len(packet)
     if size < 60:
         return _parse_any(packet, local)
+    first = packet[0]
+    if packet[9 if first >> 4 == 4 else 6] != PROTO_TCP:  # UDP, ICMP, ...: nothing to merge, nothing copied
+        return None
     p = packet if isinstance(packet, bytes) else bytes(packet)  # one copy; slices of bytes are bytes
-    first = p[0]
     if first == 0x45:  # IPv4 without options
         _, tos, total, ident, frag, ttl, proto, _, _, _, seq, _, off, flags, _ = _V4.unpack_from(p)
         tcphl = (off >> 4) * 4
