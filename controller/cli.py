@@ -158,6 +158,25 @@ def _mtu(n: Any) -> str:
     return f"{n.mtu}" + (f" ({'; '.join(parts)})" if parts else "")
 
 
+def _offloads(counters: dict[str, int]) -> str:
+    """The TUN offloads line (docs/worker.md, "TUN offloads"): how many queues have them, what they did, and
+    where the kernel refused super-packets left to its checksum check. "" when no worker reported them."""
+    if "tun_offload" not in counters:
+        return ""
+    on = counters["tun_offload"]
+    if not on:
+        return "off"
+    parts = [f"on for {on} queue{'s' * (on != 1)}",
+             f"{counters.get('tun_gro_writes', 0)} coalesced writes ({counters.get('tun_gro_merged', 0)} packets)"]
+    if counters.get("tun_gso_split"):
+        parts.append(f"{counters['tun_gso_split']} super-packets split ({counters.get('tun_gso_segments', 0)} packets)")
+    fallback = counters.get("tun_gro_fallback", 0)
+    if fallback:
+        parts.append(f"the kernel refused unflagged super-packets on {fallback} queue{'s' * (fallback != 1)}: "
+                     "checksums verified by the worker there")
+    return "; ".join(parts)
+
+
 def format_status(reply: Any, *, verbose: bool = False) -> str:
     """A `wg show`-like text view of a StatusReply.
 
@@ -181,6 +200,9 @@ def format_status(reply: Any, *, verbose: bool = False) -> str:
         lines.append(f"  mtu: {_mtu(n)}")
         lines.append(f"  rtt: {n.rtt_ms:.1f} ms")
         lines.append(f"  transfer: {_traffic(n.counters)}")
+        offloads = _offloads(n.counters)
+        if offloads:
+            lines.append(f"  tun offloads: {offloads}")
         if n.paths:
             lines.append(f"  path: {', '.join(p(a) for a in n.paths)}")
         if n.counters.get("path_migrations"):

@@ -95,11 +95,12 @@ class TunIO:
         self.gso_segments = 0  #: the IP packets they made
         self.gro_writes = 0  #: writes of coalesced super-packets
         self.gro_merged = 0  #: the packets they carried
+        self.gro_fallback = 0  #: 1 once the kernel refused a super-packet without NEEDS_CSUM (see flush)
 
     def counters(self) -> dict[str, int]:
         return {"tun_offload": int(self.mode.offload), "tun_gso_split": self.gso_split,
                 "tun_gso_segments": self.gso_segments, "tun_gro_writes": self.gro_writes,
-                "tun_gro_merged": self.gro_merged}
+                "tun_gro_merged": self.gro_merged, "tun_gro_fallback": self.gro_fallback}
 
     def read_batch(self, limit: int) -> tuple[list[bytes], str | None]:
         """At most `limit` IP packets (reads until EAGAIN), and why the queue is unusable (None: it is fine).
@@ -163,6 +164,7 @@ class TunIO:
                 log.warning("tun_gro_fallback", reason="the kernel refused a super-packet without NEEDS_CSUM; "
                                                        "checksums are verified by the worker from now on")
                 self._local = frozenset()
+                self.gro_fallback = 1
                 for packet in packets:
                     self._write([PLAIN_HEADER, packet], (packet,))
             elif not error and len(packets) > 1:

@@ -126,6 +126,7 @@ def test_super_packets_are_split_and_writes_coalesced_both_ways_both_families(la
     for host in (lab.a, lab.b):
         d = lab.network(host)["drops"]
         assert d["tun_bad_vnet"] == 0 and d["tun_oversize"] == 0, d
+        assert "  tun offloads: on for 1 queue; " in lab.status_text(host)
     # iperf3 as the bench runs it, bounded in time.
     tcp = lab.iperf3(lab.a, lab.b, seconds=2)
     assert tcp["end"]["sum_received"]["bytes"] > 1_000_000

@@ -133,3 +133,31 @@ def test_status_shows_the_port_mode() -> None:
         assert CLI_REPLIES.decode_untrusted(CLI_REPLIES.encode(reply)) == reply
         assert line in format_status(reply).splitlines()
         assert st.ports == mode
+
+
+def test_status_shows_the_tun_offloads_and_a_kernel_that_refused_them() -> None:
+    """`l3ptp status`: a `tun offloads:` line from the workers' counters (docs/worker.md, "TUN offloads"): how
+    many queues have them, what they coalesced and split, and where the kernel refused super-packets left to
+    its checksum check (the worker verifies there from then on); nothing without the counters."""
+    from dataclasses import replace
+
+    from l3ptp.controller.cli import format_status
+    from l3ptp.ipc.control_messages import StatusReply
+
+    net = parse_config(config({"office": office(queues=2)})).network("office")
+    assert net is not None
+    st = network_status(net, NetworkSupervisor("office", net.queues), {})
+
+    def line(counters: dict[str, int]) -> list[str]:
+        reply = StatusReply(controller_pid=1, uptime=1.0, node_id="alpha", networks=(replace(st, counters=counters),))
+        assert CLI_REPLIES.decode_untrusted(CLI_REPLIES.encode(reply)) == reply
+        return [x for x in format_status(reply).splitlines() if x.startswith("  tun offloads:")]
+
+    assert line({}) == []
+    assert line({"tun_offload": 0, "tun_gro_writes": 0}) == ["  tun offloads: off"]
+    assert line({"tun_offload": 2, "tun_gro_writes": 30, "tun_gro_merged": 900, "tun_gro_fallback": 0}) == [
+        "  tun offloads: on for 2 queues; 30 coalesced writes (900 packets)"]
+    assert line({"tun_offload": 1, "tun_gro_writes": 3, "tun_gro_merged": 9, "tun_gso_split": 4,
+                 "tun_gso_segments": 90, "tun_gro_fallback": 1}) == [
+        "  tun offloads: on for 1 queue; 3 coalesced writes (9 packets); 4 super-packets split (90 packets); "
+        "the kernel refused unflagged super-packets on 1 queue: checksums verified by the worker there"]

@@ -122,6 +122,7 @@ def test_a_kernel_refusing_an_unflagged_super_packet_gets_its_packets_one_by_one
             io.queue(p)
         io.flush()
         assert len(refused) == 1 and tun.read_all() == [vnet.PLAIN_HEADER + p for p in first]
+        assert io.counters()["tun_gro_fallback"] == 1  # shown by `l3ptp status`
         for p in second:
             io.queue(p)
         io.flush()
