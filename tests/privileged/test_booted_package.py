@@ -23,6 +23,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -236,13 +237,11 @@ def test_installed_units_bring_up_a_dual_stack_two_queue_tunnel(sites: tuple[Sit
     # workers wrote coalesced super-packets of that stream.
     for s in sites:
         assert "vnet_hdr on" in s.run(f"ip -d link show {IFNAME}")
-
-    def counters(s: Site) -> dict[str, int]:
-        return next(n for n in json.loads(s.run("l3ptp status --json"))["networks"] if n["name"] == NET)["counters"]
-
-    wait_for("beta's workers report coalesced writes", lambda: counters(beta).get("tun_gro_writes", 0) > 0)
+    wait_for("beta's workers report coalesced writes",
+             lambda: network(beta).get("counters", {}).get("tun_gro_writes", 0) > 0)
     for s in sites:
-        assert counters(s)["tun_offload"] == 2, counters(s)  # both queues
+        counters = network(s)["counters"]
+        assert counters["tun_offload"] == 2, counters  # both queues
 
 
 def test_workers_run_under_the_controller_units_sandbox(sites: tuple[Site, Site]) -> None:
@@ -307,9 +306,14 @@ def test_the_tunnel_comes_back(sites: tuple[Site, Site], how: str) -> None:
     wait_for(f"{NET} up again on both", lambda: all(state(s) == "up" for s in sites))
 
 
-def state(s: Site) -> str:
+def network(s: Site) -> dict[str, Any]:
+    """NET's entry of `l3ptp status --json` on `s` ({} while the controller does not answer or has none)."""
     out = s.m.run("l3ptp status --json", check=False).stdout
-    return next((n["state"] for n in json.loads(out or '{"networks": []}')["networks"] if n["name"] == NET), "")
+    return next((n for n in json.loads(out or '{"networks": []}')["networks"] if n["name"] == NET), {})
+
+
+def state(s: Site) -> str:
+    return network(s).get("state", "")
 
 
 def test_polkit_decides_for_users_outside_the_admin_group(sites: tuple[Site, Site]) -> None:

@@ -80,6 +80,10 @@ def _flows_reach_every_queue(lab: Lab) -> None:
     """Parallel flows (TCP streams hashed over both TUN queues) from the connector's side: each listener queue's
     worker receives DATAGRAMs of its own (and none lands on a worker of another queue: no wrong-queue drop)."""
     before = _rx(lab)
+
+    def every_queue_reached(after: dict[int, int]) -> bool:
+        return all(after[q] - before.get(q, 0) > 50 for q in range(QUEUES))
+
     # The kernel hashes each flow to a TUN queue at random: 8 streams all land on one of 2 queues with
     # probability 1/128 (seen once in CI). Each further round draws 8 new flows (new source ports), so a queue
     # that is only unlucky is reached within 4 rounds (false failure ~1e-8) and one that is never reached fails.
@@ -87,9 +91,9 @@ def _flows_reach_every_queue(lab: Lab) -> None:
         result = lab.iperf3(lab.b, lab.a, seconds=2.0, streams=8)
         assert result["end"]["sum_received"]["bytes"] > 0
         after = _rx(lab)
-        if all(after[q] - before.get(q, 0) > 50 for q in range(QUEUES)):
+        if every_queue_reached(after):
             break
-    assert all(after[q] - before.get(q, 0) > 50 for q in range(QUEUES)), (before, after)
+    assert every_queue_reached(after), (before, after)
     assert _wrong(lab) == {q: 0 for q in range(QUEUES)}
 
 
