@@ -20,6 +20,10 @@ qh3 2.x differs from aioquic in ways that matter here, each handled by
 - the peer CID is not exposed, so the budget assumes the longest CID (20
   bytes), the same worst case config validation uses;
 - path MTU probing is off, so the packet size is the configured one;
+- its wrappers around the core do per-packet work for qlog even with no logger (every sent packet's
+  header parsed and the packet copied; a call per received datagram): without a logger (the worker never
+  sets one) `Qh3Connection` sends and receives batches through the core's own calls, mapping the core's
+  RuntimeError to a closed connection as qh3's `_call_core` does;
 - its Rust core draws NEW_CONNECTION_ID CIDs itself, out of our reach: a connection pinned to a queue
   (`_qh3_pin_cids`, one UDP port per network) tells its core the peer allows 2 active CIDs (the least
   RFC 9000 allows; qh3 refuses 1), so it issues ONE spare CID that is not pinned. l3ptp's connectors
@@ -105,14 +109,25 @@ def _make_qh3_connection() -> type:
             try:
                 if pending and core is not None and self._handshake_complete and self._close_event is None:
                     room = core.congestion_window - core.bytes_in_flight
-                    feed = super().send_datagram_frame
+                    feed = core.send_datagram  # qh3's send_datagram_frame: this call, through _call_core
                     while pending:
                         cost = len(pending[0]) + QUIC_DATAGRAM_OVERHEAD_MAX
                         if cost > room:
                             break
                         feed(pending.popleft())
                         room -= cost
-                return super().datagrams_to_send(now)
+                if core is None or self._quic_logger is not None:
+                    return super().datagrams_to_send(now)
+                # qh3's loop without its qlog: it parses every packet's header and copies the packet
+                # (`_log_packets`) even with no logger to give them to.
+                out = []
+                poll = core.poll_transmit
+                while (transmit := poll(now)) is not None:
+                    out.append((transmit[0], transmit[1]))
+                return out
+            except RuntimeError as exc:  # what qh3's `_call_core` turns into a QuicConnectionError
+                self._fail(QuicConnectionError(QuicErrorCode.INTERNAL_ERROR, None, str(exc)))
+                return []
             except QuicConnectionError as exc:
                 self._fail(exc)
                 return []
@@ -181,8 +196,16 @@ def _make_qh3_connection() -> type:
                 for data in datagrams:
                     self.receive_datagram(data, addr, now)
                 return
+            core = self._core
             try:
-                super().receive_many_datagrams(datagrams, addr, now)
+                if core is None or self._quic_logger is not None:
+                    super().receive_many_datagrams(datagrams, addr, now)
+                    return
+                # qh3's, without its per-datagram qlog call and the address check (ours come from recvmsg)
+                core.receive_many_datagrams(datagrams, addr, now)
+                self._drain_core()
+            except RuntimeError as exc:
+                self._fail(QuicConnectionError(QuicErrorCode.INTERNAL_ERROR, None, str(exc)))
             except QuicConnectionError as exc:
                 self._fail(exc)
 

@@ -444,3 +444,100 @@ def test_warm_up_completes_a_handshake_with_every_engine_that_loads() -> None:
     from l3ptp.worker.warmup import warm_up
 
     assert warm_up() == available_engines()
+
+
+# ---- qh3: the hot path around the core ----------------------------------------
+
+
+def _qh3_link_with_batches(logger: Any = None) -> tuple[EngineClasses, Link]:
+    engine = load_engine(Engine.QH3)
+    link = Link(engine, engine)
+    link.handshake()
+    if logger is not None:
+        for conn in (link.client, link.server):
+            conn._quic_logger = logger.start_trace(is_client=conn._is_client, odcid=b"x")
+    return engine, link
+
+
+def _batch_step(engine: EngineClasses, link: Link) -> int:
+    """One step of the worker's hot path: each side's datagrams_to_send, fed to the other as one batch."""
+    link.now += 0.005
+    moved = 0
+    for src, dst, addr in ((link.client, link.server, CLIENT_ADDR), (link.server, link.client, SERVER_ADDR)):
+        out = [d for d, _ in src.datagrams_to_send(now=link.now)]
+        moved += len(out)
+        if out:
+            engine.receive_many(dst, out, addr, link.now)
+    link._drain()
+    return moved
+
+
+@pytest.mark.skipif(not HAS_QH3, reason="qh3 not installed")
+def test_qh3_hot_path_does_no_qlog_work_without_a_logger(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no qlog (the worker never sets one), sending and batched receiving go straight to qh3's core:
+    qh3's own wrappers parse every sent packet's header and copy the packet for a logger that is not there."""
+    from qh3.quic.connection import QuicConnection
+
+    engine, link = _qh3_link_with_batches()
+
+    def qlog_work(*args: Any) -> None:
+        raise AssertionError("per-packet qlog work on the hot path")
+
+    for name in ("_log_packets", "_log_packet", "_log_datagram", "_normalize_address"):
+        monkeypatch.setattr(QuicConnection, name, qlog_work)
+    payloads = [bytes([i]) * (300 + i) for i in range(60)]
+    for p in payloads:
+        link.client.send_datagram_frame(p)
+        link.server.send_datagram_frame(p[::-1])
+    for _ in range(10):
+        _batch_step(engine, link)
+    assert link.received(link.sevents, engine) == payloads
+    assert link.received(link.cevents, engine) == [p[::-1] for p in payloads]
+
+
+@pytest.mark.skipif(not HAS_QH3, reason="qh3 not installed")
+def test_qh3_with_a_qlog_takes_qh3s_own_path() -> None:
+    """A qlog (a debugging aid, not set by the worker) still sees every packet: qh3's own path is kept for it."""
+    from qh3.quic.logger import QuicLogger
+
+    logger = QuicLogger()
+    engine, link = _qh3_link_with_batches(logger)
+    payloads = [bytes([i]) * (900 + i) for i in range(20)]  # one per packet
+    for p in payloads:
+        link.client.send_datagram_frame(p)
+    for _ in range(5):
+        _batch_step(engine, link)
+    assert link.received(link.sevents, engine) == payloads
+    events = [e["name"] for trace in logger.to_dict()["traces"] for e in trace["events"]]
+    assert events.count("transport:packet_sent") >= len(payloads)
+    assert "transport:datagrams_received" in events
+
+
+class _FailingCore:
+    """qh3's core, except that `failing` raises RuntimeError as the core does on an internal error."""
+
+    def __init__(self, core: Any, failing: str) -> None:
+        self._core, self._failing = core, failing
+
+    def __getattr__(self, name: str) -> Any:
+        if name == self._failing:
+            def fail(*args: Any) -> Any:
+                raise RuntimeError(f"{name} failed")
+            return fail
+        return getattr(self._core, name)
+
+
+@pytest.mark.skipif(not HAS_QH3, reason="qh3 not installed")
+@pytest.mark.parametrize("failing", ["poll_transmit", "send_datagram", "receive_many_datagrams"])
+def test_qh3_core_error_on_the_hot_path_closes_the_connection(failing: str) -> None:
+    """An error of qh3's core on the hot path ends that connection (ConnectionTerminated, nothing more sent),
+    like one through qh3's wrappers: never an exception into the worker's event loop."""
+    engine, link = _qh3_link_with_batches()
+    conn = link.server if failing == "receive_many_datagrams" else link.client
+    conn._core = _FailingCore(conn._core, failing)
+    link.client.send_datagram_frame(b"x" * 100)
+    _batch_step(engine, link)
+    events = link.sevents if conn is link.server else link.cevents
+    closed = [e for e in events if isinstance(e, engine.events.ConnectionTerminated)]
+    assert closed and f"{failing} failed" in closed[-1].reason_phrase
+    assert conn.datagrams_to_send(now=link.now + 1) == []
