@@ -75,8 +75,10 @@ class _Item:
         if (self.claimed is None) != (claimed is None):  # never within one flow; checked, not assumed
             return False
         if self.claimed is not None and claimed is not None:
-            offset = self.total - self.iphl - self.tcphl  # where this payload starts in the merged one
-            self.claimed = fold(self.claimed, ((claimed << 8) | (claimed >> 8)) & 0xFFFF if offset & 1 else claimed)
+            if (self.total - self.iphl - self.tcphl) & 1:  # this payload starts at an odd offset in the merged one
+                claimed = ((claimed << 8) | (claimed >> 8)) & 0xFFFF
+            total = self.claimed + claimed  # fold() of the two, inline (hot path)
+            self.claimed = total - 0xFFFF if total > 0xFFFF else total
         self.packets.append(packet)
         self.next_seq, self.total = (seq + payload) & 0xFFFFFFFF, self.total + payload
         self.next_id = (ident + (self.version == 4)) & 0xFFFF
@@ -130,7 +132,8 @@ def _parse(packet: Packet, local: Collection[bytes]) -> Parsed | None:
         _, tos, total, ident, frag, ttl, proto, _, _, _, seq, _, off, flags, _ = _V4.unpack_from(p)
         tcphl = (off >> 4) * 4
         if (proto != PROTO_TCP or frag & 0x3FFF or total != size or tcphl < 20 or size <= 20 + tcphl
-                or flags & ~(TCP_ACK | TCP_PSH) or not flags & TCP_ACK or ones_sum(p[:20]) != 0xFFFF):
+                or flags & ~(TCP_ACK | TCP_PSH) or not flags & TCP_ACK
+                or int.from_bytes(p[:20], "big") % 0xFFFF):  # header sum not 0xFFFF (it is never 0)
             return _parse_any(packet, local)
         iphl, version, ip_match, dst, flow = 20, 4, bytes((tos, ttl, frag >> 8 & 0x40)), p[16:20], p[12:24]
         pseudo_from = 12
@@ -146,9 +149,9 @@ def _parse(packet: Packet, local: Collection[bytes]) -> Parsed | None:
         return _parse_any(packet, local)
     end = iphl + tcphl
     claimed = None
-    if dst in local:
-        claimed = 0xFFFF - fold(ones_sum(p[pseudo_from:end]), PROTO_TCP, size - iphl)
-    elif fold(ones_sum(p[pseudo_from:]), PROTO_TCP, size - iphl) != 0xFFFF:
+    if dst in local:  # = 0xFFFF - fold(ones_sum(p[pseudo_from:end]), PROTO_TCP, size - iphl), inline (never 0, even)
+        claimed = 0xFFFF - ((int.from_bytes(p[pseudo_from:end], "big") + PROTO_TCP + size - iphl) % 0xFFFF or 0xFFFF)
+    elif (ones_sum(p[pseudo_from:]) + PROTO_TCP + size - iphl) % 0xFFFF:  # the fold is not 0xFFFF
         return _parse_any(packet, local)
     match = ip_match + p[iphl + 8:iphl + 13] + p[iphl + 14:iphl + 16] + p[iphl + 20:end]
     return flow, match, version, iphl, tcphl, size - end, seq, ident, bool(flags & TCP_PSH), claimed
