@@ -125,8 +125,8 @@ def _make_qh3_connection() -> type:
                 while (transmit := poll(now)) is not None:
                     out.append((transmit[0], transmit[1]))
                 return out
-            except RuntimeError as exc:  # what qh3's `_call_core` turns into a QuicConnectionError
-                self._fail(QuicConnectionError(QuicErrorCode.INTERNAL_ERROR, None, str(exc)))
+            except RuntimeError as exc:
+                self._core_failed(exc)
                 return []
             except QuicConnectionError as exc:
                 self._fail(exc)
@@ -154,6 +154,10 @@ def _make_qh3_connection() -> type:
                 super().request_key_update()
             except QuicConnectionError as exc:
                 self._fail(exc)
+
+        def _core_failed(self, exc: RuntimeError) -> None:
+            # The core raised on a call made without qh3's `_call_core`: its mapping, then `_fail`.
+            self._fail(QuicConnectionError(QuicErrorCode.INTERNAL_ERROR, None, str(exc)))
 
         def _fail(self, exc: Any) -> None:
             # qh3 raises from the send path (e.g. a DATAGRAM that cannot fit);
@@ -205,7 +209,7 @@ def _make_qh3_connection() -> type:
                 core.receive_many_datagrams(datagrams, addr, now)
                 self._drain_core()
             except RuntimeError as exc:
-                self._fail(QuicConnectionError(QuicErrorCode.INTERNAL_ERROR, None, str(exc)))
+                self._core_failed(exc)
             except QuicConnectionError as exc:
                 self._fail(exc)
 
