@@ -8,8 +8,7 @@ deadlines) are `core.TunnelCore`'s, connection bookkeeping is
 
 * UDP readable: receive until EAGAIN or UDP_RECV_BATCH datagrams (a GRO
   buffer counts as its segments, `udp.UdpIO`), each into
-  ``receive_datagram``; then handle events; after writes into the TUN, read
-  it at once (the kernel's answers are there); then ONE transmit.
+  ``receive_datagram``; then handle events; then ONE transmit.
 * Transmit: ONE ``datagrams_to_send``, sent through `udp.UdpIO` (UDP GSO for
   runs of equal-size datagrams, ``sendto`` otherwise).
 * TUN readable (only while ESTABLISHED): ``os.read`` until EAGAIN (at most
@@ -302,14 +301,9 @@ class Tunnel(QueueGate, Connections, Renewal):
         receive_many = self.engine.receive_many
         for peer, addr, batch in runs:
             receive_many(peer.conn, batch, addr, now)
-        written = self.counters.tun_tx_packets
         for peer in touched.values():
             self._process_events(peer)
         self.tun.flush()
-        if self.counters.tun_tx_packets != written and self._reading_tun:
-            # The kernel's answers to those packets (an echo reply, a local TCP end's ACKs or next segments) are
-            # queued already: sent now, before the transmit and timer work below, without a trip through the loop.
-            self._on_tun_readable()
         active = self.active
         if active is not None and self.core.key_update_due_by_packets(active.policy, self._packets_under_key()):
             self._update_keys(active, now)
