@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import socket
 import statistics
 import struct
@@ -157,12 +156,14 @@ def captured(lab: Any, seconds: float, workdir: str) -> Iterator[dict[str, str]]
 # ---- runs ------------------------------------------------------------------------------------------------------
 
 def _ping(lab: Any, dst: str, count: int, gap: float) -> float:
+    from lab.bench.report import parse_ping
+
     out = lab.run(lab.a, ["ping", "-n", "-q", "-c", str(count), "-i", str(gap), "-W", "2", dst],
                   timeout=count * gap + 30).stdout
-    found = re.search(r"= [\d.]+/([\d.]+)/", out)
-    if found is None:
+    avg = parse_ping(out)["avg_ms"]
+    if avg is None:
         raise RuntimeError(f"ping across the tunnel failed: {out.strip()}")
-    return float(found.group(1))
+    return float(avg)
 
 
 def run_one(config: str, engine: str, count: int, gap: float) -> tuple[float, list[dict[str, float]]]:
