@@ -2,7 +2,8 @@
 
 One AF_UNIX SOCK_SEQPACKET connection, one request in flight at a time
 (a lock serialises callers), one message per packet (`l3ptp.ipc.seqpacket`;
-a reply carries no fds). Every reply goes through `HELPER_REPLIES.decode_untrusted`.
+the only fd either way is a network's steering map, with CreateNetwork and
+NetworkCreated). Every reply goes through `HELPER_REPLIES.decode_untrusted`.
 
 Stubs mirror the helper's request table (OpenSSH's ``mm_x``/``mm_answer_x``):
 `create_network` sends `CreateNetwork` and expects `NetworkCreated`, and so on.
@@ -21,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TypeVar
 
 from l3ptp.ipc import seqpacket
@@ -92,16 +93,24 @@ class HelperClient:
 
     async def request_expect(self, request: Message, reply_type: type[_R]) -> _R:
         """Send `request`, return the reply of `reply_type`; see the module docstring."""
+        return (await self.request_fds(request, reply_type))[0]
+
+    async def request_fds(self, request: Message, reply_type: type[_R], fds: Sequence[int] = (),
+                          max_fds: int = 0) -> tuple[_R, list[int]]:
+        """`request_expect` with `fds` sent along (not closed here) and the reply's at most `max_fds` fds
+        (the caller's to close; closed here when the reply is not the one expected)."""
         data = HELPER_REQUESTS.encode(request)
+        got: list[int] = []
         async with self._lock:
             sock = self._sock
             if sock is None:
                 raise HelperUnavailable("not connected to the helper")
             loop = asyncio.get_running_loop()
             try:
-                await asyncio.wait_for(loop.sock_sendall(sock, data), self._timeout)
-                recv = seqpacket.recv_async(loop, sock, HELPER_REPLIES.max_bytes, 0)
-                reply = HELPER_REPLIES.decode_untrusted((await asyncio.wait_for(recv, self._timeout))[0])
+                await asyncio.wait_for(seqpacket.send_async(loop, sock, data, fds), self._timeout)
+                recv = seqpacket.recv_async(loop, sock, HELPER_REPLIES.max_bytes, max_fds)
+                packet, got = await asyncio.wait_for(recv, self._timeout)
+                reply = HELPER_REPLIES.decode_untrusted(packet)
             except (OSError, TimeoutError) as exc:
                 self.close()
                 raise HelperUnavailable(f"helper {type(request).__name__}: {type(exc).__name__}") from exc
@@ -109,17 +118,19 @@ class HelperClient:
                 self.close()
                 raise HelperUnavailable("the helper closed the connection") from None
             except DecodeError as exc:  # a FramingError too: over the cap, or with ancillary data
+                seqpacket.close_fds(got)
                 self.close()
                 raise HelperUnavailable(f"bad reply from the helper: {exc}") from None
-        if isinstance(reply, Failed):
-            raise HelperFailed(reply.code, reply.reason)
         if not isinstance(reply, reply_type):
+            seqpacket.close_fds(got)
+            if isinstance(reply, Failed):
+                raise HelperFailed(reply.code, reply.reason)
             self.close()
             raise HelperUnavailable(
                 f"helper answered {type(request).__name__} with {type(reply).__name__},"
                 f" expected {reply_type.__name__}"
             )
-        return reply
+        return reply, got
 
     # ---- stubs, one per request ---------------------------------------------
 
@@ -144,7 +155,11 @@ class HelperClient:
         worker_uid: int,
         adopt: bool = False,
         offload: bool = False,
-    ) -> NetworkCreated:
+        steer: bool = False,
+        steering: int | None = None,
+    ) -> tuple[NetworkCreated, int | None]:
+        """NetworkCreated and, with `steer`, the network's steering map fd (the caller's to keep and close;
+        None when the helper has none). `steering`: the map fd kept from an earlier helper, sent along."""
         req = CreateNetwork(
             name=name,
             ifname=ifname,
@@ -154,8 +169,15 @@ class HelperClient:
             worker_uid=worker_uid,
             adopt=adopt,
             offload=offload,
+            steer=steer,
         )
-        return await self.request_expect(req, NetworkCreated)
+        sent = [steering] if steer and steering is not None else []
+        reply, fds = await self.request_fds(req, NetworkCreated, sent, max_fds=1 if steer else 0)
+        if reply.steering != bool(fds):
+            seqpacket.close_fds(fds)
+            self.close()
+            raise HelperUnavailable(f"helper answered CreateNetwork with steering={reply.steering} and {len(fds)} fds")
+        return reply, (fds[0] if fds else None)
 
     async def add_routes(
         self, name: str, routes: Iterable[str], *, metric: int, allow_default: bool

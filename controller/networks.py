@@ -23,6 +23,7 @@ import asyncio
 import collections
 import contextlib
 import hashlib
+import os
 import signal
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +71,25 @@ class NetworkRuntime:
         #: each queue's worker was started with or told (`keying`): a worker behind gets a Rekey.
         self.key = b""
         self.keyed: dict[int, tuple[object, ...]] = {}
+        #: The fd of the network's steering map (a shared port), from the helper's NetworkCreated: given back
+        #: to a restarted helper so that the steering never changes hands with a gap (helper/reuseport.py).
+        self.steering: int | None = None
+
+    def shares_port(self) -> bool:
+        """Its listener workers share one UDP port, steered by the helper's program (worker/steering.py)."""
+        net = self.net
+        return net.role == "listen" and net.queues > 1 and net.underlay.ports == "shared"
+
+    def keep_steering(self, fd: int | None) -> None:
+        """The steering map fd a NetworkCreated brought (None: none came; the one held stays)."""
+        if fd is not None:
+            self.close()
+            self.steering = fd
+
+    def close(self) -> None:
+        if self.steering is not None:
+            os.close(self.steering)
+            self.steering = None
 
     def keying(self, key: bytes | None = None) -> tuple[object, ...]:
         """What a `Rekey` carries, in a form to compare (the key as its digest)."""
@@ -110,7 +130,7 @@ class NetworkLifecycle:
     async def fresh_tickets(self, rt: NetworkRuntime) -> None:
         net = rt.net
         helper = await self.ctl.helper_link.ensure()
-        created = await helper.create_network(
+        created, steering = await helper.create_network(
             name=net.name,
             ifname=net.interface,
             mtu=net.mtu,
@@ -119,7 +139,10 @@ class NetworkLifecycle:
             worker_uid=worker_uid(self.ctl.config),
             adopt=True,
             offload=net.offload != "off",
+            steer=rt.shares_port(),
+            steering=rt.steering,
         )
+        rt.keep_steering(steering)
         rt.tickets = list(created.tickets)
         if not created.adopted and rt.routes.installed:
             # The helper built the network anew (its interface was deleted
@@ -146,6 +169,7 @@ class NetworkLifecycle:
                 log.warning("network_spec_changed", network=net.name, action="re-created", helper=str(exc))
                 await (await self.ctl.helper_link.ensure()).destroy_network(net.name)
                 survivors, info, key = {}, None, rt.key  # its workers held the old interface's queues
+                rt.close()
                 rt = self.running[net.name] = NetworkRuntime(net, await self.choose_mtu(net))  # the MTU anew
                 rt.key = key
                 await self.fresh_tickets(rt)
@@ -185,6 +209,7 @@ class NetworkLifecycle:
                 await asyncio.wait_for(self.wake.wait(), 0.2)
             await self.execute(rt, rt.sup.tick(self.ctl.clock()))
         del self.running[name]
+        rt.close()
         if destroy:
             with contextlib.suppress(HelperError):
                 helper = await self.ctl.helper_link.ensure()
@@ -202,13 +227,13 @@ class NetworkLifecycle:
             await self.bring_up(net)
 
     async def reregister(self, known: set[str]) -> None:
-        """A new helper session (perhaps a restarted helper, which lost its steering maps): every worker of a
-        listening network on one shared UDP port registers its socket again, with a fresh ticket of its queue
-        (helper/reuseport.py: the new program goes on with the first registration, each socket into its map)."""
+        """A new helper session (perhaps a restarted helper, which took over the steering map we kept, or made a
+        new one): every worker of a listening network on one shared UDP port registers its socket again, with a
+        fresh ticket of its queue (helper/reuseport.py: the helper's program goes on with the first registration;
+        on a kept map every socket is already in place, on a new one each goes in as it registers)."""
         for name, rt in list(self.running.items()):
             net = rt.net
-            if (name not in known or net.role != "listen" or net.queues < 2 or net.underlay.ports != "shared"
-                    or not rt.idents):
+            if name not in known or not rt.shares_port() or not rt.idents:
                 continue
             try:
                 await self.fresh_tickets(rt)

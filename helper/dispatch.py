@@ -137,10 +137,11 @@ class Dispatcher:
             self.violation(s, action, reason or "")
             raise Violation(reason)
         s.used.add(kind)
-        if fds and kind is not ProtectSocket:
-            self._audit(s, action, "fds_discarded", count=len(fds))
+        takes = 1 if kind is ProtectSocket or kind is CreateNetwork else 0
+        if len(fds) > takes:
+            self._audit(s, action, "fds_discarded", count=len(fds) - takes)
         try:
-            return getattr(self, rule.handler)(s, req, *fds[:1] if kind is ProtectSocket else ())
+            return getattr(self, rule.handler)(s, req, *fds[:takes])
         except PolicyRefused as exc:
             self._audit(s, action, "refused", code=exc.code.name, reason=exc.reason)
             return Outcome(Failed(code=exc.code, reason=exc.reason[:500]))
@@ -150,14 +151,20 @@ class Dispatcher:
         self._audit(s, "Hello", "ok")
         return Outcome(Welcome(role=req.role, protocol=HELPER_PROTOCOL, uid=s.peer.uid))
 
-    def _created(self, s: ClientSession, net: Network, adopted: bool) -> Outcome:
+    def _created(self, s: ClientSession, net: Network, adopted: bool, req: CreateNetwork, kept: int | None) -> Outcome:
+        """The reply, with the steering map's fd when `req.steer` (made now, or on the map `kept`)."""
         tickets = self.state.issue(net, self.clock())
+        map_fd, how = self.kernel.steer_network(net.name, net.queues, kept) if req.steer else (None, "")
         self._audit(s, "CreateNetwork", "ok", network=net.name, ifname=net.ifname, ifindex=net.ifindex,
-                    queues=net.queues, worker_uid=net.worker_uid, offload=net.offload, adopted=adopted)
+                    queues=net.queues, worker_uid=net.worker_uid, offload=net.offload, adopted=adopted,
+                    **({"steering": how} if req.steer else {}))
         return Outcome(NetworkCreated(name=net.name, ifname=net.ifname, ifindex=net.ifindex, tickets=tickets,
-                                      ticket_ttl=self.state.ticket_ttl, adopted=adopted))
+                                      ticket_ttl=self.state.ticket_ttl, adopted=adopted, steering=map_fd is not None),
+                       fd=map_fd)
 
-    def handle_create_network(self, s: ClientSession, req: CreateNetwork) -> Outcome:
+    def handle_create_network(self, s: ClientSession, req: CreateNetwork, kept: int | None = None) -> Outcome:
+        """CreateNetwork with the steering map the controller `kept`, if it sent one (the server closes its
+        copy after; `Steering` keeps a dup when it uses it)."""
         p = self.policy
         check_ifname(req.ifname, p.interface_prefix)
         check_mtu(req.mtu)
@@ -172,7 +179,7 @@ class Dispatcher:
         old = self.state.networks.get(req.name)
         if old is not None:
             if req.adopt and old.spec() == net.spec():
-                return self._created(s, old, adopted=True)
+                return self._created(s, old, True, req, kept)
             raise PolicyRefused(ErrorCode.EXISTS, f"network {req.name} exists" + (" with another spec" if req.adopt else ""))
         if self.state.by_ifname(req.ifname) is not None:
             raise PolicyRefused(ErrorCode.EXISTS, f"interface {req.ifname} belongs to another network")
@@ -187,7 +194,7 @@ class Dispatcher:
         except PolicyRefused:
             self.destroy(net)
             raise
-        return self._created(s, net, adopted=False)
+        return self._created(s, net, False, req, kept)
 
     def _guard(self, prefixes: set[str]) -> None:
         """Kill-switch routes for `prefixes` (before their tunnel routes: no window without either)."""

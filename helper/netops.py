@@ -169,6 +169,14 @@ class Kernel:
         except SteeringUnavailable as exc:
             raise PolicyRefused(ErrorCode.SYSTEM, str(exc.strerror)) from None
 
+    def steer_network(self, network: str, queues: int, kept: int | None) -> tuple[int | None, str]:
+        """`network`'s steering map (made now, or on the map the controller `kept`; helper/reuseport.py) and how
+        it came; (None, why) when the kernel refuses (its ProtectSocket then fails and says so)."""
+        try:
+            return self.steering.create(network, queues, kept)
+        except SteeringUnavailable as exc:
+            return None, str(exc.strerror)
+
     def unsteer(self, network: str) -> None:
         self.steering.drop(network)
 

@@ -14,15 +14,19 @@ helper never parses a datagram itself. Loading needs CAP_BPF and CAP_NET_ADMIN. 
 (SO_ATTACH_REUSEPORT_CBPF) is not used: it returns an index into the group, and indices move when a socket
 leaves, so a restarting worker would swap two queues' traffic; the map is keyed by queue.
 
-Lifetime: the map and program fds live in the helper (`Steering`); the program attached to the group holds its
-map, so steering goes on while the helper is down. A restarted helper has neither fd: it builds a new map as
-the workers register their sockets again (the controller asks them to, with fresh tickets, as soon as it has
-a new helper session) and attaches its new program, which replaces the old one for the whole group and so
-frees the old map and the sockets in it. Until a queue's worker has registered again its datagrams are dropped
-by the new program (milliseconds after a restart: the controller sends every worker its Reregister at once).
-Closing the fds (DestroyNetwork) frees both once the workers' sockets are gone: nothing is pinned, nothing is
-left behind. Neither bpffs (not mounted in every container) nor systemd's fd store (not there outside systemd)
-is needed.
+Lifetime: the map and program fds live in the helper (`Steering`), made when the network is created
+(CreateNetwork with `steer`); the program attached to the group holds its map, so steering goes on while the
+helper is down. The controller keeps a copy of the map fd (NetworkCreated carries it) and gives it to a
+restarted helper with its next CreateNetwork(adopt): that helper loads its own program against the same map
+(`Steering.adopt`, after checking that the fd is a steering map of the network's size), and as the running
+workers register again (the controller asks them to) each attach of the new program replaces the old one for
+the group atomically, with every socket still in the map: no datagram is refused while the steering changes
+hands. Only when no kept map came (the helper and the controller both restarted) does a restarted helper
+build a new map: the first attach of its program then frees the old map, and until each queue's worker has
+registered again its datagrams are refused (SK_DROP: the kernel answers ICMP port unreachable, which the peer
+takes as a dead peer and reconnects). Closing the fds (DestroyNetwork) frees both once the workers' sockets
+are gone: nothing is pinned, nothing is left behind. Neither bpffs (not mounted in every container) nor
+systemd's fd store (not there outside systemd) is needed.
 """
 
 from __future__ import annotations
@@ -38,12 +42,15 @@ import time
 
 from l3ptp.ipc.constants import STEERING_RELEASE_WAIT
 
-__all__ = ["SteeringUnavailable", "Steering", "program"]
+__all__ = ["SteeringUnavailable", "Steering", "check_map", "program"]
 
 _NR_BPF = {"x86_64": 321, "aarch64": 280}
-BPF_MAP_CREATE, BPF_MAP_UPDATE_ELEM, BPF_PROG_LOAD = 0, 2, 5
+BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_PROG_LOAD, BPF_OBJ_GET_INFO_BY_FD = 0, 1, 2, 5, 15
 MAP_REUSEPORT_SOCKARRAY, PROG_SK_REUSEPORT, ATTACH_SK_REUSEPORT_SELECT = 20, 21, 39
-SO_ATTACH_REUSEPORT_EBPF = 52
+SO_ATTACH_REUSEPORT_EBPF, SO_COOKIE = 52, 57
+#: The map's name (seen in `bpftool map`); a kept map must carry it. Values are 8 bytes: a lookup then gives
+#: the socket's cookie, so a registration can see that its socket is already in place.
+MAP_NAME, VALUE_SIZE = b"l3ptp_steer", 8
 _ATTR_SIZE = 128
 FALLBACK = 'underlay.ports = "per-queue"'
 
@@ -104,13 +111,18 @@ def _bpf(cmd: int, attr: bytes) -> int:
     return int(r)
 
 
-def _load(queues: int) -> tuple[int, int]:
-    """(map fd, program fd) for a network of `queues` queues; SteeringUnavailable if the kernel refuses."""
-    try:
-        map_fd = _bpf(BPF_MAP_CREATE, struct.pack("<IIIII", MAP_REUSEPORT_SOCKARRAY, 4, 4, queues, 0))
-    except OSError as exc:
-        raise SteeringUnavailable(exc.errno, f"cannot create the steering map: {exc.strerror}; the helper needs "
-                                  f"CAP_BPF and CAP_NET_ADMIN (kernel 5.8+), or set {FALLBACK}") from None
+def _load(queues: int, map_fd: int | None = None) -> tuple[int, int]:
+    """(map fd, program fd) for a network of `queues` queues, the map new or `map_fd` (then a dup of it: the
+    caller keeps its own); SteeringUnavailable if the kernel refuses."""
+    if map_fd is None:
+        try:
+            map_fd = _bpf(BPF_MAP_CREATE, struct.pack("<IIIIIII16s", MAP_REUSEPORT_SOCKARRAY, 4, VALUE_SIZE, queues,
+                                                      0, 0, 0, MAP_NAME))
+        except OSError as exc:
+            raise SteeringUnavailable(exc.errno, f"cannot create the steering map: {exc.strerror}; the helper needs "
+                                      f"CAP_BPF and CAP_NET_ADMIN (kernel 5.8+), or set {FALLBACK}") from None
+    else:
+        map_fd = os.dup(map_fd)
     code = program(map_fd, queues)
     insns = ctypes.create_string_buffer(code, len(code))
     lic = ctypes.create_string_buffer(b"GPL")
@@ -126,6 +138,42 @@ def _load(queues: int) -> tuple[int, int]:
         raise SteeringUnavailable(exc.errno, f"cannot load the steering program: {exc.strerror} {detail[0]}; "
                                   f"the helper needs CAP_BPF and CAP_NET_ADMIN, or set {FALLBACK}") from None
     return map_fd, prog_fd
+
+
+def check_map(fd: int, queues: int) -> str | None:
+    """Why `fd` is not a steering map for `queues` queues (None: it is one). Reads only the kernel's own
+    description of the object (BPF_OBJ_GET_INFO_BY_FD); any fd the caller passes is safe to ask about."""
+    info = ctypes.create_string_buffer(40)
+    try:
+        _bpf(BPF_OBJ_GET_INFO_BY_FD, struct.pack("<IIQ", fd, len(info), ctypes.addressof(info)))
+    except OSError as exc:
+        return f"not a BPF object ({exc.strerror})"
+    kind, _id, key, value, entries, _flags, name = struct.unpack("<IIIIII16s", info.raw)
+    want = (MAP_REUSEPORT_SOCKARRAY, 4, VALUE_SIZE, queues, MAP_NAME)
+    got = (kind, key, value, entries, name.rstrip(b"\0"))
+    if got != want:
+        return f"not a steering map of {queues} queues (type {kind}, key {key}, value {value}, entries {entries})"
+    return None
+
+
+def _cookie(fd: int) -> int:
+    sock = socket.socket(fileno=fd)
+    try:
+        return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), "little")
+    finally:
+        sock.detach()
+
+
+def _slot(map_fd: int, queue: int) -> int | None:
+    """The cookie of the socket at `queue` in the map, None if the slot is empty."""
+    key, value = ctypes.c_uint32(queue), ctypes.c_uint64(0)
+    try:
+        _bpf(BPF_MAP_LOOKUP_ELEM, struct.pack("<IIQQQ", map_fd, 0, ctypes.addressof(key), ctypes.addressof(value), 0))
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise
+    return int(value.value)
 
 
 @dataclasses.dataclass(slots=True)
@@ -150,19 +198,39 @@ class Steering:
         self._load, self._clock, self._sleep = load, clock, sleep
         self.groups: dict[str, _Group] = {}
 
+    def create(self, network: str, queues: int, kept: int | None = None) -> tuple[int, str]:
+        """`network`'s map and program, made now if it has none of `queues` queues: on the map `kept` (an fd
+        the controller kept from an earlier helper, see the module doc) when that is a steering map of the
+        right size, else a new one. Returns (the map fd, which the caller may pass on but not close; how it
+        came: "kept", "adopted" or "new"). SteeringUnavailable when the kernel refuses."""
+        g = self.groups.get(network)
+        if g is not None and g.queues == queues:
+            return g.map_fd, "kept"
+        self.drop(network)
+        how = "new"
+        if kept is not None:
+            why = check_map(kept, queues)
+            how = f"new (the kept map was refused: {why})" if why else "adopted"
+            kept = kept if why is None else None
+        map_fd, prog_fd = self._load(queues, kept)
+        self.groups[network] = _Group(queues, map_fd, prog_fd)
+        return map_fd, how
+
     def register(self, network: str, queues: int, queue: int, fd: int) -> None:
         """Steer `network`'s port: its program attached to the group of the SO_REUSEPORT UDP socket `fd` (every
         time: a group whose sockets all closed, all workers restarted, is a new group), then `fd` in the map at
-        `queue`. A socket still in an older helper's map cannot join ours (EBUSY) until that map is freed, which
-        our program's attach sets off (it replaces the old program, the map's last holder): retried for at most
-        STEERING_RELEASE_WAIT seconds (about 25 ms measured)."""
+        `queue` unless it is there already (an adopted map: the program's attach replaced the old one with
+        every socket still in place). A socket still in an older helper's lost map cannot join ours (EBUSY)
+        until that map is freed, which our program's attach sets off (it replaces the old program, the map's
+        last holder): retried for at most STEERING_RELEASE_WAIT seconds (about 25 ms measured)."""
         g = self.groups.get(network)
         if g is None or g.queues != queues:
-            self.drop(network)
-            map_fd, prog_fd = self._load(queues)
-            g = self.groups[network] = _Group(queues, map_fd, prog_fd)
+            self.create(network, queues)
+            g = self.groups[network]
         _attach(fd, g.prog_fd)
-        key, value = ctypes.c_uint32(queue), ctypes.c_uint32(fd)
+        if _slot(g.map_fd, queue) == _cookie(fd):
+            return
+        key, value = ctypes.c_uint32(queue), ctypes.c_uint64(fd)
         attr = struct.pack("<IIQQQ", g.map_fd, 0, ctypes.addressof(key), ctypes.addressof(value), 0)
         deadline = self._clock() + STEERING_RELEASE_WAIT
         while True:

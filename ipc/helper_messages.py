@@ -1,8 +1,9 @@
 """Messages between the helper and its clients (controller, workers).
 
 Transport: one AF_UNIX SOCK_SEQPACKET connection per client; one message per
-packet; a file descriptor travels as SCM_RIGHTS ancillary data with the reply
-`QueueGranted` and with the request `ProtectSocket`. See docs/helper.md for the
+packet; a file descriptor travels as SCM_RIGHTS ancillary data with the replies
+`QueueGranted` and `NetworkCreated` (with `steering`) and with the requests `ProtectSocket` and
+`CreateNetwork` (at most one: the steering map the controller kept). See docs/helper.md for the
 request table (who may send what, once-only rules, order).
 """
 
@@ -17,7 +18,9 @@ from .errors import ErrorCode
 from .schema import U16, U32, Items, Message, PrefixStr, Range, Record, message, record
 from .types import IfName, Interfaces, NetworkName, Reason, Ticket
 
-HELPER_PROTOCOL = 3  # 2: ListNetworks pages (after / more); 3: ProtectSocket names its network and queue
+# 2: ListNetworks pages (after / more); 3: ProtectSocket names its network and queue; 4: CreateNetwork `steer`
+# (the steering map made with the network, its fd kept by the controller across helper restarts)
+HELPER_PROTOCOL = 4
 
 Mtu = Annotated[int, Range(MTU_MIN, MTU_MAX)]
 QueueCount = Annotated[int, Range(1, MAX_QUEUES)]
@@ -59,6 +62,10 @@ class CreateNetwork(Message):
     adopt: bool
     #: TUN offloads: create the device with IFF_VNET_HDR (its workers split and coalesce; docs/helper.md).
     offload: bool = False
+    #: The network's listener workers share one UDP port: the helper makes (or keeps) its steering map now and
+    #: sends the controller the map's fd with the reply. An fd sent with this request is the map the controller
+    #: kept from an earlier helper: used when it is a steering map of `queues` (helper/reuseport.py).
+    steer: bool = False
 
 
 @message("helper.claim_queue")
@@ -126,6 +133,8 @@ class NetworkCreated(Message):
     tickets: Annotated[tuple[Ticket, ...], Items(MAX_QUEUES)]
     ticket_ttl: float
     adopted: bool
+    #: The network's steering map fd follows as SCM_RIGHTS (the controller keeps it for a restarted helper).
+    steering: bool = False
 
 
 @message("helper.queue_granted")

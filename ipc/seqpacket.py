@@ -25,7 +25,7 @@ from .errors import DecodeError
 if TYPE_CHECKING:
     from asyncio import AbstractEventLoop, Future
 
-__all__ = ["Closer", "FramingError", "PeerClosed", "close_fds", "connect", "recv", "recv_async", "send"]
+__all__ = ["Closer", "FramingError", "PeerClosed", "close_fds", "connect", "recv", "recv_async", "send", "send_async"]
 
 _FD = array.array("i").itemsize
 
@@ -152,12 +152,28 @@ async def recv_async(loop: AbstractEventLoop, sock: socket.socket, max_size: int
             return recv(sock, max_size, max_fds)
         except BlockingIOError:
             pass
-        ready = loop.create_future()
-        loop.add_reader(sock.fileno(), _wake, ready)
+        await _ready(loop, sock, write=False)
+
+
+async def send_async(loop: AbstractEventLoop, sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:
+    """`send` on a non-blocking socket, waiting in the asyncio `loop` while the peer's queue is full."""
+    while True:
         try:
-            await ready
-        finally:
-            loop.remove_reader(sock.fileno())
+            return send(sock, data, fds)
+        except BlockingIOError:
+            pass
+        await _ready(loop, sock, write=True)
+
+
+async def _ready(loop: AbstractEventLoop, sock: socket.socket, *, write: bool) -> None:
+    """Wait in `loop` until `sock` is readable (or, with `write`, writable)."""
+    ready = loop.create_future()
+    add, remove = (loop.add_writer, loop.remove_writer) if write else (loop.add_reader, loop.remove_reader)
+    add(sock.fileno(), _wake, ready)
+    try:
+        await ready
+    finally:
+        remove(sock.fileno())
 
 
 def _wake(ready: Future[None]) -> None:

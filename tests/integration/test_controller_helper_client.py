@@ -45,7 +45,7 @@ async def connected(helper: FakeHelper, timeout: float = 2.0) -> HelperClient:
 
 
 async def create(client: HelperClient, name: str = "office", queues: int = 2, adopt: bool = False):  # type: ignore[no-untyped-def]
-    return await client.create_network(
+    return (await client.create_network(
         name=name,
         ifname=f"l3p-{name}",
         mtu=1280,
@@ -53,7 +53,7 @@ async def create(client: HelperClient, name: str = "office", queues: int = 2, ad
         queues=queues,
         worker_uid=1000,
         adopt=adopt,
-    )
+    ))[0]
 
 
 def test_hello_create_routes_list_destroy() -> None:

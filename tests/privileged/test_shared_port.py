@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -149,10 +151,20 @@ def test_a_restarted_worker_gets_its_own_queue_back(lab: Lab) -> None:
     _flows_reach_every_queue(lab)
 
 
+def _log_events(host: Any, event: str) -> int:
+    """How many `event` lines the host's controller log (its workers' lines included) holds."""
+    with open(host.logs["controller"]) as f:
+        return sum(f'"event": "{event}"' in line for line in f)
+
+
 def test_helper_restart_then_worker_restart_keeps_every_queue_steered(lab: Lab) -> None:
-    """The restarted helper has lost the map: the controller has the running workers register again (fresh
-    tickets), the helper attaches a new program (freeing the old map) and rebuilds the map; a worker restarted
-    afterwards gets its queue in the new map."""
+    """The restarted helper takes over the steering map the controller kept (helper/reuseport.py, "Lifetime"):
+    the running workers register again (fresh tickets), each attach swaps in the new helper's program with
+    every socket still in the map, and no session notices: none ends on either side (a gap in the steering is
+    answered with ICMP port unreachable, which the peer takes for a dead peer), no ping is lost. A worker
+    restarted afterwards gets its queue in that map."""
+    ended = {h.name: _log_events(h, "session_ended") for h in (lab.a, lab.b)}
+    pinger = lab.popen(lab.b, ["ping", "-n", "-q", "-i", "0.02", "-W", "1", lab.a.overlay4])
     os.kill(lab.a.procs["helper"].pid, signal.SIGKILL)
     lab.a.procs["helper"].wait(10)
     start = os.path.getsize(lab.a.logs["helper"])
@@ -163,8 +175,20 @@ def test_helper_restart_then_worker_restart_keeps_every_queue_steered(lab: Lab) 
             f.seek(start)
             return [line for line in f if '"ProtectSocket"' in line and '"result": "ok"' in line]
 
-    wait_for("the workers registered again", lambda: len(registered()) >= QUEUES, timeout=15, lab=lab)
+    try:
+        wait_for("the workers registered again", lambda: len(registered()) >= QUEUES, timeout=15, lab=lab)
+        time.sleep(2)  # a refused datagram's ICMP error ends a session within milliseconds
+    finally:
+        pinger.send_signal(signal.SIGINT)
+        out = pinger.communicate(timeout=10)[0]
     assert all('"steered": true' in line for line in registered()), registered()
+    assert {h.name: _log_events(h, "session_ended") for h in (lab.a, lab.b)} == ended, (
+        lab.tail(lab.a, "controller"), lab.tail(lab.b, "controller"))
+    sent, received = map(int, re.search(r"(\d+) packets transmitted, (\d+) received", out).groups())
+    assert sent > 100 and received == sent, out
+    with open(lab.a.logs["helper"]) as f:
+        f.seek(start)
+        assert '"steering": "adopted"' in f.read(), lab.tail(lab.a, "helper")
     _flows_reach_every_queue(lab)
     _restart_worker(lab, 1)
     _check_pairing(lab)

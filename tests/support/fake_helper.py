@@ -120,7 +120,7 @@ class FakeHelper:
         old = self.networks.get(req.name)
         adopted = False
         if old is not None:
-            if not (req.adopt and dataclasses.replace(old.spec, adopt=req.adopt) == req):
+            if not (req.adopt and dataclasses.replace(old.spec, adopt=req.adopt, steer=req.steer) == req):
                 return hm.Failed(code=ErrorCode.EXISTS, reason=f"network {req.name} exists")
             adopted = True
         else:

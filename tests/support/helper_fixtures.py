@@ -60,6 +60,8 @@ class FakeKernel:
         self.routes: set[tuple[int, str]] = set()
         self.protected: list[int] = []
         self.steered: dict[str, dict[int, int]] = {}  # network -> queue -> inode of the steered socket
+        self.maps: dict[str, int] = {}  # network -> its stand-in steering map fd
+        self.kept_from: dict[str, int | None] = {}  # network -> inode of the map fd the controller kept
         self.rules: list[str] = []
         self.kill_switch_routes: set[str] = set()
         self.aliases: dict[str, str] = {}
@@ -134,9 +136,22 @@ class FakeKernel:
         self.calls.append(("steer", network, queues, queue))
         self.steered.setdefault(network, {})[queue] = os.fstat(fd).st_ino
 
+    def steer_network(self, network: str, queues: int, kept: int | None) -> tuple[int | None, str]:
+        """A stand-in map fd per network (a pipe's read end); `kept_from` records the inode of the kept one."""
+        self.calls.append(("steer_network", network, queues, kept is not None))
+        if network in self.maps:
+            return self.maps[network], "kept"
+        r, w = os.pipe()
+        os.close(w)
+        self.maps[network] = r
+        self.kept_from[network] = os.fstat(kept).st_ino if kept is not None else None
+        return r, "adopted" if kept is not None else "new"
+
     def unsteer(self, network: str) -> None:
         self.calls.append(("unsteer", network))
         self.steered.pop(network, None)
+        if network in self.maps:
+            os.close(self.maps.pop(network))
 
     def close(self) -> None:
         """Close every queue fd still held (networks the test did not destroy)."""
@@ -144,6 +159,9 @@ class FakeKernel:
             os.close(fd)
             peer.close()
         self._peers.clear()
+        for fd in self.maps.values():
+            os.close(fd)
+        self.maps.clear()
 
     def peer_of(self, fd: int) -> socket.socket:
         return self._peers[fd]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import itertools
 import socket
 from typing import Any
@@ -313,3 +314,32 @@ def test_offload_is_recorded_in_the_alias_and_part_of_the_spec(make_env) -> None
     assert env.create(c, adopt=True, offload=True).adopted
     assert isinstance(env.create(c, name="n2"), hm.NetworkCreated)
     assert env.kernel.aliases["l3p-n2"] == f"n2:2:{WORKER_UID}"
+
+
+def test_steer_makes_the_map_and_sends_its_fd_and_a_new_helper_takes_the_kept_one(make_env) -> None:
+    """CreateNetwork(steer) answers with the network's steering map fd (kept by the controller); a restarted
+    helper given that fd with its CreateNetwork(adopt) builds on it (helper/reuseport.py, "Lifetime")."""
+    env = make_env()
+    c = env.session(hm.Role.CONTROLLER)
+    out = env.d.handle(c, hm.CreateNetwork(name="n1", ifname="l3p-n1", mtu=1280, addresses=("198.19.1.1/24",),
+                                           queues=2, worker_uid=WORKER_UID, adopt=False, steer=True))
+    assert out.reply.steering and out.fd == env.kernel.maps["n1"]
+    assert env.last()["steering"] == "new"
+    again = env.d.handle(c, hm.CreateNetwork(name="n1", ifname="l3p-n1", mtu=1280, addresses=("198.19.1.1/24",),
+                                             queues=2, worker_uid=WORKER_UID, adopt=True, steer=True))
+    assert again.reply.adopted and again.fd == out.fd and env.last()["steering"] == "kept"
+    plain = env.create(c, name="n2")
+    assert not plain.steering and "n2" not in env.kernel.maps
+
+    new = make_env()  # the restarted helper, which adopted the device; the controller sends the map it kept
+    new.state.add(env.state.networks["n1"])
+    kept = new.d.handle(new.session(hm.Role.CONTROLLER),
+                        hm.CreateNetwork(name="n1", ifname="l3p-n1", mtu=1280, addresses=("198.19.1.1/24",),
+                                         queues=2, worker_uid=WORKER_UID, adopt=True, steer=True), [out.fd])
+    assert kept.reply.steering and kept.fd == new.kernel.maps["n1"] and new.last()["steering"] == "adopted"
+    assert new.kernel.kept_from["n1"] == os.fstat(out.fd).st_ino
+    # a kept fd with any other request is discarded, as every unexpected fd
+    new.d.handle(new.session(hm.Role.CONTROLLER), hm.ListNetworks(), [out.fd])
+    assert new.last()["result"] == "fds_discarded"
+    env.d.destroy(env.state.networks["n1"])
+    assert "n1" not in env.kernel.maps

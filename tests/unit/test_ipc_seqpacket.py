@@ -144,6 +144,31 @@ def test_recv_async_waits_for_the_packet_and_cleans_up_when_cancelled(pair, pipe
     asyncio.run(main())
 
 
+def test_send_async_waits_while_the_peer_is_full_and_sends_the_fds_after(pair, pipes) -> None:
+    a, b = pair
+    a.setblocking(False)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sent = 0
+    with pytest.raises(BlockingIOError):
+        while True:
+            seqpacket.send(a, b"x" * 512)
+            sent += 1
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(seqpacket.send_async(loop, a, b"last", pipes[:1]))
+        await asyncio.sleep(0.05)
+        assert not task.done()  # the peer's queue is full: it waits
+        for _ in range(sent):
+            assert seqpacket.recv(b, 1024, 0)[0] == b"x" * 512
+        await asyncio.wait_for(task, 5)
+        data, fds = seqpacket.recv(b, 1024, 1)
+        assert data == b"last" and len(fds) == 1 and _same_file(fds[0], pipes[0])
+        seqpacket.close_fds(fds)
+
+    asyncio.run(main())
+
+
 def test_connect_waits_its_turn_in_a_full_backlog_for_at_most_the_timeout(tmp_path) -> None:
     import threading
     import time
