@@ -134,10 +134,12 @@ def lab() -> Iterator[Lab]:
         lab.close()
 
 
-def _settle(lab: Lab) -> None:
+def _settle(lab: Lab, after: str) -> None:
     lab.wait_established(40)
     for dst in (lab.b.overlay4, BEHIND["b"][1]):
-        assert " 0% packet loss" in lab.ping(lab.a, dst, count=2).stdout
+        out = lab.ping(lab.a, dst, count=2).stdout
+        assert " 0% packet loss" in out, (f"after {after}, to {dst}: {out}\n{lab.tail(lab.a, 'controller')}\n"
+                                          f"{lab.tail(lab.b, 'controller')}")
 
 
 def _phases(lab: Lab) -> list[tuple[str, Any]]:
@@ -183,7 +185,7 @@ def test_no_packet_for_the_tunnel_prefixes_leaves_on_the_underlay_across_restart
         time.sleep(1)
         for name, phase in _phases(lab):
             phase()
-            _settle(lab)
+            _settle(lab, name)
             assert sniffer.leaks == [], f"after {name}: {len(sniffer.leaks)} packets in clear, first {sniffer.leaks[:5]}"
     finally:
         replies = [p.stop() for p in pingers]
@@ -242,7 +244,7 @@ def test_traffic_pauses_under_a_second_across_kill_9(lab: Lab, what: str) -> Non
         else:
             for i in range(WORKER_KILLS):
                 host = (lab.a, lab.b)[i % 2]
-                _settle(lab)
+                _settle(lab, name)
                 # A worker killed before it ran RESTART_STABLE (3 s) would be restarted with a delay by
                 # design (crash loop protection); each victim here ran over 5 s (the watch, the settle,
                 # the 2.5 s measure).
