@@ -222,7 +222,7 @@ WATCH = 3.0
 def test_traffic_pauses_under_a_second_across_kill_9(lab: Lab, what: str) -> None:
     """kill -9 of the controller (restarted after systemd's RestartSec), an orderly restart of it
     (SIGTERM, then started again: `systemctl restart`), kill -9 of the worker carrying the ping."""
-    _settle(lab)
+    _settle(lab, f"the previous test, before {what}")
     pinger = Pinger(lab, lab.a, lab.b.overlay4, 0.02)
     windows: list[tuple[str, float, float]] = []
     workers_before = lab.pids(lab.a)["workers"]
@@ -244,7 +244,7 @@ def test_traffic_pauses_under_a_second_across_kill_9(lab: Lab, what: str) -> Non
         else:
             for i in range(WORKER_KILLS):
                 host = (lab.a, lab.b)[i % 2]
-                _settle(lab, name)
+                _settle(lab, f"worker kill {i} of {WORKER_KILLS}")
                 # A worker killed before it ran RESTART_STABLE (3 s) would be restarted with a delay by
                 # design (crash loop protection); each victim here ran over 5 s (the watch, the settle,
                 # the 2.5 s measure).
