@@ -119,12 +119,16 @@ class Handover:
     async def adopt_survivors(self, rt: NetworkRuntime, survivors: dict[int, tuple[int, bytes]]) -> None:
         """Take over the survivors (queue -> (pid, ident)) of a network coming up, before it starts."""
         adopt = getattr(self.ctl.spawner, "adopt", None)
+        adopted = []
         for queue, (pid, ident) in sorted(survivors.items()):
             if adopt is not None and adopt(pid):
                 rt.sup.adopt(queue, pid, self.ctl.clock())
                 rt.idents[queue] = ident
+                adopted.append(queue)
                 log.info("worker_adopted", network=rt.net.name, queue=queue, pid=pid)
                 await self.ctl.worker_bus.advertise(rt, queue)  # and it repeats the peer's routes for us
+        if adopted and rt.shares_port():  # into the helper's steering map (a new one if it lost ours)
+            await self.ctl.lifecycle.reregister_queues(rt, adopted)
 
     async def late_survivor(self, rt: NetworkRuntime, ident: bytes, msg: WorkerHello | WorkerStatus) -> None:
         """A worker this controller does not know reports for a configured queue: a survivor of the
@@ -146,6 +150,8 @@ class Handover:
             rt.routes.reset_queue(queue)
             log.info("worker_adopted", network=rt.net.name, queue=queue, pid=pid, late=True)
             await ctl.worker_bus.advertise(rt, queue)  # and it repeats the peer's routes for us
+            if rt.shares_port():
+                await ctl.lifecycle.reregister_queues(rt, [queue])
             return
         if pid in rt.refused_late:
             return

@@ -228,21 +228,30 @@ class NetworkLifecycle:
 
     async def reregister(self, known: set[str]) -> None:
         """A new helper session (perhaps a restarted helper, which took over the steering map we kept, or made a
-        new one): every worker of a listening network on one shared UDP port registers its socket again, with a
-        fresh ticket of its queue (helper/reuseport.py: the helper's program goes on with the first registration;
-        on a kept map every socket is already in place, on a new one each goes in as it registers)."""
+        new one): every worker of a listening network on one shared UDP port registers its socket again."""
         for name, rt in list(self.running.items()):
-            net = rt.net
-            if name not in known or not rt.shares_port() or not rt.idents:
-                continue
-            try:
-                await self.fresh_tickets(rt)
-            except HelperError as exc:
-                log.warning("reregister_failed", network=name, error=str(exc))
-                continue
-            for queue, ident in list(rt.idents.items()):
+            if name in known and rt.shares_port() and rt.idents:
+                await self.reregister_queues(rt, sorted(rt.idents))
+
+    async def reregister_queues(self, rt: NetworkRuntime, queues: list[int]) -> None:
+        """The workers of `queues` (running, on the bus) register their sockets with the helper again, each with a
+        fresh ticket of its queue (helper/reuseport.py: the helper's program goes on with the first registration;
+        on the map it kept every socket is already in place, on a new map each goes in as it registers). After a
+        new helper session, and after adopting workers: when the helper and the controller were down at once,
+        the helper's map is new and must get every adopted worker's socket before any worker restarts."""
+        name = rt.net.name
+        try:
+            await self.fresh_tickets(rt)
+        except HelperError as exc:
+            log.warning("reregister_failed", network=name, error=str(exc))
+            return
+        sent = []
+        for queue in queues:
+            ident = rt.idents.get(queue)
+            if ident is not None:
                 await self.ctl.worker_bus.send(ident, Reregister(network=name, queue=queue, ticket=rt.tickets[queue]))
-            log.info("workers_reregister", network=name, queues=sorted(rt.idents))
+                sent.append(queue)
+        log.info("workers_reregister", network=name, queues=sent)
 
     async def execute(self, rt: NetworkRuntime, actions: list[Any], *, fresh: bool = False) -> None:
         """Carry out `actions` in order; the follow-ups of one (what the supervisor says to a spawn that

@@ -195,6 +195,24 @@ def test_helper_restart_then_worker_restart_keeps_every_queue_steered(lab: Lab) 
     _flows_reach_every_queue(lab)
 
 
+def test_helper_and_controller_down_together_then_a_worker_restart_keeps_every_queue_reachable(lab: Lab) -> None:
+    """Both down at once (a package upgrade restarts both units): the map is lost, the workers are adopted by
+    the next controller with their sockets still in the old map. The helper's new map must get every running
+    worker's socket: else the next worker restart attaches a program whose map holds that worker only, and
+    every other queue is refused from then on (its peer can never connect again)."""
+    pids = {q: s["pid"] for q, s in _queues(lab, lab.a).items()}
+    assert lab.stop_controller(lab.a, handover=True) == 0
+    assert lab.stop_process(lab.a, "helper") == 0
+    lab.start_helper(lab.a)
+    lab.start_controller(lab.a)
+    wait_for("the workers adopted", lambda: {q: s["pid"] for q, s in _queues(lab, lab.a).items()} == pids,
+             timeout=30, lab=lab)
+    lab.wait_established(40)
+    _restart_worker(lab, 1)
+    _check_pairing(lab)
+    _flows_reach_every_queue(lab)
+
+
 def test_another_uid_cannot_join_the_port(lab: Lab) -> None:
     """A reuseport group admits only sockets of its effective uid: another local user cannot bind the port and
     take a share of the tunnel's datagrams."""
