@@ -18,15 +18,16 @@ Lifetime: the map and program fds live in the helper (`Steering`), made when the
 (CreateNetwork with `steer`); the program attached to the group holds its map, so steering goes on while the
 helper is down. The controller keeps a copy of the map fd (NetworkCreated carries it) and gives it to a
 restarted helper with its next CreateNetwork(adopt): that helper loads its own program against the same map
-(`Steering.create` with the kept fd, after checking that it is a steering map of the network's size), and as the running
-workers register again (the controller asks them to) each attach of the new program replaces the old one for
-the group atomically, with every socket still in the map: no datagram is refused while the steering changes
-hands. Only when no kept map came (the helper and the controller were down at once) does a restarted helper
-build a new map: the first attach of its program then frees the old map, and until each queue's worker has
-registered again its datagrams are refused (SK_DROP: the kernel answers ICMP port unreachable, which the peer
-takes as a dead peer and reconnects). Closing the fds (DestroyNetwork) frees both once the workers' sockets
-are gone: nothing is pinned, nothing is left behind. Neither bpffs (not mounted in every container) nor
-systemd's fd store (not there outside systemd) is needed.
+(`Steering.create` with the kept fd, after checking that it is a steering map of the network's size), and as
+the running workers register again (the controller asks them to) each attach of the new program replaces the
+old one for the group atomically, with every socket still in the map: no datagram is refused while the
+steering changes hands. Only when no kept map came (the helper and the controller were down at once) does a
+restarted helper build a new map: the first attach of its program then frees the old map, and until each
+queue's worker has registered again its datagrams are refused (SK_DROP: the kernel answers ICMP port
+unreachable, which the peer takes as a dead peer and reconnects); the controller has every worker it adopts
+register again, so that none is left out of the new map. Closing the fds (DestroyNetwork) frees both once
+the workers' sockets are gone: nothing is pinned, nothing is left behind. Neither bpffs (not mounted in every
+container) nor systemd's fd store (not there outside systemd) is needed.
 """
 
 from __future__ import annotations
