@@ -225,7 +225,8 @@ def format_status(reply: Any, *, verbose: bool = False) -> str:
             for q in n.queues:
                 lines.append(
                     f"  queue {q.queue}: pid {q.pid or '-'}, {q.state.value}, peer {p(q.peer) or '-'},"
-                    f" rtt {q.rtt_ms:.1f} ms, mtu {q.mtu}, restarts {q.restarts}, depth {q.queue_depth},"
+                    f" rtt {q.rtt_ms:.1f} ms, mtu {q.mtu}, restarts {q.restarts}, sessions {q.sessions},"
+                    f" depth {q.queue_depth},"
                     f" lost {q.seq_lost}, key updates {q.key_updates}"
                     + (f", peer key {p(q.peer_key)}" if q.peer_key else "")
                 )

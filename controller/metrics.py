@@ -37,6 +37,8 @@ class StatusCollector(Collector):
         depth = GaugeMetricFamily("l3ptp_queue_depth", "Datagrams waiting to be sent", labels=["network", "queue"])
         lost = GaugeMetricFamily("l3ptp_seq_lost", "Packets lost peer->us (sequence gaps)", labels=["network", "queue"])
         rekeys = GaugeMetricFamily("l3ptp_key_updates", "QUIC key updates the worker started", labels=["network", "queue"])
+        sessions = GaugeMetricFamily("l3ptp_sessions", "Sessions the worker established since it started (above 1: "
+                                     "its peer reconnected, or keys were renewed)", labels=["network", "queue"])
         traffic = GaugeMetricFamily(
             "l3ptp_traffic", "Worker traffic counters by name", labels=["network", "queue", "counter"]
         )
@@ -52,11 +54,12 @@ class StatusCollector(Collector):
                 depth.add_metric(labels, q.queue_depth)
                 lost.add_metric(labels, q.seq_lost)
                 rekeys.add_metric(labels, q.key_updates)
+                sessions.add_metric(labels, q.sessions)
                 for key, value in q.counters.items():
                     traffic.add_metric([*labels, printable(key)], value)
                 for key, value in q.drops.items():
                     drops.add_metric([*labels, printable(key)], value)
-        yield from (state, restarts, rtt, depth, lost, rekeys, traffic, drops)
+        yield from (state, restarts, rtt, depth, lost, rekeys, sessions, traffic, drops)
 
 
 def make_registry(get_status: Callable[[], Any]) -> CollectorRegistry:

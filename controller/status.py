@@ -104,6 +104,7 @@ def queue_status(queue: int, report: WorkerStatus | None, *, pid: int, restarts:
         restarts=restarts,
         last_error=report.last_error or last_error,
         peer_key=report.peer_key,
+        sessions=report.sessions,
     )
 
 

@@ -354,6 +354,8 @@ class QueueStatus(Record):
     restarts: U32
     last_error: Reason
     peer_key: Annotated[str, Text(64)] = ""
+    #: Sessions its worker established since it started: above 1, the peer reconnected (or keys were renewed).
+    sessions: U32 = 0
 
 
 @record

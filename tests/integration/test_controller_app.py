@@ -94,7 +94,7 @@ class Env:
                 drops={"dgram_bad_header": 1},
                 queue_depth=0,
                 seq_lost=0,
-                sessions=1,
+                sessions=2,
                 key_updates=3,
                 last_error="",
             ),
@@ -190,8 +190,9 @@ def test_up_status_restart_routes_and_clean_shutdown() -> None:
             assert net["drops"] == {"dgram_bad_header": 2}
             assert [q["pid"] for q in net["queues"]] == [p.pid for p in procs]
             assert [q["key_updates"] for q in net["queues"]] == [3, 3]
+            assert [q["sessions"] for q in net["queues"]] == [2, 2]
             rc, out, _ = await env.cli("status", "-v")
-            assert rc == 0 and out.count("key updates 3") == 2, out
+            assert rc == 0 and out.count("key updates 3") == 2 and out.count("sessions 2,") == 2, out
 
             # peer routes: one allowed, one refused; then withdrawn
             await env.say(

@@ -19,7 +19,7 @@ def samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     st = network_status(
         network(2),
         sup,
-        {0: report(0, 100, drops={"queue_full": 4}, key_updates=7), 1: report(1, 200, state=SessionState.CONNECTING)},
+        {0: report(0, 100, drops={"queue_full": 4}, key_updates=7, sessions=3), 1: report(1, 200, state=SessionState.CONNECTING)},
     )
     reply = status_reply(controller_pid=1, uptime=1.0, node_id="alpha", networks=[st], verbose=True)
     text = generate_latest(make_registry(lambda: reply)).decode()
@@ -41,6 +41,7 @@ def test_metrics_parse_and_carry_the_numbers() -> None:
     assert got[("l3ptp_rtt_milliseconds", (("network", "office"), ("queue", "0")))] == 2.0
     assert ("l3ptp_queue_depth", (("network", "office"), ("queue", "1"))) in got
     assert got[("l3ptp_key_updates", (("network", "office"), ("queue", "0")))] == 7.0
+    assert got[("l3ptp_sessions", (("network", "office"), ("queue", "0")))] == 3.0
 
 
 def test_label_values_are_escaped() -> None:
@@ -50,7 +51,7 @@ def test_label_values_are_escaped() -> None:
 
     from l3ptp.ipc.control_messages import NetworkState
 
-    queue = SimpleNamespace(queue=0, restarts=0, rtt_ms=0.0, queue_depth=0, seq_lost=0, key_updates=0,
+    queue = SimpleNamespace(queue=0, restarts=0, rtt_ms=0.0, queue_depth=0, seq_lost=0, key_updates=0, sessions=1,
                             counters={"x\x1b[2J": 1}, drops={"d\x07\r": 2})
     net = SimpleNamespace(name="n\x1b]0;t\x07", state=NetworkState.UP, queues=(queue,))
     text = generate_latest(make_registry(lambda: SimpleNamespace(networks=(net,)))).decode()

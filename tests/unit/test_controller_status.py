@@ -67,7 +67,7 @@ def test_sum_counts() -> None:
 def test_network_status_sums_queues() -> None:
     net, sup = network(), running()
     reports = {0: report(0, 100, rtt_ms=2.0), 1: report(1, 101, rtt_ms=4.0, mtu=1200, drops={"queue_full": 3},
-                                                   key_updates=2)}
+                                                   key_updates=2, sessions=4)}
     st = network_status(net, sup, reports, routes=["198.19.8.0/24"])
     assert st.state is NetworkState.UP
     assert st.counters == {"tun_rx_bytes": 2000, "tun_rx_packets": 20}
@@ -79,6 +79,7 @@ def test_network_status_sums_queues() -> None:
     assert st.port == 4433 and st.interface == "l3p-office"
     assert [q.pid for q in st.queues] == [100, 101]
     assert [q.key_updates for q in st.queues] == [0, 2]
+    assert [q.sessions for q in st.queues] == [1, 4]
     # it survives the wire
     reply = status_reply(controller_pid=1, uptime=5.0, node_id="alpha", networks=[st], verbose=True)
     assert CLI_REPLIES.decode_untrusted(CLI_REPLIES.encode(reply)) == reply
