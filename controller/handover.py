@@ -117,7 +117,8 @@ class Handover:
         return found
 
     async def adopt_survivors(self, rt: NetworkRuntime, survivors: dict[int, tuple[int, bytes]]) -> None:
-        """Take over the survivors (queue -> (pid, ident)) of a network coming up, before it starts."""
+        """Take over the survivors (queue -> (pid, ident)) of a network coming up, before it starts (its
+        tickets just made: a re-registration uses them)."""
         adopt = getattr(self.ctl.spawner, "adopt", None)
         adopted = []
         for queue, (pid, ident) in sorted(survivors.items()):
@@ -128,7 +129,7 @@ class Handover:
                 log.info("worker_adopted", network=rt.net.name, queue=queue, pid=pid)
                 await self.ctl.worker_bus.advertise(rt, queue)  # and it repeats the peer's routes for us
         if adopted and rt.shares_port():  # into the helper's steering map (a new one if it lost ours)
-            await self.ctl.lifecycle.reregister_queues(rt, adopted)
+            await self.ctl.lifecycle.reregister_queues(rt, adopted, fresh=True)
 
     async def late_survivor(self, rt: NetworkRuntime, ident: bytes, msg: WorkerHello | WorkerStatus) -> None:
         """A worker this controller does not know reports for a configured queue: a survivor of the

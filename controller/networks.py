@@ -233,18 +233,20 @@ class NetworkLifecycle:
             if name in known and rt.shares_port() and rt.idents:
                 await self.reregister_queues(rt, sorted(rt.idents))
 
-    async def reregister_queues(self, rt: NetworkRuntime, queues: list[int]) -> None:
+    async def reregister_queues(self, rt: NetworkRuntime, queues: list[int], *, fresh: bool = False) -> None:
         """The workers of `queues` (running, on the bus) register their sockets with the helper again, each with a
         fresh ticket of its queue (helper/reuseport.py: the helper's program goes on with the first registration;
         on the map it kept every socket is already in place, on a new map each goes in as it registers). After a
         new helper session, and after adopting workers: when the helper and the controller were down at once,
-        the helper's map is new and must get every adopted worker's socket before any worker restarts."""
+        the helper's map is new and must get every adopted worker's socket before any worker restarts.
+        `fresh`: the caller has just made the tickets (bring-up), none of these queues' used yet."""
         name = rt.net.name
-        try:
-            await self.fresh_tickets(rt)
-        except HelperError as exc:
-            log.warning("reregister_failed", network=name, error=str(exc))
-            return
+        if not fresh:
+            try:
+                await self.fresh_tickets(rt)
+            except HelperError as exc:
+                log.warning("reregister_failed", network=name, error=str(exc))
+                return
         sent = []
         for queue in queues:
             ident = rt.idents.get(queue)
