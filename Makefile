@@ -41,7 +41,7 @@ deps:
 	  else echo "warning: not root, cannot install$$missing (privileged tests will skip)"; fi; \
 	fi
 
-$(VENV)/.installed: pyproject.toml $(PKG_SOURCES)
+$(VENV)/.installed: pyproject.toml setup.py worker/_fastpath.c $(PKG_SOURCES)
 	@if [ "$(PRIVATE_CHECKOUT)" = yes ]; then \
 	  echo "this checkout is private to root: the environment the unprivileged demo/test uids run goes to $(VENV)"; fi
 	umask 022 && $(PYTHON_BASE) -m venv $(VENV)

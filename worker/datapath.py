@@ -47,13 +47,21 @@ from collections.abc import Callable, Iterable
 from l3ptp.ipc.constants import DATAGRAM_QUEUE_MAX, HEADER_LEN, IP_VERSION_4
 from l3ptp.ipc.counters import Counters, DropReason
 
+from . import native
 from .header import BadPacket, encode_datagram, parse_header_untrusted
 from .oversize import fragment_v4, too_big
-from .ippacket import Direction, PrefixSet, check_ip_untrusted
+from .ippacket import _REASONS, Direction, PrefixSet, check_ip_untrusted
 
 __all__ = ["Datapath"]
 
 _SEQ_MASK = 0xFFFFFFFF
+#: The checks and framing of one packet in C (worker/native.py), or None: `check_ip_untrusted` and
+#: `encode_datagram` here. Their answers are indexes into these reasons.
+_tun_frame = native.fastpath.tun_frame if native.fastpath is not None else None
+_peer_packet = native.fastpath.peer_packet if native.fastpath is not None else None
+_TUN_REASONS = _REASONS[Direction.FROM_TUN]
+_PEER_REASONS = (DropReason.DGRAM_BAD_HEADER, DropReason.DGRAM_BAD_IP_VERSION, DropReason.DGRAM_UNKNOWN_CONTEXT,
+                 *_REASONS[Direction.FROM_PEER])
 #: ICMP "too big" errors a worker writes back per second at most (and its burst).
 ICMP_TOO_BIG_RATE = 100.0
 
@@ -170,10 +178,16 @@ class Datapath:
         allowed = self.local_sources
         context = self.tx_context_id
         seq = self._seq
+        frame, v4, v6 = _tun_frame, allowed._v4, allowed._v6
         for packet in packets:
             c.tun_rx_packets += 1
             c.tun_rx_bytes += len(packet)
-            reason = check_ip_untrusted(packet, mtu=limit, allowed_src=allowed, direction=Direction.FROM_TUN)
+            if frame is not None:  # checked and framed in C: the payload, or the index of the reason
+                framed = frame(packet, limit, v4, v6, context, seq)
+                reason = None if type(framed) is bytes else _TUN_REASONS[framed]
+            else:
+                framed = None
+                reason = check_ip_untrusted(packet, mtu=limit, allowed_src=allowed, direction=Direction.FROM_TUN)
             if reason is DropReason.TUN_OVERSIZE and (pieces := fragment_v4(packet, limit, allowed)) is not None:
                 if len(out) + len(pieces) > room:
                     drops[DropReason.QUEUE_FULL] += 1
@@ -189,7 +203,7 @@ class Datapath:
             elif len(out) >= room:
                 drops[DropReason.QUEUE_FULL] += 1
             else:
-                out.append(encode_datagram(context, seq, packet))
+                out.append(framed if framed is not None else encode_datagram(context, seq, packet))
                 seq = (seq + 1) & _SEQ_MASK
         self._seq = seq
         return out
@@ -222,6 +236,14 @@ class Datapath:
         if not self.established:
             c.drops[DropReason.DGRAM_NOT_READY] += 1
             return None
+        if _peer_packet is not None:  # the same checks in C: (packet, sequence), or the index of the reason
+            sources = self.peer_sources
+            checked = _peer_packet(payload, self.rx_context_id, self.rx_previous, self.mtu, sources._v4, sources._v6)
+            if type(checked) is int:
+                c.drops[_PEER_REASONS[checked]] += 1
+                return None
+            c.rx_sequence.observe(checked[1])
+            return checked[0]
         try:
             context_id, sequence, _flags, _version, packet = parse_header_untrusted(payload)
         except BadPacket as exc:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Collection, Sequence
 
+from . import native
 from .vnet import (
     GSO_TCPV4, GSO_TCPV6, IP_MAX, IPV6_HEADER, NEEDS_CSUM, PLAIN_HEADER, PROTO_TCP, TCP_PSH, BadVnet, encode_header,
     checksum, fold, ip_header, ip_tcp_offsets, ones_sum, pseudo_sum,
@@ -193,13 +194,20 @@ def _parse_any(packet: Packet, local: Collection[bytes]) -> Parsed | None:
     return flow, match, version, iphl, tcphl, payload, seq, ident, bool(flags & TCP_PSH), claimed
 
 
+#: `_parse`, in C where the worker's native module is built (worker/native.py); False: ask `_parse_any`.
+_fast_parse = native.fastpath.gro_parse if native.fastpath is not None else _parse
+
+
 def coalesce(packets: Sequence[Packet], local: Collection[bytes] = ()) -> list[tuple[list[Packet], list[Packet]]]:
     """The writes for `packets`, in order: (the buffers of one write, the packets it carries). `local`: the
     packed addresses delivered on this host (the TUN's own), whose super-packets the kernel verifies."""
     out: list[_Item | Packet] = []
     open_items: dict[bytes, _Item] = {}
+    parse, parse_any = _fast_parse, _parse_any
     for packet in packets:
-        parsed = _parse(packet, local)
+        parsed = parse(packet, local)
+        if parsed is False:  # the C fast path's "not a plain segment": `_parse` would ask `_parse_any` too
+            parsed = parse_any(packet, local)
         if parsed is None:
             out.append(packet)
             continue

@@ -32,6 +32,7 @@ import structlog
 
 from l3ptp.ipc.counters import Counters, DropReason
 
+from . import native
 from .gro import coalesce
 from .vnet import IP_MAX, IPV6_HEADER, NEEDS_CSUM, PLAIN_HEADER, VNET_HDR_LEN, BadVnet, split
 
@@ -46,6 +47,8 @@ OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
 #: A plain read: the largest IP packet. With a virtio_net_hdr: the header and the largest super-packet.
 READ_PLAIN, READ_VNET = IP_MAX, VNET_HDR_LEN + IP_MAX + IPV6_HEADER
 _IFREQ = struct.Struct("16sH")
+#: The read loop in C (worker/native.py), or None.
+_tun_read = native.fastpath.tun_read if native.fastpath is not None else None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -106,10 +109,25 @@ class TunIO:
         """At most `limit` IP packets (reads until EAGAIN), and why the queue is unusable (None: it is fine).
         A super-packet's segments past `limit` are kept in `carry` for the next batch (the caller comes back
         for them without waiting for the fd): so a batch never holds more than a plain TUN's, and the bounded
-        queue toward QUIC is not overrun by the 45 segments of each read."""
+        queue toward QUIC is not overrun by the 45 segments of each read. The reads run in C where the
+        worker's native module is built (`_fastpath.tun_read`), else here; either way at most `limit` reads."""
         packets, self.carry = self.carry[:limit], self.carry[limit:]
+        reads = limit - len(packets)
+        if _tun_read is not None:
+            fd, size, vnet = self.fd, self._read_size, self.mode.vnet
+            while reads > 0:
+                got, raw, status = _tun_read(fd, size, reads, vnet)
+                packets += got
+                if status:
+                    return packets, "end of file" if status < 0 else os.strerror(status)
+                if raw is None:  # EAGAIN, or every read done
+                    break
+                reads -= len(got) + 1
+                if self._add_split(raw, packets, limit):
+                    break
+            return packets, None
         read, fd, size, vnet = os.read, self.fd, self._read_size, self.mode.vnet
-        for _ in range(limit - len(packets)):  # at most `limit` reads, refused ones included
+        for _ in range(reads):  # at most `limit` reads, refused ones included
             try:
                 data = read(fd, size)
             except (BlockingIOError, InterruptedError):
@@ -120,24 +138,28 @@ class TunIO:
                 return packets, "end of file"
             if not vnet:
                 packets.append(data)
-                continue
-            try:
-                pieces = split(data)
-            except BadVnet:
-                c = self._counters
-                c.tun_rx_packets += 1
-                c.tun_rx_bytes += len(data)
-                c.drops[DropReason.TUN_BAD_VNET] += 1
-                continue
-            if len(pieces) > 1:
-                self.gso_split += 1
-                self.gso_segments += len(pieces)
-            room = limit - len(packets)
-            packets += pieces[:room]
-            self.carry = pieces[room:]
-            if self.carry:
+            elif self._add_split(data, packets, limit):
                 break
         return packets, None
+
+    def _add_split(self, data: bytes, packets: list[bytes], limit: int) -> bool:
+        """The IP packets of one read with a virtio_net_hdr added to `packets` (what exceeds `limit` kept in
+        `carry`); a read `split` refuses is counted and dropped. True once the batch is full."""
+        try:
+            pieces = split(data)
+        except BadVnet:
+            c = self._counters
+            c.tun_rx_packets += 1
+            c.tun_rx_bytes += len(data)
+            c.drops[DropReason.TUN_BAD_VNET] += 1
+            return False
+        if len(pieces) > 1:
+            self.gso_split += 1
+            self.gso_segments += len(pieces)
+        room = limit - len(packets)
+        packets += pieces[:room]
+        self.carry = pieces[room:]
+        return bool(self.carry)
 
     def write(self, packet: Any) -> None:
         """Write one packet now (an ICMP error of the worker's own)."""

@@ -49,7 +49,7 @@ from l3ptp.ipc.counters import DropReason
 from l3ptp.ipc.errors import ErrorCode
 from l3ptp.ipc.types import PeerRole
 
-from . import keys, reality_link
+from . import keys, native, reality_link
 from .admission import Admission
 from .connections import Connections, Peer, addr_text, session_params
 from .core import TunnelCore
@@ -174,7 +174,8 @@ class Tunnel(QueueGate, Connections, Renewal):
         self.sock.setblocking(False)
         self.udp = UdpIO(self.sock, gso=self._gso, gro=self._gro)
         os.set_blocking(self.tun_fd, False)
-        log.info("tun_mode", vnet=self.tun.mode.vnet, offload=self.tun.mode.offload, reason=self.tun.mode.reason)
+        log.info("tun_mode", vnet=self.tun.mode.vnet, offload=self.tun.mode.offload, reason=self.tun.mode.reason,
+                 native=native.REASON)
         self._loop.add_reader(self.sock.fileno(), self._guarded, self._on_udp_readable)
         try:
             if self.config.role is PeerRole.CONNECT:

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import struct
 
+from . import native
+
 __all__ = [
     "GSO_NONE", "GSO_TCPV4", "GSO_TCPV6", "NEEDS_CSUM", "PLAIN_HEADER", "VNET_HDR_LEN", "BadVnet",
     "checksum", "encode_header", "fold", "ones_sum", "split",
@@ -53,13 +55,17 @@ class BadVnet(ValueError):
     """A packet read from an IFF_VNET_HDR TUN that cannot be turned into IP packets (counted, dropped)."""
 
 
-def ones_sum(data: bytes | bytearray | memoryview) -> int:
+def py_ones_sum(data: bytes | bytearray | memoryview) -> int:
     """The 16-bit one's complement sum of `data` as big-endian words (odd length: a zero byte after), folded:
     0 only for all-zero data. A 16-bit big-endian word sum is congruent to the number modulo 0xFFFF
     (65536 = 1 mod 65535), so one `int.from_bytes` does the whole sum in C."""
     n = int.from_bytes(data, "big") << (8 * (len(data) & 1))
     s = n % 0xFFFF
     return 0xFFFF if s == 0 and n else s
+
+
+#: `py_ones_sum`, in C where the worker's native module is built (worker/native.py).
+ones_sum = native.fastpath.ones_sum if native.fastpath is not None else py_ones_sum
 
 
 def fold(*sums: int) -> int:
