@@ -46,6 +46,9 @@ from lab.tools import LabTools
 from lab.topology import (BASE_PORT, BEHIND, NETWORK, OVERLAY4, OVERLAY6, REMOTE4, REMOTE6, UNDERLAY, UNDERLAY6,
                           UNDERLAY6_PREFIXLEN, UNDERLAY_PREFIXLEN, Host, LabError, behind_prefixes, toml_text)
 
+#: Variables of the harness's own environment that every process it starts gets too: `L3PTP_NATIVE=0` runs the
+#: workers on the pure-Python reference instead of the C module (worker/native.py), for A/B runs of the bench.
+PASSED_ENV = ("L3PTP_NATIVE",)
 IFA_F_NODAD = 0x02  # linux/if_addr.h
 
 # Re-exported: the lab's users (tests, demo, bench) take the lab's vocabulary from here.
@@ -272,7 +275,8 @@ class Lab(LabTools):
         """
         log_path = os.path.join(host.dir, f"{what}.log")
         log = open(log_path, "ab")
-        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", **(env or {})}
+        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1",
+               **{name: os.environ[name] for name in PASSED_ENV if name in os.environ}, **(env or {})}
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     preexec_fn=preexec or enter(host.netns), env=env, cwd="/",

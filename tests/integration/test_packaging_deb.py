@@ -164,6 +164,18 @@ def test_installed_helper_runs(tree: Path) -> None:
     assert probe.stdout.strip().startswith(str(tree / SITE))
 
 
+def test_the_package_carries_the_workers_c_module(tree: Path) -> None:
+    """The build has a compiler (Build-Depends: gcc): the bundled worker runs its C fast path, not the fallback."""
+    probe = subprocess.run(
+        [str(tree / VENV / "bin/python3"), "-I", "-c",
+         "from l3ptp.worker import native, _fastpath; print(native.REASON, _fastpath.__file__)"],
+        capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"},
+    )
+    assert probe.returncode == 0, probe.stderr
+    reason, path = probe.stdout.split()
+    assert reason == "c" and path.startswith(str(tree / SITE / "l3ptp/worker/_fastpath.")), probe.stdout
+
+
 def test_installed_helper_policy_is_accepted(tree: Path) -> None:
     """The shipped conffile, read by the bundled helper code, with "l3ptp" resolving to 998."""
     code = (
