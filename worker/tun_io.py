@@ -115,8 +115,8 @@ class TunIO:
         reads = limit - len(packets)
         if _tun_read is not None:
             fd, size, vnet = self.fd, self._read_size, self.mode.vnet
-            while reads > 0:
-                got, raw, status = _tun_read(fd, size, reads, vnet)
+            while reads > 0 and len(packets) < limit:  # never more reads than the batch has room for
+                got, raw, status = _tun_read(fd, size, min(reads, limit - len(packets)), vnet)
                 packets += got
                 if status:
                     return packets, "end of file" if status < 0 else os.strerror(status)
@@ -127,7 +127,9 @@ class TunIO:
                     break
             return packets, None
         read, fd, size, vnet = os.read, self.fd, self._read_size, self.mode.vnet
-        for _ in range(reads):  # at most `limit` reads, refused ones included
+        for _ in range(reads):  # at most `limit` reads, refused ones included; none once the batch is full
+            if len(packets) >= limit:
+                break
             try:
                 data = read(fd, size)
             except (BlockingIOError, InterruptedError):
@@ -144,7 +146,8 @@ class TunIO:
 
     def _add_split(self, data: bytes, packets: list[bytes], limit: int) -> bool:
         """The IP packets of one read with a virtio_net_hdr added to `packets` (what exceeds `limit` kept in
-        `carry`); a read `split` refuses is counted and dropped. True once the batch is full."""
+        `carry`); a read `split` refuses is counted and dropped. True once the batch is full (nothing more is
+        read into it)."""
         try:
             pieces = split(data)
         except BadVnet:
@@ -159,7 +162,7 @@ class TunIO:
         room = limit - len(packets)
         packets += pieces[:room]
         self.carry = pieces[room:]
-        return bool(self.carry)
+        return len(packets) >= limit
 
     def write(self, packet: Any) -> None:
         """Write one packet now (an ICMP error of the worker's own)."""

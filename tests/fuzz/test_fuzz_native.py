@@ -260,7 +260,7 @@ def read_all(reads: list[bytes], mode: TunMode, c: bool, limit: int) -> tuple[ob
 
 
 @needs_c
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(st.lists(st.one_of(vnet_reads, st.builds(lambda p: bytes(10) + p, ip_packets), st.just(b"")), max_size=10),
        st.sampled_from([1, 3, 64]), st.booleans())
 def test_tun_reads_are_the_same_with_and_without_c(reads: list[bytes], limit: int, vnet_mode: bool) -> None:
@@ -282,6 +282,22 @@ def test_tun_reads_with_every_header_byte_set(vnet_mode: bool) -> None:
     mode = TunMode(True, True, "fuzz") if vnet_mode else TunMode(False, False, "fuzz")
     for limit in (1, 64):
         assert read_all(reads, mode, True, limit) == read_all(reads, mode, False, limit)
+
+
+@needs_c
+@pytest.mark.parametrize("c", [True, False])
+@pytest.mark.parametrize("segments", [3, 2])
+def test_a_batch_never_holds_more_than_its_limit(c: bool, segments: int) -> None:
+    """A super-packet of 3 segments fills a batch of 3; one of 2 leaves room for one packet more. Either way the
+    plain packets behind it go to the next batch, never past the limit (found by the random test above: the C
+    loop once read a fourth packet into a batch of 3)."""
+    from tests.unit.test_worker_offload import super_packet
+
+    plain = [ipv4_udp("198.19.0.1", "198.19.0.2", bytes([i])) for i in range(2)]
+    reads = [super_packet(4, bytes(2 * segments), 2), *(bytes(10) + p for p in plain)]
+    batches = [got for got, _ in read_all(reads, TunMode(True, True, "fuzz"), c, 3)[0]]
+    assert batches == ([batches[0], plain, []] if segments == 3 else [batches[0], plain[1:], []])
+    assert len(batches[0]) == 3 and (segments == 3 or batches[0][2] == plain[0])
 
 
 @needs_c
